@@ -1,0 +1,3 @@
+from mexify.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""The ``mexify`` command line: a thin composition of one module per command.
+
+Each command module defines ``register(app)``; errors derived from
+:class:`~mexify.errors.MexifyError` become one red line and an exit code
+(set ``MEXIFY_DEBUG=1`` for a traceback).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from mexify.cli._common import debug_enabled, err_console
+from mexify.errors import MexifyError
+
+_COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench")
+
+
+class _App(typer.Typer):
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except MexifyError as exc:
+            if debug_enabled():
+                raise
+            msg = exc.message + (f" Hint: {exc.hint}" if exc.hint else "")
+            err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, markup=True)
+            err_console.print("[dim](set MEXIFY_DEBUG=1 for a traceback)[/]")
+            sys.exit(exc.exit_code)
+
+
+app = _App(
+    name="mexify",
+    help="Turn a PyTorch segmentation model into a multi-exit model, train, calibrate and run it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the mexify version and exit."),
+) -> None:
+    if version:
+        from mexify import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+for _name in _COMMANDS:
+    importlib.import_module(f"mexify.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,5 @@
+"""`mexify bench` (in progress)."""
+
+
+def register(app):
+    pass

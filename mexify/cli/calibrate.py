@@ -1,0 +1,5 @@
+"""`mexify calibrate` (in progress)."""
+
+
+def register(app):
+    pass

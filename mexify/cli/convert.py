@@ -1,0 +1,5 @@
+"""`mexify convert` (in progress)."""
+
+
+def register(app):
+    pass

@@ -1,0 +1,5 @@
+"""`mexify evaluate` (in progress)."""
+
+
+def register(app):
+    pass

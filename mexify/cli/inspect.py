@@ -1,0 +1,5 @@
+"""`mexify inspect` (in progress)."""
+
+
+def register(app):
+    pass

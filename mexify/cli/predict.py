@@ -1,0 +1,5 @@
+"""`mexify predict` (in progress)."""
+
+
+def register(app):
+    pass

@@ -1,0 +1,5 @@
+"""`mexify train` (in progress)."""
+
+
+def register(app):
+    pass
