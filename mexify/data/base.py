@@ -1,0 +1,79 @@
+"""The dataset base class shared by the synthetic scenes and the on-disk readers."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from mexify.errors import DataError
+
+IGNORE_INDEX = 255
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IGNORE_INDEX", "SegDataset"]
+
+
+class SegDataset(Dataset):
+    """A segmentation dataset yielding ``(image, mask)`` after a joint transform.
+
+    Subclasses implement ``__len__`` and ``load(index) -> (image, mask)`` with
+    ``image`` float32 ``(3, H, W)`` in [0, 1] and ``mask`` int64 ``(H, W)``
+    (ignore index 255), raising :class:`DataError` naming the file on bad data.
+
+    Args:
+        num_classes: number of classes.
+        class_names: one name per class.
+        transform: ``(image, mask) -> (image, mask)`` applied after loading.
+        skip_bad: log a warning and use the next good sample instead of raising.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        transform: Optional[Callable] = None,
+        skip_bad: bool = False,
+    ):
+        self.num_classes = int(num_classes)
+        self.class_names: List[str] = list(class_names)
+        self.transform = transform
+        self.skip_bad = skip_bad
+        self._bad: set = set()
+
+    def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """A short name for sample ``index`` (file path for readers)."""
+        return f"sample {index}"
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        tried = 0
+        i = index
+        while True:
+            if i not in self._bad:
+                try:
+                    image, mask = self.load(i)
+                    break
+                except DataError as exc:
+                    if not self.skip_bad:
+                        raise
+                    self._bad.add(i)
+                    log.warning("skipping %s: %s", self.describe(i), exc)
+            tried += 1
+            if tried >= n:
+                raise DataError(f"every sample of this {type(self).__name__} is unreadable", "check the files or the dataset spec")
+            i = (i + 1) % n
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image, mask
