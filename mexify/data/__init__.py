@@ -72,7 +72,7 @@ def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base
         max_objects=o.int("max_objects", d.max_objects, lo=1),
         noise=o.float("noise", d.noise, 0.0),
         blur=o.float("blur", d.blur, 0.0),
-        contrast=o.float("contrast", d.contrast, 0.0, 1.35),
+        contrast=o.float("contrast", d.contrast, 0.0, 1.4),
         clutter=o.float("clutter", d.clutter, 0.0),
         cache=o.bool("cache", d.cache),
     )

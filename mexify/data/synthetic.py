@@ -169,9 +169,9 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
     image[:] = bg
     clutter = cfg.clutter * d
     if clutter > 0:
-        low = rng.standard_normal((3, 6, 6)).astype(np.float32)
-        field = F.interpolate(torch.from_numpy(low)[None], size=(s, s), mode="bicubic", align_corners=False)[0]
-        image += (0.12 * clutter) * field.numpy().transpose(1, 2, 0)
+        low = rng.standard_normal((4, 6, 6)).astype(np.float32)
+        field = F.interpolate(torch.from_numpy(low)[None], size=(s, s), mode="bicubic", align_corners=False)[0].numpy()
+        image += (0.09 * clutter) * field[0][..., None] + (0.03 * clutter) * field[1:].transpose(1, 2, 0)
         if rng.random() < d:  # distractor texture in the background
             yy, xx = np.meshgrid(ys, ys, indexing="ij")
             kind = TEXTURES[rng.integers(len(TEXTURES))]
@@ -180,7 +180,7 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
 
     # objects: one large at d=0, many small overlapping at d=1
     n_obj = 1 + int(round((cfg.max_objects - 1) * d * rng.uniform(0.6, 1.0)))
-    contrast = float(np.clip(1.0 - 0.72 * cfg.contrast * d, 0.12, 1.0))
+    contrast = float(np.clip(1.0 - 0.6 * cfg.contrast * d, 0.15, 1.0))
     for _ in range(n_obj):
         c = int(rng.integers(1, k))
         look = looks[c]
@@ -226,7 +226,7 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
         image += (g[0] * (ys[:, None] / s - 0.5) + g[1] * (ys[None, :] / s - 0.5))[..., None]
         sigma = cfg.blur * 1.6 * d * d * (s / 128.0)
         image = _gaussian_blur(image, sigma)
-        image += (0.10 * cfg.noise * d) * rng.standard_normal(image.shape).astype(np.float32)
+        image += (0.07 * cfg.noise * d) * rng.standard_normal(image.shape).astype(np.float32)
     np.clip(image, 0.0, 1.0, out=image)
     return image.astype(np.float32, copy=False), mask
 
