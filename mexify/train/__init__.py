@@ -1,0 +1,30 @@
+"""Two-stage multi-exit training (MESS): end-to-end, then frozen backbone with distillation.
+
+The public entry point is :func:`train`; recipes, losses and checkpoints are importable for
+custom loops.
+"""
+from mexify.train.checkpoint import load_checkpoint, save_checkpoint
+from mexify.train.losses import distillation_loss, early_exit_loss, multi_exit_ce, positive_mask
+from mexify.train.recipe import Recipe, available_recipes, load_recipe
+from mexify.train.schedule import PolyLR, poly_factor
+from mexify.train.trainer import StageReport, TrainEvent, TrainReport, default_run_dir, load_backbone_weights, train
+
+__all__ = [
+    "train",
+    "TrainReport",
+    "StageReport",
+    "TrainEvent",
+    "Recipe",
+    "load_recipe",
+    "available_recipes",
+    "default_run_dir",
+    "load_backbone_weights",
+    "multi_exit_ce",
+    "distillation_loss",
+    "early_exit_loss",
+    "positive_mask",
+    "PolyLR",
+    "poly_factor",
+    "save_checkpoint",
+    "load_checkpoint",
+]

@@ -1,0 +1,681 @@
+"""The two-stage MESS trainer.
+
+Stage 1 trains backbone, final exit and every early head jointly on the weighted sum of
+per-exit cross-entropies. Stage 2 freezes the backbone and final exit (``requires_grad``
+off, BatchNorm in eval mode), runs them under ``no_grad`` and trains only the early heads
+with cross-entropy plus distillation from the final exit (positive filtering by default).
+The final exit is therefore bit-identical before and after stage 2.
+
+Runs are resumable: checkpoints are atomic and hold model, optimizer, scheduler, RNG states,
+stage and iteration; the data order and augmentation of every iteration are a function of
+``(seed, stage, iteration)`` (see :mod:`mexify.train.stream`), so a resumed CPU run
+reproduces the uninterrupted run's losses exactly.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from mexify.errors import DataError, TrainingError
+from mexify.train import checkpoint as ckpt_mod
+from mexify.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, init_distributed
+from mexify.train.losses import IGNORE_INDEX, early_exit_loss, multi_exit_ce
+from mexify.train.recipe import Recipe, load_recipe
+from mexify.train.schedule import PolyLR
+from mexify.train.stream import BatchStream, derive_seed
+
+__all__ = ["train", "TrainReport", "StageReport", "TrainEvent", "default_run_dir", "load_backbone_weights", "LOG_NAME"]
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "train_log.csv"
+_WINDOW = 50  # iterations averaged into the reported final losses
+
+
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class TrainEvent:
+    """What the trainer tells a ``progress`` callback.
+
+    ``kind`` is ``"stage_start"``, ``"step"`` or ``"stage_end"``; ``iteration`` counts completed
+    iterations of ``stage`` (of ``total``); ``losses`` maps ``ce/<exit>`` and ``kd/<exit>`` to values.
+    """
+
+    kind: str
+    stage: int
+    iteration: int
+    total: int
+    start: int = 0
+    lr: float = 0.0
+    loss: float = 0.0
+    losses: Dict[str, float] = field(default_factory=dict)
+    it_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: int
+    iterations: int
+    start_iteration: int
+    wall_s: float
+    it_per_s: float
+    final_losses: Dict[str, float]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """Result of :func:`train`: where things were written and what the losses ended at."""
+
+    bundle: str
+    out: str
+    run_dir: str
+    recipe: Dict[str, Any]
+    device: str
+    world_size: int
+    stages: List[StageReport]
+    resumed_from: Optional[Dict[str, int]]
+    wall_s: float
+    checkpoint: str
+    log: str
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stages"] = [s.to_dict() for s in self.stages]
+        return d
+
+
+def default_run_dir(out: Union[str, os.PathLike]) -> Path:
+    """Checkpoints and logs of a run writing bundle ``out`` go to ``<out>.train/`` beside it,
+    so rewriting the bundle never touches them."""
+    out = Path(out)
+    return out.with_name(out.name + ".train")
+
+
+# --------------------------------------------------------------------------- helpers
+def _resolve_device(device: Optional[Union[str, torch.device]], info: DistInfo) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device {device!r} asked for but CUDA is not available", "use --device cpu")
+        if info.enabled and dev.index is None:
+            dev = torch.device("cuda", info.local_rank)
+    return dev
+
+
+def _build_dataset(data: Any, recipe: Recipe, num_classes: int):
+    if isinstance(data, (str, os.PathLike)):
+        from mexify.data import build_dataset
+
+        ds = build_dataset(str(data), split="train", train=True, crop_size=recipe.crop_hw, base_size=recipe.base_size)
+    else:
+        ds = data
+    ds_classes = getattr(ds, "num_classes", None)
+    if ds_classes is not None and int(ds_classes) != int(num_classes):
+        raise DataError(
+            f"the dataset has {ds_classes} classes but the model predicts {num_classes}",
+            "convert the model with a matching num_classes, or pick the matching dataset (e.g. ?classes=N)",
+        )
+    return ds
+
+
+def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> int:
+    """Load the original model's trained weights (state_dict or safetensors) into the stages.
+
+    Stage parameters keep the original model's qualified names under ``stages.<i>.``; a key
+    that does not match exactly is matched with dots and underscores treated alike (fx
+    flattens attribute names that way). Early heads are new and keep their initialisation.
+
+    Returns:
+        The number of tensors loaded.
+
+    Raises:
+        TrainingError: stage tensors that the file does not provide, or shape mismatches.
+    """
+    from mexify.spec import load_state_dict_file
+
+    src = load_state_dict_file(str(path))
+    norm = {}
+    for k in src:
+        norm.setdefault(k.replace(".", "_"), []).append(k)
+    own = model.stages.state_dict()
+    new_state, missing, wrong = {}, [], []
+    for key, value in own.items():
+        local = key.split(".", 1)[1] if "." in key else key  # drop the stage index
+        cand = local if local in src else None
+        if cand is None:
+            alts = norm.get(local.replace(".", "_"), [])
+            cand = alts[0] if len(alts) == 1 else None
+        if cand is None:
+            if key.endswith("num_batches_tracked"):
+                continue
+            missing.append(key)
+            continue
+        if tuple(src[cand].shape) != tuple(value.shape):
+            wrong.append(f"{key} {tuple(src[cand].shape)} vs {tuple(value.shape)}")
+            continue
+        new_state[key] = src[cand].to(dtype=value.dtype)
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} backbone tensor(s) not in the file, e.g. {', '.join(missing[:3])}")
+        if wrong:
+            parts.append(f"shape mismatch: {', '.join(wrong[:3])}")
+        raise TrainingError(
+            f"weights in {os.path.basename(str(path))} do not fit the converted model: " + "; ".join(parts),
+            "give the state_dict of the exact model (and --arg settings) the bundle was converted from",
+        )
+    model.stages.load_state_dict(new_state, strict=False)
+    log.info("loaded %d backbone tensors from %s", len(new_state), path)
+    return len(new_state)
+
+
+class _StageForward(nn.Module):
+    """What one training iteration runs, as a module so DDP can wrap it.
+
+    Stage 1: every exit's logits with gradients. Stage 2: stages (backbone and final exit)
+    under ``no_grad``, each early head on the detached features with gradients; returns the
+    early logits followed by the final logits (the teacher, without a graph).
+    """
+
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        m = self.model
+        if self.stage == 1:
+            return list(m.forward_all(x))
+        n = len(m.exit_names)
+        outs = []
+        with torch.no_grad():
+            state = m.start(x)
+        for i in range(n):
+            with torch.no_grad():
+                state = m.run_stage(i, state)
+            if i < n - 1:
+                outs.append(m.exit_logits(i, state))
+            else:
+                with torch.no_grad():
+                    outs.append(m.exit_logits(i, state))
+        return outs
+
+
+def _set_stage_modes(model: nn.Module, stage: int) -> None:
+    model.train()
+    if stage == 2:
+        model.freeze_backbone(True)
+        # Keep frozen BatchNorm statistics untouched even if freeze_backbone does not override train().
+        for s in model.stages:
+            s.eval()
+
+
+@contextmanager
+def _sigint_flag():
+    """First Ctrl-C sets a flag (the loop checkpoints and stops); a second one interrupts at once."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        log.warning("interrupt: finishing this iteration and writing a checkpoint (Ctrl-C again to abort now)")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # pragma: no cover - not in the main interpreter
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _CsvLog:
+    """``train_log.csv``: one row per logged iteration; rewritten on resume up to the checkpoint."""
+
+    def __init__(self, path: Path, exit_names: Sequence[str], enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.columns = ["stage", "iteration", "lr", "loss"] + [f"ce/{e}" for e in exit_names] + \
+            [f"kd/{e}" for e in exit_names[:-1]] + ["it_per_s", "time"]
+        self._fh = None
+        self._writer = None
+
+    def open(self, keep_until: Optional[tuple]) -> None:
+        if not self.enabled:
+            return
+        rows = []
+        if keep_until is not None and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    try:
+                        pos = (int(row["stage"]), int(row["iteration"]))
+                    except (KeyError, ValueError):
+                        continue
+                    if pos <= keep_until:
+                        rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(rows)
+        self._fh.flush()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self._writer is not None:
+            self._writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _tensorboard(run_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+# --------------------------------------------------------------------------- trainer
+class _Trainer:
+    def __init__(self, bundle, data, recipe: Recipe, out, run_dir, weights, resume, device, progress, info):
+        import mexify
+
+        self.bundle = Path(bundle)
+        self.out = Path(out) if out is not None else self.bundle
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(self.out)
+        self.recipe = recipe
+        self.info = info
+        self.device = _resolve_device(device, info)
+        self.progress = progress
+        self.weights = weights
+        self.resume = resume
+        self.data_spec = data if isinstance(data, (str, os.PathLike)) else type(data).__name__
+        self.model = mexify.load(str(self.bundle), device="cpu")
+        self.exit_names = list(self.model.exit_names)
+        self.dataset = _build_dataset(data, recipe, self.model.num_classes)
+        self.ckpt_path = self.run_dir / ckpt_mod.CHECKPOINT_NAME
+        self.csv = _CsvLog(self.run_dir / LOG_NAME, self.exit_names, info.is_main)
+        self.windows: Dict[int, deque] = {}
+        self.reports: List[StageReport] = []
+
+        amp = recipe.amp
+        if amp == "fp16" and self.device.type != "cuda":
+            log.warning("fp16 autocast needs CUDA; training in float32 on %s", self.device)
+            amp = "none"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.channels_last = recipe.channels_last and self.device.type == "cuda"
+        if recipe.channels_last and not self.channels_last:
+            log.info("channels_last is only used on CUDA; ignored on %s", self.device)
+
+    # ------------------------------------------------------------------ main flow
+    def run(self) -> TrainReport:
+        t0 = time.perf_counter()
+        state = None
+        resumed_from = None
+        if self.resume:
+            state = ckpt_mod.load_checkpoint(self.ckpt_path)
+            self._check_resume(state)
+            self.model.load_state_dict(state["model"])
+            resumed_from = {"stage": int(state["stage"]), "iteration": int(state["iteration"])}
+            self.windows = {int(k): deque(v, maxlen=_WINDOW) for k, v in state.get("windows", {}).items()}
+            log.info("resuming from %s: stage %d, iteration %d", self.ckpt_path, state["stage"], state["iteration"])
+        else:
+            if self.ckpt_path.exists() and self.info.is_main:
+                log.warning("%s exists and --resume was not given: starting over and overwriting it", self.ckpt_path)
+            if self.weights is not None:
+                load_backbone_weights(self.model, self.weights)
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.csv.open(keep_until=(resumed_from["stage"], resumed_from["iteration"]) if resumed_from else None)
+        self.tb = _tensorboard(self.run_dir, self.info.is_main)
+        try:
+            for stage in (1, 2):
+                total = self.recipe.stage1_iters if stage == 1 else self.recipe.stage2_iters
+                if state is not None and stage < int(state["stage"]):
+                    continue
+                stage_state = state if (state is not None and stage == int(state["stage"])) else None
+                if total == 0:
+                    continue
+                self._run_stage(stage, total, stage_state)
+        finally:
+            self.csv.close()
+            if self.tb is not None:
+                self.tb.close()
+        wall = time.perf_counter() - t0
+        if self.info.is_main:
+            self._write_bundle(wall)
+        barrier()
+        return TrainReport(
+            bundle=str(self.bundle), out=str(self.out), run_dir=str(self.run_dir), recipe=self.recipe.to_dict(),
+            device=str(self.device), world_size=self.info.world_size, stages=list(self.reports),
+            resumed_from=resumed_from, wall_s=wall, checkpoint=str(self.ckpt_path), log=str(self.csv.path),
+        )
+
+    def _check_resume(self, state: dict) -> None:
+        saved = state.get("recipe", {})
+        diffs = [k for k, v in self.recipe.to_dict().items() if k in saved and saved[k] != v and k != "log_every"]
+        if diffs:
+            log.warning("resuming with a recipe that differs from the checkpoint's in %s; "
+                        "the run will not reproduce the uninterrupted one", ", ".join(diffs))
+        if state.get("exit_names") and list(state["exit_names"]) != self.exit_names:
+            raise TrainingError(
+                f"checkpoint {self.ckpt_path} belongs to a model with exits {state['exit_names']}, "
+                f"not {self.exit_names}", "resume with the bundle the run started from, or drop --resume")
+        if int(state.get("world_size", 1)) != self.info.world_size:
+            log.warning("checkpoint was written by %s process(es), resuming with %d: data order differs",
+                        state.get("world_size"), self.info.world_size)
+
+    # ------------------------------------------------------------------ one stage
+    def _run_stage(self, stage: int, total: int, state: Optional[dict]) -> None:
+        r = self.recipe
+        model = self.model
+        _set_stage_modes(model, stage)
+        if stage == 1:
+            model.freeze_backbone(False)
+            model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = r.lr if stage == 1 else r.lr_stage2
+        opt = torch.optim.SGD(params, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)
+        sched = PolyLR(opt, total, r.lr_power)
+        start = 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            ckpt_mod.set_rng_state(state["rng"])
+            start = int(state["iteration"])
+        window = self.windows.setdefault(stage, deque(maxlen=_WINDOW))
+        if start >= total:
+            self.reports.append(StageReport(stage, total, start, 0.0, 0.0, self._mean_window(stage)))
+            return
+
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if scaler is not None and state is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        net: nn.Module = _StageForward(model, stage)
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                      broadcast_buffers=(stage == 1))
+        stream = BatchStream(self.dataset, r.batch_size, r.seed, stage, self.info.rank, self.info.world_size,
+                             r.num_workers, pin_memory=self.device.type == "cuda")
+        batches = stream.iterate(start)
+        weights = list(r.exit_weights) if r.exit_weights is not None else None
+        names = self.exit_names
+        n_exits = len(names)
+        if weights is not None and len(weights) != n_exits:
+            from mexify.errors import ConfigError
+
+            raise ConfigError(
+                f"exit_weights has {len(weights)} entries but the model has {n_exits} exits ({', '.join(names)})",
+                "give one weight per exit, early exits first, final last")
+        autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
+        self._emit(TrainEvent("stage_start", stage, start, total, start=start, lr=opt.param_groups[0]["lr"]))
+        log.info("stage %d: iterations %d..%d of %d on %s", stage, start, total, total, self.device)
+
+        t_start = time.perf_counter()
+        done_here = 0
+        it = start
+        with _sigint_flag() as sigint:
+            for it in range(start, total):
+                x, y = next(batches)
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # Dropout and other model randomness depend on the iteration only.
+                torch.manual_seed(derive_seed(r.seed, stage, it, self.info.rank))
+                cur_lr = opt.param_groups[0]["lr"]
+                with autocast():
+                    outs = net(x)
+                if stage == 1:
+                    loss, ces = multi_exit_ce(outs, y, weights, IGNORE_INDEX)
+                    kds: List[torch.Tensor] = []
+                else:
+                    teacher = outs[-1]
+                    loss = outs[0].new_zeros((), dtype=torch.float32)
+                    ces, kds = [], []
+                    for student in outs[:-1]:
+                        tot, ce, kd = early_exit_loss(student, teacher, y, r.distill, r.kd_weight,
+                                                      r.kd_temperature, IGNORE_INDEX)
+                        loss = loss + tot
+                        ces.append(ce)
+                        kds.append(kd)
+                    with torch.no_grad():
+                        from mexify.train.losses import cross_entropy
+
+                        ces.append(cross_entropy(teacher, y, IGNORE_INDEX))
+                stop_flag = torch.tensor([1.0 if sigint["set"] else 0.0], device=loss.device)
+                values = torch.cat([loss.detach().reshape(1), torch.stack([c.detach() for c in ces]),
+                                    torch.stack([k.detach() for k in kds]) if kds else loss.new_zeros(0),
+                                    stop_flag])
+                values = all_reduce_mean(values).cpu()
+                if not torch.isfinite(values[:-1]).all():
+                    self._nan(stage, it, values, names, kds)
+                stop = bool(values[-1] > 0)
+
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if r.grad_clip:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if r.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+                    opt.step()
+                sched.step()
+                done_here += 1
+
+                row = self._row(stage, it + 1, cur_lr, values, names, bool(kds))
+                window.append([float(v) for v in values[:-1]])
+                elapsed = time.perf_counter() - t_start
+                row["it_per_s"] = done_here / elapsed if elapsed > 0 else 0.0
+                row["time"] = time.time()
+                last = it + 1 == total
+                if (it + 1) % r.log_every == 0 or last or stop:
+                    self.csv.write(row)
+                    if self.tb is not None:
+                        step = it + 1 + (r.stage1_iters if stage == 2 else 0)
+                        for k, v in row.items():
+                            if k not in ("stage", "iteration", "time") and v != "":
+                                self.tb.add_scalar(f"stage{stage}/{k}", v, step)
+                self._emit(TrainEvent("step", stage, it + 1, total, start=start, lr=cur_lr, loss=row["loss"],
+                                      losses={k: v for k, v in row.items() if k.startswith(("ce/", "kd/")) and v != ""},
+                                      it_per_s=row["it_per_s"]))
+                if (it + 1) % r.checkpoint_every == 0 or last or stop:
+                    self.csv.flush()
+                    self._checkpoint(stage, it + 1, opt, sched, scaler)
+                if stop:
+                    raise KeyboardInterrupt(f"interrupted at stage {stage} iteration {it + 1}; checkpoint written")
+        wall = time.perf_counter() - t_start
+        rep = StageReport(stage, total, start, wall, done_here / wall if wall > 0 else 0.0, self._mean_window(stage))
+        self.reports.append(rep)
+        self._emit(TrainEvent("stage_end", stage, total, total, start=start, loss=rep.final_losses.get("loss", 0.0),
+                              losses=rep.final_losses, it_per_s=rep.it_per_s))
+        log.info("stage %d done: %d iterations in %.1f s (%.2f it/s)", stage, done_here, wall, rep.it_per_s)
+
+    # ------------------------------------------------------------------ pieces
+    def _columns(self, with_kd: bool) -> List[str]:
+        cols = ["loss"] + [f"ce/{e}" for e in self.exit_names]
+        if with_kd:
+            cols += [f"kd/{e}" for e in self.exit_names[:-1]]
+        return cols
+
+    def _row(self, stage, iteration, lr, values, names, with_kd) -> Dict[str, Any]:
+        row: Dict[str, Any] = {"stage": stage, "iteration": iteration, "lr": float(lr)}
+        for col, v in zip(self._columns(with_kd), values[:-1].tolist()):
+            row[col] = float(v)
+        return row
+
+    def _mean_window(self, stage: int) -> Dict[str, float]:
+        win = self.windows.get(stage)
+        if not win:
+            return {}
+        cols = self._columns(len(win[0]) > 1 + len(self.exit_names))
+        t = torch.tensor(list(win), dtype=torch.float64).mean(0)
+        return {c: float(v) for c, v in zip(cols, t)}
+
+    def _nan(self, stage, it, values, names, kds) -> None:
+        cols = self._columns(bool(kds))
+        bad = [c for c, v in zip(cols, values[:-1].tolist()) if not math.isfinite(v)]
+        last = "no checkpoint yet"
+        if self.ckpt_path.exists():
+            try:
+                st = ckpt_mod.load_checkpoint(self.ckpt_path)
+                last = f"last good checkpoint: stage {st['stage']} iteration {st['iteration']} in {self.ckpt_path}"
+            except TrainingError:
+                pass
+        self.csv.flush()
+        raise TrainingError(
+            f"non-finite loss at stage {stage} iteration {it + 1} ({', '.join(bad)}); training stopped, {last}",
+            "lower the learning rate (--set lr=...), set grad_clip, use bf16 instead of fp16, or check the data "
+            "for NaN/inf; then continue with --resume",
+        )
+
+    def _checkpoint(self, stage, iteration, opt, sched, scaler) -> None:
+        if not self.info.is_main:
+            return
+        state = {
+            "stage": stage,
+            "iteration": iteration,
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": ckpt_mod.rng_state(),
+            "recipe": self.recipe.to_dict(),
+            "exit_names": list(self.exit_names),
+            "world_size": self.info.world_size,
+            "windows": {str(k): [list(v) for v in w] for k, w in self.windows.items()},
+        }
+        ckpt_mod.save_checkpoint(state, self.ckpt_path)
+
+    def _emit(self, event: TrainEvent) -> None:
+        if self.progress is not None and self.info.is_main:
+            self.progress(event)
+
+    def _write_bundle(self, wall: float) -> None:
+        import mexify
+        from mexify import bundle as bundle_mod
+
+        self.model.freeze_backbone(False)
+        self.model.eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+        record = {
+            "recipe": self.recipe.to_dict(),
+            "data": str(self.data_spec),
+            "iterations": {"stage1": self.recipe.stage1_iters, "stage2": self.recipe.stage2_iters},
+            "final_losses": {f"stage{r.stage}": r.final_losses for r in self.reports},
+            "it_per_s": {f"stage{r.stage}": r.it_per_s for r in self.reports},
+            "weights": str(self.weights) if self.weights is not None else None,
+            "device": str(self.device),
+            "world_size": self.info.world_size,
+            "wall_s": round(wall, 3),
+            "mexify_version": getattr(mexify, "__version__", None),
+            "torch_version": torch.__version__,
+        }
+        model = self.model.to("cpu")
+        if self.out.resolve() == self.bundle.resolve():
+            bundle_mod.update_bundle(str(self.out), model=model, training=record)
+        else:
+            cfg = getattr(model, "config", None) or bundle_mod.read_config(str(self.bundle))
+            cfg = dataclasses.replace(cfg, training=record)
+            bundle_mod.save_bundle(model, str(self.out), config=cfg)
+        model.to(self.device)
+        log.info("trained bundle written to %s", self.out)
+
+
+# --------------------------------------------------------------------------- entry point
+def train(
+    bundle: Union[str, os.PathLike],
+    data: Any,
+    recipe: Union[str, os.PathLike, Recipe, Mapping[str, Any], None] = "quick-synthetic",
+    out: Optional[Union[str, os.PathLike]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    weights: Optional[Union[str, os.PathLike]] = None,
+    resume: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: Optional[Callable[[TrainEvent], None]] = None,
+    run_dir: Optional[Union[str, os.PathLike]] = None,
+) -> TrainReport:
+    """Train a converted bundle in two stages (MESS) and write the trained bundle.
+
+    Args:
+        bundle: bundle directory made by ``mexify convert``.
+        data: dataset spec (``synthetic:scenes?classes=8``, ``voc:PATH``, ...) or a dataset
+            yielding ``(image, mask)``.
+        recipe: recipe name (see :func:`~mexify.train.recipe.available_recipes`), YAML path,
+            mapping or :class:`Recipe`.
+        out: where to write the trained bundle (default: update ``bundle`` in place).
+        overrides: recipe fields to change (``{"lr": 0.01}``; strings are parsed).
+        weights: the original model's trained weights (state_dict or safetensors), loaded
+            into the backbone before stage 1; early heads start from their initialisation.
+        resume: continue from the checkpoint in ``run_dir``.
+        device: ``cpu``, ``cuda``, ``cuda:1``; default CUDA when available. Under torchrun
+            each rank uses ``cuda:LOCAL_RANK``.
+        progress: called on rank 0 with a :class:`TrainEvent` at stage start, every
+            iteration and stage end.
+        run_dir: checkpoints, ``train_log.csv`` and TensorBoard logs (default ``<out>.train``).
+
+    Returns:
+        A :class:`TrainReport`.
+
+    Raises:
+        ConfigError: bad recipe or overrides. DataError: dataset does not fit the model.
+        TrainingError: non-finite loss (the last good checkpoint is kept), unreadable
+        checkpoint. KeyboardInterrupt: Ctrl-C, after a checkpoint of the last finished iteration.
+    """
+    rec = load_recipe(recipe, overrides)
+    dev_hint = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    info = init_distributed(dev_hint)
+    try:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            trainer = _Trainer(bundle, data, rec, out, run_dir, weights, resume, device, progress, info)
+            return trainer.run()
+    finally:
+        cleanup_distributed(info)
