@@ -1,11 +1,431 @@
-"""Readers for on-disk dataset layouts (VOC, Cityscapes, ADE20K, generic folder)."""
+"""Readers for the dataset layouts users have on disk.
+
+- ``voc:ROOT``: Pascal VOC 2012 (``JPEGImages/``, ``SegmentationClass/``,
+  ``ImageSets/Segmentation/<split>.txt``) and SBD-style augmented lists
+  (``SegmentationClassAug/`` and lists of ``image mask`` path pairs).
+- ``cityscapes:ROOT``: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
+  ``gtFine/<split>/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids.
+- ``ade20k:ROOT``: ``ADEChallengeData2016/{images,annotations}/{training,validation}``;
+  150 classes, label 0 (other) is ignored, k maps to k-1.
+- ``folder:ROOT``: ``images/`` + ``masks/`` with matching stems (or ``ROOT/<split>/images``
+  and ``ROOT/<split>/masks``); palette or grayscale PNG masks; optional ``classes.txt``.
+
+Every label value is checked: values that the layout does not define raise a
+:class:`~mexify.errors.DataError` naming the file, as do unreadable files, missing
+masks and masks whose size differs from their image. ``skip_bad=1`` in the spec
+turns these into a logged warning and the sample is skipped.
+"""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mexify.data.base import IGNORE_INDEX, SegDataset
+from mexify.data.spec import DatasetSpec, OptionReader
+from mexify.data.transforms import build_transform
 from mexify.errors import DataError
 
+log = logging.getLogger(__name__)
 
-def _not_ready(spec, **kw):
-    raise DataError(f"the {spec.scheme}: reader is not available yet", "use synthetic:scenes")
+__all__ = [
+    "BUILDERS",
+    "FileSegDataset",
+    "VOC_CLASSES",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_ID_TO_TRAIN_ID",
+    "read_image",
+    "read_mask",
+]
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")
+_INVALID = -1
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+]
+# gtFine labelIds -> train ids (cityscapesScripts labels.py); every other id in 0..33 is ignored
+CITYSCAPES_ID_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
 
 
-BUILDERS = {"voc": _not_ready, "cityscapes": _not_ready, "ade20k": _not_ready, "folder": _not_ready}
+# --------------------------------------------------------------------------- file access
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Read an RGB image as float32 ``(3, H, W)`` in [0, 1].
+
+    Raises:
+        DataError: missing or unreadable file (the path is named).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file {path} does not exist", "check the dataset root and its list files")
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}", "the file is corrupt or not an image; re-export it or pass skip_bad=1") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a label mask (palette ``P``, grayscale ``L`` or 16-bit ``I;16``/``I``) as an int64 array ``(H, W)``.
+
+    Palette masks are read as their palette indices, not their colours.
+
+    Raises:
+        DataError: missing, unreadable or RGB mask (the path is named).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"mask file {path} does not exist", "every image needs a mask with the same stem; or pass skip_bad=1")
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "HSV"):
+                raise DataError(
+                    f"mask {path} is a {mode} image, not a label map",
+                    "save masks as palette (P) or grayscale (L) PNGs whose pixel values are class indices",
+                )
+            arr = np.asarray(im, dtype=np.int64)
+    except DataError:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read mask {path}: {e}", "the file is corrupt or not an image; re-export it or pass skip_bad=1") from e
+    if arr.ndim != 2:
+        raise DataError(f"mask {path} has shape {arr.shape}, expected (H, W)", "save masks as single-channel PNGs")
+    return arr
+
+
+def _lut(size: int, mapping: Dict[int, int], ignore: Sequence[int] = ()) -> np.ndarray:
+    lut = np.full(size, _INVALID, dtype=np.int64)
+    for k, v in mapping.items():
+        lut[k] = v
+    for k in ignore:
+        lut[k] = IGNORE_INDEX
+    return lut
+
+
+class FileSegDataset(SegDataset):
+    """Image/mask pairs on disk with a label lookup table.
+
+    Args:
+        pairs: ``(image_path, mask_path)`` per sample.
+        lut: raw mask value -> train id (``255`` ignore, ``-1`` invalid value).
+        num_classes: number of classes.
+        class_names: class names.
+        valid_hint: what the valid raw values are (for the error message).
+        transform: joint transform.
+        skip_bad: skip unreadable samples with a warning instead of raising.
+        split: the split these files belong to.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Tuple[Path, Path]],
+        lut: np.ndarray,
+        num_classes: int,
+        class_names: Sequence[str],
+        valid_hint: str,
+        transform=None,
+        skip_bad: bool = False,
+        split: str = "train",
+        root: Optional[Path] = None,
+    ):
+        super().__init__(num_classes, class_names, transform=transform, skip_bad=skip_bad)
+        self.pairs = [(Path(a), Path(b)) for a, b in pairs]
+        self.lut = lut
+        self.valid_hint = valid_hint
+        self.split = split
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def describe(self, index: int) -> str:
+        return str(self.pairs[index][0])
+
+    def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        img_path, mask_path = self.pairs[index]
+        image = read_image(img_path)
+        raw = read_mask(mask_path)
+        if tuple(raw.shape) != tuple(image.shape[-2:]):
+            raise DataError(
+                f"mask {mask_path} is {raw.shape[1]}x{raw.shape[0]} but image {img_path} is {image.shape[-1]}x{image.shape[-2]}",
+                "masks must have the size of their image (W x H); re-export the mask",
+            )
+        if raw.min() < 0 or raw.max() >= len(self.lut):
+            bad = np.unique(raw[(raw < 0) | (raw >= len(self.lut))])[:8]
+            raise DataError(f"mask {mask_path} has label values {bad.tolist()} out of range", self.valid_hint)
+        mapped = self.lut[raw]
+        if (mapped == _INVALID).any():
+            bad = np.unique(raw[mapped == _INVALID])[:8]
+            raise DataError(f"mask {mask_path} has label values {bad.tolist()} out of range", self.valid_hint)
+        return image, torch.from_numpy(mapped)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={self.root}, split={self.split!r}, n={len(self)}, classes={self.num_classes})"
+
+
+# --------------------------------------------------------------------------- helpers shared by builders
+
+_COMMON = ("split", "skip_bad", "base_size", "crop_size")
+
+
+def _size_opt(raw: str):
+    if "x" in raw.lower():
+        h, w = raw.lower().split("x", 1)
+        return (int(h), int(w))
+    return int(raw)
+
+
+def _root(spec: DatasetSpec) -> Path:
+    if not spec.target:
+        raise DataError(f"dataset spec {str(spec)!r} has no path", f"write it as {spec.scheme}:/path/to/dataset")
+    root = Path(spec.target).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} (from {str(spec)!r}) is not a directory", "check the path after the scheme")
+    return root
+
+
+def _transform(o: OptionReader, train: bool, crop_size, base_size, default_base, default_crop):
+    base_size = o.get("base_size", base_size, _size_opt)
+    crop_size = o.get("crop_size", crop_size, _size_opt)
+    if base_size is None:
+        base_size = default_base
+    if crop_size is None:
+        crop_size = default_crop
+    return build_transform(train, base_size=base_size, crop_size=crop_size if train else None)
+
+
+def _drop_missing(pairs: List[Tuple[Path, Path]], skip_bad: bool, what: str) -> List[Tuple[Path, Path]]:
+    out = []
+    for img, mask in pairs:
+        missing = img if not img.is_file() else (mask if not mask.is_file() else None)
+        if missing is None:
+            out.append((img, mask))
+            continue
+        kind = "image" if missing is img else "mask"
+        msg = f"{kind} file {missing} listed in {what} does not exist"
+        if not skip_bad:
+            raise DataError(msg, "fix the list or the files, or pass skip_bad=1 to skip such samples")
+        log.warning("skipping: %s", msg)
+    return out
+
+
+def _empty(pairs, spec: DatasetSpec, split: str, where: Path):
+    if not pairs:
+        raise DataError(f"no samples found for split {split!r} of {str(spec)!r} under {where}", "check the layout described in docs/data.md")
+
+
+# --------------------------------------------------------------------------- VOC
+
+
+def _voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise DataError(f"no JPEGImages/ folder under {root}", "point voc: at VOCdevkit/VOC2012 (the folder holding JPEGImages/ and SegmentationClass/)")
+
+
+def _voc_split(split: str) -> str:
+    return {"calib": "val", "test": "val"}.get(split, split)
+
+
+def build_voc(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
+    """Pascal VOC 2012 / SBD-style lists (``?list=PATH`` or ``split=train_aug``; ``?masks=DIR``)."""
+    o = OptionReader(spec, _COMMON + ("list", "masks"))
+    root = _voc_root(_root(spec))
+    split = _voc_split(o.get("split", split))
+    skip_bad = o.bool("skip_bad", False)
+    if o.has("list"):
+        lst = Path(o.get("list", "")).expanduser()
+        if not lst.is_absolute():
+            lst = root / lst
+        candidates = [lst]
+    else:
+        candidates = [
+            root / "ImageSets" / "Segmentation" / f"{split}.txt",
+            root / "ImageSets" / "SegmentationAug" / f"{split}.txt",
+            root / f"{split}.txt",
+        ]
+    lst = next((c for c in candidates if c.is_file()), None)
+    if lst is None:
+        raise DataError(
+            f"no list file for split {split!r} of {str(spec)!r}; looked for {', '.join(str(c) for c in candidates)}",
+            "VOC lists live in ImageSets/Segmentation/<split>.txt; pass ?list=PATH for SBD-style lists",
+        )
+    mask_dir = o.get("masks", "")
+    if not mask_dir:
+        aug = root / "SegmentationClassAug"
+        mask_dir = "SegmentationClassAug" if ("aug" in lst.stem.lower() and aug.is_dir()) else "SegmentationClass"
+    pairs = []
+    for lineno, line in enumerate(lst.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 1:
+            stem = parts[0]
+            pairs.append((root / "JPEGImages" / f"{stem}.jpg", root / mask_dir / f"{stem}.png"))
+        elif len(parts) == 2:
+            pairs.append((root / parts[0].lstrip("/"), root / parts[1].lstrip("/")))
+        else:
+            raise DataError(f"line {lineno} of {lst} has {len(parts)} fields", "each line is an image id, or 'image_path mask_path'")
+    pairs = _drop_missing(pairs, skip_bad, str(lst))
+    _empty(pairs, spec, split, lst)
+    lut = _lut(256, {i: i for i in range(21)}, ignore=[255])
+    tf = _transform(o, train, crop_size, base_size, 512, 512)
+    return FileSegDataset(pairs, lut, 21, VOC_CLASSES, "VOC masks hold 0..20 and 255 (boundary, ignored)", tf, skip_bad, split, root)
+
+
+# --------------------------------------------------------------------------- Cityscapes
+
+
+def build_cityscapes(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
+    """Cityscapes gtFine (label ids -> 19 train ids; others ignored)."""
+    o = OptionReader(spec, _COMMON)
+    root = _root(spec)
+    split = {"calib": "val", "test": "val"}.get(o.get("split", split), o.get("split", split))
+    skip_bad = o.bool("skip_bad", False)
+    img_dir = root / "leftImg8bit" / split
+    if not img_dir.is_dir():
+        raise DataError(f"no folder {img_dir} for split {split!r}", "point cityscapes: at the folder holding leftImg8bit/ and gtFine/")
+    pairs = []
+    for img in sorted(img_dir.glob("*/*_leftImg8bit.png")):
+        stem = img.name[: -len("_leftImg8bit.png")]
+        pairs.append((img, root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelIds.png"))
+    pairs = _drop_missing(pairs, skip_bad, str(img_dir))
+    _empty(pairs, spec, split, img_dir)
+    lut = _lut(256, CITYSCAPES_ID_TO_TRAIN_ID, ignore=[i for i in range(34) if i not in CITYSCAPES_ID_TO_TRAIN_ID] + [255])
+    tf = _transform(o, train, crop_size, base_size, (1024, 2048), (512, 1024))
+    return FileSegDataset(pairs, lut, 19, CITYSCAPES_CLASSES, "gtFine labelIds hold 0..33 (and 255)", tf, skip_bad, split, root)
+
+
+# --------------------------------------------------------------------------- ADE20K
+
+
+def _ade_names(root: Path) -> List[str]:
+    info = root / "objectInfo150.txt"
+    names = [f"class_{i}" for i in range(1, 151)]
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) >= 5 and parts[0].strip().isdigit():
+                idx = int(parts[0]) - 1
+                if 0 <= idx < 150:
+                    names[idx] = parts[4].split(",")[0].strip()
+    return names
+
+
+def build_ade20k(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
+    """ADE20K SceneParsing (ADEChallengeData2016): 150 classes; 0 ignored, k -> k-1."""
+    o = OptionReader(spec, _COMMON)
+    root = _root(spec)
+    if (root / "ADEChallengeData2016").is_dir():
+        root = root / "ADEChallengeData2016"
+    split = o.get("split", split)
+    folder = {"train": "training", "val": "validation", "calib": "validation", "test": "validation"}.get(split, split)
+    skip_bad = o.bool("skip_bad", False)
+    img_dir = root / "images" / folder
+    if not img_dir.is_dir():
+        raise DataError(f"no folder {img_dir} for split {split!r}", "point ade20k: at ADEChallengeData2016 (holding images/ and annotations/)")
+    pairs = [(p, root / "annotations" / folder / f"{p.stem}.png") for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
+    pairs = _drop_missing(pairs, skip_bad, str(img_dir))
+    _empty(pairs, spec, split, img_dir)
+    lut = _lut(256, {k: k - 1 for k in range(1, 151)}, ignore=[0, 255])
+    tf = _transform(o, train, crop_size, base_size, 512, 512)
+    return FileSegDataset(pairs, lut, 150, _ade_names(root), "ADE20K annotations hold 0 (other, ignored) and 1..150", tf, skip_bad, split, root)
+
+
+# --------------------------------------------------------------------------- generic folder
+
+
+def _folder_dirs(root: Path, split: str) -> Tuple[Path, Path]:
+    if (root / split / "images").is_dir():
+        return root / split / "images", root / split / "masks"
+    if (root / "images").is_dir():
+        return root / "images", root / "masks"
+    raise DataError(f"no images/ folder under {root} (nor {root / split / 'images'})", "lay the data out as ROOT/images/ + ROOT/masks/ with matching file stems")
+
+
+def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
+    """Generic ``images/`` + ``masks/`` folder (``?classes=N``, ``?reduce_zero=1`` to ignore 0)."""
+    o = OptionReader(spec, _COMMON + ("classes", "reduce_zero"))
+    root = _root(spec)
+    split = o.get("split", split)
+    skip_bad = o.bool("skip_bad", False)
+    reduce_zero = o.bool("reduce_zero", False)
+    img_dir, mask_dir = _folder_dirs(root, split)
+    masks: Dict[str, Path] = {}
+    if mask_dir.is_dir():
+        for p in sorted(mask_dir.iterdir()):
+            if p.suffix.lower() in MASK_EXTS:
+                masks.setdefault(p.stem, p)
+    pairs = []
+    for p in sorted(img_dir.iterdir()):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        pairs.append((p, masks.get(p.stem, mask_dir / f"{p.stem}.png")))
+    pairs = _drop_missing(pairs, skip_bad, str(img_dir))
+    _empty(pairs, spec, split, img_dir)
+
+    names: Optional[List[str]] = None
+    for cand in (img_dir.parent / "classes.txt", root / "classes.txt"):
+        if cand.is_file():
+            names = [ln.strip() for ln in cand.read_text().splitlines() if ln.strip()]
+            break
+    k = o.int("classes", None, lo=1)
+    if k is None and names:
+        k = len(names)
+    if k is None:
+        k = _infer_classes(pairs, reduce_zero)
+        log.warning("folder dataset %s: no classes.txt or ?classes=N; inferred %d classes from the masks", root, k)
+    if names is None or len(names) != k:
+        if names is not None:
+            log.warning("classes.txt lists %d names but the dataset has %d classes; using generic names", len(names), k)
+        names = [f"class_{i}" for i in range(k)]
+    if reduce_zero:
+        lut = _lut(256, {v: v - 1 for v in range(1, k + 1)}, ignore=[0, 255])
+        hint = f"masks hold 0 (ignored) and 1..{k}, or 255 (ignored)"
+    else:
+        lut = _lut(256, {v: v for v in range(k)}, ignore=[255])
+        hint = f"masks hold 0..{k - 1} and 255 (ignored); set ?classes=N or fix classes.txt if there are more classes"
+    tf = _transform(o, train, crop_size, base_size, None, 512)
+    return FileSegDataset(pairs, lut, k, names, hint, tf, skip_bad, split, root)
+
+
+def _infer_classes(pairs: Sequence[Tuple[Path, Path]], reduce_zero: bool) -> int:
+    top = 0
+    for _, mask in pairs:
+        try:
+            arr = read_mask(mask)
+        except DataError:
+            continue
+        vals = arr[arr != IGNORE_INDEX]
+        if vals.size:
+            top = max(top, int(vals.max()))
+    return max(1, top if reduce_zero else top + 1)
+
+
+BUILDERS: Dict[str, Callable[..., FileSegDataset]] = {
+    "voc": build_voc,
+    "cityscapes": build_cityscapes,
+    "ade20k": build_ade20k,
+    "folder": build_folder,
+}
