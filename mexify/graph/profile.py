@@ -240,7 +240,7 @@ _IGNORED = frozenset(
     "zero_ scalar_tensor _local_scalar_dense sym_size sym_stride sym_numel dim numel "
     "is_contiguous stride storage_offset squeeze_ t_ transpose_ split_with_sizes_copy "
     "view_copy slice_copy select_copy unbind_copy permute_copy expand_copy "
-    "feature_dropout dropout_ native_dropout device".split()
+    "feature_dropout dropout_ native_dropout device repeat tile pad index_select flip".split()
 )
 
 
@@ -321,7 +321,10 @@ def _counting(tally: _Tally) -> Iterator[None]:
 def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, restoring each one's own flag afterwards."""
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    # Flags are set directly: modules from torch.export refuse .eval() (their graph
+    # already fixed the mode), and train() overrides must not run twice.
+    for m, _ in modes:
+        m.training = False
     try:
         yield
     finally:
