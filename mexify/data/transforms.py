@@ -56,7 +56,7 @@ def resize(image: torch.Tensor, mask: torch.Tensor, hw: Tuple[int, int]) -> Tupl
     if tuple(image.shape[-2:]) == tuple(hw):
         return image, mask
     image = F.interpolate(image.unsqueeze(0), size=hw, mode="bilinear", align_corners=False).squeeze(0)
-    mask = F.interpolate(mask[None, None].float(), size=hw, mode="nearest").squeeze(0).squeeze(0).long()
+    mask = F.interpolate(mask[None, None].float(), size=hw, mode="nearest-exact").squeeze(0).squeeze(0).long()
     return image, mask
 
 
@@ -129,12 +129,17 @@ class SegTransform:
         self.std = std
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h, w = image.shape[-2:]
         if self.base_size is not None:
-            image, mask = resize(image, mask, _base_hw(image.shape[-2], image.shape[-1], self.base_size))
-        if self.train:
+            h, w = _base_hw(h, w, self.base_size)
+        if self.train and tuple(self.scale_range) != (1.0, 1.0):
+            # one resampling step for base size and random scale: composing two nearest-neighbour
+            # resizes of the mask drifts up to a pixel away from the bilinear image
             lo, hi = self.scale_range
-            if (lo, hi) != (1.0, 1.0):
-                image, mask = random_scale(image, mask, lo, hi)
+            s = lo + (hi - lo) * float(torch.rand(()))
+            h, w = max(1, round(h * s)), max(1, round(w * s))
+        image, mask = resize(image, mask, (h, w))
+        if self.train:
             if self.crop_size is not None:
                 image, mask = random_crop(image, mask, self.crop_size, self.ignore_index)
             if self.flip_p > 0:
