@@ -374,8 +374,13 @@ class _ProfilingInterpreter(torch.fx.Interpreter):
 
 
 class _NodeFailure(Exception):
+    """A node raised while profiling; carries the node for the error message."""
+
     def __init__(self, node: torch.fx.Node, error: Exception) -> None:
-        super().__init__(f"node {node.name!r} ({node.op} {node.target}): {error}")
+        lines = str(error).strip().splitlines()
+        target = getattr(node.target, "__name__", node.target)
+        self.summary = f"node {node.name!r} ({node.op} {target}): {lines[0] if lines else type(error).__name__}"
+        super().__init__(self.summary)
         self.node = node
         self.error = error
 
@@ -389,6 +394,19 @@ def _fake_mode() -> Any:
         return None
 
 
+@contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    # FakeTensorMode logs a traceback at ERROR level before re-raising a failing meta
+    # kernel; we retry on real tensors (which raise the same error if it is genuine).
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        fake_log.setLevel(level)
+
+
 def _run(run_fn: Callable[[Callable[[Any], Any]], Any]) -> Any:
     """Call ``run_fn(wrap)`` on fake tensors, or on real ones if fake execution fails.
 
@@ -398,10 +416,10 @@ def _run(run_fn: Callable[[Callable[[Any], Any]], Any]) -> Any:
     mode = _fake_mode()
     if mode is not None:
         try:
-            with torch.inference_mode(), mode:
+            with torch.inference_mode(), _quiet_fake_tensor_log(), mode:
                 return run_fn(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t)
         except _NodeFailure as e:
-            logger.info("Profiling on fake tensors failed at %s; running on real tensors instead", e)
+            logger.info("Profiling on fake tensors failed at %s; running on real tensors instead", e.summary)
         except Exception as e:  # any operator may lack a fake (meta) implementation
             logger.info("Profiling on fake tensors failed (%s); running on real tensors instead", e)
     with torch.inference_mode():
@@ -451,7 +469,7 @@ def profile_graph(gm: torch.fx.GraphModule, *example_inputs: Any, device: Any = 
         try:
             interp = _run(run)
         except _NodeFailure as e:
-            raise RuntimeError(f"Profiling failed at {e}") from e.error
+            raise RuntimeError(f"profiling failed at {e.summary}") from e.error
 
     tally = interp.tally
     unsupported = dict(sorted(tally.unsupported.items()))
