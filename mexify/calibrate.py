@@ -152,7 +152,7 @@ class ExitCache:
         present = u > 0
         iou = np.where(present, tp / np.maximum(u, 1), 0.0)
         n = present.sum(-1)
-        return np.where(n > 0, iou.sum(-1) / np.maximum(n, 1), 100.0 / 100.0) * 100.0
+        return np.where(n > 0, iou.sum(-1) / np.maximum(n, 1), 1.0) * 100.0
 
     def oracle_assignment(self, tolerance: float) -> np.ndarray:
         """Earliest exit whose per-image mIoU is within ``tolerance`` points of the final exit's."""
@@ -449,7 +449,7 @@ def fit_temperatures(
     Returns:
         one temperature per exit (final included), or None when no pixel is labelled.
     """
-    grid_t = torch.tensor(grid if grid is not None else np.logspace(-0.5, 1.0, 31), dtype=torch.float64)
+    grid_t = torch.tensor(grid if grid is not None else np.logspace(-1.0, 1.0, 41), dtype=torch.float64)
     nll: Optional[torch.Tensor] = None
     gen = torch.Generator().manual_seed(0)
     was_training = bool(getattr(model, "training", False))
@@ -480,8 +480,10 @@ def fit_temperatures(
                 if z.shape[-2:] != y.shape[-2:]:
                     z = F.interpolate(z.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
                 zz = torch.cat([z[n].flatten(1)[:, idx].t() for n, idx in picks]).double()  # (P, K)
-                for g, t in enumerate(grid_t):
-                    nll[i, g] += F.cross_entropy(zz / t, tgt, reduction="sum")
+                # all temperatures at once: sum_p logsumexp(z_p / T) - z_p,y / T
+                zt = zz[None] / grid_t.to(zz.device)[:, None, None]  # (G, P, K)
+                picked = zt.gather(2, tgt.view(1, -1, 1).expand(len(grid_t), -1, 1)).squeeze(2)
+                nll[i] += (torch.logsumexp(zt, dim=2) - picked).sum(1).cpu()
             done += 1
             if progress is not None:
                 progress("temperature", done, total or done)

@@ -42,7 +42,13 @@ app = _App(
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", help="Print the mexify version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does."),
 ) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # operators without a FLOPs formula are expected (fvcore skips them too)
+        logging.getLogger("mexify.graph.profile").setLevel(logging.ERROR)
     if version:
         from mexify import __version__
 

@@ -1,5 +1,92 @@
-"""`mexify convert` (in progress)."""
+"""`mexify convert`: a segmentation model becomes a multi-exit bundle."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from mexify.cli._common import Annotated, JsonOpt, console, parse_kv, print_json
+
+SpecArg = Annotated[str, typer.Argument(help="package.module:factory, file.py:factory, model.pt2, or model.pt (with --trust-pickle).")]
+ArgOpt = Annotated[Optional[List[str]], typer.Option("--arg", help="Factory argument key=value (YAML scalar); repeatable.")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="State dict (.pt/.pth, loaded weights_only) or .safetensors.")]
+SizeOpt = Annotated[str, typer.Option("--input-size", help="HxW at which shapes and FLOPs are profiled.")]
+LeafOpt = Annotated[Optional[List[str]], typer.Option("--leaf-module", help="Module class or qualified name to keep untraced; repeatable.")]
+AutowrapOpt = Annotated[Optional[List[str]], typer.Option("--autowrap", help="Function (package.module.fn) to record as one call; repeatable.")]
+TraceOpt = Annotated[str, typer.Option("--trace", help="auto (torch.fx, then torch.export), fx, or export.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a .pt/.pth module (runs code from the file).")]
 
 
-def register(app):
-    pass
+def parse_size(text: str) -> tuple:
+    from mexify.errors import ConfigError
+
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        if len(parts) == 1:
+            return (int(parts[0]), int(parts[0]))
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--input-size {text!r} is not HxW", "write it like 512x512") from None
+    if h < 32 or w < 32:
+        raise ConfigError(f"--input-size {text} is too small", "use at least 32x32")
+    return (h, w)
+
+
+def _fmt_flops(f: int) -> str:
+    return f"{f / 1e9:.2f}G" if f >= 1e8 else f"{f / 1e6:.1f}M"
+
+
+def exit_table(result) -> Table:
+    table = Table(title="Exits (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("exit node", no_wrap=True)
+    for col in ("stride", "ch", "backbone %", "head", "to exit", "% orig"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in result.table():
+        table.add_row(
+            str(row["exit"]), row["node"], f"{row['stride']:g}", str(row["channels"]),
+            f"{row['backbone_percent']:.1f}", _fmt_flops(row["head_flops"]) if row["head_flops"] else "-",
+            _fmt_flops(row["flops_to_exit"]), f"{row['percent_of_original']:.1f}",
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    def convert_cmd(
+        spec: SpecArg,
+        out: Annotated[Optional[str], typer.Option("-o", "--out", help="Bundle directory to write.")] = None,
+        arg: ArgOpt = None,
+        weights: WeightsOpt = None,
+        exits: Annotated[int, typer.Option("--exits", help="Number of early exits placed by FLOPs.")] = 6,
+        at: Annotated[Optional[str], typer.Option("--at", help="Comma-separated exit node names (overrides --exits).")] = None,
+        head: Annotated[str, typer.Option("--head", help="Head template: mess or fcn.")] = "mess",
+        head_set: Annotated[Optional[List[str]], typer.Option("--head-set", help="Head overrides, e.g. width=128,blocks=2,aspp_rates=6:12.")] = None,
+        input_size: SizeOpt = "512x512",
+        leaf_module: LeafOpt = None,
+        autowrap: AutowrapOpt = None,
+        trace: TraceOpt = "auto",
+        trust_pickle: TrustOpt = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at -o.")] = False,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Convert a segmentation model into a multi-exit model and write a bundle."""
+        from mexify.converter import convert
+
+        head_items = [kv for item in (head_set or []) for kv in item.split(",") if kv]
+        result = convert(
+            spec, args=parse_kv(arg), weights=weights, exits=exits,
+            at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
+            head=head, head_set=parse_kv(head_items, "--head-set"), input_size=parse_size(input_size),
+            leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
+            trust_pickle=trust_pickle, out=out, overwrite=overwrite,
+        )
+        if json_out:
+            print_json({"bundle": out, "seconds": round(result.seconds, 3), "num_classes": result.model.num_classes,
+                        "original_flops": result.model.original_flops, "exits": result.table()})
+            return
+        console.print(exit_table(result))
+        where = f" -> bundle [bold]{out}[/]" if out else " (no -o given: nothing written)"
+        console.print(f"converted {spec} in {result.seconds:.1f}s: {len(result.exits)} early exits + final, "
+                      f"{result.model.num_classes} classes{where}")

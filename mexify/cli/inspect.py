@@ -1,5 +1,46 @@
-"""`mexify inspect` (in progress)."""
+"""`mexify inspect`: the candidate exit points of a model."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from mexify.cli._common import Annotated, JsonOpt, console, parse_kv, print_json
+from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, TrustOpt, WeightsOpt, parse_size
 
 
-def register(app):
-    pass
+def register(app: typer.Typer) -> None:
+    @app.command("inspect")
+    def inspect_cmd(
+        spec: SpecArg,
+        arg: ArgOpt = None,
+        weights: WeightsOpt = None,
+        input_size: SizeOpt = "512x512",
+        leaf_module: LeafOpt = None,
+        autowrap: AutowrapOpt = None,
+        trace: TraceOpt = "auto",
+        trust_pickle: TrustOpt = False,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """List candidate exit points: node, shape, stride, cumulative FLOPs %."""
+        from mexify.converter import inspect
+
+        traced = inspect(
+            spec, args=parse_kv(arg), weights=weights, input_size=parse_size(input_size),
+            leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace, trust_pickle=trust_pickle,
+        )
+        rows = [c.to_dict() for c in traced.candidates]
+        if json_out:
+            print_json({"num_classes": traced.num_classes, "total_flops": traced.total_flops,
+                        "input_size": list(traced.input_size), "candidates": rows})
+            return
+        table = Table(title=f"Candidate exit points ({len(rows)}; FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
+        for col in ("node", "block", "shape", "stride", "cum. FLOPs %", "live tensors"):
+            table.add_column(col, justify="left" if col in ("node", "block") else "right")
+        for c in traced.candidates:
+            table.add_row(c.name, c.block or "-", f"{c.channels}x{c.height}x{c.width}", f"{c.stride:g}",
+                          f"{100 * c.fraction:.1f}", str(c.live_tensors))
+        console.print(table)
+        console.print(f"total {traced.total_flops / 1e9:.2f} GFLOPs at {traced.input_size[0]}x{traced.input_size[1]}, "
+                      f"{traced.num_classes} classes")

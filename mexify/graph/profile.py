@@ -135,8 +135,10 @@ def _mm(a: Mapping[str, Any], out: Any) -> int:
 
 
 def _bmm(a: Mapping[str, Any], out: Any) -> int:
-    b, n, k = a["self"].shape if "self" in a else a["batch1"].shape
-    m = (a["mat2"] if "mat2" in a else a["batch2"]).shape[-1]
+    # bmm(self, mat2); baddbmm(self, batch1, batch2) where self is the added term
+    left, right = (a["batch1"], a["batch2"]) if "batch1" in a else (a["self"], a["mat2"])
+    b, n, k = left.shape
+    m = right.shape[-1]
     return int(b * n * k * m)
 
 

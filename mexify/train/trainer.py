@@ -615,7 +615,7 @@ class _Trainer:
             "world_size": self.info.world_size,
             "wall_s": round(wall, 3),
             "mexify_version": getattr(mexify, "__version__", None),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
         model = self.model.to("cpu")
         if self.out.resolve() == self.bundle.resolve():
@@ -623,7 +623,7 @@ class _Trainer:
         else:
             cfg = getattr(model, "config", None) or bundle_mod.read_config(str(self.bundle))
             cfg = dataclasses.replace(cfg, training=record)
-            bundle_mod.save_bundle(model, str(self.out), config=cfg)
+            bundle_mod.save_bundle(model, str(self.out), config=cfg, overwrite=True)
         model.to(self.device)
         log.info("trained bundle written to %s", self.out)
 

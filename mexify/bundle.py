@@ -1,0 +1,172 @@
+"""Bundles: a directory with ``config.yaml`` and ``weights.safetensors``.
+
+Loading re-traces the recorded spec and loads the weights; nothing is unpickled.
+Every write goes to a temporary path first and is renamed into place, so a failure
+never leaves a half-written bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+
+from mexify.config import BundleConfig
+from mexify.errors import BundleError, ConfigError
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "save_bundle", "load", "read_config", "update_bundle", "check_writable", "write_text_atomic"]
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def check_writable(out: Union[str, Path], overwrite: bool = False) -> None:
+    """Refuse to write over an existing non-bundle path, or over a bundle without ``overwrite``."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory", "choose another output path with -o")
+    if any(out.iterdir()) and not overwrite:
+        raise BundleError(f"{out} already exists and is not empty", "pass --overwrite to replace it, or choose another -o")
+    if any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise BundleError(f"{out} is a non-empty directory that is not a bundle; refusing to replace it")
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _config_text(config: BundleConfig) -> str:
+    header = "# mexify bundle: rebuilt by re-tracing `spec`; FLOPs count one multiply-add as one FLOP.\n"
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    state_model = model.module if hasattr(model, "module") else model
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_model(state_model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_bundle(model: Any, out: Union[str, Path], config: Optional[BundleConfig] = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (a MultiExitModel) and its config as a bundle directory at ``out``.
+
+    Raises:
+        BundleError: ``out`` exists and may not be replaced.
+    """
+    out = Path(out)
+    config = config or model.config
+    if config is None:
+        raise BundleError("the model has no bundle config to save")
+    check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    try:
+        _save_weights(model, tmp / WEIGHTS_FILE)
+        write_text_atomic(tmp / CONFIG_FILE, _config_text(config))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(path: Union[str, Path]) -> BundleConfig:
+    """Read and validate a bundle's ``config.yaml`` (``yaml.safe_load``).
+
+    Raises:
+        BundleError: missing directory or file, or invalid YAML/config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle not found: {path}", "give the directory written by `mexify convert -o`")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise BundleError(f"{path} is not a bundle: {CONFIG_FILE} is missing", "give the directory written by `mexify convert -o`")
+    try:
+        data = yaml.safe_load(cfg_file.read_text())
+        return BundleConfig.from_dict(data or {})
+    except yaml.YAMLError as e:
+        raise BundleError(f"{cfg_file} is not valid YAML: {e}") from e
+    except ConfigError as e:
+        raise BundleError(f"{cfg_file}: {e.message}", e.hint) from e
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{cfg_file} is incomplete or malformed: {e}") from e
+
+
+def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False):
+    """Rebuild a bundle's :class:`~mexify.model.MultiExitModel` (eval mode).
+
+    Args:
+        path: the bundle directory.
+        device: where to put the model (default: CPU).
+        trust_pickle: needed only for bundles converted from a pickled module.
+
+    Raises:
+        BundleError: missing/invalid files, or weights that do not match the rebuilt model.
+    """
+    from safetensors.torch import load_model
+
+    from mexify.converter import rebuild
+
+    path = Path(path)
+    config = read_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{path} has no {WEIGHTS_FILE}", "the bundle is incomplete; convert again")
+    model = rebuild(config, trust_pickle=trust_pickle)
+    try:
+        load_model(model, str(weights), strict=True)
+    except Exception as e:  # noqa: BLE001 - safetensors raises RuntimeError with key lists
+        raise BundleError(f"weights in {weights} do not match the rebuilt model: {str(e).splitlines()[0]}") from e
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def update_bundle(path: Union[str, Path], model: Any = None, **fields: Any) -> BundleConfig:
+    """Atomically rewrite a bundle's config fields (e.g. ``policy=...``) and, if given, its weights."""
+    path = Path(path)
+    config = read_config(path)
+    if fields:
+        unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(BundleConfig)}]
+        if unknown:
+            raise ConfigError(f"unknown bundle config field(s): {', '.join(unknown)}")
+        config = dataclasses.replace(config, **fields)
+    if model is not None:
+        _save_weights(model, path / WEIGHTS_FILE)
+        if hasattr(model, "config"):
+            model.config = config
+    write_text_atomic(path / CONFIG_FILE, _config_text(config))
+    return config

@@ -1,0 +1,156 @@
+"""Frozen config records and their YAML round-trip.
+
+Configs are frozen dataclasses changed with :func:`dataclasses.replace`, never mutated.
+``from_dict`` rejects unknown keys and names the nearest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple, Type, TypeVar
+
+from mexify.errors import ConfigError, nearest
+
+__all__ = ["SCHEMA_VERSION", "HeadConfig", "TraceConfig", "ExitConfig", "BundleConfig", "from_mapping"]
+
+SCHEMA_VERSION = 1
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: Type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys with a "did you mean"."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = nearest(str(key), names, n=1)
+            raise ConfigError(
+                f"unknown key {key!r} in {where or cls.__name__}",
+                f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(names)}",
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if isinstance(value, list) and _is_tuple_type(f.type):
+                value = tuple(value)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _is_tuple_type(tp: Any) -> bool:
+    return "Tuple" in str(tp) or "tuple" in str(tp)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+class _Record:
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        return from_mapping(cls, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig(_Record):
+    """An exit head from the search space.
+
+    ``fcn``: 3x3 conv-BN-ReLU (``width`` channels, 0 = in_channels // 4), dropout, 1x1 classifier
+    (the uniform baseline). ``mess``: 1x1 reduction to ``width`` (0 = the widest head within 3% of
+    the model's FLOPs, resolved at conversion), ``blocks`` 3x3 conv-BN-ReLU blocks
+    with ``dilation``, optional light ASPP with ``aspp_rates``, dropout, 1x1 classifier.
+    Every head upsamples its logits bilinearly to the input resolution.
+    """
+
+    template: str = "mess"
+    width: int = 0
+    blocks: int = 1
+    dilation: int = 1
+    aspp_rates: Tuple[int, ...] = ()
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.template not in ("fcn", "mess"):
+            raise ConfigError(f"unknown head template {self.template!r}", "use 'mess' or 'fcn'")
+        if not 0 <= self.blocks <= 4:
+            raise ConfigError(f"head blocks={self.blocks} is out of range", "use 0 to 4 blocks")
+        if self.width < 0:
+            raise ConfigError(f"head width={self.width} is invalid", "use a positive channel count (0 = automatic)")
+        if self.dilation < 1 or any(int(r) < 1 for r in self.aspp_rates):
+            raise ConfigError("head dilation and ASPP rates must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"head dropout={self.dropout} is out of range", "use 0 <= dropout < 1")
+        object.__setattr__(self, "aspp_rates", tuple(int(r) for r in self.aspp_rates))
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceConfig(_Record):
+    """How a model is traced: leaf modules, autowrapped functions and the profiling input size."""
+
+    input_size: Tuple[int, int] = (512, 512)
+    leaf_modules: Tuple[str, ...] = ()
+    autowrap_functions: Tuple[str, ...] = ()
+    method: str = "auto"  # "auto" (fx, then export), "fx", or "export"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitConfig(_Record):
+    """One early exit: where it attaches, what it sees, and its head."""
+
+    name: str
+    in_channels: int
+    stride: float
+    head: HeadConfig
+    stage_flops: int = 0
+    head_flops: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExitConfig":
+        data = dict(data)
+        data["head"] = HeadConfig.from_dict(data.get("head", {}))
+        return from_mapping(cls, data, "exit")
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleConfig(_Record):
+    """Everything needed to rebuild a converted model (``config.yaml`` of a bundle)."""
+
+    spec: dict
+    trace: TraceConfig
+    exits: Tuple[ExitConfig, ...]
+    num_classes: int
+    final_flops: int = 0
+    original_flops: int = 0
+    upsample_logits: bool = False
+    versions: dict = dataclasses.field(default_factory=dict)
+    training: Optional[dict] = None
+    policy: Optional[dict] = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def exit_names(self) -> list:
+        return [e.name for e in self.exits] + ["final"]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BundleConfig":
+        data = dict(data)
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"bundle schema_version {version} is newer than this mexify supports ({SCHEMA_VERSION})",
+                "upgrade mexify",
+            )
+        data["trace"] = from_mapping(TraceConfig, data.get("trace", {}), "trace")
+        data["exits"] = tuple(ExitConfig.from_dict(e) for e in data.get("exits", []))
+        return from_mapping(cls, data, "config.yaml")

@@ -1,0 +1,317 @@
+"""The convert pipeline: spec -> trace -> profile -> place exits -> split -> heads."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from mexify import __version__
+from mexify.config import BundleConfig, ExitConfig, HeadConfig, TraceConfig
+from mexify.errors import BundleError, MexifyError, TraceError
+from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
+from mexify.graph.profile import count_flops, profile_graph
+from mexify.graph.split import split_stages
+from mexify.graph.trace import prepare_graph, trace_model, upsample_to_input
+from mexify.heads import build_head, parse_head_overrides
+from mexify.model import MultiExitModel
+from mexify.spec import ModelSpec, build_model, parse_spec
+
+__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "TracedModel", "trace_spec"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TracedModel:
+    """A traced, output-adapted and profiled model with its exit candidates."""
+
+    graph_module: fx.GraphModule
+    num_classes: int
+    input_size: Tuple[int, int]
+    total_flops: int
+    upsampled: bool
+    candidates: list
+    logits_shape: Tuple[int, ...]
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    """What :func:`convert` returns: the model, its config, the exit table and timing."""
+
+    model: MultiExitModel
+    config: BundleConfig
+    exits: list  # ExitPoint per early exit
+    seconds: float
+
+    def table(self) -> list:
+        """One row per exit (final last): node, stride, channels, FLOPs figures."""
+        m = self.model
+        rows = []
+        total = m.original_flops or 1
+        for i, name in enumerate(m.exit_names):
+            cum_stage = sum(m.stage_flops[: i + 1])
+            if i < len(self.exits):
+                e = self.exits[i]
+                stride, channels = e.stride, e.channels
+            else:
+                stride, channels = 1.0, m.num_classes
+            rows.append(
+                {
+                    "exit": i,
+                    "node": name,
+                    "stride": stride,
+                    "channels": channels,
+                    "backbone_flops": cum_stage,
+                    "backbone_percent": 100.0 * cum_stage / total,
+                    "head_flops": m.head_flops[i] if i < len(m.head_flops) else 0,
+                    "flops_to_exit": m.cost_to_exit(i),
+                    "percent_of_original": 100.0 * m.cost_to_exit(i) / total,
+                }
+            )
+        return rows
+
+
+def _as_spec(spec: Union[str, ModelSpec], args: Optional[Mapping[str, Any]], weights: Optional[str]) -> ModelSpec:
+    return spec if isinstance(spec, ModelSpec) else parse_spec(spec, args, weights)
+
+
+def trace_spec(
+    model: nn.Module, trace: TraceConfig, placement: PlacementConfig = PlacementConfig()
+) -> TracedModel:
+    """Trace, adapt the output, profile at ``trace.input_size`` and list exit candidates."""
+    h, w = trace.input_size
+    example = torch.zeros(1, 3, h, w)
+    was_training = model.training
+    model.eval()
+    try:
+        gm = trace_model(model, trace, example)
+    finally:
+        model.train(was_training)
+    gm = prepare_graph(gm)
+    gm.eval()
+    try:
+        report = profile_graph(gm, example)
+    except RuntimeError as e:
+        raise TraceError(f"running the traced graph at {h}x{w} failed: {e}", "check --input-size") from e
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    prof = out_node.args[0].meta.get(PROFILE_KEY)
+    if prof is None or not prof.is_tensor or prof.shape is None or len(prof.shape) != 4:
+        raise TraceError(
+            "the model's output is not a 4-D logits tensor (N, classes, H, W)",
+            "is this a semantic-segmentation model?",
+        )
+    shape = tuple(prof.shape)
+    num_classes = int(shape[1])
+    total = int(report.total)
+    candidates = find_candidates(gm, (h, w), num_classes, placement)
+    upsampled = tuple(shape[-2:]) != (h, w)
+    if upsampled:
+        total += _upsample_flops(shape, (h, w))
+        upsample_to_input(gm)
+    return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape)
+
+
+class _Upsample(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
+def _upsample_flops(shape: Sequence[int], size: Tuple[int, int]) -> int:
+    return count_flops(_Upsample(size), torch.zeros(*shape))
+
+
+def _stage_flops(gm: fx.GraphModule, exit_names: Sequence[str], total: int) -> list:
+    """FLOPs per stage, from the per-node profile (the appended upsampling goes to the last stage)."""
+    flops, current = [], 0
+    names = set(exit_names)
+    for n in gm.graph.nodes:
+        prof = n.meta.get(PROFILE_KEY)
+        current += prof.flops if prof is not None else 0
+        if n.name in names:
+            flops.append(current)
+            current = 0
+    flops.append(total - sum(flops))
+    return flops
+
+
+def convert(
+    spec: Union[str, ModelSpec, nn.Module],
+    *,
+    args: Optional[Mapping[str, Any]] = None,
+    weights: Optional[str] = None,
+    exits: int = 6,
+    at: Optional[Sequence[str]] = None,
+    head: str = "mess",
+    head_set: Optional[Mapping[str, Any]] = None,
+    input_size: Tuple[int, int] = (512, 512),
+    leaf_modules: Sequence[str] = (),
+    autowrap_functions: Sequence[str] = (),
+    trace: str = "auto",
+    trust_pickle: bool = False,
+    placement: PlacementConfig = PlacementConfig(),
+    out: Optional[str] = None,
+    overwrite: bool = False,
+) -> ConvertResult:
+    """Turn a segmentation model into a :class:`MultiExitModel` (and optionally a bundle).
+
+    Args:
+        spec: ``package.module:factory``, ``file.py:factory``, a ``.pt2`` archive, a pickled
+            module (with ``trust_pickle``), or an ``nn.Module`` (not re-loadable as a bundle).
+        args: keyword arguments for a factory spec.
+        weights: a state_dict or ``.safetensors`` file to load into the model first.
+        exits: number of early exits placed by FLOPs (ignored when ``at`` is given).
+        at: exit point node names, overriding placement.
+        head, head_set: head template (``mess`` or ``fcn``) and overrides of its fields.
+        input_size: (H, W) at which shapes and FLOPs are profiled.
+        leaf_modules, autowrap_functions: passed to the tracer.
+        trace: ``auto`` (fx, then torch.export), ``fx`` or ``export``.
+        out: if given, write a bundle directory there (atomically).
+
+    Raises:
+        MexifyError: any user-facing problem, with a hint.
+    """
+    t0 = time.perf_counter()
+    trace_cfg = TraceConfig(
+        input_size=tuple(int(v) for v in input_size),
+        leaf_modules=tuple(leaf_modules),
+        autowrap_functions=tuple(autowrap_functions),
+        method=trace,
+    )
+    head_cfg = parse_head_overrides(head, head_set)
+    if out is not None:
+        from mexify.bundle import check_writable
+
+        check_writable(out, overwrite)
+    if isinstance(spec, nn.Module):
+        model_spec = ModelSpec("module", f"{type(spec).__module__}:{type(spec).__qualname__}")
+        model = spec
+    else:
+        model_spec = _as_spec(spec, args, weights)
+        model = build_model(model_spec, trust_pickle=trust_pickle)
+    traced = trace_spec(model, trace_cfg, placement)
+    chosen = select_exit_points(traced.candidates, exits, at, placement)
+    result = _assemble(traced, chosen, [head_cfg] * len(chosen), model_spec, trace_cfg)
+    result.seconds = time.perf_counter() - t0
+    if out is not None:
+        from mexify.bundle import save_bundle
+
+        save_bundle(result.model, out, overwrite=overwrite)
+    return result
+
+
+def _assemble(
+    traced: TracedModel, chosen: Sequence[ExitPoint], head_cfgs: Sequence[HeadConfig], spec: ModelSpec, trace_cfg: TraceConfig
+) -> ConvertResult:
+    names = [c.name for c in chosen]
+    gm = traced.graph_module
+    stages = split_stages(gm, names)
+    stage_flops = _stage_flops(gm, names, traced.total_flops)
+    h, w = traced.input_size
+    heads, head_flops, exit_cfgs = {}, [], []
+    for point, cfg, sf in zip(chosen, head_cfgs, stage_flops):
+        feats = torch.zeros(1, point.channels, point.height, point.width)
+        if cfg.template == "mess" and cfg.width == 0:
+            cfg = _auto_width(cfg, point.channels, traced.num_classes, feats, (h, w), traced.total_flops)
+        head = build_head(cfg, point.channels, traced.num_classes)
+        hf = count_flops(head, feats, (h, w))
+        heads[point.name] = head
+        head_flops.append(hf)
+        exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfg, int(sf), int(hf)))
+    model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops)
+    model.eval()
+    config = BundleConfig(
+        spec=spec.to_dict(),
+        trace=trace_cfg,
+        exits=tuple(exit_cfgs),
+        num_classes=traced.num_classes,
+        final_flops=int(stage_flops[-1]),
+        original_flops=int(traced.total_flops),
+        upsample_logits=traced.upsampled,
+        versions={"mexify": __version__, "torch": torch.__version__.split("+")[0]},
+    )
+    model.config = config
+    return ConvertResult(model, config, list(chosen), 0.0)
+
+
+AUTO_WIDTHS = (256, 192, 128, 96, 64, 48, 32, 24, 16)
+HEAD_BUDGET = 0.03  # an auto-sized head may cost at most this fraction of the original model
+
+
+def _auto_width(cfg: HeadConfig, in_channels: int, num_classes: int, feats: torch.Tensor, size, total: int) -> HeadConfig:
+    """The widest ``mess`` head whose FLOPs stay within ``HEAD_BUDGET`` of the model's."""
+    for width in AUTO_WIDTHS:
+        candidate = dataclasses.replace(cfg, width=width)
+        if count_flops(build_head(candidate, in_channels, num_classes), feats, size) <= HEAD_BUDGET * total:
+            return candidate
+    return dataclasses.replace(cfg, width=AUTO_WIDTHS[-1])
+
+
+def inspect(
+    spec: Union[str, ModelSpec, nn.Module],
+    *,
+    args: Optional[Mapping[str, Any]] = None,
+    weights: Optional[str] = None,
+    input_size: Tuple[int, int] = (512, 512),
+    leaf_modules: Sequence[str] = (),
+    autowrap_functions: Sequence[str] = (),
+    trace: str = "auto",
+    trust_pickle: bool = False,
+) -> TracedModel:
+    """Trace and profile a model and list its candidate exit points (no conversion)."""
+    trace_cfg = TraceConfig(tuple(int(v) for v in input_size), tuple(leaf_modules), tuple(autowrap_functions), trace)
+    if isinstance(spec, nn.Module):
+        model = spec
+    else:
+        model = build_model(_as_spec(spec, args, weights), trust_pickle=trust_pickle)
+    return trace_spec(model, trace_cfg)
+
+
+def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
+    """Rebuild a converted model from its config by re-tracing the spec (no profiling run).
+
+    Raises:
+        BundleError: the spec can no longer be rebuilt or no longer has the recorded exit nodes.
+    """
+    spec = ModelSpec.from_dict(config.spec)
+    if spec.kind == "module":
+        raise BundleError(
+            f"this bundle was converted from an in-memory module ({spec.target}) and cannot be rebuilt",
+            "convert from a spec (package.module:factory, file.py:factory or .pt2) to get a loadable bundle",
+        )
+    spec = dataclasses.replace(spec, weights=None)  # the bundle's own weights are loaded afterwards
+    try:
+        model = build_model(spec, trust_pickle=trust_pickle)
+    except MexifyError as e:
+        raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e
+    trace_cfg = config.trace
+    h, w = trace_cfg.input_size
+    model.eval()
+    gm = prepare_graph(trace_model(model, trace_cfg, torch.zeros(1, 3, h, w)))
+    if config.upsample_logits:
+        upsample_to_input(gm)
+    names = [e.name for e in config.exits]
+    try:
+        stages = split_stages(gm, names)
+    except MexifyError as e:
+        raise BundleError(
+            f"the model no longer has the bundle's exit points: {e.message}",
+            "the spec's code changed since conversion; convert again",
+        ) from e
+    heads = {e.name: build_head(e.head, e.in_channels, config.num_classes) for e in config.exits}
+    stage_flops = [e.stage_flops for e in config.exits] + [config.final_flops]
+    model = MultiExitModel(
+        stages, heads, config.num_classes, tuple(h_w for h_w in trace_cfg.input_size), stage_flops,
+        [e.head_flops for e in config.exits], config.original_flops,
+    )
+    model.config = config
+    return model

@@ -1,0 +1,229 @@
+"""Exit placement: which graph nodes can carry an exit head, and which N of them to use.
+
+A candidate is a node whose output is a 4-D floating NCHW feature map with a spatial size
+between the input's and 1/32 of it, computed before the model's final classifier. The
+default strategy aims at evenly spaced fractions of cumulative FLOPs (k / (N + 1), or
+evenly up to the last candidate when the classifier is heavy) and prefers block outputs
+and cuts where few tensors are alive.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from mexify.errors import PlacementError, nearest
+from mexify.graph.trace import module_path
+
+__all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points", "live_values", "compute_nodes"]
+
+PROFILE_KEY = "mexify.profile"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitPoint:
+    """A node where an exit head may attach, with what it costs to get there."""
+
+    name: str
+    position: int
+    channels: int
+    height: int
+    width: int
+    stride: float
+    cum_flops: int
+    fraction: float
+    block: str
+    live_tensors: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementConfig:
+    """Placement strategy as data: how much a non-block cut or an extra live tensor costs.
+
+    Scores are ``|fraction - target| + block_penalty * (not a block output)
+    + live_penalty * (live tensors - 1)``; the lowest wins.
+    """
+
+    block_penalty: float = 0.03
+    live_penalty: float = 0.01
+    min_stride: int = 32
+
+
+def compute_nodes(graph: fx.Graph) -> List[fx.Node]:
+    """Nodes that hold values, in execution order (parameters fetched by get_attr excluded)."""
+    return [n for n in graph.nodes if n.op not in ("get_attr", "output")]
+
+
+def _last_uses(nodes: List[fx.Node]) -> Dict[fx.Node, int]:
+    pos = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes)
+    last = {}
+    for n in nodes:
+        uses = [pos.get(u, end) for u in n.users]
+        last[n] = max(uses) if uses else pos[n]
+    return last
+
+
+def live_values(nodes: List[fx.Node], position: int, last_use: Optional[Dict[fx.Node, int]] = None) -> List[fx.Node]:
+    """Values defined at or before ``position`` and used after it, in definition order."""
+    last_use = last_use if last_use is not None else _last_uses(nodes)
+    return [n for n in nodes[: position + 1] if last_use[n] > position]
+
+
+def _is_tensor_value(node: fx.Node) -> bool:
+    prof = node.meta.get(PROFILE_KEY)
+    return bool(prof is not None and prof.is_tensor)
+
+
+def _block_outputs(nodes: List[fx.Node]) -> Dict[fx.Node, str]:
+    """Nodes that are the last node of a module spanning at least two nodes -> that module's path."""
+    stacks = [module_path(n) for n in nodes]
+    span: Dict[str, int] = {}
+    for stack in stacks:
+        for p in stack:
+            span[p] = span.get(p, 0) + 1
+    out = {}
+    for i, n in enumerate(nodes):
+        nxt = set(stacks[i + 1]) if i + 1 < len(nodes) else set()
+        closed = [p for p in stacks[i] if p not in nxt and span.get(p, 0) >= 2]
+        if closed:
+            out[n] = closed[0]  # the outermost block this node closes
+    return out
+
+
+def _classifier_position(nodes: List[fx.Node], logits: fx.Node, num_classes: int, flops_before: List[int]) -> int:
+    """Position where the model's final classifier starts.
+
+    That is the first node of the outermost module around the logits (e.g. torchvision's
+    ``classifier``, smp's ``segmentation_head``) if that module starts past half of the
+    model's FLOPs; otherwise the earliest ancestor of the logits that already has
+    ``num_classes`` channels (the last layer(s) of the classifier).
+    """
+    pos = {n: i for i, n in enumerate(nodes)}
+    ancestors, todo = set(), [logits]
+    while todo:
+        n = todo.pop()
+        if n in ancestors or n not in pos:
+            continue
+        ancestors.add(n)
+        todo.extend(n.all_input_nodes)
+    first = pos[logits]
+    for n in ancestors:
+        prof = n.meta.get(PROFILE_KEY)
+        if prof is not None and prof.is_tensor and prof.shape is not None and len(prof.shape) == 4:
+            if prof.shape[1] == num_classes and prof.flops > 0:
+                first = min(first, pos[n])
+    total = flops_before[-1] if flops_before else 0
+    for path in module_path(nodes[first]):
+        members = [i for i, n in enumerate(nodes) if path in module_path(n)]
+        if members and total and flops_before[members[0]] >= 0.5 * total:
+            return min(members[0], first)
+    return first
+
+
+def find_candidates(
+    gm: fx.GraphModule,
+    input_size: Tuple[int, int],
+    num_classes: int,
+    config: PlacementConfig = PlacementConfig(),
+) -> List[ExitPoint]:
+    """All nodes where an exit may attach, in execution order (needs a profiled graph)."""
+    nodes = compute_nodes(gm.graph)
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    logits = out_node.args[0]
+    total = sum(n.meta[PROFILE_KEY].flops for n in nodes if PROFILE_KEY in n.meta)
+    flops_before, running = [], 0  # cumulative FLOPs before each node, then the total
+    for n in nodes:
+        flops_before.append(running)
+        prof = n.meta.get(PROFILE_KEY)
+        running += prof.flops if prof is not None else 0
+    flops_before.append(running)
+    stop = _classifier_position(nodes, logits, num_classes, flops_before)
+    last_use = _last_uses(nodes)
+    blocks = _block_outputs(nodes)
+    h_in, w_in = input_size
+    deaths = [0] * (len(nodes) + 1)
+    for j, v in enumerate(nodes):
+        if _is_tensor_value(v) and j < last_use[v] < len(nodes):
+            deaths[last_use[v]] += 1
+    cum, live, out = 0, 0, []
+    for i, n in enumerate(nodes):
+        prof = n.meta.get(PROFILE_KEY)
+        cum += prof.flops if prof is not None else 0
+        # tensors alive after node i: those defined so far whose last use comes later
+        live += (1 if _is_tensor_value(n) and last_use[n] > i else 0) - deaths[i]
+        if i >= stop or prof is None or n.op == "placeholder" or cum <= 0:
+            continue
+        if not prof.is_tensor or prof.shape is None or len(prof.shape) != 4 or not prof.dtype.is_floating_point:
+            continue
+        _, c, h, w = prof.shape
+        if h <= 0 or w <= 0 or h > h_in or w > w_in or h * config.min_stride < h_in or w * config.min_stride < w_in:
+            continue
+        sh, sw = h_in / h, w_in / w
+        if abs(sh / sw - 1.0) > 0.25 or c < 1:
+            continue  # not an NCHW map of this image, e.g. a (B, H, W, C) view in a transformer
+        out.append(
+            ExitPoint(
+                name=n.name, position=i, channels=int(c), height=int(h), width=int(w), stride=round(sh, 3),
+                cum_flops=int(cum), fraction=cum / total if total else 0.0, block=blocks.get(n, ""),
+                live_tensors=max(live, 1),
+            )
+        )
+    return out
+
+
+def select_exit_points(
+    candidates: Sequence[ExitPoint],
+    num_exits: int = 6,
+    at: Optional[Sequence[str]] = None,
+    config: PlacementConfig = PlacementConfig(),
+) -> List[ExitPoint]:
+    """Pick the exit points: the named ones (``at``), or ``num_exits`` spread by FLOPs.
+
+    Raises:
+        PlacementError: unknown names, ``num_exits`` < 1, or more exits than candidates.
+    """
+    by_name = {c.name: c for c in candidates}
+    if at:
+        chosen = []
+        for name in at:
+            if name not in by_name:
+                close = nearest(name, by_name, n=5)
+                raise PlacementError(
+                    f"{name!r} is not a valid exit point",
+                    f"nearest valid: {', '.join(close)}; see `mexify inspect` for all" if close else "see `mexify inspect`",
+                )
+            chosen.append(by_name[name])
+        if len({c.name for c in chosen}) != len(chosen):
+            raise PlacementError("the same exit point is named twice in --at")
+        return sorted(chosen, key=lambda c: c.position)
+    if num_exits < 1:
+        raise PlacementError(f"--exits must be at least 1, got {num_exits}", "use --exits 6 (the default) or fewer")
+    if num_exits > len(candidates):
+        raise PlacementError(
+            f"asked for {num_exits} exits but the model has only {len(candidates)} candidate exit points",
+            f"use --exits {len(candidates)} or fewer",
+        )
+    # Targets k/(N+1) of the FLOPs; when the last candidate comes earlier (a heavy classifier
+    # after it), spread the exits evenly up to that candidate instead of bunching them.
+    step = min(1.0 / (num_exits + 1), candidates[-1].fraction / num_exits)
+    chosen: List[ExitPoint] = []
+    start = 0
+    for k in range(1, num_exits + 1):
+        target = k * step
+        remaining = num_exits - k  # picks still needed after this one
+        pool = candidates[start: len(candidates) - remaining]
+        best = min(
+            pool,
+            key=lambda c: abs(c.fraction - target)
+            + (0.0 if c.block else config.block_penalty)
+            + config.live_penalty * (c.live_tensors - 1),
+        )
+        chosen.append(best)
+        start = candidates.index(best) + 1
+    return chosen

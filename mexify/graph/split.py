@@ -1,0 +1,89 @@
+"""Split a graph into stages at exit points, carrying every value alive at each cut.
+
+Stage ``i`` runs the nodes after exit ``i - 1`` up to and including exit ``i``. Its inputs
+are the values alive at the previous cut (skip tensors, saved shapes, ...), its outputs the
+values alive at its own cut plus the exit's feature map, so inference can stop after any
+stage and continue from it. The last stage returns the logits alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Sequence
+
+import torch.fx as fx
+
+from mexify.errors import PlacementError, nearest
+from mexify.graph.placement import _last_uses, compute_nodes, live_values
+
+__all__ = ["Stage", "split_stages"]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One piece of the graph: ``module(*inputs) -> outputs`` (a tuple except for the last stage)."""
+
+    module: fx.GraphModule
+    inputs: List[str]
+    outputs: List[str]
+    exit_value: str  # name of the exit feature map among ``outputs`` ("" for the last stage)
+
+
+def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
+    """Cut ``gm`` after each named node; returns ``len(exit_names) + 1`` stages.
+
+    Raises:
+        PlacementError: a name is not a node of the graph, or the names are out of order.
+    """
+    nodes = compute_nodes(gm.graph)
+    pos = {n.name: i for i, n in enumerate(nodes)}
+    for name in exit_names:
+        if name not in pos:
+            raise PlacementError(
+                f"{name!r} is not a node of the traced graph",
+                f"nearest: {', '.join(nearest(name, pos, n=5))}; see `mexify inspect`",
+            )
+    cuts = [pos[n] for n in exit_names]
+    if cuts != sorted(cuts) or len(set(cuts)) != len(cuts):
+        raise PlacementError("exit points must be distinct and in execution order")
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    logits = out_node.args[0]
+    last_use = _last_uses(nodes)
+
+    stages: List[Stage] = []
+    bounds = [-1] + cuts + [len(nodes) - 1]
+    for s in range(len(bounds) - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        is_last = s == len(bounds) - 2
+        live_in = live_values(nodes, lo, last_use) if lo >= 0 else []
+        graph = fx.Graph()
+        env: Dict[fx.Node, fx.Node] = {}
+        attrs: Dict[str, fx.Node] = {}
+        for v in live_in:
+            env[v] = graph.placeholder(v.name)
+
+        def lookup(a: fx.Node) -> fx.Node:
+            if a in env:
+                return env[a]
+            if a.op == "get_attr":  # parameters and buffers are fetched where they are used
+                if a.target not in attrs:
+                    attrs[a.target] = graph.get_attr(a.target)
+                    attrs[a.target].meta = dict(a.meta)
+                return attrs[a.target]
+            raise PlacementError(f"node {a.name!r} is used before it is computed in stage {s}")
+
+        for n in nodes[lo + 1: hi + 1]:
+            new = graph.node_copy(n, lookup)
+            env[n] = new
+        if is_last:
+            graph.output(lookup(logits))
+            outputs, exit_value = [logits.name], ""
+        else:
+            exit_node = nodes[hi]
+            live_out = live_values(nodes, hi, last_use)
+            out_list = [exit_node] + [v for v in live_out if v is not exit_node]
+            graph.output(tuple(lookup(v) for v in out_list))
+            outputs, exit_value = [v.name for v in out_list], exit_node.name
+        graph.lint()
+        module = fx.GraphModule(gm, graph, f"Stage{s}")
+        stages.append(Stage(module, [v.name for v in live_in] if lo >= 0 else [n.name for n in nodes if n.op == "placeholder"], outputs, exit_value))
+    return stages

@@ -1,0 +1,107 @@
+"""Exit heads: segmentation heads built from a template of the search space.
+
+Every head maps an exit feature map (N, C, h, w) to logits (N, K, H, W) at the input
+resolution (bilinear upsampling, as the model's own classifiers do).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mexify.config import HeadConfig
+from mexify.errors import ConfigError, nearest
+
+__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "HEAD_TEMPLATES"]
+
+HEAD_TEMPLATES: Dict[str, HeadConfig] = {
+    # width 0: the widest head within 3% of the model's FLOPs (resolved at conversion)
+    "mess": HeadConfig(template="mess", width=0, blocks=1, dilation=1),
+    "fcn": HeadConfig(template="fcn", width=0, blocks=1, dropout=0.1),
+}
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (k // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _LightASPP(nn.Module):
+    """1x1 branch plus one 3x3 dilated branch per rate, concatenated and projected back."""
+
+    def __init__(self, channels: int, rates: Sequence[int]):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(channels, channels, 1)] + [_conv_bn_relu(channels, channels, 3, r) for r in rates]
+        )
+        self.project = _conv_bn_relu(channels * (len(rates) + 1), channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([b(x) for b in self.branches], dim=1))
+
+
+class ExitHead(nn.Module):
+    """A segmentation head: ``forward(features, size) -> logits`` at ``size``."""
+
+    def __init__(self, config: HeadConfig, in_channels: int, num_classes: int):
+        super().__init__()
+        self.config = config
+        layers: List[nn.Module] = []
+        if config.template == "fcn":
+            width = config.width or max(in_channels // 4, 1)
+            layers.append(_conv_bn_relu(in_channels, width, 3))
+        else:
+            width = config.width
+            layers.append(_conv_bn_relu(in_channels, width, 1))
+            for _ in range(config.blocks):
+                layers.append(_conv_bn_relu(width, width, 3, config.dilation))
+            if config.aspp_rates:
+                layers.append(_LightASPP(width, config.aspp_rates))
+        if config.dropout > 0:
+            layers.append(nn.Dropout(config.dropout))
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        logits = self.classifier(self.body(x))
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+def build_head(config: HeadConfig, in_channels: int, num_classes: int) -> ExitHead:
+    """Build one exit head."""
+    return ExitHead(config, in_channels, num_classes)
+
+
+def parse_head_overrides(template: str, overrides: Optional[Mapping[str, object]] = None) -> HeadConfig:
+    """The head config for ``--head TEMPLATE --head-set k=v,...``.
+
+    Raises:
+        ConfigError: unknown template or field.
+    """
+    if template not in HEAD_TEMPLATES:
+        raise ConfigError(f"unknown head template {template!r}", f"choose one of {', '.join(HEAD_TEMPLATES)}")
+    base = HEAD_TEMPLATES[template]
+    fields = {f.name for f in dataclasses.fields(HeadConfig)} - {"template"}
+    changes = {}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            close = nearest(key, fields, n=1)
+            raise ConfigError(f"unknown head setting {key!r}", f"did you mean {close[0]!r}?" if close else None)
+        if key == "aspp_rates":
+            if isinstance(value, (int, float)):
+                value = (int(value),)
+            elif isinstance(value, str):
+                value = tuple(int(v) for v in value.replace("/", ":").split(":") if v)
+            else:
+                value = tuple(int(v) for v in value)
+        changes[key] = value
+    return dataclasses.replace(base, **changes)

@@ -1,0 +1,163 @@
+"""The multi-exit model: stages of the original graph plus one head per early exit."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from mexify.graph.split import Stage
+from mexify.heads import ExitHead
+
+__all__ = ["MultiExitModel", "StageState", "ExitOutput"]
+
+
+@dataclasses.dataclass
+class StageState:
+    """The values alive at a cut, by node name, plus the input's spatial size."""
+
+    values: Dict[str, Any]
+    input_size: Tuple[int, int]
+    batch_size: int
+
+    def select(self, index: torch.Tensor) -> "StageState":
+        """Keep batch rows ``index`` of every batched tensor (non-batched values are shared)."""
+        out = {}
+        for k, v in self.values.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch_size:
+                out[k] = v.index_select(0, index.to(v.device))
+            else:
+                out[k] = v
+        return StageState(out, self.input_size, int(index.numel()))
+
+
+@dataclasses.dataclass
+class ExitOutput:
+    """What :meth:`MultiExitModel.iter_exits` yields after each stage."""
+
+    index: int
+    name: str
+    logits: torch.Tensor
+    features: Optional[torch.Tensor]
+    state: StageState
+
+
+class MultiExitModel(nn.Module):
+    """Stages of a traced segmentation model with an exit head after each early stage.
+
+    The last stage ends with the original model's output (the *final exit*), which
+    conversion leaves unchanged. See ``docs/internals.md`` for the contract.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        heads: Dict[str, ExitHead],
+        num_classes: int,
+        input_size: Tuple[int, int],
+        stage_flops: Sequence[int],
+        head_flops: Sequence[int],
+        original_flops: int,
+    ):
+        super().__init__()
+        if len(heads) != len(stages) - 1:
+            raise ValueError(f"{len(stages)} stages need {len(stages) - 1} heads, got {len(heads)}")
+        self.stages = nn.ModuleList([s.module for s in stages])
+        self.heads = nn.ModuleDict(heads)
+        self._io = [(list(s.inputs), list(s.outputs), s.exit_value) for s in stages]
+        self.exit_names: List[str] = [s.exit_value for s in stages[:-1]] + ["final"]
+        self.num_classes = int(num_classes)
+        self.input_size = tuple(input_size)
+        self.stage_flops = [int(f) for f in stage_flops]
+        self.head_flops = [int(f) for f in head_flops]
+        self.original_flops = int(original_flops)
+        self.config = None
+        self._backbone_frozen = False
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    # -- running one stage at a time -------------------------------------------------
+    def start(self, x: torch.Tensor) -> StageState:
+        """The state before stage 0."""
+        return StageState({self._io[0][0][0]: x}, (int(x.shape[-2]), int(x.shape[-1])), int(x.shape[0]))
+
+    def run_stage(self, i: int, state: StageState) -> StageState:
+        """Run stage ``i`` on ``state``; returns the state after it."""
+        inputs, outputs, _ = self._io[i]
+        result = self.stages[i](*[state.values[n] for n in inputs])
+        if i == len(self.stages) - 1:
+            return StageState({outputs[0]: result}, state.input_size, state.batch_size)
+        return StageState(dict(zip(outputs, result)), state.input_size, state.batch_size)
+
+    def exit_features(self, i: int, state: StageState) -> torch.Tensor:
+        """The feature map at exit point ``i`` (after :meth:`run_stage` ``i``)."""
+        return state.values[self._io[i][2]] if i < len(self.stages) - 1 else state.values[self._io[i][1][0]]
+
+    def exit_logits(self, i: int, state: StageState) -> torch.Tensor:
+        """Logits (N, K, H, W) of exit ``i`` (the head's, or the model output for the final exit)."""
+        if i == len(self.stages) - 1:
+            return state.values[self._io[i][1][0]]
+        return self.heads[self.exit_names[i]](self.exit_features(i, state), state.input_size)
+
+    def iter_exits(self, x: torch.Tensor, with_logits: bool = True) -> Iterator[ExitOutput]:
+        """Yield each exit lazily: the next stage runs only when the caller asks for it."""
+        state = self.start(x)
+        for i in range(len(self.stages)):
+            state = self.run_stage(i, state)
+            features = self.exit_features(i, state) if i < len(self.stages) - 1 else None
+            logits = self.exit_logits(i, state) if with_logits or i == len(self.stages) - 1 else None
+            yield ExitOutput(i, self.exit_names[i], logits, features, state)
+
+    # -- whole-model views -------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Final exit logits: the original model's output."""
+        state = self.start(x)
+        for i in range(len(self.stages)):
+            state = self.run_stage(i, state)
+        return self.exit_logits(len(self.stages) - 1, state)
+
+    def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Logits of every exit, final last."""
+        return [e.logits for e in self.iter_exits(x)]
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Feature maps at every early exit point (the final stage is not run)."""
+        state, feats = self.start(x), []
+        for i in range(len(self.stages) - 1):
+            state = self.run_stage(i, state)
+            feats.append(self.exit_features(i, state))
+        return feats
+
+    # -- costs -------------------------------------------------------------------------
+    def cost_to_exit(self, i: int) -> int:
+        """FLOPs to reach exit ``i``: stages 0..i plus every early head evaluated on the way."""
+        if i < 0:
+            i += len(self.stages)
+        return sum(self.stage_flops[: i + 1]) + sum(self.head_flops[: min(i + 1, len(self.head_flops))])
+
+    # -- training helpers --------------------------------------------------------------
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return self.stages.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return self.heads.parameters()
+
+    def freeze_backbone(self, frozen: bool = True) -> "MultiExitModel":
+        """Freeze (or unfreeze) the stages: no gradients, BatchNorm statistics kept in eval mode."""
+        self._backbone_frozen = frozen
+        for p in self.stages.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> "MultiExitModel":
+        super().train(mode)
+        if self._backbone_frozen:
+            self.stages.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"exits={self.exit_names}, num_classes={self.num_classes}"
