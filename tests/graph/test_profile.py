@@ -126,6 +126,18 @@ def test_sdpa_is_counted_as_multiply_adds():
     assert report.total == expected
 
 
+def test_matrix_products_by_hand():
+    a, b, bias = torch.randn(3, 4, 5), torch.randn(3, 5, 6), torch.randn(3, 4, 6)
+
+    class Products(nn.Module):
+        """bmm, baddbmm (bias not counted) and a broadcasting matmul."""
+
+        def forward(self, a, b, bias):
+            return torch.bmm(a, b) + torch.baddbmm(bias, a, b) + torch.matmul(a[0], b)
+
+    assert count_flops(Products(), a, b, bias) == 3 * (3 * 4 * 5 * 6)
+
+
 def test_unsupported_ops_are_reported_and_warned_once(caplog):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sigmoid(), nn.Hardswish())
     gm = torch.fx.symbolic_trace(model)
