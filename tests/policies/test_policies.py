@@ -1,0 +1,220 @@
+"""Each policy's decision against a direct reference computation on hand-made logits."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from toy_models import NoisyExits, make_scenes  # noqa: E402
+
+from mexify.calibrate import collect_cache  # noqa: E402
+from mexify.errors import ConfigError  # noqa: E402
+from mexify.policies import (  # noqa: E402
+    PROB_EDGES,
+    available_policies,
+    boundary_mask,
+    build_policy,
+    class_thresholds_from_means,
+    policy_from_dict,
+    snap_to_edge,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensors on shared cores: intra-op threads only add contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _logits(n=2, k=3, h=6, w=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, h, w, generator=g) * 3
+
+
+def _ref_boundary(pred, r):
+    n, h, w = pred.shape
+    out = np.zeros((n, h, w), dtype=bool)
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                win = pred[b, max(0, i - r): i + r + 1, max(0, j - r): j + r + 1]
+                out[b, i, j] = bool((win != pred[b, i, j]).any())
+    return out
+
+
+def test_registry_lists_every_policy_and_suggests_names():
+    assert {"mess", "entropy", "maxprob", "cbt", "class-means", "oracle"} <= set(available_policies())
+    with pytest.raises(ConfigError, match="mess"):
+        build_policy("mes")
+
+
+def test_boundary_mask_matches_window_reference():
+    pred = torch.randint(0, 3, (2, 9, 11))
+    for r in (0, 1, 2):
+        assert np.array_equal(boundary_mask(pred, r).numpy(), _ref_boundary(pred.numpy(), r))
+
+
+@pytest.mark.parametrize("edge_weight", [0.0, 0.5, 1.0])
+def test_mess_matches_reference_with_edge_discount(edge_weight):
+    z = _logits()
+    pol = build_policy("mess", pixel_threshold=0.8, edge_radius=1, edge_weight=edge_weight).with_thresholds([0.4])
+    p = torch.softmax(z, 1).numpy()
+    top1, pred = p.max(1), p.argmax(1)
+    edge = _ref_boundary(pred, 1)
+    tau = snap_to_edge(0.8)[0]
+    w = np.where(edge, edge_weight, 1.0)
+    above = (top1 >= np.float32(tau)).astype(float)
+    ref = np.array([(w[b] * above[b]).sum() / w[b].sum() if w[b].sum() > 0 else above[b].mean() for b in range(2)])
+    exit_now, conf = pol.decide(0, z)
+    assert np.allclose(conf.numpy(), ref, atol=1e-6)
+    assert exit_now.tolist() == (ref >= 0.4).tolist()
+    # the discount can only raise confidence when boundary pixels are the unsure ones
+    if edge_weight == 0.0:
+        plain = above.reshape(2, -1).mean(1)
+        assert (ref >= plain - 1e-9).all() or edge.any()
+
+
+def test_entropy_and_maxprob_match_reference():
+    z = _logits(k=4)
+    p = torch.softmax(z, 1).double().numpy()
+    h = -(p * np.log(p)).sum(1).reshape(2, -1).mean(1)
+    ent = build_policy("entropy").with_thresholds([0.5])
+    _, conf = ent.decide(0, z)
+    assert np.allclose(conf.numpy(), 1 - h / math.log(4), atol=1e-6)
+    mp = build_policy("maxprob").with_thresholds([0.7])
+    ex, conf = mp.decide(0, z)
+    ref = p.max(1).reshape(2, -1).mean(1)
+    assert np.allclose(conf.numpy(), ref, atol=1e-6)
+    assert ex.tolist() == (ref >= 0.7).tolist()
+
+
+def test_temperature_divides_logits():
+    z = _logits()
+    pol = build_policy("maxprob", temperatures=[2.0, 1.0]).with_thresholds([0.5])
+    _, conf = pol.decide(0, z)
+    ref = torch.softmax(z / 2.0, 1).max(1).values.flatten(1).double().mean(1)
+    assert torch.allclose(conf.double(), ref, atol=1e-6)
+
+
+def test_final_exit_always_exits():
+    z = torch.zeros(3, 4, 5, 5)  # uniform: the least confident map there is
+    for name in ("mess", "entropy", "maxprob"):
+        pol = build_policy(name).with_thresholds([0.99, 0.99])
+        assert not pol.decide(0, z)[0].any()
+        assert pol.decide(2, z)[0].all()
+
+
+def test_cbt_thresholds_order_classes_by_gap():
+    # class 0: clear winner (easy), class 1: middling, class 2: near tie (hard), class 3 unseen
+    mean = np.array([[0.9, 0.05, 0.05, 0.0], [0.2, 0.6, 0.2, 0.0], [0.1, 0.45, 0.45, 0.0], [0.25] * 4])
+    thr = class_thresholds_from_means(mean, np.array([True, True, True, False]), 0.9, 0.998)
+    assert thr[0] == pytest.approx(0.9) and thr[2] == pytest.approx(0.998) and thr[3] == pytest.approx(0.998)
+    assert thr[0] < thr[1] < thr[2]
+    gap1 = (0.4 - 0.0) / (0.85 - 0.0)
+    assert thr[1] == pytest.approx(0.998 - (0.998 - 0.9) * gap1)
+
+
+def test_cbt_settled_fraction_matches_reference():
+    z = _logits(k=3)
+    pol = build_policy("cbt", class_thresholds=[0.5, 0.9, 0.99]).with_thresholds([0.3])
+    p = torch.softmax(z, 1).numpy()
+    top1, pred = p.max(1), p.argmax(1)
+    thr = np.array(pol.class_thresholds, dtype=np.float32)
+    ref = (top1 >= thr[pred]).reshape(2, -1).mean(1)
+    ex, conf = pol.decide(0, z)
+    assert np.allclose(conf.numpy(), ref, atol=1e-7)
+    assert ex.tolist() == (ref >= 0.3).tolist()
+
+
+def test_class_means_matches_reference():
+    torch.manual_seed(1)
+    feats = torch.randn(2, 5, 3, 4)
+    means = [np.random.RandomState(0).randn(3, 5).astype(np.float32)]
+    scales = [np.array([1.5, 2.0, 2.5], dtype=np.float32)]
+    pol = build_policy("class-means", sharpness=4.0)
+    pol.means, pol.scales = means, scales
+    pol = pol.with_thresholds([0.6])
+    logits = torch.zeros(2, 3, 3, 4)  # same size as the features: no resampling in the reference
+    f = feats.permute(0, 2, 3, 1).numpy()
+    d = np.linalg.norm(f[..., None, :] - means[0][None, None, None], axis=-1) / scales[0]
+    z = -4.0 * d
+    pr = np.exp(z - z.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    ref = pr.max(-1).reshape(2, -1).mean(1)
+    ex, conf = pol.decide(0, logits, feats)
+    assert np.allclose(conf.numpy(), ref, atol=1e-5)
+    assert ex.tolist() == (ref >= 0.6).tolist()
+
+
+def test_class_means_collects_means_without_trained_heads():
+    model = NoisyExits()
+    data = make_scenes(6)
+    batches = [(torch.stack([d[0] for d in data]), torch.stack([d[1] for d in data]))]
+    pol = build_policy("class-means").collect_means(model, batches, model.num_classes)
+    assert len(pol.means) == len(model.exit_names) - 1
+    # the first 4 feature channels are the one-hot label: each class mean has a 1 at its own class
+    m = pol.means[0]
+    seen = ~np.isnan(m[:, 0])
+    assert np.allclose(m[seen][:, :4], np.eye(4)[seen], atol=0.3)
+
+
+def test_oracle_cannot_decide():
+    with pytest.raises(ConfigError, match="labels"):
+        build_policy("oracle").decide(0, _logits())
+
+
+@pytest.mark.parametrize("name", ["mess", "entropy", "maxprob", "cbt", "class-means", "oracle"])
+def test_to_dict_from_dict_round_trip_through_yaml(name):
+    pol = build_policy(name)
+    if name == "cbt":
+        pol = build_policy("cbt", alpha=0.8, class_thresholds=[0.8, 0.95, 0.99])
+    if name == "class-means":
+        pol.means = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+        pol.scales = [np.ones(2, dtype=np.float32)]
+    pol = pol.with_thresholds([0.5, math.inf])
+    pol.exit_names = ["layer1", "layer2", "final"]
+    pol.temperatures = [1.5, 1.2, 1.0]
+    pol.budget = {"kind": "speedup", "value": 2.0, "text": "2x"}
+    d = yaml.safe_load(yaml.safe_dump(pol.to_dict(), sort_keys=False))
+    assert d["thresholds"] == {"layer1": 0.5, "layer2": None}
+    back = policy_from_dict(d)
+    assert type(back) is type(pol)
+    assert back.to_dict() == pol.to_dict()
+    assert back.thresholds == [0.5, math.inf]
+    if name == "class-means":
+        assert np.array_equal(back.means[0], pol.means[0])
+
+
+@pytest.fixture(scope="module")
+def toy_cache():
+    torch.manual_seed(0)
+    model = NoisyExits()
+    data = make_scenes(18)
+    loader = torch.utils.data.DataLoader(data, batch_size=6)
+    return model, data, collect_cache(model, loader, edge_radius=1)
+
+
+@pytest.mark.parametrize("name,opts", [("mess", {"edge_radius": 1}), ("mess", {"edge_radius": 1, "edge_weight": 0.3}),
+                                       ("entropy", {}), ("maxprob", {}), ("cbt", {})])
+def test_cache_scores_equal_run_time_scores(toy_cache, name, opts):
+    model, data, cache = toy_cache
+    pol = build_policy(name, **opts)._fit_params(cache)
+    cached = pol.cache_scores(cache)
+    x = torch.stack([d[0] for d in data])
+    logits = model.forward_all(x)
+    for i in range(len(logits) - 1):
+        live = pol.scores(i, logits[i]).double().numpy()
+        assert np.allclose(cached[:, i], live, atol=1e-6), (name, i)
+
+
+def test_prob_edges_are_ascending_and_fine_near_one():
+    assert np.all(np.diff(PROB_EDGES) > 0)
+    assert PROB_EDGES[0] == 0.0 and PROB_EDGES[-1] > 0.9999
+    assert snap_to_edge(0.998)[0] <= 0.998
