@@ -1,0 +1,210 @@
+"""Calibration: exact mIoU from the cache, budget-respecting joint search, errors, CLI, bundles."""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent / "policies"))
+from toy_models import NoisyExits, make_scenes  # noqa: E402
+
+from mexify.calibrate import (  # noqa: E402
+    ExitCache,
+    calibrate,
+    collect_cache,
+    fit_temperatures,
+    oracle_at,
+    parse_budget,
+)
+from mexify.errors import BudgetError, ConfigError  # noqa: E402
+from mexify.metrics import ConfusionMatrix, per_image_miou  # noqa: E402
+from mexify.policies import build_policy, policy_from_dict  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixture_models.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    model = NoisyExits(num_classes=4, num_exits=4)
+    data = make_scenes(36)
+    cache = collect_cache(model, torch.utils.data.DataLoader(data, batch_size=9))
+    return model, data, cache
+
+
+def _preds(model, data):
+    x = torch.stack([d[0] for d in data])
+    y = torch.stack([d[1] for d in data])
+    return [z.argmax(1) for z in model.forward_all(x)], y
+
+
+def test_cache_miou_equals_direct_confusion_matrix(toy):
+    model, data, cache = toy
+    preds, y = _preds(model, data)
+    rng = np.random.RandomState(0)
+    for _ in range(3):
+        a = rng.randint(0, cache.num_exits, size=len(data))
+        cm = ConfusionMatrix(model.num_classes)
+        for n, e in enumerate(a):
+            cm.update(preds[e][n : n + 1], y[n : n + 1])
+        assert cache.miou(a) == pytest.approx(100 * cm.miou(), abs=1e-9)
+    pim = cache.per_image_miou()
+    for e in range(cache.num_exits):
+        ref = per_image_miou(preds[e], y, model.num_classes).numpy() * 100
+        assert np.allclose(pim[:, e], ref, atol=1e-6)
+
+
+def test_cache_is_compact():
+    # 1,000 images x 7 exits x 19 classes, whatever the resolution
+    per_image_exit = 19 * 91 * 4 + 91 * 4 + 3 * 19 * 8 + 16 + 64 * 64 * 3
+    assert 1000 * 7 * per_image_exit < 400 * 2**20
+
+
+def test_search_respects_budget_and_beats_one_global_threshold(toy):
+    _, _, cache = toy
+    for name in ("mess", "maxprob", "entropy"):
+        pol = build_policy(name)
+        scores = pol._fit_params(cache).cache_scores(cache)
+        for speedup in (1.5, 2.5, 4.0):
+            max_cost = cache.original_flops / speedup
+            res = cache.search(scores, max_cost=max_cost)
+            f = res.figures()
+            assert f["mean_flops"] <= max_cost + 1e-9
+            assert cache.assign(scores, res.thresholds).tolist() == res.assignment.tolist()
+            # exhaustive single global threshold as the baseline
+            best = -1.0
+            for t in np.unique(scores):
+                a = cache.assign(scores, [t] * scores.shape[1])
+                if cache.costs[a].mean() <= max_cost + 1e-9:
+                    best = max(best, cache.miou(a))
+            assert f["miou"] >= best - 1e-9, (name, speedup)
+
+
+def test_max_drop_is_fastest_within_the_drop(toy):
+    _, _, cache = toy
+    scores = build_policy("maxprob").cache_scores(cache)
+    res = cache.search(scores, max_drop=1.0)
+    f = res.figures()
+    assert f["drop"] <= 1.0 + 1e-9
+    assert f["speedup"] > 1.0
+    # no point on the explored Pareto front is cheaper within the same drop
+    assert all(p["mean_flops"] >= f["mean_flops"] - 1e-9 for p in res.pareto if p["miou"] >= f["final_miou"] - 1.0)
+
+
+def test_impossible_budget_reports_best_reachable(toy):
+    _, _, cache = toy
+    scores = build_policy("maxprob").cache_scores(cache)
+    best = cache.original_flops / cache.costs[0]
+    with pytest.raises(BudgetError, match=f"{best:.2f}x") as exc:
+        cache.search(scores, max_cost=cache.original_flops / (best * 1.5))
+    assert exc.value.exit_code == 3
+
+
+def test_parse_budget():
+    assert parse_budget("2x") == {"kind": "speedup", "value": 2.0, "text": "2x"}
+    assert parse_budget("40%")["value"] == pytest.approx(0.4)
+    for bad in ("2", "-1x", "140%", "fast"):
+        with pytest.raises(ConfigError):
+            parse_budget(bad)
+
+
+def test_oracle_is_earliest_within_tolerance(toy):
+    _, _, cache = toy
+    pim = cache.per_image_miou()
+    a = cache.oracle_assignment(2.0)
+    for n, e in enumerate(a):
+        assert pim[n, e] >= pim[n, -1] - 2.0 - 1e-9
+        assert all(pim[n, j] < pim[n, -1] - 2.0 for j in range(e))
+    fig, curve = oracle_at(cache, max_cost=cache.original_flops / 2)
+    assert fig["mean_flops"] <= cache.original_flops / 2 + 1e-9 and len(curve) > 10
+
+
+def test_unlabelled_data_fits_label_free_parts():
+    model = NoisyExits()
+    data = make_scenes(12, labelled=False)
+    rep = calibrate(model, data, policy="cbt", budget="1.5x", temperature=True, batch_size=6)
+    assert not rep.labelled and rep.oracle is None and rep.temperatures is None
+    assert any("no labels" in n for n in rep.notes)
+    assert rep.figures["final_miou"] == pytest.approx(100.0)  # agreement of the final exit with itself
+    assert rep.policy.class_thresholds is not None
+
+
+def test_temperatures_recover_a_known_scale():
+    model = NoisyExits(num_exits=2)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(64, 4, 8, 8, generator=g) * 2
+    y = torch.distributions.Categorical(logits=z.permute(0, 2, 3, 1)).sample()
+    model.forward_all = lambda x: [x * 3.0, x * 3.0]  # over-confident by 3x
+    temps = fit_temperatures(model, [(z, y)])
+    assert temps is not None and all(abs(t - 3.0) < 0.4 for t in temps)
+
+
+def test_calibrate_on_toy_model_writes_pareto_and_reports(tmp_path, toy):
+    model, data, _ = toy
+    rep = calibrate(model, data, policy="mess", budget="2x", out=tmp_path, batch_size=9, policy_options={"edge_radius": 1})
+    assert rep.figures["speedup"] >= 2.0 - 1e-9
+    assert rep.oracle is not None and rep.oracle["speedup"] >= 2.0 - 1e-9
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    rows = (tmp_path / "pareto.csv").read_text().splitlines()
+    assert rows[0].startswith("curve,") and any(r.startswith("oracle,") for r in rows)
+    d = json.loads(json.dumps(rep.to_dict(), default=str))
+    assert set(d["thresholds"]) == set(model.exit_names[:-1])
+    # the fitted policy reproduces the cache's assignment at run time
+    x = torch.stack([d_[0] for d_ in data])
+    logits = model.forward_all(x)
+    taken = torch.full((len(data),), -1)
+    for i, z in enumerate(logits):
+        ex, _ = rep.policy.decide(i, z)
+        taken[(taken < 0) & ex] = i
+    assert taken.tolist() == rep.policy._search_result.assignment.tolist()
+
+
+def test_class_means_calibrates_without_trained_heads(toy):
+    model, data, _ = toy
+    rep = calibrate(model, data, policy="class-means", max_drop=5.0, batch_size=9)
+    assert rep.figures["drop"] <= 5.0 + 1e-9
+    back = policy_from_dict(yaml.safe_load(yaml.safe_dump(rep.policy.to_dict())))
+    x = torch.stack([d[0] for d in data[:4]])
+    feats = model.forward_features(x)
+    logits = model.forward_all(x)
+    for i in range(len(feats)):
+        assert torch.equal(back.decide(i, logits[i], feats[i])[0], rep.policy.decide(i, logits[i], feats[i])[0])
+
+
+def test_calibrate_bundle_end_to_end_and_cli(tmp_path, capsys):
+    import mexify
+    from typer.testing import CliRunner
+
+    from mexify.cli import app
+
+    bundle = tmp_path / "bundle"
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    spec = "synthetic:scenes?size=64&classes=4&n=24&n_eval=8"
+    res = CliRunner().invoke(app, ["calibrate", str(bundle), "--data", spec, "--policy", "maxprob", "--max-drop", "50", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["figures"]["drop"] <= 50 + 1e-9
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    pol = policy_from_dict(cfg["policy"])
+    assert pol.name == "maxprob" and len(pol.thresholds) == len(cfg["policy"]["exit_names"]) - 1
+    assert cfg["policy"]["budget"]["kind"] == "max_drop"
+    model = mexify.load(bundle)
+    assert pol.exit_names == list(model.exit_names)
+    # an impossible budget: exit code 3 and the best reachable value in one line
+    with pytest.raises(SystemExit) as exc:
+        app(["calibrate", str(bundle), "--data", spec, "--budget", "1000x"], prog_name="mexify")
+    assert exc.value.code == 3
+    assert "best reachable" in capsys.readouterr().err
