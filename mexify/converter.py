@@ -87,14 +87,12 @@ def trace_spec(
     """Trace, adapt the output, profile at ``trace.input_size`` and list exit candidates."""
     h, w = trace.input_size
     example = torch.zeros(1, 3, h, w)
-    was_training = model.training
-    model.eval()
+    modes = _set_eval(model)
     try:
         gm = trace_model(model, trace, example)
     finally:
-        model.train(was_training)
+        _restore(model, modes)
     gm = prepare_graph(gm)
-    gm.eval()
     try:
         report = profile_graph(gm, example)
     except RuntimeError as e:
@@ -115,6 +113,19 @@ def trace_spec(
         total += _upsample_flops(shape, (h, w))
         upsample_to_input(gm)
     return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape)
+
+
+def _set_eval(model: nn.Module) -> dict:
+    """Put every submodule in eval mode (without ``.eval()``, which export modules refuse)."""
+    modes = {m: m.training for m in model.modules()}
+    for m in modes:
+        m.training = False
+    return modes
+
+
+def _restore(model: nn.Module, modes: dict) -> None:
+    for m, mode in modes.items():
+        m.training = mode
 
 
 class _Upsample(nn.Module):
@@ -295,7 +306,7 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
         raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e
     trace_cfg = config.trace
     h, w = trace_cfg.input_size
-    model.eval()
+    _set_eval(model)
     gm = prepare_graph(trace_model(model, trace_cfg, torch.zeros(1, 3, h, w)))
     if config.upsample_logits:
         upsample_to_input(gm)

@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mexify.data.base import SegDataset
 from mexify.errors import DataError, nearest
@@ -138,17 +137,45 @@ def _draw_difficulty(rng: np.random.Generator, cfg: SceneConfig) -> float:
 
 
 def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of an (H, W, 3) float image (reflect padding)."""
+    """Separable Gaussian blur of an (H, W, 3) float image (reflect padding), in numpy.
+
+    numpy keeps generation single-threaded, which is what DataLoader workers want
+    and avoids thread-pool contention on small shared CPUs.
+    """
     if sigma < 0.3:
         return img
     r = max(1, int(round(2.5 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = torch.from_numpy((k / k.sum()).astype(np.float32))
-    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
-    t = F.pad(t, (r, r, r, r), mode="reflect")
-    t = F.conv2d(t, k.view(1, 1, 1, -1).expand(3, 1, 1, -1).contiguous(), groups=3)
-    t = F.conv2d(t, k.view(1, 1, -1, 1).expand(3, 1, -1, 1).contiguous(), groups=3)
-    return t[0].numpy().transpose(1, 2, 0)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
+    k /= k.sum()
+    h, w = img.shape[:2]
+    p = np.pad(img, ((r, r), (0, 0), (0, 0)), mode="reflect")
+    out = k[0] * p[0:h]
+    for i in range(1, 2 * r + 1):
+        out += k[i] * p[i : i + h]
+    p = np.pad(out, ((0, 0), (r, r), (0, 0)), mode="reflect")
+    out = k[0] * p[:, 0:w]
+    for i in range(1, 2 * r + 1):
+        out += k[i] * p[:, i : i + w]
+    return out
+
+
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Linear interpolation matrix ``(n_out, n_in)`` (half-pixel centres, edges clamped)."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    f = (src - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    m[np.arange(n_out), lo] += 1 - f
+    m[np.arange(n_out), hi] += f
+    return m
+
+
+def _smooth_field(rng: np.random.Generator, s: int, channels: int, cells: int = 6) -> np.ndarray:
+    """Low-frequency random field ``(s, s, channels)`` with unit-ish amplitude."""
+    low = rng.standard_normal((channels, cells, cells)).astype(np.float32)
+    m = _interp_matrix(s, cells)
+    return np.stack([m @ low[c] @ m.T for c in range(channels)], axis=-1)
 
 
 def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassLook], d: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -169,9 +196,8 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
     image[:] = bg
     clutter = cfg.clutter * d
     if clutter > 0:
-        low = rng.standard_normal((4, 6, 6)).astype(np.float32)
-        field = F.interpolate(torch.from_numpy(low)[None], size=(s, s), mode="bicubic", align_corners=False)[0].numpy()
-        image += (0.09 * clutter) * field[0][..., None] + (0.03 * clutter) * field[1:].transpose(1, 2, 0)
+        field = _smooth_field(rng, s, 4)
+        image += (0.09 * clutter) * field[..., :1] + (0.03 * clutter) * field[..., 1:]
         if rng.random() < d:  # distractor texture in the background
             yy, xx = np.meshgrid(ys, ys, indexing="ij")
             kind = TEXTURES[rng.integers(len(TEXTURES))]
@@ -226,7 +252,7 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
         image += (g[0] * (ys[:, None] / s - 0.5) + g[1] * (ys[None, :] / s - 0.5))[..., None]
         sigma = cfg.blur * 1.6 * d * d * (s / 128.0)
         image = _gaussian_blur(image, sigma)
-        image += (0.07 * cfg.noise * d) * rng.standard_normal(image.shape).astype(np.float32)
+        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(0.07 * cfg.noise * d)
     np.clip(image, 0.0, 1.0, out=image)
     return image.astype(np.float32, copy=False), mask
 
@@ -290,7 +316,7 @@ class SyntheticScenes(SegDataset):
         if self.cfg.cache and index in self._cache:
             return self._cache[index]
         img, mask = self.render(index)
-        out = (torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(mask).long())
+        out = (torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), torch.from_numpy(mask.astype(np.int64)))
         if self.cfg.cache:
             self._cache[index] = out
         return out

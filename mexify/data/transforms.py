@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,8 +91,14 @@ def random_hflip(image, mask, p: float = 0.5):
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Channel-wise ``(image - mean) / std``."""
-    m = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    if image.device.type == "cpu" and image.dtype == torch.float32:
+        # numpy stays single-threaded: torch's intra-op pool thrashes on small shared CPUs
+        arr = image.numpy()
+        m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+        return torch.from_numpy((arr - m) / s)
+    m = torch.tensor(mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
     return (image - m) / s
 
 
@@ -146,7 +153,11 @@ class SegTransform:
                 image, mask = random_hflip(image, mask, self.flip_p)
         if self.mean is not None and self.std is not None:
             image = normalize(image, self.mean, self.std)
-        return image.contiguous(), mask.contiguous()
+        if not image.is_contiguous():
+            image = image.contiguous()
+        if not mask.is_contiguous():
+            mask = mask.contiguous()
+        return image, mask
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,73 @@
+"""Tiny named networks for the conversion tests (loaded by spec ``fixture_models.py:NAME``)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _block(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TinyUNet(nn.Module):
+    """Encoder-decoder with skip connections: stages must carry the skip tensors across cuts."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8):
+        super().__init__()
+        w = width
+        self.enc1, self.enc2, self.enc3 = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+        self.bottleneck = _block(4 * w, 4 * w)
+        self.dec3, self.dec2, self.dec1 = _block(8 * w, 2 * w), _block(4 * w, w), _block(2 * w, w)
+        self.final = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        e3 = self.enc3(F.max_pool2d(e2, 2))
+        b = self.bottleneck(F.max_pool2d(e3, 2))
+        d3 = self.dec3(torch.cat([F.interpolate(b, scale_factor=2.0), e3], 1))
+        d2 = self.dec2(torch.cat([F.interpolate(d3, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.final(d1)
+
+
+class LowResSegmenter(nn.Module):
+    """Returns a tuple whose first element is logits at 1/4 resolution (a transformer-style head)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), nn.MaxPool2d(2), _block(8, 16), nn.MaxPool2d(2))
+        self.body = nn.Sequential(_block(16, 16), _block(16, 16), _block(16, 16), _block(16, 16))
+        self.head = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        f = self.body(self.stem(x))
+        return self.head(f), f
+
+
+class DataDependentGate(nn.Module):
+    """A block whose control flow depends on tensor values: torch.fx and torch.export cannot trace it."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.a, self.b = _block(c, c), _block(c, c)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.a(x)
+        return self.b(x)
+
+
+class BranchyNet(nn.Module):
+    """A small segmenter with one untraceable block (``gate``); converts with --leaf-module DataDependentGate."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
+        self.down = nn.Sequential(nn.MaxPool2d(2), _block(8, 16), _block(16, 16))
+        self.gate = DataDependentGate(16)
+        self.tail = nn.Sequential(_block(16, 16), _block(16, 16))
+        self.head = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        y = self.head(self.tail(self.gate(self.down(self.stem(x)))))
+        return {"out": F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)}
