@@ -1,5 +1,134 @@
-"""`mexify evaluate` (in progress)."""
+"""`mexify eval`: accuracy and cost of every exit of a bundle on a dataset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mexify.cli._common import DeviceOpt, JsonOpt, console, err_console, print_json
+
+try:
+    from typing import Annotated
+except ImportError:  # pragma: no cover
+    from typing_extensions import Annotated  # type: ignore
 
 
-def register(app):
-    pass
+def _gflops(v: float) -> str:
+    return f"{v / 1e9:.3f}" if v < 1e11 else f"{v / 1e9:.1f}"
+
+
+def render_report(report, title: str = "") -> None:
+    """Print an :class:`~mexify.evaluate.EvalReport` as rich tables on stdout."""
+    from rich.table import Table
+
+    h, w = report.input_size
+    t = Table(
+        title=title or f"{report.num_images} images, {report.num_classes} classes",
+        caption=f"GFLOPs at {h}x{w} input, 1 multiply-add = 1 FLOP, early heads on the way included",
+        title_justify="left",
+        caption_justify="left",
+    )
+    t.add_column("exit")
+    t.add_column("name")
+    t.add_column("mIoU", justify="right")
+    t.add_column("pixel acc", justify="right")
+    t.add_column("GFLOPs to reach", justify="right")
+    t.add_column("% of original", justify="right")
+    for e in report.exits:
+        style = "bold" if e.index == len(report.exits) - 1 else None
+        t.add_row(
+            str(e.index),
+            e.name,
+            f"{100 * e.miou:.2f}",
+            f"{100 * e.pixel_accuracy:.2f}",
+            _gflops(e.flops),
+            f"{100 * e.flops_fraction:.1f}%",
+            style=style,
+        )
+    console.print(t)
+    if report.policies:
+        p = Table(title="exit policies", title_justify="left")
+        p.add_column("policy")
+        p.add_column("mIoU", justify="right")
+        p.add_column("pixel acc", justify="right")
+        p.add_column("mean GFLOPs", justify="right")
+        p.add_column("% of original", justify="right")
+        p.add_column("exit rates", justify="left")
+        for r in report.policies:
+            frac = r.mean_flops / report.original_flops if report.original_flops else float("nan")
+            rates = " ".join(f"{100 * x:.0f}%" for x in r.exit_rates)
+            p.add_row(r.name, f"{100 * r.miou:.2f}", f"{100 * r.pixel_accuracy:.2f}", _gflops(r.mean_flops), f"{100 * frac:.1f}%", rates)
+        console.print(p)
+
+
+def _progress_enabled() -> bool:
+    return os.environ.get("MEXIFY_NO_PROGRESS", "") in ("", "0")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mexify convert` / `mexify train`).")],
+        data: Annotated[
+            Optional[str],
+            typer.Option(
+                "--data",
+                help="Dataset spec: synthetic:scenes[?k=v&...], voc:PATH, cityscapes:PATH, ade20k:PATH, folder:PATH "
+                "(default: the dataset the bundle was trained on).",
+            ),
+        ] = None,
+        split: Annotated[str, typer.Option("--split", help="Split to evaluate on.")] = "val",
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
+        limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N images.")] = None,
+        workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers (default: one per core).")] = None,
+        device: DeviceOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Run every exit of a bundle on a dataset: mIoU, pixel accuracy, FLOPs to reach each exit."""
+        import mexify
+        from mexify.data import build_dataset
+        from mexify.errors import DataError
+        from mexify.evaluate import evaluate
+
+        model = mexify.load(str(bundle), device=device)
+        if data is None:
+            training = getattr(model.config, "training", None) or {}
+            data = training.get("data") if isinstance(training, dict) else None
+            if not data:
+                raise DataError(f"no --data given and bundle {bundle} records no training dataset", "pass --data, e.g. --data synthetic:scenes")
+        dataset = build_dataset(data, split=split, train=False)
+
+        progress_cb = None
+        prog = None
+        if _progress_enabled():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            prog = Progress(
+                TextColumn("evaluating"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            task = prog.add_task("eval", total=min(len(dataset), limit) if limit else len(dataset))
+
+            def progress_cb(done: int, total: int) -> None:
+                prog.update(task, completed=done, total=total)
+
+            prog.start()
+        try:
+            report = evaluate(model, dataset, device=device, progress=progress_cb, batch_size=batch_size, limit=limit, num_workers=workers)
+        finally:
+            if prog is not None:
+                prog.stop()
+        if json_out:
+            out = report.to_dict()
+            out.update(bundle=str(bundle), data=data, split=split)
+            print_json(out)
+        else:
+            render_report(report, title=f"{bundle} on {data} ({split}, {report.num_images} images)")
