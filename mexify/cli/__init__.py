@@ -7,9 +7,10 @@ Each command module defines ``register(app)``; errors derived from
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from mexify.cli._common import debug_enabled, err_console
 from mexify.errors import MexifyError
@@ -17,20 +18,23 @@ from mexify.errors import MexifyError
 _COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench")
 
 
-class _App(typer.Typer):
-    def __call__(self, *args, **kwargs):
+class _Group(TyperGroup):
+    """Runs a command; a MexifyError becomes one red line and the error's exit code."""
+
+    def invoke(self, ctx):
         try:
-            return super().__call__(*args, **kwargs)
+            return super().invoke(ctx)
         except MexifyError as exc:
             if debug_enabled():
                 raise
             msg = exc.message + (f" Hint: {exc.hint}" if exc.hint else "")
-            err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
             err_console.print("[dim](set MEXIFY_DEBUG=1 for a traceback)[/]")
-            sys.exit(exc.exit_code)
+            raise typer.Exit(exc.exit_code) from None
 
 
-app = _App(
+app = typer.Typer(
+    cls=_Group,
     name="mexify",
     help="Turn a PyTorch segmentation model into a multi-exit model, train, calibrate and run it.",
     no_args_is_help=True,

@@ -19,7 +19,7 @@ from mexify.graph.trace import module_path
 
 __all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points", "live_values", "compute_nodes"]
 
-PROFILE_KEY = "mexify.profile"
+from mexify.graph.profile import META_KEY as PROFILE_KEY  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
