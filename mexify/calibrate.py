@@ -276,12 +276,12 @@ class _Accumulator:
         return tp, pc, lc
 
     def _prob_sum(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum of probability vectors per target class, ``(K_target, K)`` (a batched matmul with one-hots)."""
         k = self.k
         valid = (target >= 0) & (target < k)
-        pv = probs.permute(0, 2, 3, 1)[valid].double()
-        out = torch.zeros(k, k, dtype=torch.float64, device=probs.device)
-        out.index_add_(0, target[valid], pv)
-        return out.cpu()
+        onehot = F.one_hot(target.clamp(0, k - 1).flatten(1), k).to(probs.dtype) * valid.flatten(1)[..., None]
+        out = torch.bmm(probs.flatten(2), onehot).sum(0)  # (K, K_target)
+        return out.t().double().cpu()
 
     @torch.no_grad()
     def add(self, probs: List[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
@@ -291,6 +291,7 @@ class _Accumulator:
         if labels is None:
             labels = torch.full_like(final_pred, IGNORE_INDEX)
         labels = labels.long()
+        has_labels = bool(((labels >= 0) & (labels < k)).any())
         per: Dict[str, List[torch.Tensor]] = {}
         for i, p in enumerate(probs):
             top1, pred = p.max(1)
@@ -310,8 +311,10 @@ class _Accumulator:
             atp, apc, alc = self._counts(pred, final_pred)
             per.setdefault("agree_tp", []).append(atp)
             per.setdefault("agree_pred_count", []).append(apc)
-            self.label_prob_sum[i] += self._prob_sum(p, labels)
-            self.agree_prob_sum[i] += self._prob_sum(p, final_pred)
+            if has_labels:
+                self.label_prob_sum[i] += self._prob_sum(p, labels)
+            else:  # only used when the whole split is unlabelled
+                self.agree_prob_sum[i] += self._prob_sum(p, final_pred)
             if self.thumb > 0:
                 s = max(1, math.ceil(max(top1.shape[-2:]) / self.thumb))
                 per.setdefault("thumb_bins", []).append(bins[:, ::s, ::s].to(torch.uint8))

@@ -18,8 +18,7 @@ from mexify.policies.base import Policy, register_policy
 
 def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean over pixels of the pixel entropy (nats), ``(N,)``; 0 log 0 counts as 0."""
-    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp_min(1e-30)), torch.zeros_like(probs))
-    return (-plogp.sum(1)).flatten(1).double().mean(1)
+    return torch.special.entr(probs).sum(1).flatten(1).double().mean(1)
 
 
 @register_policy("entropy")
