@@ -204,8 +204,8 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
             pat = _texture(kind, yy, xx, s / rng.uniform(8, 16), rng.uniform(0, 180), rng.random(2))
             image += (0.07 * clutter) * pat[..., None]
 
-    # objects: one large at d=0, many small overlapping at d=1
-    n_obj = 1 + int(round((cfg.max_objects - 1) * d * rng.uniform(0.6, 1.0)))
+    # objects: one large below d=0.1, many small overlapping at d=1
+    n_obj = 1 + int(round((cfg.max_objects - 1) * max(0.0, d - 0.1) / 0.9 * rng.uniform(0.6, 1.0)))
     contrast = float(np.clip(1.0 - 0.6 * cfg.contrast * d, 0.15, 1.0))
     for _ in range(n_obj):
         c = int(rng.integers(1, k))
