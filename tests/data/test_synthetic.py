@@ -160,3 +160,18 @@ def test_small_cnn_learns_easy_scenes_better_than_hard_ones():
         torch.set_num_threads(threads)
     assert scores["easy"] > 0.85, scores
     assert scores["easy"] - scores["hard"] > 0.1, scores
+
+
+def test_distributed_loader_uses_distributed_sampler(tmp_path):
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ds = build_dataset("synthetic:scenes?size=32&n=6", split="val")
+        loader = build_loader(ds, batch_size=2, shuffle=True, num_workers=0, distributed=True)
+        assert isinstance(loader.sampler, DistributedSampler)
+        loader.sampler.set_epoch(1)
+        assert sum(x.shape[0] for x, _ in loader) == len(ds)
+    finally:
+        dist.destroy_process_group()
