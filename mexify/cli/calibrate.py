@@ -50,7 +50,7 @@ def _render(report) -> None:
     s.add_column("drop", justify="right")
     s.add_column("mean FLOPs", justify="right")
     s.add_column("speed-up", justify="right")
-    s.add_row("final exit only", f"{fig['final_miou']:.2f}", "0.00", _fmt_flops(fig["original_flops"]), "1.00x")
+    s.add_row("original model (final exit)", f"{fig['final_miou']:.2f}", "0.00", _fmt_flops(fig["original_flops"]), "1.00x")
     s.add_row(f"[bold]{report.policy.name}[/]", f"{fig['miou']:.2f}", f"{fig['drop']:.2f}", _fmt_flops(fig["mean_flops"]), f"{fig['speedup']:.2f}x")
     g = report.best_global
     if g:
