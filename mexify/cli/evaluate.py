@@ -48,6 +48,10 @@ def render_report(report, title: str = "") -> None:
             style=style,
         )
     console.print(t)
+    if report.image_size and tuple(report.image_size) != tuple(report.input_size):
+        ih, iw = report.image_size
+        console.print(f"[dim]note: images were evaluated at {ih}x{iw}; FLOPs are quoted at the {h}x{w} profiling size "
+                      "(convolution FLOPs scale with the pixel count)[/]")
     if report.policies:
         p = Table(title="exit policies", title_justify="left")
         p.add_column("policy")
