@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mexify.errors import ConfigError
-from mexify.policies.base import NUM_BINS, Policy, register_policy, snap_to_edge
+from mexify.policies.base import Policy, register_policy, snap_to_edge
 
 log = logging.getLogger(__name__)
 
