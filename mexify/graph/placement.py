@@ -99,25 +99,29 @@ def _block_outputs(nodes: List[fx.Node]) -> Dict[fx.Node, str]:
 def _classifier_position(nodes: List[fx.Node], logits: fx.Node, num_classes: int, flops_before: List[int]) -> int:
     """Position where the model's final classifier starts.
 
-    That is the first node of the outermost module around the logits (e.g. torchvision's
-    ``classifier``, smp's ``segmentation_head``) if that module starts past half of the
-    model's FLOPs; otherwise the earliest ancestor of the logits that already has
-    ``num_classes`` channels (the last layer(s) of the classifier).
+    That is the first node of the outermost module around the classifier layer (e.g.
+    torchvision's ``classifier``, smp's ``segmentation_head``) if that module starts past half
+    of the model's FLOPs; otherwise the first layer with FLOPs in the tail of
+    ``num_classes``-channel maps that ends at the logits.
     """
     pos = {n: i for i, n in enumerate(nodes)}
-    ancestors, todo = set(), [logits]
+
+    def k_channels(n: fx.Node) -> bool:
+        prof = n.meta.get(PROFILE_KEY)
+        return bool(prof is not None and prof.is_tensor and prof.shape is not None
+                    and len(prof.shape) == 4 and prof.shape[1] == num_classes)
+
+    # walk back from the logits through the tail of num_classes-channel maps only
+    first, seen, todo = pos[logits], set(), [logits]
     while todo:
         n = todo.pop()
-        if n in ancestors or n not in pos:
+        if n in seen or n not in pos:
             continue
-        ancestors.add(n)
-        todo.extend(n.all_input_nodes)
-    first = pos[logits]
-    for n in ancestors:
+        seen.add(n)
         prof = n.meta.get(PROFILE_KEY)
-        if prof is not None and prof.is_tensor and prof.shape is not None and len(prof.shape) == 4:
-            if prof.shape[1] == num_classes and prof.flops > 0:
-                first = min(first, pos[n])
+        if prof is not None and prof.flops > 0:
+            first = min(first, pos[n])
+        todo.extend(a for a in n.all_input_nodes if k_channels(a))
     total = flops_before[-1] if flops_before else 0
     for path in module_path(nodes[first]):
         members = [i for i, n in enumerate(nodes) if path in module_path(n)]
