@@ -433,8 +433,7 @@ class _Trainer:
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                      broadcast_buffers=(stage == 1))
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         stream = BatchStream(self.dataset, r.batch_size, r.seed, stage, self.info.rank, self.info.world_size,
                              r.num_workers, pin_memory=self.device.type == "cuda")
         batches = stream.iterate(start)
