@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from mexify.data.base import IGNORE_INDEX, SegDataset
 from mexify.data.spec import DatasetSpec, OptionReader, parse_spec
-from mexify.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from mexify.data.synthetic import SceneConfig, SyntheticScenes
 from mexify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform, build_transform
 from mexify.errors import DataError

@@ -230,3 +230,22 @@ def test_unknown_option_suggests_nearest(tmp_path):
 def test_missing_root(tmp_path):
     with pytest.raises(DataError, match="not a directory"):
         build_dataset(f"voc:{tmp_path / 'nope'}")
+
+
+def test_calib_split_reads_validation_files(tmp_path):
+    ade = tmp_path / "ADEChallengeData2016"
+    _img(ade / "images" / "validation" / "v1.jpg")
+    _mask(ade / "annotations" / "validation" / "v1.png", _labels([1, 2]))
+    ds = build_dataset(f"ade20k:{ade}", split="calib")
+    assert len(ds) == 1 and ds.describe(0).endswith("v1.jpg")
+
+
+def test_folder_per_split_layout(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for i in range(n):
+            _img(tmp_path / split / "images" / f"{split}{i}.png", i)
+            _mask(tmp_path / split / "masks" / f"{split}{i}.png", _labels([0, 1, 2], i))
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    assert len(build_dataset(f"folder:{tmp_path}", split="train")) == 3
+    val = build_dataset(f"folder:{tmp_path}", split="val")
+    assert len(val) == 2 and val.class_names == ["a", "b", "c"]
