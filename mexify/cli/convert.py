@@ -39,7 +39,7 @@ def _fmt_flops(f: int) -> str:
 
 def exit_table(result) -> Table:
     table = Table(title="Exits (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
-    table.add_column("#", justify="right")
+    table.add_column("#", justify="right", no_wrap=True, min_width=1)
     table.add_column("exit node", no_wrap=True)
     for col in ("stride", "ch", "backbone %", "head", "to exit", "% orig"):
         table.add_column(col, justify="right", no_wrap=True)
