@@ -39,7 +39,7 @@ class _RichProgress:
 
     def __call__(self, ev) -> None:
         if ev.kind == "stage_start":
-            name = "stage 1 end-to-end" if ev.stage == 1 else "stage 2 heads+PFD"
+            name = f"stage {ev.stage}"
             self.tasks[ev.stage] = self.progress.add_task(name, total=ev.total, completed=ev.start, speed="", info="")
             return
         task = self.tasks.get(ev.stage)
@@ -98,19 +98,19 @@ def _render(report) -> None:
         console.print("nothing to train (both stages have 0 iterations)")
         return
     names = []
-    for s in report.stages:
-        for k in s.final_losses:
+    for st in report.stages:
+        for k in st.final_losses:
             if k not in names:
                 names.append(k)
-    table = Table(title=f"trained with recipe {report.recipe['name']} on {report.device}"
-                  + (f" x{report.world_size}" if report.world_size > 1 else ""))
-    table.add_column("stage")
-    table.add_column("iterations", justify="right")
-    table.add_column("it/s", justify="right")
+    title = f"recipe {report.recipe['name']} on {report.device}" + (
+        f" x{report.world_size}" if report.world_size > 1 else "")
+    table = Table(title=title, caption="losses: mean of each stage's last 50 iterations")
+    table.add_column("")
+    for st in report.stages:
+        table.add_column(f"stage {st.stage}", justify="right")
+    table.add_row("iterations", *[str(st.iterations) for st in report.stages])
+    table.add_row("it/s", *[f"{st.it_per_s:.2f}" if st.it_per_s else "-" for st in report.stages])
     for n in names:
-        table.add_column(n, justify="right")
-    for s in report.stages:
-        table.add_row(str(s.stage), str(s.iterations), f"{s.it_per_s:.2f}",
-                      *[f"{s.final_losses[n]:.3f}" if n in s.final_losses else "" for n in names])
+        table.add_row(n, *[f"{st.final_losses[n]:.4f}" if n in st.final_losses else "" for st in report.stages])
     console.print(table)
     console.print(f"bundle: {report.out}\nlog: {report.log}\ncheckpoint: {report.checkpoint}")

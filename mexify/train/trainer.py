@@ -289,6 +289,7 @@ class _CsvLog:
     def write(self, row: Mapping[str, Any]) -> None:
         if self._writer is not None:
             self._writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self._fh.flush()  # rows are every log_every iterations: cheap, and `tail -f` works
 
     def flush(self) -> None:
         if self._fh is not None:
@@ -370,6 +371,8 @@ class _Trainer:
             for stage in (1, 2):
                 total = self.recipe.stage1_iters if stage == 1 else self.recipe.stage2_iters
                 if state is not None and stage < int(state["stage"]):
+                    if total and self.windows.get(stage):  # finished before the checkpoint: report its losses
+                        self.reports.append(StageReport(stage, total, total, 0.0, 0.0, self._mean_window(stage)))
                     continue
                 stage_state = state if (state is not None and stage == int(state["stage"])) else None
                 if total == 0:
