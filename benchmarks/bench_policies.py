@@ -229,7 +229,8 @@ def write_markdown(results: List[Dict[str, Any]], args: argparse.Namespace, seco
         else:
             lines.append(f"No policy stayed within {args.max_drop} point on the test split.")
         lines.append("")
-    lines += [f"Total wall time {seconds / 60:.1f} min.", ""]
+    if seconds == seconds:
+        lines += [f"Total wall time {seconds / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 
@@ -247,7 +248,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "policies.md")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="only assemble the Markdown from the .json files of earlier runs (e.g. one run per model in parallel)")
     args = ap.parse_args()
+    if args.from_json:
+        results = [r for f in args.from_json for r in json.loads(f.read_text())]
+        text = write_markdown(results, args, float("nan"))
+        args.out.write_text(text)
+        print(text)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("mexify.graph.profile", "mexify.data", "mexify.calibrate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

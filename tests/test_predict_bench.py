@@ -84,6 +84,9 @@ def test_predict_writes_palette_pngs_and_jsonl(calibrated, images, tmp_path):
             assert m.mode == "P" and m.size == src.size  # original image size
             assert np.asarray(m).max() < model.num_classes
     assert sum(summary["exit_counts"].values()) == 3
+    res = CliRunner().invoke(app, ["predict", str(calibrated), str(images / "a.png"), "-o", str(tmp_path / "table")])
+    assert res.exit_code == 0, res.output
+    assert "final" in res.stdout
 
 
 def test_predict_matches_runtime_on_model_sized_image(calibrated, tmp_path):
@@ -150,6 +153,9 @@ def test_bench_cli_json(calibrated):
     assert 0 < p["exit_rates"][model.exit_names[0]] < 1
     assert p["flops_speedup"] == pytest.approx(model.original_flops / p["mean_flops"])
     assert "miou" in p and "final_miou" in p
+    res = CliRunner().invoke(app, ["bench", str(calibrated), "--data", SCENES, "--limit", "2", "--warmup", "0", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "policy maxprob" in res.stdout and "exit rates" in res.stdout
 
 
 def test_bench_without_policy_measures_exits_only(plain):
