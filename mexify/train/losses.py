@@ -22,6 +22,7 @@ __all__ = [
     "positive_mask",
     "distillation_loss",
     "early_exit_loss",
+    "early_exits_loss",
 ]
 
 IGNORE_INDEX = 255
@@ -132,3 +133,54 @@ def early_exit_loss(
     ce = cross_entropy(student, target, ignore_index)
     kd = distillation_loss(student, teacher, target, mode, temperature, ignore_index)
     return ce + kd_weight * kd, ce, kd
+
+
+def early_exits_loss(
+    students: Sequence[Tensor],
+    teacher: Tensor,
+    target: Tensor,
+    mode: str = "pfd",
+    kd_weight: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """Stage-2 loss of every early exit at once: ``sum_i CE_i + kd_weight * distill_i``.
+
+    Equal to summing :func:`early_exit_loss` over the exits, but the teacher's side (its
+    probabilities, entropy and the positive-filter mask) is computed once per batch, and each
+    student needs one ``log_softmax`` shared by CE and KD (at temperature 1): KL(p_t || p_s)
+    summed over pixels is ``sum p_t log p_t`` (a constant) minus ``sum p_t log p_s``.
+
+    Returns:
+        ``(total, ce_per_exit, distill_per_exit)``.
+    """
+    if mode not in ("pfd", "kd", "none"):
+        raise ConfigError(f"unknown distillation mode {mode!r}", "use pfd, kd or none")
+    n_lab = (target != ignore_index).sum().clamp_min(1)
+    if mode != "none":
+        with torch.no_grad():
+            t = teacher.detach().float()
+            log_pt = F.log_softmax(t / temperature, dim=1)
+            pt = log_pt.exp()
+            if mode == "pfd":
+                pt = pt * positive_mask(t, target, ignore_index).unsqueeze(1)
+                denom = n_lab
+            else:
+                denom = t.numel() // t.shape[1]
+            neg_entropy = (pt * log_pt).sum()
+            scale = temperature**2 / denom
+    total = teacher.new_zeros((), dtype=torch.float32)
+    ces: List[Tensor] = []
+    kds: List[Tensor] = []
+    for student in students:
+        log_s = F.log_softmax(student.float(), dim=1)
+        ce = F.nll_loss(log_s, target, ignore_index=ignore_index, reduction="sum") / n_lab
+        if mode == "none":
+            kd = log_s.sum() * 0.0
+        else:
+            log_s_t = log_s if temperature == 1.0 else F.log_softmax(student.float() / temperature, dim=1)
+            kd = (neg_entropy - (pt * log_s_t).sum()) * scale
+        total = total + ce + kd_weight * kd
+        ces.append(ce)
+        kds.append(kd)
+    return total, ces, kds

@@ -33,7 +33,7 @@ from torch import nn
 from mexify.errors import DataError, TrainingError
 from mexify.train import checkpoint as ckpt_mod
 from mexify.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, init_distributed
-from mexify.train.losses import IGNORE_INDEX, early_exit_loss, multi_exit_ce
+from mexify.train.losses import IGNORE_INDEX, cross_entropy, early_exits_loss, multi_exit_ce
 from mexify.train.recipe import Recipe, load_recipe
 from mexify.train.schedule import PolyLR
 from mexify.train.stream import BatchStream, derive_seed
@@ -473,17 +473,9 @@ class _Trainer:
                     kds: List[torch.Tensor] = []
                 else:
                     teacher = outs[-1]
-                    loss = outs[0].new_zeros((), dtype=torch.float32)
-                    ces, kds = [], []
-                    for student in outs[:-1]:
-                        tot, ce, kd = early_exit_loss(student, teacher, y, r.distill, r.kd_weight,
+                    loss, ces, kds = early_exits_loss(outs[:-1], teacher, y, r.distill, r.kd_weight,
                                                       r.kd_temperature, IGNORE_INDEX)
-                        loss = loss + tot
-                        ces.append(ce)
-                        kds.append(kd)
                     with torch.no_grad():
-                        from mexify.train.losses import cross_entropy
-
                         ces.append(cross_entropy(teacher, y, IGNORE_INDEX))
                 stop_flag = torch.tensor([1.0 if sigint["set"] else 0.0], device=loss.device)
                 values = torch.cat([loss.detach().reshape(1), torch.stack([c.detach() for c in ces]),
