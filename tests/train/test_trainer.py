@@ -1,6 +1,7 @@
 """The trainer on a tiny network: bundle written back, resume reproduces losses exactly,
 interruption and NaN keep the last checkpoint, --weights fills the backbone."""
 import csv
+import functools
 import os
 import signal
 
@@ -45,7 +46,9 @@ def test_train_writes_bundle_log_and_record(tiny_bundle, tmp_path, tiny_data, qu
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_after_crash_reproduces_losses(tiny_bundle, tmp_path, tiny_data, quick):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_crash_reproduces_losses(tiny_bundle, tmp_path, tiny_data, quick, workers):
+    quick = functools.partial(quick, num_workers=workers)
     ref = train(tiny_bundle, tiny_data, overrides=quick(), out=tmp_path / "a.mex", device="cpu")
     ref_rows = _losses(_rows(default_run_dir(tmp_path / "a.mex")))
 
@@ -163,3 +166,12 @@ def test_bad_inputs(tiny_bundle, tmp_path, tiny_data, quick):
         train(tiny_bundle, "synthetic:scenes?classes=5&size=48&n=8", overrides=quick(), out=tmp_path / "f.mex")
     with pytest.raises(TrainingError, match="no checkpoint"):
         train(tiny_bundle, tiny_data, overrides=quick(), out=tmp_path / "g.mex", resume=True)
+
+
+def test_bf16_autocast_and_channels_last_flags_on_cpu(tiny_bundle, tmp_path, tiny_data, quick):
+    """bf16 autocast runs on CPU; channels_last is a CUDA-only option and is ignored here."""
+    rep = train(tiny_bundle, tiny_data, overrides=quick(stage1_iters=2, stage2_iters=2, amp="bf16", channels_last=True),
+                out=tmp_path / "bf16.mex", device="cpu")
+    assert all(torch.isfinite(torch.tensor(list(s.final_losses.values()))).all() for s in rep.stages)
+    w = mexify.load(tmp_path / "bf16.mex").state_dict()
+    assert all(v.dtype != torch.bfloat16 for v in w.values())
