@@ -1,6 +1,5 @@
 """torchrun --nproc-per-node 2 with gloo on CPU: parameters stay identical, only rank 0 writes."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -14,7 +14,8 @@ def test_shipped_recipes_load_with_paper_settings():
         assert name in names
         r = load_recipe(name)
         assert r.name == name
-        assert (r.lr, r.lr_power, r.momentum, r.weight_decay, r.kd_weight) == (0.02, 0.9, 0.9, 1e-4, 0.5)
+        assert (r.lr_power, r.momentum, r.weight_decay, r.kd_weight) == (0.9, 0.9, 1e-4, 0.5)
+        assert r.lr == (0.05 if name == "quick-synthetic" else 0.02)
         assert r.distill == "pfd"
     for name in ("voc-deeplabv3-resnet50", "voc-fcn-resnet50"):
         r = load_recipe(name)

@@ -1,5 +1,4 @@
 """Tiny segmentation networks for training tests (importable as ``file.py:factory`` specs)."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 
