@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
 
         overrides = parse_kv(set_, "--set")
         quiet = json_ or os.environ.get("MEXIFY_NO_PROGRESS", "") not in ("", "0")
+        quiet = quiet or int(os.environ.get("RANK", "0")) != 0
         progress = None if quiet else _RichProgress(err_console)
         try:
             if progress is not None:
@@ -85,6 +86,8 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] the last checkpoint is intact; continue with --resume")
             raise typer.Exit(130)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun only rank 0 reports
         if json_:
             print_json(report.to_dict())
             return
