@@ -52,7 +52,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def trained_bundle(name: str, work: Path, data: str, recipe: str) -> Path:
+def trained_bundle(name: str, work: Path, data: str, recipe: str, overrides: Dict[str, Any] = None) -> Path:
     """Convert and train ``name`` once; later runs reuse the bundle in ``work``."""
     import mexify
     from mexify.bundle import read_config
@@ -68,7 +68,8 @@ def trained_bundle(name: str, work: Path, data: str, recipe: str) -> Path:
         mexify.convert(f"torchvision.models.segmentation:{name}", args={"num_classes": 8, "weights": None, "weights_backbone": None},
                        input_size=(128, 128), out=str(raw))
         log.info("converted %s in %.1f s", name, time.perf_counter() - t0)
-    rep = train(str(raw), data, recipe=recipe, out=str(out), device="cpu")
+    with torch.enable_grad():
+        rep = train(str(raw), data, recipe=recipe, out=str(out), overrides=overrides or None, device="cpu")
     log.info("trained %s in %.0f s", name, rep.wall_s)
     return out
 
@@ -106,7 +107,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     from mexify.runtime import EarlyExitRuntime, original_model
     from mexify.spec import adapt_output
 
-    bundle = trained_bundle(name, args.work, args.data, args.recipe)
+    bundle = trained_bundle(name, args.work, args.data, args.recipe, dict(kv.split("=", 1) for kv in args.train_override))
     model = mexify.load(bundle).eval()
     orig, _ = original_model(model)
     test = _batches(args.data, "test", args.test, args.batch_size)
@@ -187,7 +188,7 @@ def write_markdown(results: List[Dict[str, Any]], args: argparse.Namespace, seco
         f"`python benchmarks/bench_policies.py --threads {args.threads} --test {args.test} --calib {args.calib}`",
         "",
         f"Data `{args.data}`; bundles converted at 128x128 with 6 early exits and trained with the "
-        f"`{args.recipe}` recipe (both stages). Thresholds fitted on {args.calib} `calib` images for "
+        f"`{args.recipe}` recipe (both stages{'; ' + ', '.join(args.train_override) if args.train_override else ''}). Thresholds fitted on {args.calib} `calib` images for "
         f"`--max-drop {args.max_drop}`; everything below measured on the held-out `test` split through the "
         f"early-exit runtime, batch {args.batch_size}, on {_cpu_name()} with {args.threads} torch threads "
         f"(torch {torch.__version__}). FLOPs: 1 multiply-add = 1 FLOP; speed-ups are against the original model. "
@@ -240,6 +241,8 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--recipe", default="quick-synthetic")
+    ap.add_argument("--train-override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides for training, e.g. stage1_iters=600 (use a fresh --work)")
     ap.add_argument("--work", type=Path, default=Path("out/bench_policies"), help="trained bundles are kept here")
     ap.add_argument("--calib", type=int, default=200)
     ap.add_argument("--test", type=int, default=100)
