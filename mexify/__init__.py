@@ -1,7 +1,7 @@
 """mexify: turn any PyTorch semantic-segmentation model into a multi-exit model.
 
-The Python API mirrors the CLI: :func:`convert`, :func:`inspect`, :func:`load`,
-:func:`train`, :func:`calibrate`, :func:`evaluate`, plus the runtime's ``predict``.
+The Python API mirrors the CLI: ``mexify.convert``, ``mexify.inspect`` and ``mexify.load`` here,
+and every verb (``train``, ``calibrate``, ``evaluate``, ``predict``, ``bench``) in :mod:`mexify.api`.
 """
 __version__ = "0.1.0"
 
