@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 RECIPE_SCHEMA_VERSION = 1
 DISTILL_MODES = ("pfd", "kd", "none")
 AMP_MODES = ("none", "bf16", "fp16")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _opt(conv):
@@ -120,12 +120,12 @@ class Recipe:
         None, _opt(_size), "rescale images first: longer side, or [h, w]; null keeps their size"
     )
     num_workers: int = _f(0, _int, "data-loading worker processes")
-    optimizer: str = _f("sgd", _str, "optimizer (sgd)")
+    optimizer: str = _f("sgd", _str, "optimizer: sgd (the papers' setting) or adamw")
     lr: float = _f(0.02, _float, "initial learning rate of stage 1")
     stage2_lr: Optional[float] = _f(None, _opt(_float), "initial learning rate of stage 2 (default: lr)")
     lr_power: float = _f(0.9, _float, "poly schedule: lr * (1 - it / iters) ** lr_power")
     momentum: float = _f(0.9, _float, "SGD momentum")
-    weight_decay: float = _f(1e-4, _float, "SGD weight decay")
+    weight_decay: float = _f(1e-4, _float, "weight decay (SGD: L2; AdamW: decoupled)")
     nesterov: bool = _f(False, _bool, "Nesterov momentum")
     stage1_iters: int = _f(60000, _int, "iterations of stage 1 (end-to-end); 0 skips it")
     stage2_iters: int = _f(60000, _int, "iterations of stage 2 (frozen backbone); 0 skips it")
@@ -136,6 +136,9 @@ class Recipe:
     kd_weight: float = _f(0.5, _float, "weight of the distillation term in stage 2")
     kd_temperature: float = _f(1.0, _float, "softmax temperature of the distillation term")
     grad_clip: Optional[float] = _f(None, _opt(_float), "clip the gradient norm to this value")
+    precise_bn_iters: int = _f(
+        0, _int, "at the end of each stage, recompute the BatchNorm statistics of the trained layers over this many batches"
+    )
     amp: str = _f("none", _str, "mixed precision on GPU: none, bf16, fp16")
     channels_last: bool = _f(False, _bool, "channels_last memory format (GPU)")
     checkpoint_every: int = _f(500, _int, "write a checkpoint every this many iterations (and at stage ends)")
@@ -145,6 +148,8 @@ class Recipe:
         problems = []
         if self.batch_size < 1:
             problems.append(("batch_size", "must be >= 1"))
+        if self.precise_bn_iters < 0:
+            problems.append(("precise_bn_iters", "must be >= 0"))
         sizes = self.crop_size if isinstance(self.crop_size, tuple) else (self.crop_size,)
         if any(s < 1 for s in sizes):
             problems.append(("crop_size", "must be >= 1"))

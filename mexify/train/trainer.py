@@ -416,7 +416,10 @@ class _Trainer:
             model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         lr = r.lr if stage == 1 else r.lr_stage2
-        opt = torch.optim.SGD(params, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)
+        if r.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=r.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)
         sched = PolyLR(opt, total, r.lr_power)
         start = 0
         if state is not None:
@@ -518,6 +521,8 @@ class _Trainer:
                 self._emit(TrainEvent("step", stage, it + 1, total, start=start, lr=cur_lr, loss=row["loss"],
                                       losses={k: v for k, v in row.items() if k.startswith(("ce/", "kd/")) and v != ""},
                                       it_per_s=row["it_per_s"]))
+                if last and r.precise_bn_iters:
+                    self._precise_bn(net, batches, r.precise_bn_iters)
                 if (it + 1) % r.checkpoint_every == 0 or last or stop:
                     self.csv.flush()
                     self._checkpoint(stage, it + 1, opt, sched, scaler)
@@ -531,6 +536,33 @@ class _Trainer:
         log.info("stage %d done: %d iterations in %.1f s (%.2f it/s)", stage, done_here, wall, rep.it_per_s)
 
     # ------------------------------------------------------------------ pieces
+    def _precise_bn(self, net: nn.Module, batches, iters: int) -> None:
+        """Recompute the statistics of the BatchNorm layers being trained (fvcore's precise BN).
+
+        Short runs leave running statistics far behind the weights (torchvision's MobileNetV3 uses
+        momentum 0.01), and the frozen backbone of stage 2 and inference both use them. Ranks
+        average their statistics so that every process ends with the same buffers.
+        """
+        from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+
+        bns = get_bn_modules(net)
+        if not bns:
+            return
+
+        def inputs():
+            while True:
+                x, _ = next(batches)
+                x = x.to(self.device, non_blocking=True)
+                yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+        with torch.no_grad():
+            update_bn_stats(net, inputs(), iters)
+            if self.info.enabled:
+                for bn in bns:
+                    bn.running_mean.copy_(all_reduce_mean(bn.running_mean))
+                    bn.running_var.copy_(all_reduce_mean(bn.running_var))
+        log.info("recomputed statistics of %d BatchNorm layers over %d batches", len(bns), iters)
+
     def _columns(self, with_kd: bool) -> List[str]:
         cols = ["loss"] + [f"ce/{e}" for e in self.exit_names]
         if with_kd:

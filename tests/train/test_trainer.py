@@ -175,3 +175,22 @@ def test_bf16_autocast_and_channels_last_flags_on_cpu(tiny_bundle, tmp_path, tin
     assert all(torch.isfinite(torch.tensor(list(s.final_losses.values()))).all() for s in rep.stages)
     w = mexify.load(tmp_path / "bf16.mex").state_dict()
     assert all(v.dtype != torch.bfloat16 for v in w.values())
+
+
+def test_precise_bn_updates_trained_layers_only(tiny_bundle, tmp_path, tiny_data, quick):
+    """Precise BN runs over exactly N extra batches at each stage end, and never touches the frozen
+    backbone's statistics in stage 2."""
+    def tracked(model):
+        stage_bn = next(m for m in model.stages.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        head_bn = next(m for m in model.heads.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        return int(stage_bn.num_batches_tracked), int(head_bn.num_batches_tracked), stage_bn.running_mean.clone()
+
+    base = tracked(mexify.load(tiny_bundle))
+    out = tmp_path / "p.mex"
+    train(tiny_bundle, tiny_data, overrides=quick(stage1_iters=2, stage2_iters=2, precise_bn_iters=3), out=out, device="cpu")
+    stage_n, head_n, _ = tracked(mexify.load(out))
+    assert stage_n - base[0] == 2 + 3  # stage 1 steps + precise BN; frozen in stage 2
+    assert head_n - base[1] == (2 + 3) * 2  # heads train (and are re-estimated) in both stages
+    plain = tmp_path / "n.mex"
+    train(tiny_bundle, tiny_data, overrides=quick(stage1_iters=2, stage2_iters=2, precise_bn_iters=0), out=plain, device="cpu")
+    assert not torch.equal(tracked(mexify.load(plain))[2], tracked(mexify.load(out))[2])
