@@ -131,6 +131,15 @@ class MultiExitModel(nn.Module):
             feats.append(self.exit_features(i, state))
         return feats
 
+    def predict(self, x: torch.Tensor, policy: Any = None, exit: Any = None) -> list:
+        """Early-exit inference with the bundle's policy (or ``policy``/``exit``): one Prediction per image.
+
+        See :class:`mexify.runtime.EarlyExitRuntime`: stages stop running once every image has exited.
+        """
+        from mexify.runtime import predict
+
+        return predict(self, x, policy=policy, exit=exit)
+
     # -- costs -------------------------------------------------------------------------
     def cost_to_exit(self, i: int) -> int:
         """FLOPs to reach exit ``i``: stages 0..i plus every early head evaluated on the way."""

@@ -729,6 +729,18 @@ def bench(
             pol["miou"] = 100 * cm_p.miou()
             pol["final_miou"] = 100 * cm_f.miou()
             pol["drop"] = pol["final_miou"] - pol["miou"]
+        for row in rows:
+            row["exit_rate"] = pol["exit_rates"][row["name"]]
+    if all(y is not None for _, y in batches):
+        # each exit's own accuracy on the same images, so the table reads as one
+        from mexify.metrics import ConfusionMatrix
+
+        cms = [ConfusionMatrix(model.num_classes) for _ in range(e)]
+        for x, y in batches:
+            for cm, logits in zip(cms, model.forward_all(x)):
+                cm.update(_labels(logits).cpu(), y)
+        for row, cm in zip(rows, cms):
+            row["miou"] = 100 * cm.miou()
     return BenchReport(
         device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         batch_size=int(x0.shape[0]),

@@ -153,9 +153,12 @@ def test_bench_cli_json(calibrated):
     assert 0 < p["exit_rates"][model.exit_names[0]] < 1
     assert p["flops_speedup"] == pytest.approx(model.original_flops / p["mean_flops"])
     assert "miou" in p and "final_miou" in p
+    # one table: every exit row carries its own mIoU and the policy's exit rate
+    assert sum(r["exit_rate"] for r in rep["exits"]) == pytest.approx(1.0)
+    assert rep["exits"][-1]["miou"] == pytest.approx(p["final_miou"])
     res = CliRunner().invoke(app, ["bench", str(calibrated), "--data", SCENES, "--limit", "2", "--warmup", "0", "--repeats", "1"])
     assert res.exit_code == 0, res.output
-    assert "policy maxprob" in res.stdout and "exit rates" in res.stdout
+    assert "policy maxprob" in res.stdout and "exit rate" in res.stdout and "measured speed-up" in res.stdout
 
 
 def test_bench_without_policy_measures_exits_only(plain):

@@ -20,50 +20,49 @@ def _gflops(v: float) -> str:
 
 
 def render(report) -> None:
-    """Print a :class:`~mexify.runtime.BenchReport` as rich tables on stdout."""
+    """Print a :class:`~mexify.runtime.BenchReport` as one rich table on stdout.
+
+    One row per exit (taking every image there), the original model, and the policy:
+    mIoU, FLOPs, exit rate, latency and the measured speed-up beside the FLOPs-predicted one.
+    """
     from rich.table import Table
 
     h, w = report.image_size
+    p = report.policy
     t = Table(
-        title=f"latency per exit on {report.device}, batch {report.batch_size} at {h}x{w}",
-        caption=f"median of {report.repeats} after {report.warmup} warm-up; GFLOPs at "
-        + "x".join(map(str, report.input_size))
-        + ", 1 multiply-add = 1 FLOP, early heads on the way included",
+        title=f"exits and policy on {report.device}, batch {report.batch_size} at {h}x{w}"
+        + (f", {p['images']} images" if p else ""),
+        caption=f"latency: median of {report.repeats} after {report.warmup} warm-up (exit rows: time to reach the exit "
+        "with every head on the way); GFLOPs at " + "x".join(map(str, report.input_size))
+        + ", 1 multiply-add = 1 FLOP; speed-ups against the original model",
         title_justify="left",
         caption_justify="left",
     )
-    for col, just in (("exit", "left"), ("name", "left"), ("GFLOPs", "right"), ("% FLOPs", "right"),
-                      ("stage ms", "right"), ("head ms", "right"), ("ms to exit", "right"), ("% latency", "right")):
-        t.add_column(col, justify=just)
-    for r in report.exits:
-        t.add_row(
-            str(r["index"]), r["name"], _gflops(r["flops"]), f"{100 * r['flops_fraction']:.1f}%",
-            f"{r['stage_ms']:.2f}", f"{r['head_ms']:.2f}" if r["head_ms"] else "-", f"{r['latency_ms']:.2f}",
-            f"{100 * r['latency_fraction']:.1f}%",
-        )
+    has_miou = all("miou" in r for r in report.exits)
+    cols = ["exit", "name"] + (["mIoU"] if has_miou else []) + ["GFLOPs", "% FLOPs"] + (["exit rate"] if p else []) + [
+        "ms", "measured speed-up", "FLOPs speed-up"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("exit", "name") else "right", no_wrap=col != "name")
     o = report.original
-    t.add_row("", "original", _gflops(o["flops"]), "100.0%", "", "", f"{o['latency_ms']:.2f}", "100.0%", style="bold")
-    console.print(t)
-    p = report.policy
+    for r in report.exits:
+        row = [str(r["index"]), r["name"]] + ([f"{r['miou']:.2f}"] if has_miou else []) + [
+            _gflops(r["flops"]), f"{100 * r['flops_fraction']:.1f}%"]
+        row += [f"{100 * r['exit_rate']:.1f}%"] if p else []
+        row += [f"{r['latency_ms']:.2f}", f"{o['latency_ms'] / r['latency_ms']:.2f}x" if r["latency_ms"] else "-",
+                f"{1 / r['flops_fraction']:.2f}x" if r["flops_fraction"] else "-"]
+        t.add_row(*row)
+    row = ["", "original"] + ([f"{p['final_miou']:.2f}" if p and "final_miou" in p else "-"] if has_miou else []) + [
+        _gflops(o["flops"]), "100.0%"] + (["-"] if p else []) + [f"{o['latency_ms']:.2f}", "1.00x", "1.00x"]
+    t.add_row(*row, style="dim")
     if p:
-        s = Table(title=f"policy {p['name']} on {p['images']} images", title_justify="left")
-        s.add_column("")
-        s.add_column("ms / image", justify="right")
-        s.add_column("mean GFLOPs", justify="right")
-        s.add_column("measured speed-up", justify="right")
-        s.add_column("FLOPs speed-up", justify="right")
-        if "miou" in p:
-            s.add_column("mIoU", justify="right")
-        row_o = ["original", f"{p['original_ms_per_image']:.2f}", _gflops(o["flops"]), "1.00x", "1.00x"]
-        row_p = [f"[bold]{p['name']}[/]", f"{p['ms_per_image']:.2f}", _gflops(p["mean_flops"]),
-                 f"{p['measured_speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"]
-        if "miou" in p:
-            row_o.append(f"{p['final_miou']:.2f}")
-            row_p.append(f"{p['miou']:.2f}")
-        s.add_row(*row_o)
-        s.add_row(*row_p)
-        console.print(s)
-        console.print("exit rates: " + ", ".join(f"{n} {100 * r:.1f}%" for n, r in p["exit_rates"].items()))
+        row = ["", f"policy {p['name']}"] + ([f"{p['miou']:.2f}" if "miou" in p else "-"] if has_miou else []) + [
+            _gflops(p["mean_flops"]), f"{100 * p['mean_flops'] / o['flops']:.1f}%", "100.0%",
+            f"{p['ms_per_image'] * report.batch_size:.2f}", f"{p['measured_speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"]
+        t.add_row(*row, style="bold")
+    console.print(t)
+    if p:
+        console.print(f"policy over {p['images']} images: {p['ms_per_image']:.2f} ms/image vs "
+                      f"{p['original_ms_per_image']:.2f} for the original (per-exit rows: first batch)")
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
 

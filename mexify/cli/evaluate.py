@@ -90,7 +90,8 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
-        """Run every exit of a bundle on a dataset: mIoU, pixel accuracy, FLOPs to reach each exit."""
+        """Run every exit of a bundle on a dataset: mIoU, pixel accuracy, FLOPs to reach each exit, and the
+        bundle's exit policy (when calibrated): its mIoU, mean FLOPs and exit rates."""
         import mexify
         from mexify.data import build_dataset
         from mexify.errors import DataError
@@ -127,6 +128,10 @@ def register(app: typer.Typer) -> None:
             prog.start()
         try:
             report = evaluate(model, dataset, device=device, progress=progress_cb, batch_size=batch_size, limit=limit, num_workers=workers)
+            if model.config is not None and model.config.policy is not None:
+                from mexify.runtime import evaluate_policy
+
+                report.policies.append(evaluate_policy(model, None, dataset, batch_size=batch_size, limit=limit, device=device))
         finally:
             if prog is not None:
                 prog.stop()
