@@ -285,7 +285,7 @@ class _Accumulator:
 
     @torch.no_grad()
     def add(self, probs: List[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
-        e, k, b = self.e, self.k, NUM_BINS
+        k, b = self.k, NUM_BINS
         final_pred = probs[-1].argmax(1)
         n = final_pred.shape[0]
         if labels is None:

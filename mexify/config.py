@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Tuple, Type, TypeVar
 
 from mexify.errors import ConfigError, nearest
 
-__all__ = ["SCHEMA_VERSION", "HeadConfig", "TraceConfig", "ExitConfig", "BundleConfig", "from_mapping"]
+__all__ = ["SCHEMA_VERSION", "HeadConfig", "TraceConfig", "ExitConfig", "BundleConfig", "from_mapping", "json_safe"]
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +37,19 @@ def from_mapping(cls: Type[T], data: Mapping[str, Any], where: str = "") -> T:
                 value = tuple(value)
             kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats replaced by None (JSON and YAML readers elsewhere reject inf/nan)."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _is_tuple_type(tp: Any) -> bool:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mexify.config import json_safe
 from mexify.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -573,17 +574,9 @@ class BenchReport:
     flops_convention: str = "1 multiply-add = 1 FLOP, at the bundle's input size"
 
     def to_dict(self) -> Dict[str, Any]:
-        return _finite(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 @torch.no_grad()

@@ -7,6 +7,16 @@ import torch
 os.environ.setdefault("MEXIFY_NO_PROGRESS", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: the tests use small tensors, where a second thread only adds contention
+    (and DataLoader workers take the other core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,7 +1,5 @@
 """Calibration: exact mIoU from the cache, budget-respecting joint search, errors, CLI, bundles."""
 import json
-import math
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).parent / "policies"))
 from toy_models import NoisyExits, make_scenes  # noqa: E402
 
 from mexify.calibrate import (  # noqa: E402
-    ExitCache,
     calibrate,
     collect_cache,
     fit_temperatures,
@@ -28,12 +25,6 @@ from mexify.policies import build_policy, policy_from_dict  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixture_models.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

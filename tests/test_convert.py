@@ -177,8 +177,6 @@ def test_weights_are_loaded_and_mismatches_named(tmp_path):
 
 
 def test_pickle_needs_trust(tmp_path):
-    import torchvision.models.segmentation as seg
-
     path = tmp_path / "model.pt"
     torch.save(mexify.spec.build_model(mexify.spec.parse_spec(f"{FIXTURES}:TinyUNet")), path)
     with pytest.raises(SpecError, match="arbitrary code"):

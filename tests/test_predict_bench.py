@@ -19,12 +19,6 @@ FIXTURES = Path(__file__).parent / "fixture_models.py"
 SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=8"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """`mexify calibrate`: fit an exit policy for a budget and write it into the bundle."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from mexify.config import json_safe
 from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, err_console, parse_kv, print_json
 
 try:
@@ -126,17 +126,8 @@ def register(app: typer.Typer) -> None:
             if prog is not None:
                 prog.stop()
         if json_out:
-            print_json(_finite(report.to_dict()))
+            print_json(json_safe(report.to_dict()))
         else:
             _render(report)
 
 
-def _finite(obj):
-    """JSON has no infinity: disabled thresholds become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

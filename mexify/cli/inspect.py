@@ -1,12 +1,12 @@
 """`mexify inspect`: the candidate exit points of a model."""
 from __future__ import annotations
 
-from typing import List, Optional
+
 
 import typer
 from rich.table import Table
 
-from mexify.cli._common import Annotated, JsonOpt, console, parse_kv, print_json
+from mexify.cli._common import JsonOpt, console, parse_kv, print_json
 from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, TrustOpt, WeightsOpt, parse_size
 
 

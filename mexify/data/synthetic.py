@@ -7,6 +7,14 @@ illumination gradient, pixel noise and blur. Class 0 is the background; object
 classes come in pairs that share a colour and differ only in texture (stripes,
 checks, dots, waves), so the hard end can only be solved by reading texture.
 
+With 6 or more classes the last two classes are a **context pair**: they look
+exactly alike and only a cue far away tells them apart. Scenes of difficulty
+above 0.3 (all of them above 0.6) get a thin frame along the image border, light
+or dark; the context objects in a light-framed scene are one class and those in
+a dark-framed scene the other. Easy scenes never hold them, so a shallow,
+local model still solves easy scenes, while hard scenes need a receptive field
+that reaches the border (or global pooling).
+
 Samples are generated on the fly from ``(seed, split, index)`` with numpy, so
 they are deterministic, independent of the order they are read in, different
 between splits, and safe to generate in DataLoader workers.
@@ -26,7 +34,7 @@ from mexify.errors import DataError, nearest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SceneConfig", "SyntheticScenes", "SPLITS", "TEXTURES", "render_scene"]
+__all__ = ["SceneConfig", "SyntheticScenes", "SPLITS", "TEXTURES", "render_scene", "context_classes"]
 
 SPLITS = {"train": 0, "val": 1, "calib": 2, "test": 3}
 TEXTURES = ("stripes", "checks", "dots", "waves")
@@ -51,6 +59,8 @@ class SceneConfig:
         mix: how difficulty is drawn in [dmin, dmax]: uniform, easy (skewed low), hard (skewed high).
         max_objects: objects in the hardest scenes (one in the easiest).
         noise, blur, contrast, clutter: multipliers of each degradation at the hard end (0 turns it off).
+        context: how often hard scenes hold the context pair (0 turns the pair off: every object
+            class is then a colour / texture class); needs classes >= 6. Python-only knob.
         cache: keep generated samples in memory.
     """
 
@@ -67,6 +77,7 @@ class SceneConfig:
     blur: float = 1.0
     contrast: float = 1.0
     clutter: float = 1.0
+    context: float = 1.0
     cache: bool = False
 
     def split_size(self, split: str) -> int:
@@ -84,15 +95,36 @@ class _ClassLook:
     period: float  # in units of image side
 
 
-def class_looks(num_classes: int) -> List[_ClassLook]:
+CONTEXT_MIN_CLASSES = 6
+_FRAMES = (("light", 0.92), ("dark", 0.06))
+
+
+def context_classes(num_classes: int, context: float = 1.0) -> Tuple[int, ...]:
+    """The context pair ``(light-frame class, dark-frame class)``, or ``()`` when there is none."""
+    if context <= 0 or num_classes < CONTEXT_MIN_CLASSES:
+        return ()
+    return (num_classes - 2, num_classes - 1)
+
+
+def class_looks(num_classes: int, context: float = 1.0) -> List[_ClassLook]:
     """Appearance of each object class (index 0 = background, which has none).
 
-    Pairs of classes share a hue and differ in texture; hues are spread evenly.
+    Pairs of classes share a hue and differ in texture; hues are spread evenly. The
+    context pair (see :func:`context_classes`) shares one look entirely.
     """
-    n_obj = num_classes - 1
-    groups = (n_obj + 1) // 2
+    ctx = context_classes(num_classes, context)
+    n_obj = num_classes - 1 - len(ctx)
+    groups = (n_obj + 1) // 2 + (1 if ctx else 0)
     looks = [_ClassLook("background", (0.5, 0.5, 0.5), "plain", 0.0, 1.0)]
-    for c in range(1, num_classes):
+    if ctx:  # its own hue, after the texture groups
+        g = groups - 1
+        hue = (g / groups + 0.02) % 1.0
+        rgb = colorsys.hsv_to_rgb(hue, 0.75, 0.85)
+        hname = min(_HUE_NAMES, key=lambda h: min(abs(h[0] - hue), 1 - abs(h[0] - hue)))[1]
+        ctx_looks = [
+            _ClassLook(f"ringed-{hname}-{frame}-frame", tuple(rgb), "rings", 30.0, 1.0 / 12.0) for frame, _ in _FRAMES
+        ]
+    for c in range(1, 1 + n_obj):
         g, member = divmod(c - 1, 2)
         hue = (g / max(groups, 1) + 0.02) % 1.0
         sat = 0.75 if (g // 12) % 2 == 0 else 0.45
@@ -103,6 +135,8 @@ def class_looks(num_classes: int) -> List[_ClassLook]:
         period = 1.0 / (11.0 + 3.0 * ((g + member) % 3))
         hname = min(_HUE_NAMES, key=lambda h: min(abs(h[0] - hue), 1 - abs(h[0] - hue)))[1]
         looks.append(_ClassLook(f"{_TEX_ABBR[texture]}-{hname}", tuple(rgb), texture, angle, period))
+    if ctx:
+        looks.extend(ctx_looks)
     names = [lk.name for lk in looks]
     for i, lk in enumerate(looks):  # keep names unique when hues repeat
         if names.count(lk.name) > 1:
@@ -124,6 +158,8 @@ def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, period: float, angle: fl
         return np.where(np.cos(tau * u) * np.cos(tau * v) > 0.35, 1.0, -0.6)
     if kind == "waves":
         return np.sin(tau * (u + 0.35 * np.sin(tau * v * 0.5)))
+    if kind == "rings":
+        return np.tanh(3.0 * np.sin(tau * np.hypot(u - phase[0], v - phase[1])))
     return np.zeros_like(yy)
 
 
@@ -207,12 +243,21 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
     # objects: one large below d=0.1, many small overlapping at d=1
     n_obj = 1 + int(round((cfg.max_objects - 1) * max(0.0, d - 0.1) / 0.9 * rng.uniform(0.6, 1.0)))
     contrast = float(np.clip(1.0 - 0.6 * cfg.contrast * d, 0.15, 1.0))
-    for _ in range(n_obj):
-        c = int(rng.integers(1, k))
+    # context pair: only in scenes above d = 0.3, in every scene above d = 0.6; the frame decides the class
+    ctx = context_classes(k, cfg.context)
+    frame = int(rng.integers(len(_FRAMES)))
+    with_ctx = bool(ctx) and rng.random() < min(1.0, cfg.context * (d - 0.3) / 0.3)
+    for i in range(n_obj):
+        if with_ctx and (i == 0 or rng.random() < 0.5):
+            c = ctx[frame]
+        else:
+            c = int(rng.integers(1, k - len(ctx)))
         look = looks[c]
         r = s * (0.33 - 0.24 * d) * rng.uniform(0.75, 1.2)
         if n_obj == 1:
             cy, cx = s * rng.uniform(0.38, 0.62, size=2)
+        elif c in ctx:  # context objects keep away from the frame, so the cue is far from them
+            cy, cx = s * rng.uniform(0.32, 0.68, size=2)
         else:
             cy, cx = s * rng.uniform(0.05, 0.95, size=2)
         y0, y1 = int(max(0, cy - 1.5 * r)), int(min(s, cy + 1.5 * r + 1))
@@ -239,12 +284,22 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
         jitter = (0.04 + 0.12 * d) * rng.standard_normal(3)
         rgb = np.clip(np.asarray(look.rgb) + jitter, 0, 1)
         rgb = bg + contrast * (rgb - bg)
-        pat = _texture(look.texture, yy + cy, xx + cx, look.period * s, look.angle + rng.normal(0, 6 * d), rng.random(2))
+        if look.texture == "rings":  # concentric around the object's centre
+            pat = _texture(look.texture, yy, xx, look.period * s, 0.0, 0.15 * rng.random(2))
+        else:
+            pat = _texture(look.texture, yy + cy, xx + cx, look.period * s, look.angle + rng.normal(0, 6 * d), rng.random(2))
         amp = 0.28 * max(contrast, 0.45)
         patch = rgb[None, None, :] * (1.0 + amp * pat[..., None])
         region = image[y0:y1, x0:x1]
         region[inside] = patch[inside]
         mask[y0:y1, x0:x1][inside] = c
+
+    if with_ctx:  # the cue: a thin light or dark frame along the border (background), drawn over everything
+        w = max(2, int(round(0.08 * s)))
+        tone = _FRAMES[frame][1]
+        for sl in ((slice(0, w), slice(None)), (slice(s - w, s), slice(None)), (slice(None), slice(0, w)), (slice(None), slice(s - w, s))):
+            image[sl] = tone
+            mask[sl] = 0
 
     # global degradations
     if d > 0:
@@ -284,7 +339,7 @@ class SyntheticScenes(SegDataset):
             raise DataError(f"synthetic:scenes needs 0 <= dmin <= dmax <= 1, got dmin={cfg.dmin} dmax={cfg.dmax}", "e.g. dmin=0&dmax=1")
         self.cfg = cfg
         self.split = split
-        self.looks = class_looks(cfg.classes)
+        self.looks = class_looks(cfg.classes, cfg.context)
         super().__init__(cfg.classes, [lk.name for lk in self.looks], transform=transform)
         self._len = cfg.split_size(split)
         self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}

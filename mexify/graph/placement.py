@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.fx as fx
 
 from mexify.errors import PlacementError, nearest

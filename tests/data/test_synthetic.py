@@ -175,3 +175,31 @@ def test_distributed_loader_uses_distributed_sampler(tmp_path):
         assert sum(x.shape[0] for x, _ in loader) == len(ds)
     finally:
         dist.destroy_process_group()
+
+
+def test_context_pair_is_decided_by_the_frame():
+    """The last two classes look alike; a light or dark frame far from them decides which one it is."""
+    from mexify.data.synthetic import context_classes
+
+    ds = build_dataset("synthetic:scenes?classes=8&size=64&n=120")
+    light, dark = context_classes(8)
+    assert (light, dark) == (6, 7) and "light-frame" in ds.class_names[6] and "dark-frame" in ds.class_names[7]
+    la, lb = ds.looks[light], ds.looks[dark]
+    assert (la.rgb, la.texture, la.angle, la.period) == (lb.rgb, lb.texture, lb.angle, lb.period)
+    assert context_classes(5) == () and len(build_dataset("synthetic:scenes?classes=4&size=32&n=4").class_names) == 4
+    d = ds.difficulties()
+    seen = set()
+    for i in range(len(ds)):
+        img, mask = ds.render(i)
+        present = {int(c) for c in np.unique(mask)} & {light, dark}
+        if d[i] < 0.3:
+            assert not present, (i, d[i])  # easy scenes never need the cue
+            continue
+        if d[i] > 0.6:
+            assert len(present) == 1, (i, d[i], present)  # every hard scene holds the pair, one class per scene
+        if present:
+            (c,) = present
+            assert (mask[:2] == 0).all() and (mask[:, -2:] == 0).all()  # the frame is background
+            assert (img[0, :, :].mean() > 0.5) == (c == light), (i, c)
+            seen.add(c)
+    assert seen == {light, dark}

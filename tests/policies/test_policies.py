@@ -24,13 +24,6 @@ from mexify.policies import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors on shared cores: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _logits(n=2, k=3, h=6, w=7, seed=0):

@@ -1,22 +1,12 @@
-"""Fixtures for training tests: small converted bundles, one intra-op thread (the CPU is shared;
-oversubscribed OpenMP threads make tiny models 10-20x slower)."""
+"""Fixtures for training tests: small converted bundles and tiny recipe overrides."""
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).resolve().parent
 TINY_SPEC = str(HERE / "tiny_seg.py") + ":tiny"
 TINY_DATA = "synthetic:scenes?classes=4&size=48&n=48&n_eval=16"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
