@@ -8,12 +8,13 @@ classes come in pairs that share a colour and differ only in texture (stripes,
 checks, dots, waves), so the hard end can only be solved by reading texture.
 
 With 6 or more classes the last two classes are a **context pair**: they look
-exactly alike and only a cue far away tells them apart. Scenes of difficulty
-above 0.3 (all of them above 0.6) get a thin frame along the image border, light
-or dark; the context objects in a light-framed scene are one class and those in
-a dark-framed scene the other. Easy scenes never hold them, so a shallow,
-local model still solves easy scenes, while hard scenes need a receptive field
-that reaches the border (or global pooling).
+exactly alike and only a cue away from them tells them apart. Scenes of
+difficulty above 0.3 (all of them above 0.6) hold the pair and get a light or
+dark background; context objects in a light scene are one class and those in a
+dark scene the other. A neutral grey mat around each context object hides the
+tone nearby, and object colours do not carry it, so labelling them takes a
+receptive field that reaches past the mat (or global pooling). Easy scenes never
+hold them, so a shallow, local model still solves easy scenes.
 
 Samples are generated on the fly from ``(seed, split, index)`` with numpy, so
 they are deterministic, independent of the order they are read in, different
@@ -96,11 +97,12 @@ class _ClassLook:
 
 
 CONTEXT_MIN_CLASSES = 6
-_FRAMES = (("light", 0.92), ("dark", 0.06))
+_TONES = (("light", 0.85), ("dark", 0.15))
+_MAT = 0.09  # width of the neutral mat around a context object, in units of image side
 
 
 def context_classes(num_classes: int, context: float = 1.0) -> Tuple[int, ...]:
-    """The context pair ``(light-frame class, dark-frame class)``, or ``()`` when there is none."""
+    """The context pair ``(class on light scenes, class on dark scenes)``, or ``()`` when there is none."""
     if context <= 0 or num_classes < CONTEXT_MIN_CLASSES:
         return ()
     return (num_classes - 2, num_classes - 1)
@@ -122,7 +124,7 @@ def class_looks(num_classes: int, context: float = 1.0) -> List[_ClassLook]:
         rgb = colorsys.hsv_to_rgb(hue, 0.75, 0.85)
         hname = min(_HUE_NAMES, key=lambda h: min(abs(h[0] - hue), 1 - abs(h[0] - hue)))[1]
         ctx_looks = [
-            _ClassLook(f"ringed-{hname}-{frame}-frame", tuple(rgb), "rings", 30.0, 1.0 / 12.0) for frame, _ in _FRAMES
+            _ClassLook(f"ringed-{hname}-on-{tone}", tuple(rgb), "rings", 30.0, 1.0 / 12.0) for tone, _ in _TONES
         ]
     for c in range(1, 1 + n_obj):
         g, member = divmod(c - 1, 2)
@@ -226,8 +228,15 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
     image = np.empty((s, s, 3), dtype=np.float32)
     mask = np.zeros((s, s), dtype=np.uint8)
 
+    # context pair: only in scenes above d = 0.3, in every scene above d = 0.6; the background tone decides the class
+    ctx = context_classes(k, cfg.context)
+    tone = int(rng.integers(len(_TONES)))
+    with_ctx = bool(ctx) and rng.random() < min(1.0, cfg.context * (d - 0.3) / 0.3)
+
     # background: plain, low-saturation; clutter and light gradient grow with d
     bg_hue, bg_val = rng.random(), 0.35 + 0.3 * rng.random()
+    if with_ctx:
+        bg_val = _TONES[tone][1] + 0.06 * (rng.random() - 0.5)
     bg = np.array(colorsys.hsv_to_rgb(bg_hue, 0.15 * rng.random(), bg_val), dtype=np.float32)
     image[:] = bg
     clutter = cfg.clutter * d
@@ -243,21 +252,18 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
     # objects: one large below d=0.1, many small overlapping at d=1
     n_obj = 1 + int(round((cfg.max_objects - 1) * max(0.0, d - 0.1) / 0.9 * rng.uniform(0.6, 1.0)))
     contrast = float(np.clip(1.0 - 0.6 * cfg.contrast * d, 0.15, 1.0))
-    # context pair: only in scenes above d = 0.3, in every scene above d = 0.6; the frame decides the class
-    ctx = context_classes(k, cfg.context)
-    frame = int(rng.integers(len(_FRAMES)))
-    with_ctx = bool(ctx) and rng.random() < min(1.0, cfg.context * (d - 0.3) / 0.3)
+    # colours are pulled toward a neutral grey, not the background, in scenes with the context pair,
+    # so that no object carries the background tone
+    ref = np.full(3, 0.5, dtype=np.float32) if with_ctx else bg
     for i in range(n_obj):
-        if with_ctx and (i == 0 or rng.random() < 0.5):
-            c = ctx[frame]
+        if with_ctx and (i == 0 or rng.random() < 0.35):
+            c = ctx[tone]
         else:
             c = int(rng.integers(1, k - len(ctx)))
         look = looks[c]
         r = s * (0.33 - 0.24 * d) * rng.uniform(0.75, 1.2)
         if n_obj == 1:
             cy, cx = s * rng.uniform(0.38, 0.62, size=2)
-        elif c in ctx:  # context objects keep away from the frame, so the cue is far from them
-            cy, cx = s * rng.uniform(0.32, 0.68, size=2)
         else:
             cy, cx = s * rng.uniform(0.05, 0.95, size=2)
         y0, y1 = int(max(0, cy - 1.5 * r)), int(min(s, cy + 1.5 * r + 1))
@@ -283,7 +289,15 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
         # colour: class hue with jitter that grows with d, pulled toward the background by low contrast
         jitter = (0.04 + 0.12 * d) * rng.standard_normal(3)
         rgb = np.clip(np.asarray(look.rgb) + jitter, 0, 1)
-        rgb = bg + contrast * (rgb - bg)
+        rgb = ref + contrast * (rgb - ref)
+        if c in ctx:  # a neutral mat around the object hides the background tone nearby
+            m = r * 1.15 + _MAT * s
+            my0, my1 = int(max(0, cy - m)), int(min(s, cy + m + 1))
+            mx0, mx1 = int(max(0, cx - m)), int(min(s, cx + m + 1))
+            in_mat = (ys[my0:my1, None] - cy) ** 2 + (ys[None, mx0:mx1] - cx) ** 2 <= m * m
+            in_mat &= mask[my0:my1, mx0:mx1] == 0  # under the objects already there
+            image[my0:my1, mx0:mx1][in_mat] = 0.5
+            mask[my0:my1, mx0:mx1][in_mat] = 0
         if look.texture == "rings":  # concentric around the object's centre
             pat = _texture(look.texture, yy, xx, look.period * s, 0.0, 0.15 * rng.random(2))
         else:
@@ -293,13 +307,6 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
         region = image[y0:y1, x0:x1]
         region[inside] = patch[inside]
         mask[y0:y1, x0:x1][inside] = c
-
-    if with_ctx:  # the cue: a thin light or dark frame along the border (background), drawn over everything
-        w = max(2, int(round(0.08 * s)))
-        tone = _FRAMES[frame][1]
-        for sl in ((slice(0, w), slice(None)), (slice(s - w, s), slice(None)), (slice(None), slice(0, w)), (slice(None), slice(s - w, s))):
-            image[sl] = tone
-            mask[sl] = 0
 
     # global degradations
     if d > 0:
