@@ -11,8 +11,10 @@ from rich.console import Console
 
 from mexify.errors import MexifyError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (CI logs, `| tee`) gets 120 columns instead of rich's 80, so tables are not truncated.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+console = Console(stderr=False, highlight=False, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 try:  # typer >= 0.9 supports Annotated
     from typing import Annotated
