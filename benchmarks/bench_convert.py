@@ -12,25 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_name  # noqa: E402 - sibling module of this script
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -88,7 +78,7 @@ def main() -> None:
     rows = [
         ("model", f"{args.model} ({args.exits} exits, {len(model.exit_names)} stages)"),
         ("input", f"1x3x{hw[0]}x{hw[1]}"),
-        ("machine", f"{_cpu_name()}, {args.threads} torch threads (of {os.cpu_count()} cores), torch {torch.__version__}"),
+        ("machine", f"{cpu_name()}, {args.threads} torch threads (of {os.cpu_count()} cores), torch {torch.__version__}"),
         ("convert time", f"{convert_s:.2f} s (target < 10 s)"),
         ("load time (re-trace + weights)", f"{load_s:.2f} s"),
         ("original model, median", f"{1000 * m_orig:.1f} ms"),

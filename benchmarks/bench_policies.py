@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from _machine import cpu_name  # noqa: E402 - sibling module of this script
 
 RESULTS = Path(__file__).parent / "results"
 DATA = "synthetic:scenes?classes=8&size=128"
@@ -39,16 +39,6 @@ MODELS = ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"]
 POLICIES = ["mess", "entropy", "maxprob", "cbt", "class-means"]
 
 log = logging.getLogger("bench_policies")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def trained_bundle(name: str, work: Path, data: str, recipe: str, overrides: Dict[str, Any] = None) -> Path:
@@ -200,7 +190,7 @@ def write_markdown(results: List[Dict[str, Any]], args: argparse.Namespace, seco
         f"Data `{args.data}`; bundles converted at 128x128 with 6 early exits and trained with the "
         f"`{args.recipe}` recipe (both stages{'; ' + ', '.join(args.train_override) if args.train_override else ''}). Thresholds fitted on {args.calib} `calib` images for "
         f"`--max-drop {args.max_drop}`; everything below measured on the held-out `test` split through the "
-        f"early-exit runtime, batch {args.batch_size}, on {_cpu_name()} with {args.threads} torch threads "
+        f"early-exit runtime, batch {args.batch_size}, on {cpu_name()} with {args.threads} torch threads "
         f"(torch {torch.__version__}). FLOPs: 1 multiply-add = 1 FLOP; speed-ups are against the original model. "
         f"Measured speed-up: median of {args.repeats} interleaved passes. Oracle share: the policy's FLOPs saving over "
         "the saving of the cheapest oracle with at least the policy's test mIoU.",

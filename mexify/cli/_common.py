@@ -1,6 +1,7 @@
 """Shared CLI pieces: the console, option aliases, JSON output and error handling."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +28,30 @@ DataOpt = Annotated[
     typer.Option("--data", help="Dataset spec: synthetic:scenes[?k=v&...], voc:PATH, cityscapes:PATH, ade20k:PATH, folder:PATH."),
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
+
+
+@contextlib.contextmanager
+def stage_progress(enabled: bool):
+    """A transient progress bar on stderr with one task per stage name.
+
+    Yields ``callback(stage, done, total)`` (None when not ``enabled``, e.g. with ``--json``).
+    """
+    if not enabled or os.environ.get("MEXIFY_NO_PROGRESS", "") not in ("", "0"):
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+    tasks: dict = {}
+
+    def callback(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = prog.add_task(stage, total=total)
+        prog.update(tasks[stage], completed=done, total=total)
+
+    with prog:
+        yield callback
 
 
 def print_json(obj: Any) -> None:

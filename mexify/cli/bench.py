@@ -1,13 +1,12 @@
 """`mexify bench`: per-exit latency and FLOPs, and the policy's measured speed-up."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, err_console, print_json
+from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, print_json, stage_progress
 
 try:
     from typing import Annotated
@@ -93,26 +92,9 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(int(threads))
         model = mexify.load(bundle, device=device)
-        show = not json_out and os.environ.get("MEXIFY_NO_PROGRESS", "") in ("", "0")
-        prog, cb = None, None
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
-            tasks = {}
-
-            def cb(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = prog.add_task(stage, total=total)
-                prog.update(tasks[stage], completed=done, total=total)
-
-            prog.start()
-        try:
+        with stage_progress(not json_out) as cb:
             report = bench(model, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
                            device=device, progress=cb)
-        finally:
-            if prog is not None:
-                prog.stop()
         if json_out:
             print_json(report.to_dict())
         else:

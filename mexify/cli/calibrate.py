@@ -1,14 +1,13 @@
 """`mexify calibrate`: fit an exit policy for a budget and write it into the bundle."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from mexify.config import json_safe
-from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, err_console, parse_kv, print_json
+from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, parse_kv, print_json, stage_progress
 
 try:
     from typing import Annotated
@@ -91,22 +90,7 @@ def register(app: typer.Typer) -> None:
         from mexify.calibrate import calibrate
 
         opts = parse_kv(option, "--option")
-        show = not json_out and os.environ.get("MEXIFY_NO_PROGRESS", "") in ("", "0")
-        progress_cb = None
-        prog = None
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
-            tasks = {}
-
-            def progress_cb(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = prog.add_task(stage, total=total)
-                prog.update(tasks[stage], completed=done, total=total)
-
-            prog.start()
-        try:
+        with stage_progress(not json_out) as progress_cb:
             report = calibrate(
                 str(bundle),
                 data,
@@ -122,9 +106,6 @@ def register(app: typer.Typer) -> None:
                 policy_options=opts,
                 progress=progress_cb,
             )
-        finally:
-            if prog is not None:
-                prog.stop()
         if json_out:
             print_json(json_safe(report.to_dict()))
         else:
