@@ -37,8 +37,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("mexify.graph.profile").setLevel(logging.ERROR)
     import mexify
-    from mexify.runtime import original_model
-    from mexify.spec import adapt_output
+    from mexify.graph.adapt import adapt_output
+    from mexify.tools import original_model
 
     spec = f"torchvision.models.segmentation:{args.model}"
     kw = {"weights": None, "weights_backbone": None}

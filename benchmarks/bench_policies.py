@@ -45,7 +45,7 @@ def trained_bundle(name: str, work: Path, data: str, recipe: str, overrides: Dic
     """Convert and train ``name`` once; later runs reuse the bundle in ``work``."""
     import mexify
     from mexify.bundle import read_config
-    from mexify.train import train
+    from mexify.api import train
 
     out = work / f"{name}.mex"
     if (out / "config.yaml").is_file() and read_config(out).training is not None:
@@ -91,10 +91,12 @@ def _time_passes(fns: Dict[str, Any], repeats: int) -> Dict[str, float]:
 @torch.no_grad()
 def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     import mexify
-    from mexify.calibrate import calibrate, collect_cache, oracle_at
+    from mexify.api import calibrate
+    from mexify.calibrate import collect_cache, oracle_at
     from mexify.metrics import ConfusionMatrix
-    from mexify.runtime import EarlyExitRuntime, original_model
-    from mexify.spec import adapt_output
+    from mexify.graph.adapt import adapt_output
+    from mexify.runtime import EarlyExitRuntime
+    from mexify.tools import original_model, time_call
 
     bundle = trained_bundle(name, args.work, args.data, args.recipe, dict(kv.split("=", 1) for kv in args.train_override))
     model = mexify.load(bundle).eval()
@@ -104,8 +106,6 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     cache = collect_cache(model, test)
     final_miou = cache.final_miou
     # latency to reach each exit (stages + heads on the way) on one test batch, as a share of the original's
-    from mexify.runtime import time_call
-
     x0 = test[0][0]
     states = [model.start(x0)]
     for i in range(model.num_exits):

@@ -1,13 +1,33 @@
 """mexify: turn any PyTorch semantic-segmentation model into a multi-exit model.
 
-The Python API mirrors the CLI: ``mexify.convert``, ``mexify.inspect`` and ``mexify.load`` here,
-and every verb (``train``, ``calibrate``, ``evaluate``, ``predict``, ``bench``) in :mod:`mexify.api`.
+The Python API mirrors the CLI: every verb (``convert``, ``inspect``, ``load``, ``train``,
+``calibrate``, ``evaluate``, ``predict``, ``bench``) is in :mod:`mexify.api`; the most used
+are re-exported here, with the extension points for tracing and FLOP counting.
 """
-__version__ = "0.1.0"
+from mexify._version import __version__
+from mexify.api import bench, calibrate, convert, evaluate, inspect, load, predict, train
+from mexify.errors import MexifyError
+from mexify.graph.profile import register_flop_formula
+from mexify.graph.trace import register_autowrap_function, register_leaf_module
+from mexify.nn import MultiExitModel
+from mexify.policies import register_policy
+from mexify.prepare import ConvertResult
 
-from mexify.errors import MexifyError  # noqa: E402
-from mexify.converter import ConvertResult, convert, inspect  # noqa: E402
-from mexify.bundle import load  # noqa: E402
-from mexify.model import MultiExitModel  # noqa: E402
-
-__all__ = ["__version__", "MexifyError", "ConvertResult", "convert", "inspect", "load", "MultiExitModel"]
+__all__ = [
+    "__version__",
+    "MexifyError",
+    "ConvertResult",
+    "MultiExitModel",
+    "convert",
+    "inspect",
+    "load",
+    "train",
+    "calibrate",
+    "evaluate",
+    "predict",
+    "bench",
+    "register_leaf_module",
+    "register_autowrap_function",
+    "register_flop_formula",
+    "register_policy",
+]

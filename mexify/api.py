@@ -1,12 +1,460 @@
-"""The verbs the CLI wraps, in one place: ``from mexify import api``.
+"""The verbs of mexify, one function per CLI command: ``from mexify import api``.
 
-Each command of ``mexify`` calls exactly one of these functions and only renders its result.
+This is the one place that turns paths and spec strings into objects (bundles, datasets,
+image files) and writes bundles; everything below it takes and returns objects. Each
+``mexify`` command parses its options, calls one of these functions and renders the result.
+
+Example::
+
+    from mexify import api
+
+    api.convert("torchvision.models.segmentation:lraspp_mobilenet_v3_large",
+                args={"num_classes": 8, "weights": None, "weights_backbone": None},
+                input_size=(128, 128), out="lraspp.mex")
+    api.train("lraspp.mex", recipe="quick-synthetic")          # the recipe names its dataset
+    api.calibrate("lraspp.mex", "synthetic:scenes?classes=8&size=128", max_drop=1.0)
+    report = api.evaluate("lraspp.mex", split="test")
+    print(report.final.miou, report.policies[0].extra["speedup_flops"])
 """
-from mexify.bundle import load
-from mexify.calibrate import calibrate
-from mexify.converter import convert, inspect
-from mexify.evaluate import evaluate
-from mexify.runtime import bench, evaluate_policy, predict
-from mexify.train import train
+from __future__ import annotations
 
-__all__ = ["convert", "inspect", "load", "train", "calibrate", "evaluate", "evaluate_policy", "predict", "bench"]
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from mexify._version import __version__
+from mexify.bundle import check_writable, read_config, save_bundle, update_bundle
+from mexify.bundle import load as _load_bundle
+from mexify.calibrate import CalibrationReport, fit_policy
+from mexify.config import BundleConfig, json_safe, parse_size
+from mexify.data import as_loader, build_dataset
+from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
+from mexify.graph.placement import PlacementConfig
+from mexify.nn import MultiExitModel, resolve_device
+from mexify.policies import Policy, available_policies
+from mexify.prepare import ConvertResult, TracedModel
+from mexify.prepare import convert as _convert
+from mexify.prepare import inspect as _inspect
+from mexify.runtime import EarlyExitRuntime
+from mexify.tools import BenchReport, EvalReport, PolicyResult, collect_images, predict_images, save_pareto
+from mexify.tools import bench as _bench
+from mexify.tools import evaluate as _evaluate
+from mexify.tools import evaluate_policy as _evaluate_policy
+from mexify.train import TrainReport, default_run_dir, load_recipe, train_model
+
+__all__ = [
+    "convert",
+    "inspect",
+    "load",
+    "read_config",
+    "train",
+    "calibrate",
+    "evaluate",
+    "evaluate_policy",
+    "predict",
+    "bench",
+    # records and errors the CLI renders
+    "ConvertResult",
+    "TracedModel",
+    "TrainReport",
+    "CalibrationReport",
+    "EvalReport",
+    "PolicyResult",
+    "BenchReport",
+    "MexifyError",
+    "ConfigError",
+    "DataError",
+    "BudgetError",
+    "available_policies",
+    "json_safe",
+    "parse_size",
+    "__version__",
+]
+
+PathLike = Union[str, os.PathLike]
+Model = Union[PathLike, MultiExitModel]
+Data = Union[str, Dataset, Any]
+StageProgress = Optional[Callable[[str, int, int], None]]
+
+
+# =============================================================================== helpers
+def load(path: PathLike, device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False) -> MultiExitModel:
+    """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` in eval mode (``mexify.load``).
+
+    Args:
+        path: the bundle directory.
+        device: where to put the model (default: CPU).
+        trust_pickle: needed only for bundles converted from a pickled module.
+
+    Raises:
+        BundleError: missing/invalid files, or weights that do not match the rebuilt model.
+    """
+    return _load_bundle(path, device=device, trust_pickle=trust_pickle)
+
+
+def _model(bundle: Model, device: Any = None) -> Tuple[MultiExitModel, Optional[Path]]:
+    """A model and its bundle directory (None when given a model)."""
+    if isinstance(bundle, (str, os.PathLike)):
+        return load(bundle, device=device), Path(bundle)
+    if device is not None:
+        bundle.to(device)
+    return bundle, None
+
+
+def _dataset(data: Data, split: str, limit: Optional[int] = None, train: bool = False, **kw: Any) -> Any:
+    """A dataset from a spec string (``synthetic:scenes``, ``voc:PATH``, ...), or ``data`` itself; first ``limit`` samples."""
+    ds = build_dataset(data, split=split, train=train, **kw) if isinstance(data, str) else data
+    if limit is not None and isinstance(ds, Dataset) and limit < len(ds):
+        subset = Subset(ds, range(int(limit)))
+        for attr in ("num_classes", "class_names"):
+            if hasattr(ds, attr):
+                setattr(subset, attr, getattr(ds, attr))
+        ds = subset
+    return ds
+
+
+def _trained_on(model: MultiExitModel, bundle: Any) -> str:
+    """The dataset spec the bundle was trained on (its training record)."""
+    training = getattr(model.config, "training", None) or {}
+    data = training.get("data") if isinstance(training, dict) else None
+    if not data:
+        raise DataError(f"no --data given and bundle {bundle} records no training dataset", "pass --data, e.g. --data synthetic:scenes")
+    return str(data)
+
+
+# =============================================================================== convert / inspect
+def _input_size(size: Union[Tuple[int, int], str]) -> Tuple[int, int]:
+    h, w = parse_size(size, "--input-size")
+    if h < 32 or w < 32:
+        raise ConfigError(f"--input-size {size} is too small", "use at least 32x32")
+    return (h, w)
+
+
+def convert(
+    spec: Union[str, torch.nn.Module],
+    *,
+    out: Optional[PathLike] = None,
+    overwrite: bool = False,
+    args: Optional[Mapping[str, Any]] = None,
+    weights: Optional[str] = None,
+    exits: int = 6,
+    at: Optional[Sequence[str]] = None,
+    head: str = "mess",
+    head_set: Optional[Mapping[str, Any]] = None,
+    input_size: Union[Tuple[int, int], str] = (512, 512),
+    leaf_modules: Sequence[str] = (),
+    autowrap_functions: Sequence[str] = (),
+    trace: str = "auto",
+    trust_pickle: bool = False,
+    placement: PlacementConfig = PlacementConfig(),
+) -> ConvertResult:
+    """Convert a segmentation model into a multi-exit model (``mexify convert``) and write a bundle to ``out``.
+
+    Args:
+        spec: ``package.module:factory``, ``file.py:factory``, a ``.pt2`` archive, a pickled
+            module (with ``trust_pickle``), or an ``nn.Module`` (converted, but not reloadable).
+        out: bundle directory to write atomically (None: nothing is written).
+        overwrite: replace an existing bundle at ``out``.
+        args: keyword arguments of a factory spec.
+        weights: a state_dict or ``.safetensors`` file loaded into the model first.
+        exits: early exits placed by FLOPs (ignored when ``at`` is given).
+        at: exit point node names, overriding placement.
+        head, head_set: head template (``mess`` or ``fcn``) and overrides of its fields.
+        input_size: (H, W) or ``"HxW"`` at which shapes and FLOPs are profiled.
+        leaf_modules, autowrap_functions: kept as single graph nodes (also see
+            :func:`mexify.register_leaf_module` / :func:`mexify.register_autowrap_function`).
+        trace: ``auto`` (torch.fx, then torch.export), ``fx`` or ``export``.
+        placement: the placement strategy.
+
+    Raises:
+        MexifyError: any user-facing problem, with a hint; nothing is written then.
+    """
+    if out is not None:
+        check_writable(out, overwrite)
+    size = _input_size(input_size)
+    result = _convert(
+        spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust_pickle=trust_pickle,
+        placement=placement,
+    )
+    if out is not None:
+        save_bundle(result.model, out, overwrite=overwrite)
+    return result
+
+
+def inspect(
+    spec: Union[str, torch.nn.Module],
+    *,
+    args: Optional[Mapping[str, Any]] = None,
+    weights: Optional[str] = None,
+    input_size: Union[Tuple[int, int], str] = (512, 512),
+    leaf_modules: Sequence[str] = (),
+    autowrap_functions: Sequence[str] = (),
+    trace: str = "auto",
+    trust_pickle: bool = False,
+) -> TracedModel:
+    """Trace and profile a model and list its candidate exit points, converting nothing (``mexify inspect``)."""
+    size = _input_size(input_size)
+    return _inspect(spec, args=args, weights=weights, input_size=size, leaf_modules=leaf_modules,
+                    autowrap_functions=autowrap_functions, trace=trace, trust_pickle=trust_pickle)
+
+
+# =============================================================================== train
+def train(
+    bundle: PathLike,
+    data: Optional[Data] = None,
+    recipe: Any = "quick-synthetic",
+    out: Optional[PathLike] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    weights: Optional[PathLike] = None,
+    resume: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: Optional[Callable[[Any], None]] = None,
+    run_dir: Optional[PathLike] = None,
+) -> TrainReport:
+    """Train a bundle in two stages (``mexify train``) and write the trained bundle.
+
+    Args:
+        bundle: bundle directory made by :func:`convert`.
+        data: dataset spec or dataset of ``(image, mask)``; default: the recipe's ``data``.
+        recipe: recipe name (``quick-synthetic``, ...), YAML path, mapping or ``Recipe``.
+        out: where to write the trained bundle (default: update ``bundle`` in place).
+        overrides: recipe fields to change (``{"lr": 0.01}``).
+        weights: the original model's trained weights, loaded into the backbone first.
+        resume: continue from the checkpoint in ``run_dir``.
+        device: ``cpu``, ``cuda``, ``cuda:1``; default CUDA when available.
+        progress: called with a :class:`~mexify.train.TrainEvent` at stage start, every
+            iteration and stage end.
+        run_dir: checkpoints and logs (default ``<out>.train`` beside the bundle).
+
+    Raises:
+        ConfigError: bad recipe, or no dataset anywhere. DataError: dataset does not fit.
+        TrainingError: non-finite loss or unreadable checkpoint.
+    """
+    rec = load_recipe(recipe, overrides)
+    data = data if data is not None else rec.data
+    if data is None:
+        raise ConfigError(f"recipe {rec.name!r} names no dataset and no --data was given",
+                          "pass --data SPEC, or add `data: SPEC` to the recipe")
+    bundle, out = Path(bundle), Path(out) if out is not None else Path(bundle)
+    model = load(bundle, device="cpu")
+    dataset = _dataset(data, "train", train=True, crop_size=rec.crop_hw, base_size=rec.base_size)
+    data_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+
+    def save(trained: MultiExitModel, record: Dict[str, Any]) -> None:
+        if out.resolve() == bundle.resolve():
+            update_bundle(out, model=trained, training=record)
+        else:
+            cfg = dataclasses.replace(trained.config or read_config(bundle), training=record)
+            save_bundle(trained, out, config=cfg, overwrite=True)
+
+    report = train_model(model, dataset, rec, run_dir if run_dir is not None else default_run_dir(out),
+                         weights=weights, resume=resume, device=device, progress=progress, save=save, data_name=data_name)
+    return dataclasses.replace(report, bundle=str(bundle), out=str(out))
+
+
+# =============================================================================== calibrate
+def calibrate(
+    bundle: Model,
+    data: Data,
+    policy: Union[str, Policy] = "mess",
+    budget: Optional[str] = None,
+    max_drop: Optional[float] = None,
+    split: str = "calib",
+    temperature: bool = False,
+    out: Optional[PathLike] = None,
+    limit: Optional[int] = None,
+    batch_size: int = 4,
+    device: Any = None,
+    policy_options: Optional[Dict[str, Any]] = None,
+    means_split: str = "train",
+    means_limit: Optional[int] = 200,
+    edge_radius: Optional[int] = None,
+    write: bool = True,
+    progress: StageProgress = None,
+) -> CalibrationReport:
+    """Fit an exit policy on a calibration split for a budget and write it into the bundle (``mexify calibrate``).
+
+    Args:
+        bundle: bundle directory (updated in place) or a ``MultiExitModel`` (only ``out`` is written).
+        data: dataset spec (``synthetic:scenes``, ``voc:PATH``, ...) or a Dataset of ``(image, mask)``.
+        policy: registry name or a :class:`~mexify.policies.Policy`.
+        budget: ``"2x"`` or ``"40%"``: the most accurate thresholds within that mean cost.
+        max_drop: the fastest thresholds within this many mIoU points of the final exit
+            (default 1.0 when no budget is given).
+        split: dataset split to calibrate on.
+        temperature: fit one temperature per exit first (needs labels).
+        out: directory for ``pareto.csv``/``pareto.png`` (default ``BUNDLE/calibration``).
+        limit: use the first ``limit`` images only.
+        policy_options: keyword options of the policy (e.g. ``{"pixel_threshold": 0.95}``).
+        means_split, means_limit: labelled data for class-means' class means.
+        write: write the fitted policy into the bundle's ``config.yaml``.
+        progress: ``callback(stage, done, total)``.
+
+    Raises:
+        BudgetError: the budget is below the cheapest reachable cost (nothing is written).
+        ConfigError: bad policy, budget or options.
+    """
+    model, bundle_path = _model(bundle, device)
+    ds = _dataset(data, split, limit)
+    means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
+    report = fit_policy(
+        model,
+        lambda: as_loader(ds, batch_size),
+        policy=policy,
+        budget=budget,
+        max_drop=max_drop,
+        temperature=temperature,
+        means_batches=lambda: as_loader(means, batch_size),
+        policy_options=policy_options,
+        edge_radius=edge_radius,
+        device=device,
+        total=math.ceil(len(ds) / batch_size) if hasattr(ds, "__len__") else None,
+        progress=progress,
+    )
+    out_dir = Path(out) if out is not None else (bundle_path / "calibration" if bundle_path is not None else None)
+    if out_dir is not None:
+        report.files = save_pareto(report.search, report.oracle_curve, report.figures, out_dir, title=f"{report.policy.name} on {split}")
+    if write and bundle_path is not None:
+        update_bundle(bundle_path, policy=report.policy.to_dict())
+        report.files["config"] = str(bundle_path / "config.yaml")
+    return report
+
+
+# =============================================================================== evaluate
+def evaluate(
+    bundle: Model,
+    data: Optional[Data] = None,
+    split: str = "val",
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    workers: Optional[int] = None,
+    device: Any = None,
+    with_policy: bool = True,
+    progress: StageProgress = None,
+) -> EvalReport:
+    """Accuracy and cost of every exit on a dataset, plus the bundle's policy row when it has one (``mexify eval``).
+
+    Args:
+        bundle: bundle directory or ``MultiExitModel``.
+        data: dataset spec or Dataset; default: the dataset the bundle was trained on.
+        split, batch_size, limit, workers: what is evaluated and how it is loaded.
+        device: where to run (default: cuda if available).
+        with_policy: also run the bundle's policy through the runtime (when calibrated).
+        progress: ``callback("eval" | "policy", done, total)``.
+
+    Raises:
+        DataError: no dataset anywhere, an empty dataset or classes that differ from the model's.
+    """
+    model, _ = _model(bundle)
+    data = data if data is not None else _trained_on(model, bundle)
+    ds = _dataset(data, split)
+    report = _evaluate(model, ds, device=device, batch_size=batch_size, limit=limit, num_workers=workers,
+                       progress=(lambda d, t: progress("eval", d, t)) if progress else None)
+    if with_policy and model.config is not None and model.config.policy is not None:
+        report.policies.append(_evaluate_policy(model, None, ds, batch_size=batch_size, limit=limit, device=device,
+                                                progress=(lambda d, t: progress("policy", d, t)) if progress else None))
+    report.data = data if isinstance(data, str) else type(data).__name__
+    return report
+
+
+def evaluate_policy(
+    bundle: Model,
+    policy: Any = None,
+    data: Optional[Data] = None,
+    split: str = "val",
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    device: Any = None,
+) -> PolicyResult:
+    """mIoU, mean FLOPs and exit rates of a policy (default: the bundle's) through the early-exit runtime."""
+    model, _ = _model(bundle)
+    ds = _dataset(data if data is not None else _trained_on(model, bundle), split)
+    return _evaluate_policy(model, policy, ds, batch_size=batch_size, limit=limit, device=device)
+
+
+# =============================================================================== predict / bench
+def predict(
+    bundle: Model,
+    images: Sequence[PathLike],
+    out: PathLike,
+    exit: Union[int, str, None] = None,
+    size: Union[str, Tuple[int, int], None] = None,
+    batch_size: int = 4,
+    skip_bad: bool = False,
+    device: Any = None,
+    warn: Optional[Callable[[str], None]] = None,
+    progress: StageProgress = None,
+) -> Dict[str, Any]:
+    """Segment image files with early exits: a palette PNG per image and ``predictions.jsonl`` (``mexify predict``).
+
+    Args:
+        bundle: bundle directory (calibrated) or ``MultiExitModel``.
+        images: image files or directories of images.
+        out: output directory.
+        exit: force every image to this exit (index, negative from the end, or name).
+            Without it and without a policy, every image takes the final exit (with a warning).
+        size: ``HxW`` (or N) the images are resized to (default: the bundle's input size).
+        batch_size: images per forward pass.
+        skip_bad: skip unreadable images with a warning instead of stopping.
+        device: where to run (default: cuda if available).
+        warn: receives warnings (default: the ``mexify`` logger).
+
+    Returns:
+        a summary: images, exit counts, mean FLOPs and FLOPs speed-up, where the files are.
+
+    Raises:
+        DataError: missing paths, no image, or an unreadable image without ``skip_bad``.
+    """
+    warn = warn or (lambda m: None)
+    files = collect_images([Path(p) for p in images], warn)
+    model, _ = _model(bundle, resolve_device(device))
+    forced: Union[int, str, None] = exit
+    if isinstance(exit, str) and exit.lstrip("-").isdigit():
+        forced = int(exit)
+    elif exit is None and (model.config is None or model.config.policy is None):
+        warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
+        forced = -1
+    hw = tuple(model.input_size) if not size else parse_size(size, "--size")
+    return predict_images(EarlyExitRuntime(model, exit=forced), files, Path(out), hw, batch_size=batch_size,
+                          skip_bad=skip_bad, warn=warn, progress=progress)
+
+
+def bench(
+    bundle: Model,
+    data: Data,
+    split: str = "val",
+    limit: Optional[int] = 32,
+    batch_size: int = 1,
+    warmup: int = 2,
+    repeats: int = 5,
+    threads: Optional[int] = None,
+    device: Any = None,
+    policy: Any = None,
+    progress: StageProgress = None,
+) -> BenchReport:
+    """Per-exit latency and FLOPs, the original model's latency and the policy's measured speed-up (``mexify bench``).
+
+    Args:
+        bundle: bundle directory or ``MultiExitModel``.
+        data: dataset spec or Dataset; ``split`` and the first ``limit`` images are used.
+        batch_size: images per forward pass.
+        warmup, repeats: untimed runs, then timed runs whose median is reported.
+        threads: CPU threads for torch (default: torch's).
+        device: where to run (default: cuda if available).
+        policy: a policy object or dict (default: the bundle's; without one, exits only).
+
+    Raises:
+        DataError: no image. ConfigError: a policy fitted for another model.
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, _ = _model(bundle, device)
+    ds = _dataset(data, split, limit)
+    return _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                  device=device, progress=progress)

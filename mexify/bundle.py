@@ -1,13 +1,16 @@
 """Bundles: a directory with ``config.yaml`` and ``weights.safetensors``.
 
-Loading re-traces the recorded spec and loads the weights; nothing is unpickled.
-Every write goes to a temporary path first and is renamed into place, so a failure
-never leaves a half-written bundle.
+Loading re-traces the recorded spec (:func:`mexify.prepare.rebuild`) and loads the weights;
+nothing is unpickled. Every write builds a complete new bundle directory next to the old one
+and swaps it into place, so a reader sees the old bundle or the new one, never a mix of a new
+config with old weights, and a failure leaves the old bundle as it was.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,9 +18,12 @@ from typing import Any, Optional, Union
 
 import torch
 import yaml
+from safetensors.torch import load_model, save_model
 
 from mexify.config import BundleConfig
 from mexify.errors import BundleError, ConfigError
+from mexify.nn import MultiExitModel
+from mexify.prepare import rebuild
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "save_bundle", "load", "read_config", "update_bundle", "check_writable", "write_text_atomic"]
 
@@ -58,8 +64,6 @@ def _config_text(config: BundleConfig) -> str:
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
     state_model = model.module if hasattr(model, "module") else model
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
     os.close(fd)
@@ -84,21 +88,58 @@ def save_bundle(model: Any, out: Union[str, Path], config: Optional[BundleConfig
         raise BundleError("the model has no bundle config to save")
     check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _replace_dir(out, lambda tmp: _write_files(tmp, model, config))
+    return out
+
+
+def _write_files(directory: Path, model: Any, config: BundleConfig) -> None:
+    _save_weights(model, directory / WEIGHTS_FILE)
+    write_text_atomic(directory / CONFIG_FILE, _config_text(config))
+
+
+def _replace_dir(out: Path, fill: Any, keep_from: Optional[Path] = None) -> None:
+    """Build a new directory with ``fill(tmp)`` and swap it in for ``out``.
+
+    ``keep_from``: copy this directory's other files (e.g. ``calibration/``) into the new one
+    first. The swap is one ``renameat2(RENAME_EXCHANGE)`` where the platform has it; elsewhere
+    two renames, and a failure between them puts the old directory back.
+    """
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
     try:
-        _save_weights(model, tmp / WEIGHTS_FILE)
-        write_text_atomic(tmp / CONFIG_FILE, _config_text(config))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
+        if keep_from is not None:
+            shutil.copytree(keep_from, tmp, dirs_exist_ok=True)
+        fill(tmp)
+        if not out.exists():
             os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        if _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old bundle
+            return
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        try:
             os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; False if unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
 
 
 def read_config(path: Union[str, Path]) -> BundleConfig:
@@ -124,8 +165,8 @@ def read_config(path: Union[str, Path]) -> BundleConfig:
         raise BundleError(f"{cfg_file} is incomplete or malformed: {e}") from e
 
 
-def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False):
-    """Rebuild a bundle's :class:`~mexify.model.MultiExitModel` (eval mode).
+def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False) -> MultiExitModel:
+    """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` (eval mode).
 
     Args:
         path: the bundle directory.
@@ -135,10 +176,6 @@ def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = No
     Raises:
         BundleError: missing/invalid files, or weights that do not match the rebuilt model.
     """
-    from safetensors.torch import load_model
-
-    from mexify.converter import rebuild
-
     path = Path(path)
     config = read_config(path)
     weights = path / WEIGHTS_FILE
@@ -156,7 +193,11 @@ def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = No
 
 
 def update_bundle(path: Union[str, Path], model: Any = None, **fields: Any) -> BundleConfig:
-    """Atomically rewrite a bundle's config fields (e.g. ``policy=...``) and, if given, its weights."""
+    """Rewrite a bundle's config fields (e.g. ``policy=...``) and, if given, its weights, in one atomic step.
+
+    A complete new bundle directory (the other files copied over) is written beside the old
+    one and swapped in, so config and weights always belong together.
+    """
     path = Path(path)
     config = read_config(path)
     if fields:
@@ -164,9 +205,13 @@ def update_bundle(path: Union[str, Path], model: Any = None, **fields: Any) -> B
         if unknown:
             raise ConfigError(f"unknown bundle config field(s): {', '.join(unknown)}")
         config = dataclasses.replace(config, **fields)
-    if model is not None:
-        _save_weights(model, path / WEIGHTS_FILE)
-        if hasattr(model, "config"):
-            model.config = config
-    write_text_atomic(path / CONFIG_FILE, _config_text(config))
+
+    def fill(tmp: Path) -> None:
+        if model is not None:
+            _save_weights(model, tmp / WEIGHTS_FILE)
+        write_text_atomic(tmp / CONFIG_FILE, _config_text(config))
+
+    _replace_dir(path, fill, keep_from=path)
+    if model is not None and hasattr(model, "config"):
+        model.config = config
     return config

@@ -6,13 +6,27 @@ Configs are frozen dataclasses changed with :func:`dataclasses.replace`, never m
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Tuple, Type, TypeVar
 
 from mexify.errors import ConfigError, nearest
 
-__all__ = ["SCHEMA_VERSION", "HeadConfig", "TraceConfig", "ExitConfig", "BundleConfig", "from_mapping", "json_safe"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "IGNORE_INDEX",
+    "HeadConfig",
+    "TraceConfig",
+    "ExitConfig",
+    "BundleConfig",
+    "from_mapping",
+    "json_safe",
+    "parse_size",
+]
 
 SCHEMA_VERSION = 1
+
+IGNORE_INDEX = 255
+"""Label value of unlabelled pixels, in every dataset, metric and loss."""
 
 T = TypeVar("T")
 
@@ -41,8 +55,6 @@ def from_mapping(cls: Type[T], data: Mapping[str, Any], where: str = "") -> T:
 
 def json_safe(obj: Any) -> Any:
     """``obj`` with non-finite floats replaced by None (JSON and YAML readers elsewhere reject inf/nan)."""
-    import math
-
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -50,6 +62,37 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def parse_size(text: Any, what: str = "size", single: str = "square") -> Any:
+    """Read a size: ``"512x1024"`` or ``[512, 1024]`` -> ``(512, 1024)`` as (H, W).
+
+    Args:
+        text: a string ``HxW`` / ``N``, an int, or a 2-sequence.
+        what: the option's name, for the error message.
+        single: what one number means: ``"square"`` gives ``(N, N)``; ``"int"`` keeps ``N``
+            (the dataset options' "longer side").
+
+    Raises:
+        ConfigError: anything that is not one or two positive integers.
+    """
+    try:
+        if isinstance(text, str):
+            parts = text.strip().lower().replace("\u00d7", "x").split("x")
+        elif isinstance(text, (list, tuple)):
+            parts = list(text)
+        else:
+            parts = [text]
+        if isinstance(text, bool) or len(parts) not in (1, 2):
+            raise ValueError
+        values = tuple(int(p) for p in parts)
+        if any(v <= 0 for v in values) or any(isinstance(p, float) and p != int(p) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {text!r} is not HxW or N", f"write {what} like 512x1024 or 512") from None
+    if len(values) == 2:
+        return values
+    return (values[0], values[0]) if single == "square" else values[0]
 
 
 def _is_tuple_type(tp: Any) -> bool:

@@ -10,6 +10,8 @@ from typing import Optional, Union
 
 import torch
 
+from mexify.config import IGNORE_INDEX
+
 __all__ = ["ConfusionMatrix", "per_image_miou"]
 
 
@@ -31,7 +33,7 @@ class ConfusionMatrix:
         device: where the ``(K, K)`` matrix lives; it follows the first update when None.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: Optional[Union[str, torch.device]] = None):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
@@ -113,7 +115,7 @@ class ConfusionMatrix:
 
 
 @torch.no_grad()
-def per_image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def per_image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """mIoU of each image in a batch, over the classes present in that image's target or prediction.
 
     Args:

@@ -23,9 +23,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from mexify.errors import SpecError
+from mexify.errors import SpecError, nearest
 
-__all__ = ["ModelSpec", "parse_spec", "build_model", "load_state_dict_file", "load_weights", "adapt_output"]
+__all__ = ["ModelSpec", "parse_spec", "build_model", "load_state_dict_file", "load_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,6 @@ def _call_factory(module: Any, name: str, spec: ModelSpec) -> Any:
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
-        from mexify.errors import nearest
-
         close = nearest(name, public)
         raise SpecError(
             f"{getattr(module, '__name__', module)!s} has no factory {name!r}",
@@ -253,19 +251,3 @@ def load_weights(model: nn.Module, path: str) -> None:
 def _few(items: list, n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def adapt_output(out: Any) -> torch.Tensor:
-    """Pick the logits from a model output: tensor, dict with ``out``/``logits``, ``.logits``, tuple/list."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        for key in ("out", "logits"):
-            if key in out:
-                return adapt_output(out[key])
-        return adapt_output(next(iter(out.values())))
-    if hasattr(out, "logits"):
-        return adapt_output(out.logits)
-    if isinstance(out, (tuple, list)) and out:
-        return adapt_output(out[0])
-    raise SpecError(f"cannot find logits in a model output of type {type(out).__name__}")

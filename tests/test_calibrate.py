@@ -11,8 +11,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent / "policies"))
 from toy_models import NoisyExits, make_scenes  # noqa: E402
 
+from mexify.api import calibrate  # noqa: E402
 from mexify.calibrate import (  # noqa: E402
-    calibrate,
     collect_cache,
     fit_temperatures,
     oracle_at,

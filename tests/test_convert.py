@@ -6,7 +6,7 @@ import torch
 
 import mexify
 from mexify.errors import PlacementError, SpecError, TraceError
-from mexify.spec import adapt_output
+from mexify.graph.adapt import adapt_output
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
 TV = "torchvision.models.segmentation:"

@@ -13,7 +13,7 @@ import mexify
 from mexify.bundle import update_bundle
 from mexify.cli import app
 from mexify.policies import build_policy
-from mexify.runtime import bench
+from mexify.api import bench
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
 SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=8"
@@ -85,7 +85,7 @@ def test_predict_writes_palette_pngs_and_jsonl(calibrated, images, tmp_path):
 
 def test_predict_matches_runtime_on_model_sized_image(calibrated, tmp_path):
     """A 64x64 image goes through unchanged in size: the PNG is the runtime's mask."""
-    from mexify.cli.predict import to_tensor
+    from mexify.tools.images import to_tensor
     from mexify.runtime import predict
 
     img = Image.fromarray(np.random.RandomState(3).randint(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -163,7 +163,7 @@ def test_bench_without_policy_measures_exits_only(plain):
 
 
 def test_original_model_gets_the_bundle_weights(calibrated):
-    from mexify.runtime import original_model
+    from mexify.tools import original_model
 
     model = mexify.load(calibrated)
     with torch.no_grad():

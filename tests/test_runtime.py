@@ -7,7 +7,8 @@ import torch
 import mexify
 from mexify.errors import ConfigError
 from mexify.policies import build_policy
-from mexify.runtime import EarlyExitRuntime, FixedExit, evaluate_policy, predict
+from mexify.api import evaluate_policy
+from mexify.runtime import EarlyExitRuntime, FixedExit, predict
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
 SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=8"
@@ -202,7 +203,7 @@ def test_class_means_masks_come_from_the_class_means(model):
 
 def test_evaluate_policy_final_exit_matches_evaluate(model):
     from mexify.data import build_dataset
-    from mexify.evaluate import evaluate
+    from mexify.tools.evaluate import evaluate
 
     ds = build_dataset(SCENES, split="val")
     rep = evaluate(model, ds, batch_size=4, num_workers=0)

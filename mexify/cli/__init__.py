@@ -7,13 +7,14 @@ Each command module defines ``register(app)``; errors derived from
 from __future__ import annotations
 
 import importlib
+import logging
 
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from mexify.api import MexifyError, __version__
 from mexify.cli._common import debug_enabled, err_console
-from mexify.errors import MexifyError
 
 _COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench")
 
@@ -48,14 +49,10 @@ def _root(
     version: bool = typer.Option(False, "--version", help="Print the mexify version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does."),
 ) -> None:
-    import logging
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # operators without a FLOPs formula are expected (fvcore skips them too)
         logging.getLogger("mexify.graph.profile").setLevel(logging.ERROR)
     if version:
-        from mexify import __version__
-
         typer.echo(__version__)
         raise typer.Exit(0)
 

@@ -5,22 +5,21 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Annotated, Any, List, Optional
 
+import numpy as np
 import typer
+import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mexify.errors import MexifyError
+from mexify.api import ConfigError
 
 # Piped output (CI logs, `| tee`) gets 120 columns instead of rich's 80, so tables are not truncated.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
 console = Console(stderr=False, highlight=False, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
-try:  # typer >= 0.9 supports Annotated
-    from typing import Annotated
-except ImportError:  # pragma: no cover - python < 3.9
-    from typing_extensions import Annotated  # type: ignore
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 DataOpt = Annotated[
@@ -30,25 +29,30 @@ DataOpt = Annotated[
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
 
 
-@contextlib.contextmanager
-def stage_progress(enabled: bool):
-    """A transient progress bar on stderr with one task per stage name.
+def progress_enabled(enabled: bool = True) -> bool:
+    """Progress bars are drawn unless turned off (``--json``, ``MEXIFY_NO_PROGRESS=1``)."""
+    return enabled and os.environ.get("MEXIFY_NO_PROGRESS", "") in ("", "0")
 
-    Yields ``callback(stage, done, total)`` (None when not ``enabled``, e.g. with ``--json``).
+
+@contextlib.contextmanager
+def stage_progress(enabled: bool, transient: bool = True):
+    """The progress display of every command: bars on stderr, one task per stage name.
+
+    Yields ``callback(stage, done, total, info="")`` (None when not enabled, e.g. with
+    ``--json``); ``info`` is free text shown after the bar (losses, speed).
     """
-    if not enabled or os.environ.get("MEXIFY_NO_PROGRESS", "") not in ("", "0"):
+    if not progress_enabled(enabled):
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=err_console, transient=transient)
     tasks: dict = {}
 
-    def callback(stage: str, done: int, total: int) -> None:
+    def callback(stage: str, done: int, total: int, info: str = "") -> None:
         if stage not in tasks:
-            tasks[stage] = prog.add_task(stage, total=total)
-        prog.update(tasks[stage], completed=done, total=total)
+            tasks[stage] = prog.add_task(stage, total=total, info="")
+        prog.update(tasks[stage], completed=done, total=total, info=info)
 
     with prog:
         yield callback
@@ -61,15 +65,10 @@ def print_json(obj: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if hasattr(o, "to_dict"):
         return o.to_dict()
     return str(o)
@@ -79,19 +78,8 @@ def debug_enabled() -> bool:
     return os.environ.get("MEXIFY_DEBUG", "") not in ("", "0", "false", "False")
 
 
-def fail(exc: MexifyError) -> "typer.Exit":
-    """Print one red line for ``exc`` and return the Exit to raise."""
-    msg = exc.message + (f" Hint: {exc.hint}" if exc.hint else "")
-    err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
-    return typer.Exit(exc.exit_code)
-
-
 def parse_kv(items: Optional[List[str]], what: str = "--arg") -> dict:
     """Parse repeatable ``key=value`` options; values are YAML scalars (``null``, ``3``, ``true``)."""
-    import yaml
-
-    from mexify.errors import ConfigError
-
     out: dict = {}
     for item in items or []:
         if "=" not in item:

@@ -5,13 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
-from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, print_json, stage_progress
-
-try:
-    from typing import Annotated
-except ImportError:  # pragma: no cover
-    from typing_extensions import Annotated  # type: ignore
+from mexify import api
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, console, print_json, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -19,13 +16,11 @@ def _gflops(v: float) -> str:
 
 
 def render(report) -> None:
-    """Print a :class:`~mexify.runtime.BenchReport` as one rich table on stdout.
+    """Print a :class:`~mexify.tools.BenchReport` as one rich table on stdout.
 
     One row per exit (taking every image there), the original model, and the policy:
     mIoU, FLOPs, exit rate, latency and the measured speed-up beside the FLOPs-predicted one.
     """
-    from rich.table import Table
-
     h, w = report.image_size
     p = report.policy
     t = Table(
@@ -84,17 +79,9 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Per-exit latency and FLOPs, the original model's latency, and the policy's speed-up on a dataset."""
-        import torch
-
-        import mexify
-        from mexify.runtime import bench
-
-        if threads:
-            torch.set_num_threads(int(threads))
-        model = mexify.load(bundle, device=device)
         with stage_progress(not json_out) as cb:
-            report = bench(model, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                           device=device, progress=cb)
+            report = api.bench(bundle, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup,
+                               repeats=repeats, threads=threads, device=device, progress=cb)
         if json_out:
             print_json(report.to_dict())
         else:

@@ -5,14 +5,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
-from mexify.config import json_safe
-from mexify.cli._common import DataOpt, DeviceOpt, JsonOpt, console, parse_kv, print_json, stage_progress
-
-try:
-    from typing import Annotated
-except ImportError:  # pragma: no cover
-    from typing_extensions import Annotated  # type: ignore
+from mexify import api
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, console, parse_kv, print_json, stage_progress
 
 
 def _fmt_flops(v: float) -> str:
@@ -23,8 +19,6 @@ def _fmt_flops(v: float) -> str:
 
 
 def _render(report) -> None:
-    from rich.table import Table
-
     fig = report.figures
     label = "mIoU" if report.labelled else "agreement mIoU (no labels)"
     t = Table(title=f"policy {report.policy.name}: thresholds and exit rates", title_justify="left")
@@ -87,11 +81,9 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Fit exit thresholds on a calibration split for a budget and write them into the bundle."""
-        from mexify.calibrate import calibrate
-
         opts = parse_kv(option, "--option")
         with stage_progress(not json_out) as progress_cb:
-            report = calibrate(
+            report = api.calibrate(
                 str(bundle),
                 data,
                 policy=policy,
@@ -107,7 +99,7 @@ def register(app: typer.Typer) -> None:
                 progress=progress_cb,
             )
         if json_out:
-            print_json(json_safe(report.to_dict()))
+            print_json(api.json_safe(report.to_dict()))
         else:
             _render(report)
 

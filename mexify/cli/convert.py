@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from mexify import api
 from mexify.cli._common import Annotated, JsonOpt, console, parse_kv, print_json
 
 SpecArg = Annotated[str, typer.Argument(help="package.module:factory, file.py:factory, model.pt2, or model.pt (with --trust-pickle).")]
@@ -16,21 +17,6 @@ LeafOpt = Annotated[Optional[List[str]], typer.Option("--leaf-module", help="Mod
 AutowrapOpt = Annotated[Optional[List[str]], typer.Option("--autowrap", help="Function (package.module.fn) to record as one call; repeatable.")]
 TraceOpt = Annotated[str, typer.Option("--trace", help="auto (torch.fx, then torch.export), fx, or export.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a .pt/.pth module (runs code from the file).")]
-
-
-def parse_size(text: str) -> tuple:
-    from mexify.errors import ConfigError
-
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        if len(parts) == 1:
-            return (int(parts[0]), int(parts[0]))
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"--input-size {text!r} is not HxW", "write it like 512x512") from None
-    if h < 32 or w < 32:
-        raise ConfigError(f"--input-size {text} is too small", "use at least 32x32")
-    return (h, w)
 
 
 def _fmt_flops(f: int) -> str:
@@ -72,13 +58,11 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Convert a segmentation model into a multi-exit model and write a bundle."""
-        from mexify.converter import convert
-
         head_items = [kv for item in (head_set or []) for kv in item.split(",") if kv]
-        result = convert(
+        result = api.convert(
             spec, args=parse_kv(arg), weights=weights, exits=exits,
             at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
-            head=head, head_set=parse_kv(head_items, "--head-set"), input_size=parse_size(input_size),
+            head=head, head_set=parse_kv(head_items, "--head-set"), input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
             trust_pickle=trust_pickle, out=out, overwrite=overwrite,
         )

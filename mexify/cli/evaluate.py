@@ -1,18 +1,14 @@
 """`mexify eval`: accuracy and cost of every exit of a bundle on a dataset."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
-from mexify.cli._common import DeviceOpt, JsonOpt, console, err_console, print_json
-
-try:
-    from typing import Annotated
-except ImportError:  # pragma: no cover
-    from typing_extensions import Annotated  # type: ignore
+from mexify import api
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, console, print_json, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -20,9 +16,7 @@ def _gflops(v: float) -> str:
 
 
 def render_report(report, title: str = "") -> None:
-    """Print an :class:`~mexify.evaluate.EvalReport` as rich tables on stdout."""
-    from rich.table import Table
-
+    """Print an :class:`~mexify.tools.EvalReport` as rich tables on stdout."""
     h, w = report.input_size
     t = Table(
         title=title or f"{report.num_images} images, {report.num_classes} classes",
@@ -67,10 +61,6 @@ def render_report(report, title: str = "") -> None:
         console.print(p)
 
 
-def _progress_enabled() -> bool:
-    return os.environ.get("MEXIFY_NO_PROGRESS", "") in ("", "0")
-
-
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -92,52 +82,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run every exit of a bundle on a dataset: mIoU, pixel accuracy, FLOPs to reach each exit, and the
         bundle's exit policy (when calibrated): its mIoU, mean FLOPs and exit rates."""
-        import mexify
-        from mexify.data import build_dataset
-        from mexify.errors import DataError
-        from mexify.evaluate import evaluate
-
-        model = mexify.load(str(bundle), device=device)
-        if data is None:
-            training = getattr(model.config, "training", None) or {}
-            data = training.get("data") if isinstance(training, dict) else None
-            if not data:
-                raise DataError(f"no --data given and bundle {bundle} records no training dataset", "pass --data, e.g. --data synthetic:scenes")
-        dataset = build_dataset(data, split=split, train=False)
-
-        progress_cb = None
-        prog = None
-        if _progress_enabled():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            prog = Progress(
-                TextColumn("evaluating"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=err_console,
-                transient=True,
-            )
-            task = prog.add_task("eval", total=min(len(dataset), limit) if limit else len(dataset))
-
-            def progress_cb(done: int, total: int) -> None:
-                prog.update(task, completed=done, total=total)
-
-            prog.start()
-        try:
-            report = evaluate(model, dataset, device=device, progress=progress_cb, batch_size=batch_size, limit=limit, num_workers=workers)
-            if model.config is not None and model.config.policy is not None:
-                from mexify.runtime import evaluate_policy
-
-                report.policies.append(evaluate_policy(model, None, dataset, batch_size=batch_size, limit=limit, device=device))
-        finally:
-            if prog is not None:
-                prog.stop()
+        with stage_progress(not json_out) as progress:
+            report = api.evaluate(bundle, data, split=split, batch_size=batch_size, limit=limit, workers=workers,
+                                  device=device, progress=progress)
         if json_out:
             out = report.to_dict()
-            out.update(bundle=str(bundle), data=data, split=split)
+            out.update(bundle=str(bundle), data=report.data, split=split)
             print_json(out)
         else:
-            render_report(report, title=f"{bundle} on {data} ({split}, {report.num_images} images)")
+            render_report(report, title=f"{bundle} on {report.data} ({split}, {report.num_images} images)")

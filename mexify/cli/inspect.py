@@ -6,8 +6,9 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from mexify import api
 from mexify.cli._common import JsonOpt, console, parse_kv, print_json
-from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, TrustOpt, WeightsOpt, parse_size
+from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, TrustOpt, WeightsOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -24,10 +25,8 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """List candidate exit points: node, shape, stride, cumulative FLOPs %."""
-        from mexify.converter import inspect
-
-        traced = inspect(
-            spec, args=parse_kv(arg), weights=weights, input_size=parse_size(input_size),
+        traced = api.inspect(
+            spec, args=parse_kv(arg), weights=weights, input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace, trust_pickle=trust_pickle,
         )
         rows = [c.to_dict() for c in traced.candidates]

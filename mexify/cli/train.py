@@ -6,59 +6,38 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, console, err_console, parse_kv, print_json
+from mexify import api
+
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, console, err_console, parse_kv, print_json, stage_progress
 
 
-class _RichProgress:
-    """One rich progress bar per stage on stderr: per-exit losses, lr, it/s and ETA."""
-
-    def __init__(self, console_):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console_,
-            transient=False,
-        )
-        self.tasks = {}
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def __call__(self, ev) -> None:
+def _progress_adapter(callback):
+    """Turn the trainer's events into bars of :func:`stage_progress`: per-exit losses and lr as info."""
+    def on_event(ev) -> None:
+        name = f"stage {ev.stage}"
         if ev.kind == "stage_start":
-            name = f"stage {ev.stage}"
-            self.tasks[ev.stage] = self.progress.add_task(name, total=ev.total, completed=ev.start, speed="", info="")
-            return
-        task = self.tasks.get(ev.stage)
-        if task is None:
-            return
-        if ev.kind == "step":
+            callback(name, ev.start, ev.total)
+        elif ev.kind == "step":
             ce = " ".join(f"{v:.2f}" for k, v in ev.losses.items() if k.startswith("ce/"))
             kd = " ".join(f"{v:.2f}" for k, v in ev.losses.items() if k.startswith("kd/"))
-            info = f"loss {ev.loss:.3f} | ce {ce}" + (f" | kd {kd}" if kd else "") + f" | lr {ev.lr:.2e}"
-            self.progress.update(task, completed=ev.iteration, speed=f"{ev.it_per_s:.2f} it/s", info=info)
+            info = f"{ev.it_per_s:.2f} it/s | loss {ev.loss:.3f} | ce {ce}" + (f" | kd {kd}" if kd else "") + f" | lr {ev.lr:.2e}"
+            callback(name, ev.iteration, ev.total, info)
         elif ev.kind == "stage_end":
-            self.progress.update(task, completed=ev.total)
+            callback(name, ev.total, ev.total)
+
+    return on_event
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory made by `mexify convert`.")],
-        data: DataOpt,
+        data: Annotated[
+            Optional[str],
+            typer.Option("--data", help="Dataset spec (synthetic:scenes?..., voc:PATH, ...); default: the recipe's `data`."),
+        ] = None,
         recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (quick-synthetic, voc-deeplabv3-resnet50, ...) or YAML path.")] = "quick-synthetic",
         set_: Annotated[Optional[List[str]], typer.Option("--set", help="Override a recipe field: --set lr=0.01 (repeatable).")] = None,
         weights: Annotated[Optional[Path], typer.Option("--weights", help="Trained weights of the original model (state_dict or .safetensors) for the backbone.")] = None,
@@ -69,20 +48,13 @@ def register(app: typer.Typer) -> None:
         json_: JsonOpt = False,
     ) -> None:
         """Train a multi-exit bundle in two stages: end-to-end, then frozen backbone with distillation."""
-        from mexify.train import train
-
         overrides = parse_kv(set_, "--set")
-        quiet = json_ or os.environ.get("MEXIFY_NO_PROGRESS", "") not in ("", "0")
-        quiet = quiet or int(os.environ.get("RANK", "0")) != 0
-        progress = None if quiet else _RichProgress(err_console)
+        quiet = json_ or int(os.environ.get("RANK", "0")) != 0
         try:
-            if progress is not None:
-                with progress:
-                    report = train(bundle, data, recipe=recipe, out=out, overrides=overrides, weights=weights,
-                                   resume=resume, device=device, progress=progress, run_dir=run_dir)
-            else:
-                report = train(bundle, data, recipe=recipe, out=out, overrides=overrides, weights=weights,
-                               resume=resume, device=device, run_dir=run_dir)
+            with stage_progress(not quiet, transient=False) as callback:
+                report = api.train(bundle, data, recipe=recipe, out=out, overrides=overrides, weights=weights,
+                                   resume=resume, device=device, progress=_progress_adapter(callback) if callback else None,
+                                   run_dir=run_dir)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] the last checkpoint is intact; continue with --resume")
             raise typer.Exit(130)
@@ -95,8 +67,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _render(report) -> None:
-    from rich.table import Table
-
     if not report.stages:
         console.print("nothing to train (both stages have 0 iterations)")
         return

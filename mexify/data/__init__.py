@@ -9,13 +9,12 @@ with :data:`IGNORE_INDEX` (255) on pixels that carry no label.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-from mexify.data.base import IGNORE_INDEX, SegDataset
+from mexify.config import IGNORE_INDEX
+from mexify.data import readers
+from mexify.data.base import SegDataset
+from mexify.data.loader import as_loader, build_loader, default_num_workers, pad_collate, split_batch
 from mexify.data.spec import DatasetSpec, OptionReader, parse_spec
 from mexify.data.synthetic import SceneConfig, SyntheticScenes
 from mexify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform, build_transform
@@ -34,6 +33,9 @@ __all__ = [
     "DatasetSpec",
     "build_dataset",
     "build_loader",
+    "as_loader",
+    "split_batch",
+    "default_num_workers",
     "build_transform",
     "pad_collate",
     "available_schemes",
@@ -44,14 +46,6 @@ _SCENE_OPTIONS = (
     "classes", "size", "n", "n_eval", "seed", "dmin", "dmax", "mix", "max_objects",
     "noise", "blur", "contrast", "clutter", "cache", "split", "base_size", "crop_size",
 )
-
-
-def _size_opt(raw: str):
-    """``512`` -> 512 (longer side); ``512x1024`` -> (512, 1024) as (H, W)."""
-    if "x" in raw.lower():
-        h, w = raw.lower().split("x", 1)
-        return (int(h), int(w))
-    return int(raw)
 
 
 def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base_size) -> SegDataset:
@@ -76,8 +70,8 @@ def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base
         cache=o.bool("cache", d.cache),
     )
     split = o.get("split", split)
-    base_size = o.get("base_size", base_size, _size_opt)
-    crop_size = o.get("crop_size", crop_size, _size_opt)
+    base_size = o.size("base_size", base_size)
+    crop_size = o.size("crop_size", crop_size)
     if base_size is None:
         base_size = cfg.size
     if train and crop_size is None:
@@ -87,8 +81,6 @@ def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base
 
 
 def _readers() -> Dict[str, Callable]:
-    from mexify.data import readers
-
     return readers.BUILDERS
 
 
@@ -131,84 +123,3 @@ def build_dataset(
         ds = _readers()[parsed.scheme](parsed, split=split, train=train, crop_size=crop_size, base_size=base_size)
     log.info("dataset %s split=%s: %d samples, %d classes", parsed, getattr(ds, "split", split), len(ds), ds.num_classes)
     return ds
-
-
-def pad_collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]], ignore_index: int = IGNORE_INDEX):
-    """Stack ``(image, mask)`` pairs, padding smaller ones (image 0, mask ``ignore_index``) at bottom/right.
-
-    Returns:
-        ``(images (N, 3, H, W), masks (N, H, W))``.
-    """
-    hs = [img.shape[-2] for img, _ in batch]
-    ws = [img.shape[-1] for img, _ in batch]
-    h, w = max(hs), max(ws)
-    if all(x == h for x in hs) and all(x == w for x in ws):
-        return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], h, w))
-    masks = torch.full((len(batch), h, w), ignore_index, dtype=torch.int64)
-    for i, (img, m) in enumerate(batch):
-        images[i, :, : img.shape[-2], : img.shape[-1]] = img
-        masks[i, : m.shape[-2], : m.shape[-1]] = m
-    return images, masks
-
-
-def default_num_workers() -> int:
-    """Workers that use the cores this process may run on (capped at 8; 0 on a single core)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return 0 if cores <= 1 else min(cores, 8)
-
-
-def build_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: Optional[int] = None,
-    distributed: bool = False,
-    drop_last: bool = False,
-    seed: int = 0,
-) -> DataLoader:
-    """A DataLoader that uses the available cores.
-
-    Args:
-        dataset: the dataset.
-        batch_size: samples per batch (per process when distributed).
-        shuffle: shuffle every epoch (through the DistributedSampler when distributed).
-        num_workers: loader workers; None uses one per available core (0 on a single core).
-        distributed: shard with a ``DistributedSampler`` (call ``loader.sampler.set_epoch(e)`` each epoch).
-        drop_last: drop the last incomplete batch.
-        seed: seed of the shuffling order.
-
-    Returns:
-        A ``torch.utils.data.DataLoader`` (pinned memory when CUDA is available; images of
-        different sizes are padded with :func:`pad_collate`).
-    """
-    if num_workers is None:
-        num_workers = default_num_workers()
-    sampler = None
-    generator = None
-    if distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
-        shuffle = False
-    elif shuffle:
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-    kwargs = {}
-    if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=4)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        collate_fn=pad_collate,
-        generator=generator,
-        **kwargs,
-    )

@@ -7,9 +7,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
+from mexify.config import IGNORE_INDEX
 from mexify.errors import DataError
 
-IGNORE_INDEX = 255
 
 log = logging.getLogger(__name__)
 

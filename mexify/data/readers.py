@@ -24,7 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mexify.data.base import IGNORE_INDEX, SegDataset
+from mexify.config import IGNORE_INDEX
+from mexify.data.base import SegDataset
 from mexify.data.spec import DatasetSpec, OptionReader
 from mexify.data.transforms import build_transform
 from mexify.errors import DataError
@@ -188,13 +189,6 @@ class FileSegDataset(SegDataset):
 _COMMON = ("split", "skip_bad", "base_size", "crop_size")
 
 
-def _size_opt(raw: str):
-    if "x" in raw.lower():
-        h, w = raw.lower().split("x", 1)
-        return (int(h), int(w))
-    return int(raw)
-
-
 def _root(spec: DatasetSpec) -> Path:
     if not spec.target:
         raise DataError(f"dataset spec {str(spec)!r} has no path", f"write it as {spec.scheme}:/path/to/dataset")
@@ -205,8 +199,8 @@ def _root(spec: DatasetSpec) -> Path:
 
 
 def _transform(o: OptionReader, train: bool, crop_size, base_size, default_base, default_crop):
-    base_size = o.get("base_size", base_size, _size_opt)
-    crop_size = o.get("crop_size", crop_size, _size_opt)
+    base_size = o.size("base_size", base_size)
+    crop_size = o.size("crop_size", crop_size)
     if base_size is None:
         base_size = default_base
     if crop_size is None:

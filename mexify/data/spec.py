@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 from urllib.parse import parse_qsl
 
-from mexify.errors import DataError, nearest
+from mexify.config import parse_size
+from mexify.errors import ConfigError, DataError, nearest
 
 __all__ = ["DatasetSpec", "parse_spec", "OptionReader"]
 
@@ -95,11 +96,15 @@ class OptionReader:
         raw = self._opts[key]
         try:
             return conv(raw)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise DataError(
                 f"option {key}={raw!r} in dataset spec {str(self.spec)!r} is not a valid {getattr(conv, '__name__', 'value')}",
                 f"e.g. {key}={default}",
             ) from e
+
+    def size(self, key: str, default: Any) -> Any:
+        """``512`` -> 512 (the longer side); ``512x1024`` -> (512, 1024) as (H, W)."""
+        return self.get(key, default, _size)
 
     def int(self, key: str, default: Optional[int], lo: Optional[int] = None) -> Optional[int]:
         v = self.get(key, default, int)
@@ -129,3 +134,10 @@ class OptionReader:
         if v not in choices:
             raise DataError(f"option {key}={v!r} in dataset spec {str(self.spec)!r} is not one of {', '.join(choices)}", f"e.g. {key}={default}")
         return v
+
+
+def _size(raw: str) -> Any:
+    return parse_size(raw, "size", single="int")
+
+
+_size.__name__ = "size (N or HxW)"

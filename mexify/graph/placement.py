@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.fx as fx
 
 from mexify.errors import PlacementError, nearest
+from mexify.graph.liveness import compute_nodes, last_uses, live_values
+from mexify.graph.profile import META_KEY as PROFILE_KEY
 from mexify.graph.trace import module_path
 
-__all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points", "live_values", "compute_nodes"]
-
-from mexify.graph.profile import META_KEY as PROFILE_KEY  # noqa: E402
+__all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,27 +51,6 @@ class PlacementConfig:
     block_penalty: float = 0.03
     live_penalty: float = 0.01
     min_stride: int = 32
-
-
-def compute_nodes(graph: fx.Graph) -> List[fx.Node]:
-    """Nodes that hold values, in execution order (parameters fetched by get_attr excluded)."""
-    return [n for n in graph.nodes if n.op not in ("get_attr", "output")]
-
-
-def _last_uses(nodes: List[fx.Node]) -> Dict[fx.Node, int]:
-    pos = {n: i for i, n in enumerate(nodes)}
-    end = len(nodes)
-    last = {}
-    for n in nodes:
-        uses = [pos.get(u, end) for u in n.users]
-        last[n] = max(uses) if uses else pos[n]
-    return last
-
-
-def live_values(nodes: List[fx.Node], position: int, last_use: Optional[Dict[fx.Node, int]] = None) -> List[fx.Node]:
-    """Values defined at or before ``position`` and used after it, in definition order."""
-    last_use = last_use if last_use is not None else _last_uses(nodes)
-    return [n for n in nodes[: position + 1] if last_use[n] > position]
 
 
 def _is_tensor_value(node: fx.Node) -> bool:
@@ -147,7 +126,7 @@ def find_candidates(
         running += prof.flops if prof is not None else 0
     flops_before.append(running)
     stop = _classifier_position(nodes, logits, num_classes, flops_before)
-    last_use = _last_uses(nodes)
+    last_use = last_uses(nodes)
     blocks = _block_outputs(nodes)
     h_in, w_in = input_size
     deaths = [0] * (len(nodes) + 1)

@@ -52,7 +52,7 @@ try:
 except ImportError:  # pragma: no cover - guarded for future torch releases
     FakeTensorMode = None  # type: ignore[assignment,misc]
 
-__all__ = ["NodeProfile", "FlopReport", "profile_graph", "count_flops", "META_KEY"]
+__all__ = ["NodeProfile", "FlopReport", "profile_graph", "count_flops", "register_flop_formula", "FLOP_FORMULAS", "META_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,36 @@ def _build_table() -> dict[Any, Formula]:
 
 
 FLOP_FORMULAS: dict[Any, Formula] = _build_table()
+"""Operator packet -> formula; public, filled by :func:`register_flop_formula`."""
+
+
+def register_flop_formula(targets: Any) -> Callable[[Formula], Formula]:
+    """Count a custom operator: register ``formula(args, out) -> FLOPs`` for ``targets``.
+
+    Like ``torch.utils.flop_counter.register_flop_formula``, but in this package's
+    convention (one multiply-add = one FLOP) and with the operator's arguments bound by
+    schema name. ``targets`` is an operator (``torch.ops.torchvision.deform_conv2d``), an
+    overload of one, or a list of them. Example::
+
+        @mexify.register_flop_formula(torch.ops.torchvision.deform_conv2d)
+        def deform_conv_flops(args, out):
+            w = args["weight"]
+            return out.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+
+    Returns:
+        a decorator that registers the formula and returns it unchanged.
+    """
+    items = list(targets) if isinstance(targets, (list, tuple)) else [targets]
+
+    def decorate(formula: Formula) -> Formula:
+        for target in items:
+            packet = getattr(target, "overloadpacket", target)
+            if not hasattr(packet, "_qualified_op_name"):
+                raise TypeError(f"register_flop_formula needs torch operators (torch.ops.ns.op), got {target!r}")
+            FLOP_FORMULAS[packet] = formula
+        return formula
+
+    return decorate
 
 # Operators that cost zero FLOPs by convention and are not worth a warning: fvcore's
 # _IGNORED_OPS, plus the view, metadata and memory operators that only show up at the

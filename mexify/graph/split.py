@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import torch.fx as fx
 
 from mexify.errors import PlacementError, nearest
-from mexify.graph.placement import _last_uses, compute_nodes, live_values
+from mexify.graph.liveness import compute_nodes, last_uses, live_values
 
 __all__ = ["Stage", "split_stages"]
 
@@ -47,7 +47,7 @@ def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
         raise PlacementError("exit points must be distinct and in execution order")
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     logits = out_node.args[0]
-    last_use = _last_uses(nodes)
+    last_use = last_uses(nodes)
 
     stages: List[Stage] = []
     bounds = [-1] + cuts + [len(nodes) - 1]

@@ -6,24 +6,71 @@ if it fails, ``torch.export`` (non-strict, batch and spatial sizes dynamic); if 
 """
 from __future__ import annotations
 
-import builtins
 import importlib
 import logging
-import operator
 import traceback
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from mexify.config import TraceConfig
 from mexify.errors import TraceError
 
-__all__ = ["MexifyTracer", "trace_model", "prepare_graph", "module_path", "upsample_to_input"]
+__all__ = [
+    "MexifyTracer",
+    "trace_model",
+    "module_path",
+    "register_leaf_module",
+    "register_autowrap_function",
+    "registered_leaf_modules",
+    "registered_autowrap_functions",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Filled by the decorators below; every trace (convert and load) consults them, like timm's
+# register_notrace_module / register_notrace_function.
+_LEAF_MODULES: set = set()
+_AUTOWRAP_FUNCTIONS: dict = {}
+
+
+def register_leaf_module(module: Union[type, str]) -> Any:
+    """Keep a module class (or a qualified module name) as one node when tracing.
+
+    The Python counterpart of ``mexify convert --leaf-module``; usable as a class decorator::
+
+        @mexify.register_leaf_module
+        class DataDependentGate(nn.Module): ...
+
+    The registration must run before :func:`mexify.load` too (import the module that
+    defines the class), since loading traces the model again.
+    """
+    if not isinstance(module, (type, str)):
+        raise TypeError(f"register_leaf_module takes a module class or a name, not {type(module).__name__}")
+    _LEAF_MODULES.add(module)
+    return module
+
+
+def register_autowrap_function(fn: T) -> T:
+    """Record calls to ``fn`` as single graph nodes (``mexify convert --autowrap``); a decorator."""
+    if not callable(fn):
+        raise TypeError(f"register_autowrap_function takes a function, not {type(fn).__name__}")
+    _AUTOWRAP_FUNCTIONS[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
+def registered_leaf_modules() -> List[str]:
+    """Names of the registered leaf modules (classes by class name)."""
+    return sorted(m if isinstance(m, str) else m.__name__ for m in _LEAF_MODULES)
+
+
+def registered_autowrap_functions() -> List[str]:
+    """Qualified names of the registered autowrapped functions."""
+    return sorted(_AUTOWRAP_FUNCTIONS)
 
 
 class MexifyTracer(fx.Tracer):
@@ -43,6 +90,8 @@ class MexifyTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m).__name__ in self.leaf_names or module_qualified_name in self.leaf_names:
             return True
+        if type(m) in _LEAF_MODULES or module_qualified_name in _LEAF_MODULES:
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
@@ -53,6 +102,8 @@ class MexifyTracer(fx.Tracer):
 
 
 def _resolve_function(name: str) -> Callable:
+    if name in _AUTOWRAP_FUNCTIONS:
+        return _AUTOWRAP_FUNCTIONS[name]
     module_name, _, attr = name.rpartition(".") if ":" not in name else name.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)
@@ -88,7 +139,9 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
     where = ""
     try:
         if config.method in ("auto", "fx"):
-            tracer = MexifyTracer(config.leaf_modules, [_resolve_function(f) for f in config.autowrap_functions])
+            wrapped = {f: _resolve_function(f) for f in config.autowrap_functions}
+            wrapped.update(_AUTOWRAP_FUNCTIONS)
+            tracer = MexifyTracer(config.leaf_modules, list(wrapped.values()))
             try:
                 graph = tracer.trace(model)
                 name = model.__class__.__name__
@@ -162,69 +215,3 @@ def module_path(node: fx.Node) -> List[str]:
         path = value[0] if isinstance(value, tuple) else key
         out.append(path.replace("L__self__", "").lstrip("._") if isinstance(path, str) else str(key))
     return [p for p in out if p]
-
-
-def _output_structure(gm: fx.GraphModule) -> Any:
-    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    structure = out_node.args[0]
-    codegen = getattr(gm.graph, "_codegen", None)
-    info = getattr(codegen, "pytree_info", None)
-    if info is not None and getattr(info, "out_spec", None) is not None:
-        import torch.utils._pytree as pytree
-
-        flat = list(structure) if isinstance(structure, (tuple, list)) else [structure]
-        structure = pytree.tree_unflatten(flat, info.out_spec)
-    return structure
-
-
-def _pick_logits(structure: Any, graph: fx.Graph) -> fx.Node:
-    if isinstance(structure, fx.Node):
-        if structure.op == "call_function" and isinstance(structure.target, type) and "logits" in structure.kwargs:
-            return _pick_logits(structure.kwargs["logits"], graph)
-        return structure
-    if isinstance(structure, dict):
-        for key in ("out", "logits"):
-            if key in structure:
-                return _pick_logits(structure[key], graph)
-        return _pick_logits(next(iter(structure.values())), graph)
-    if isinstance(structure, (tuple, list)) and structure:
-        return _pick_logits(structure[0], graph)
-    if hasattr(structure, "logits"):
-        return _pick_logits(structure.logits, graph)
-    raise TraceError(f"cannot find the logits in the traced output {structure!r}")
-
-
-def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """Make the graph return only the logits tensor and take plain positional inputs.
-
-    The output adapter follows what users of the model do: a tensor as is, ``out`` or
-    ``logits`` of a dict, ``.logits`` of an object, the first element of a tuple/list.
-    Branches feeding only discarded outputs (e.g. torchvision's ``aux``) are removed.
-    """
-    structure = _output_structure(gm)
-    logits = _pick_logits(structure, gm.graph)
-    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    out_node.args = (logits,)
-    out_node.kwargs = {}
-    if getattr(gm.graph, "_codegen", None) is not None and type(gm.graph._codegen) is not fx.graph.CodeGen:
-        gm.graph._codegen = fx.graph.CodeGen()
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-def upsample_to_input(gm: fx.GraphModule) -> fx.GraphModule:
-    """Append a bilinear upsampling of the logits to the input's spatial size (in place)."""
-    graph = gm.graph
-    image = next(n for n in graph.nodes if n.op == "placeholder")
-    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-    logits = out_node.args[0]
-    with graph.inserting_before(out_node):
-        shape = graph.call_function(builtins.getattr, (image, "shape"))
-        size = graph.call_function(operator.getitem, (shape, slice(-2, None)))
-        up = graph.call_function(F.interpolate, (logits,), {"size": size, "mode": "bilinear", "align_corners": False})
-    out_node.args = (up,)
-    graph.lint()
-    gm.recompile()
-    return gm

@@ -29,7 +29,6 @@ from mexify.policies.base import Policy, register_policy
 
 log = logging.getLogger(__name__)
 
-_IGNORE = 255
 
 
 def _encode(a: np.ndarray) -> Dict[str, Any]:

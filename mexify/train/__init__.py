@@ -1,16 +1,26 @@
 """Two-stage multi-exit training (MESS): end-to-end, then frozen backbone with distillation.
 
-The public entry point is :func:`train`; recipes, losses and checkpoints are importable for
-custom loops.
+The entry point is :func:`train_model` (a model and a dataset in, a trained model handed to a
+``save`` callback); :func:`mexify.api.train` wraps it for bundle directories and dataset specs.
+Recipes, losses and checkpoints are importable for custom loops.
 """
 from mexify.train.checkpoint import load_checkpoint, save_checkpoint
 from mexify.train.losses import distillation_loss, early_exit_loss, multi_exit_ce, positive_mask
 from mexify.train.recipe import Recipe, available_recipes, load_recipe
 from mexify.train.schedule import PolyLR, poly_factor
-from mexify.train.trainer import StageReport, TrainEvent, TrainReport, default_run_dir, load_backbone_weights, train
+from mexify.train.trainer import (
+    StageReport,
+    TrainEvent,
+    TrainReport,
+    check_classes,
+    default_run_dir,
+    load_backbone_weights,
+    train_model,
+)
 
 __all__ = [
-    "train",
+    "train_model",
+    "check_classes",
     "TrainReport",
     "StageReport",
     "TrainEvent",

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mexify.config import IGNORE_INDEX
 from mexify.errors import ConfigError
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "early_exits_loss",
 ]
 
-IGNORE_INDEX = 255
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -125,14 +125,13 @@ def early_exit_loss(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Stage-2 loss of one early exit: ``CE + kd_weight * distillation``.
+    """Stage-2 loss of one early exit: ``CE + kd_weight * distillation`` (:func:`early_exits_loss` for one exit).
 
     Returns:
         ``(total, ce, distill)``.
     """
-    ce = cross_entropy(student, target, ignore_index)
-    kd = distillation_loss(student, teacher, target, mode, temperature, ignore_index)
-    return ce + kd_weight * kd, ce, kd
+    total, ces, kds = early_exits_loss([student], teacher, target, mode, kd_weight, temperature, ignore_index)
+    return total, ces[0], kds[0]
 
 
 def early_exits_loss(
@@ -146,7 +145,7 @@ def early_exits_loss(
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Stage-2 loss of every early exit at once: ``sum_i CE_i + kd_weight * distill_i``.
 
-    Equal to summing :func:`early_exit_loss` over the exits, but the teacher's side (its
+    Equal to summing ``cross_entropy + kd_weight * distillation_loss`` over the exits, but the teacher's side (its
     probabilities, entropy and the positive-filter mask) is computed once per batch, and each
     student needs one ``log_softmax`` shared by CE and KD (at temperature 1): KL(p_t || p_s)
     summed over pixels is ``sum p_t log p_t`` (a constant) minus ``sum p_t log p_s``.

@@ -8,6 +8,7 @@ repository's ``recipes/``) and are named by file stem (``quick-synthetic``) or g
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import yaml
 
+import mexify.recipes as shipped_recipes
+
+from mexify.config import parse_size
 from mexify.errors import ConfigError, nearest
 
-__all__ = ["Recipe", "load_recipe", "available_recipes", "recipe_dirs", "DISTILL_MODES", "AMP_MODES"]
+__all__ = ["Recipe", "load_recipe", "available_recipes", "recipe_dirs", "shipped_recipes_dir", "DISTILL_MODES", "AMP_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +91,10 @@ def _floats(v):
 
 
 def _size(v):
-    """An int (square) or ``[h, w]``; stored as an int or a 2-tuple."""
-    if isinstance(v, str):
+    """One size, ``[h, w]`` or ``HxW``; stored as an int or a 2-tuple."""
+    if isinstance(v, str) and "x" not in v.lower():
         v = yaml.safe_load(v)
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2:
-            raise ValueError(f"{v!r} must be one size or [height, width]")
-        return (_int(v[0]), _int(v[1]))
-    return _int(v)
+    return parse_size(v, "size", single="int")
 
 
 def _f(default, conv, help_: str):
@@ -113,6 +113,7 @@ class Recipe:
 
     name: str = _f("custom", _str, "recipe name, recorded in the bundle")
     description: str = _f("", _str, "one line saying what the recipe is for")
+    data: Optional[str] = _f(None, _opt(_str), "dataset spec to train on when none is given (--data overrides it)")
     seed: int = _f(0, _int, "seed for initialisation of new heads, data order and augmentation")
     batch_size: int = _f(8, _int, "images per iteration per process")
     crop_size: Union[int, Tuple[int, int]] = _f(512, _size, "training crop, one size or [h, w]")
@@ -232,9 +233,9 @@ class Recipe:
             conv = fields[key].metadata["conv"]
             try:
                 parsed[key] = conv(value)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, ConfigError) as e:
                 raise ConfigError(
-                    f"{source}: recipe key {key!r} cannot take {value!r}: {e}",
+                    f"{source}: recipe key {key!r} cannot take {value!r}: {getattr(e, 'message', e)}",
                     f"{key} is {fields[key].metadata['help']}",
                 ) from e
         return dataclasses.replace(self, **parsed)
@@ -243,13 +244,19 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def shipped_recipes_dir() -> Path:
+    """The recipes shipped with mexify: the repository's top-level ``recipes/``, installed as
+    the package ``mexify.recipes`` (one copy, found in a checkout and in an installed wheel)."""
+    return Path(str(importlib.resources.files(shipped_recipes)))
+
+
 def recipe_dirs() -> list:
     """Where recipe names are looked up, first match wins: ``$MEXIFY_RECIPES`` (os.pathsep
     separated), ``./recipes``, then the recipes shipped with mexify."""
     dirs = [Path(p) for p in os.environ.get("MEXIFY_RECIPES", "").split(os.pathsep) if p]
     dirs.append(Path.cwd() / "recipes")
-    dirs.append(Path(__file__).resolve().parent / "recipes")
-    return dirs
+    dirs.append(shipped_recipes_dir())
+    return list(dict.fromkeys(d.resolve() if d.exists() else d for d in dirs))
 
 
 def available_recipes() -> list:

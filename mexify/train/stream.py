@@ -14,6 +14,8 @@ from typing import Iterator, List, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mexify.errors import ConfigError
+
 __all__ = ["BatchStream", "derive_seed"]
 
 _MASK = (1 << 63) - 1
@@ -79,8 +81,6 @@ class BatchStream:
         )
         self.per_epoch = len(self.sampler) // batch_size
         if self.per_epoch < 1:
-            from mexify.errors import ConfigError
-
             raise ConfigError(
                 f"the dataset has {len(dataset)} images, fewer than one batch of {batch_size} per process "  # type: ignore[arg-type]
                 f"({world_size} process(es))",

@@ -29,16 +29,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mexify.errors import DataError, TrainingError
+from mexify._version import __version__
+from mexify.config import IGNORE_INDEX
+from mexify.errors import ConfigError, DataError, TrainingError
+from mexify.nn import MultiExitModel, resolve_device
+from mexify.spec import load_state_dict_file
 from mexify.train import checkpoint as ckpt_mod
 from mexify.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, init_distributed
-from mexify.train.losses import IGNORE_INDEX, cross_entropy, early_exits_loss, multi_exit_ce
+from mexify.train.losses import cross_entropy, early_exits_loss, multi_exit_ce
 from mexify.train.recipe import Recipe, load_recipe
 from mexify.train.schedule import PolyLR
 from mexify.train.stream import BatchStream, derive_seed
 
-__all__ = ["train", "TrainReport", "StageReport", "TrainEvent", "default_run_dir", "load_backbone_weights", "LOG_NAME"]
+__all__ = ["train_model", "check_classes", "TrainReport", "StageReport", "TrainEvent", "default_run_dir", "load_backbone_weights", "LOG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,6 @@ class StageReport:
 class TrainReport:
     """Result of :func:`train`: where things were written and what the losses ended at."""
 
-    bundle: str
-    out: str
     run_dir: str
     recipe: Dict[str, Any]
     device: str
@@ -94,6 +97,8 @@ class TrainReport:
     wall_s: float
     checkpoint: str
     log: str
+    bundle: str = ""
+    out: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -110,9 +115,7 @@ def default_run_dir(out: Union[str, os.PathLike]) -> Path:
 
 # --------------------------------------------------------------------------- helpers
 def _resolve_device(device: Optional[Union[str, torch.device]], info: DistInfo) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainingError(f"device {device!r} asked for but CUDA is not available", "use --device cpu")
@@ -121,20 +124,18 @@ def _resolve_device(device: Optional[Union[str, torch.device]], info: DistInfo) 
     return dev
 
 
-def _build_dataset(data: Any, recipe: Recipe, num_classes: int):
-    if isinstance(data, (str, os.PathLike)):
-        from mexify.data import build_dataset
+def check_classes(dataset: Any, num_classes: int) -> None:
+    """Refuse a dataset whose classes differ from the model's.
 
-        ds = build_dataset(str(data), split="train", train=True, crop_size=recipe.crop_hw, base_size=recipe.base_size)
-    else:
-        ds = data
-    ds_classes = getattr(ds, "num_classes", None)
+    Raises:
+        DataError: naming both counts.
+    """
+    ds_classes = getattr(dataset, "num_classes", None)
     if ds_classes is not None and int(ds_classes) != int(num_classes):
         raise DataError(
             f"the dataset has {ds_classes} classes but the model predicts {num_classes}",
             "convert the model with a matching num_classes, or pick the matching dataset (e.g. ?classes=N)",
         )
-    return ds
 
 
 def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> int:
@@ -150,8 +151,6 @@ def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> in
     Raises:
         TrainingError: stage tensors that the file does not provide, or shape mismatches.
     """
-    from mexify.spec import load_state_dict_file
-
     src = load_state_dict_file(str(path))
     norm = {}
     for k in src:
@@ -313,22 +312,20 @@ def _tensorboard(run_dir: Path, enabled: bool):
 
 # --------------------------------------------------------------------------- trainer
 class _Trainer:
-    def __init__(self, bundle, data, recipe: Recipe, out, run_dir, weights, resume, device, progress, info):
-        import mexify
-
-        self.bundle = Path(bundle)
-        self.out = Path(out) if out is not None else self.bundle
-        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(self.out)
+    def __init__(self, model, dataset, recipe: Recipe, run_dir, weights, resume, device, progress, info, save, data_name):
+        self.run_dir = Path(run_dir)
         self.recipe = recipe
         self.info = info
         self.device = _resolve_device(device, info)
         self.progress = progress
         self.weights = weights
         self.resume = resume
-        self.data_spec = data if isinstance(data, (str, os.PathLike)) else type(data).__name__
-        self.model = mexify.load(str(self.bundle), device="cpu")
+        self.data_name = data_name
+        self.save = save
+        self.model = model.to("cpu")
         self.exit_names = list(self.model.exit_names)
-        self.dataset = _build_dataset(data, recipe, self.model.num_classes)
+        check_classes(dataset, self.model.num_classes)
+        self.dataset = dataset
         self.ckpt_path = self.run_dir / ckpt_mod.CHECKPOINT_NAME
         self.csv = _CsvLog(self.run_dir / LOG_NAME, self.exit_names, info.is_main)
         self.windows: Dict[int, deque] = {}
@@ -384,10 +381,10 @@ class _Trainer:
                 self.tb.close()
         wall = time.perf_counter() - t0
         if self.info.is_main:
-            self._write_bundle(wall)
+            self._finish(wall)
         barrier()
         return TrainReport(
-            bundle=str(self.bundle), out=str(self.out), run_dir=str(self.run_dir), recipe=self.recipe.to_dict(),
+            run_dir=str(self.run_dir), recipe=self.recipe.to_dict(),
             device=str(self.device), world_size=self.info.world_size, stages=list(self.reports),
             resumed_from=resumed_from, wall_s=wall, checkpoint=str(self.ckpt_path), log=str(self.csv.path),
         )
@@ -408,119 +405,40 @@ class _Trainer:
 
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, stage: int, total: int, state: Optional[dict]) -> None:
-        r = self.recipe
         model = self.model
         _set_stage_modes(model, stage)
         if stage == 1:
             model.freeze_backbone(False)
             model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        lr = r.lr if stage == 1 else r.lr_stage2
-        if r.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=r.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)
-        sched = PolyLR(opt, total, r.lr_power)
-        start = 0
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            ckpt_mod.set_rng_state(state["rng"])
-            start = int(state["iteration"])
+        opt, sched, scaler, start = self._optimizer(stage, total, params, state)
         window = self.windows.setdefault(stage, deque(maxlen=_WINDOW))
         if start >= total:
             self.reports.append(StageReport(stage, total, start, 0.0, 0.0, self._mean_window(stage)))
             return
-
-        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        if scaler is not None and state is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        net: nn.Module = _StageForward(model, stage)
-        if self.info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = self._stage_net(stage)
+        r = self.recipe
         stream = BatchStream(self.dataset, r.batch_size, r.seed, stage, self.info.rank, self.info.world_size,
                              r.num_workers, pin_memory=self.device.type == "cuda")
         batches = stream.iterate(start)
-        weights = list(r.exit_weights) if r.exit_weights is not None else None
-        names = self.exit_names
-        n_exits = len(names)
-        if weights is not None and len(weights) != n_exits:
-            from mexify.errors import ConfigError
-
-            raise ConfigError(
-                f"exit_weights has {len(weights)} entries but the model has {n_exits} exits ({', '.join(names)})",
-                "give one weight per exit, early exits first, final last")
-        autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype else nullcontext
         self._emit(TrainEvent("stage_start", stage, start, total, start=start, lr=opt.param_groups[0]["lr"]))
         log.info("stage %d: iterations %d..%d of %d on %s", stage, start, total, total, self.device)
 
         t_start = time.perf_counter()
         done_here = 0
-        it = start
         with _sigint_flag() as sigint:
             for it in range(start, total):
-                x, y = next(batches)
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                # Dropout and other model randomness depend on the iteration only.
-                torch.manual_seed(derive_seed(r.seed, stage, it, self.info.rank))
                 cur_lr = opt.param_groups[0]["lr"]
-                with autocast():
-                    outs = net(x)
-                if stage == 1:
-                    loss, ces = multi_exit_ce(outs, y, weights, IGNORE_INDEX)
-                    kds: List[torch.Tensor] = []
-                else:
-                    teacher = outs[-1]
-                    loss, ces, kds = early_exits_loss(outs[:-1], teacher, y, r.distill, r.kd_weight,
-                                                      r.kd_temperature, IGNORE_INDEX)
-                    with torch.no_grad():
-                        ces.append(cross_entropy(teacher, y, IGNORE_INDEX))
-                stop_flag = torch.tensor([1.0 if sigint["set"] else 0.0], device=loss.device)
-                values = torch.cat([loss.detach().reshape(1), torch.stack([c.detach() for c in ces]),
-                                    torch.stack([k.detach() for k in kds]) if kds else loss.new_zeros(0),
-                                    stop_flag])
-                values = all_reduce_mean(values).cpu()
-                if not torch.isfinite(values[:-1]).all():
-                    self._nan(stage, it, values, names, kds)
+                loss, values, with_kd = self._losses(net, next(batches), stage, it, sigint["set"])
                 stop = bool(values[-1] > 0)
-
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if r.grad_clip:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if r.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
-                    opt.step()
-                sched.step()
+                self._step(loss, opt, sched, scaler, params)
                 done_here += 1
-
-                row = self._row(stage, it + 1, cur_lr, values, names, bool(kds))
+                row = self._row(stage, it + 1, cur_lr, values, self.exit_names, with_kd)
                 window.append([float(v) for v in values[:-1]])
                 elapsed = time.perf_counter() - t_start
                 row["it_per_s"] = done_here / elapsed if elapsed > 0 else 0.0
-                row["time"] = time.time()
                 last = it + 1 == total
-                if (it + 1) % r.log_every == 0 or last or stop:
-                    self.csv.write(row)
-                    if self.tb is not None:
-                        step = it + 1 + (r.stage1_iters if stage == 2 else 0)
-                        for k, v in row.items():
-                            if k not in ("stage", "iteration", "time") and v != "":
-                                self.tb.add_scalar(f"stage{stage}/{k}", v, step)
-                self._emit(TrainEvent("step", stage, it + 1, total, start=start, lr=cur_lr, loss=row["loss"],
-                                      losses={k: v for k, v in row.items() if k.startswith(("ce/", "kd/")) and v != ""},
-                                      it_per_s=row["it_per_s"]))
+                self._log_step(stage, it, total, start, cur_lr, row, write=(it + 1) % r.log_every == 0 or last or stop)
                 if last and r.precise_bn_iters:
                     self._precise_bn(net, batches, r.precise_bn_iters)
                 if (it + 1) % r.checkpoint_every == 0 or last or stop:
@@ -535,6 +453,97 @@ class _Trainer:
                               losses=rep.final_losses, it_per_s=rep.it_per_s))
         log.info("stage %d done: %d iterations in %.1f s (%.2f it/s)", stage, done_here, wall, rep.it_per_s)
 
+    def _optimizer(self, stage: int, total: int, params: List[nn.Parameter], state: Optional[dict]):
+        """Optimizer, poly schedule and (fp16) grad scaler of a stage, restored from ``state`` when resuming."""
+        r = self.recipe
+        lr = r.lr if stage == 1 else r.lr_stage2
+        if r.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=r.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)
+        sched = PolyLR(opt, total, r.lr_power)
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        start = 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            ckpt_mod.set_rng_state(state["rng"])
+            start = int(state["iteration"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        return opt, sched, scaler, start
+
+    def _stage_net(self, stage: int) -> nn.Module:
+        """What an iteration runs (DDP-wrapped under torchrun); checks the recipe's exit weights first."""
+        weights, names = self.recipe.exit_weights, self.exit_names
+        if weights is not None and len(weights) != len(names):
+            raise ConfigError(
+                f"exit_weights has {len(weights)} entries but the model has {len(names)} exits ({', '.join(names)})",
+                "give one weight per exit, early exits first, final last")
+        net: nn.Module = _StageForward(self.model, stage)
+        if self.info.enabled:
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return net
+
+    def _losses(self, net: nn.Module, batch, stage: int, it: int, interrupted: bool):
+        """Forward one batch; returns (loss, [loss, ce..., kd..., stop flag] averaged over ranks, has kd)."""
+        r = self.recipe
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Dropout and other model randomness depend on the iteration only.
+        torch.manual_seed(derive_seed(r.seed, stage, it, self.info.rank))
+        with (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()):
+            outs = net(x)
+        kds: List[torch.Tensor] = []
+        if stage == 1:
+            weights = list(r.exit_weights) if r.exit_weights is not None else None
+            loss, ces = multi_exit_ce(outs, y, weights, IGNORE_INDEX)
+        else:
+            teacher = outs[-1]
+            loss, ces, kds = early_exits_loss(outs[:-1], teacher, y, r.distill, r.kd_weight, r.kd_temperature, IGNORE_INDEX)
+            with torch.no_grad():
+                ces.append(cross_entropy(teacher, y, IGNORE_INDEX))
+        stop_flag = torch.tensor([1.0 if interrupted else 0.0], device=loss.device)
+        values = torch.cat([loss.detach().reshape(1), torch.stack([c.detach() for c in ces]),
+                            torch.stack([k.detach() for k in kds]) if kds else loss.new_zeros(0), stop_flag])
+        values = all_reduce_mean(values).cpu()
+        if not torch.isfinite(values[:-1]).all():
+            self._nan(stage, it, values, self.exit_names, kds)
+        return loss, values, bool(kds)
+
+    def _step(self, loss: torch.Tensor, opt, sched, scaler, params: List[nn.Parameter]) -> None:
+        clip = self.recipe.grad_clip
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+        sched.step()
+
+    def _log_step(self, stage: int, it: int, total: int, start: int, lr: float, row: Dict[str, Any], write: bool) -> None:
+        row["time"] = time.time()
+        if write:
+            self.csv.write(row)
+            if self.tb is not None:
+                step = it + 1 + (self.recipe.stage1_iters if stage == 2 else 0)
+                for k, v in row.items():
+                    if k not in ("stage", "iteration", "time") and v != "":
+                        self.tb.add_scalar(f"stage{stage}/{k}", v, step)
+        self._emit(TrainEvent("step", stage, it + 1, total, start=start, lr=lr, loss=row["loss"],
+                              losses={k: v for k, v in row.items() if k.startswith(("ce/", "kd/")) and v != ""},
+                              it_per_s=row["it_per_s"]))
+
     # ------------------------------------------------------------------ pieces
     def _precise_bn(self, net: nn.Module, batches, iters: int) -> None:
         """Recompute the statistics of the BatchNorm layers being trained (fvcore's precise BN).
@@ -543,6 +552,7 @@ class _Trainer:
         momentum 0.01), and the frozen backbone of stage 2 and inference both use them. Ranks
         average their statistics so that every process ends with the same buffers.
         """
+        # imported here: fvcore.nn's import scripts a loss with torch.jit, which warns on every mexify start
         from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 
         bns = get_bn_modules(net)
@@ -622,17 +632,15 @@ class _Trainer:
         if self.progress is not None and self.info.is_main:
             self.progress(event)
 
-    def _write_bundle(self, wall: float) -> None:
-        import mexify
-        from mexify import bundle as bundle_mod
-
+    def _finish(self, wall: float) -> None:
+        """Hand the trained model (CPU, eval mode) and the run's record to ``save``."""
         self.model.freeze_backbone(False)
         self.model.eval()
         if self.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
         record = {
             "recipe": self.recipe.to_dict(),
-            "data": str(self.data_spec),
+            "data": str(self.data_name),
             "iterations": {"stage1": self.recipe.stage1_iters, "stage2": self.recipe.stage2_iters},
             "final_losses": {f"stage{r.stage}": r.final_losses for r in self.reports},
             "it_per_s": {f"stage{r.stage}": r.it_per_s for r in self.reports},
@@ -640,42 +648,40 @@ class _Trainer:
             "device": str(self.device),
             "world_size": self.info.world_size,
             "wall_s": round(wall, 3),
-            "mexify_version": getattr(mexify, "__version__", None),
+            "mexify_version": __version__,
             "torch_version": str(torch.__version__),
         }
         model = self.model.to("cpu")
-        if self.out.resolve() == self.bundle.resolve():
-            bundle_mod.update_bundle(str(self.out), model=model, training=record)
-        else:
-            cfg = getattr(model, "config", None) or bundle_mod.read_config(str(self.bundle))
-            cfg = dataclasses.replace(cfg, training=record)
-            bundle_mod.save_bundle(model, str(self.out), config=cfg, overwrite=True)
+        if self.save is not None:
+            self.save(model, record)
         model.to(self.device)
-        log.info("trained bundle written to %s", self.out)
 
 
 # --------------------------------------------------------------------------- entry point
-def train(
-    bundle: Union[str, os.PathLike],
-    data: Any,
+def train_model(
+    model: MultiExitModel,
+    dataset: Any,
     recipe: Union[str, os.PathLike, Recipe, Mapping[str, Any], None] = "quick-synthetic",
-    out: Optional[Union[str, os.PathLike]] = None,
+    run_dir: Union[str, os.PathLike] = "mexify.train",
     overrides: Optional[Mapping[str, Any]] = None,
     weights: Optional[Union[str, os.PathLike]] = None,
     resume: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     progress: Optional[Callable[[TrainEvent], None]] = None,
-    run_dir: Optional[Union[str, os.PathLike]] = None,
+    save: Optional[Callable[[MultiExitModel, Dict[str, Any]], None]] = None,
+    data_name: str = "",
 ) -> TrainReport:
-    """Train a converted bundle in two stages (MESS) and write the trained bundle.
+    """Train a multi-exit model in two stages (MESS): end-to-end, then frozen backbone with distillation.
+
+    Objects in, objects out: :func:`mexify.api.train` reads the bundle and the dataset spec
+    and writes the trained bundle through ``save``.
 
     Args:
-        bundle: bundle directory made by ``mexify convert``.
-        data: dataset spec (``synthetic:scenes?classes=8``, ``voc:PATH``, ...) or a dataset
-            yielding ``(image, mask)``.
+        model: the converted model (trained in place).
+        dataset: yields ``(image, mask)``, with the recipe's augmentations already applied.
         recipe: recipe name (see :func:`~mexify.train.recipe.available_recipes`), YAML path,
             mapping or :class:`Recipe`.
-        out: where to write the trained bundle (default: update ``bundle`` in place).
+        run_dir: checkpoints, ``train_log.csv`` and TensorBoard logs.
         overrides: recipe fields to change (``{"lr": 0.01}``; strings are parsed).
         weights: the original model's trained weights (state_dict or safetensors), loaded
             into the backbone before stage 1; early heads start from their initialisation.
@@ -684,7 +690,9 @@ def train(
             each rank uses ``cuda:LOCAL_RANK``.
         progress: called on rank 0 with a :class:`TrainEvent` at stage start, every
             iteration and stage end.
-        run_dir: checkpoints, ``train_log.csv`` and TensorBoard logs (default ``<out>.train``).
+        save: called once on rank 0 (before the final barrier) with the trained model (CPU,
+            eval mode) and the run's record (recipe, data, losses, speeds, versions).
+        data_name: how the record names the dataset (its spec).
 
     Returns:
         A :class:`TrainReport`.
@@ -695,13 +703,11 @@ def train(
         checkpoint. KeyboardInterrupt: Ctrl-C, after a checkpoint of the last finished iteration.
     """
     rec = load_recipe(recipe, overrides)
-    dev_hint = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    info = init_distributed(dev_hint)
+    info = init_distributed(resolve_device(device))
     try:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
-            trainer = _Trainer(bundle, data, rec, out, run_dir, weights, resume, device, progress, info)
+            trainer = _Trainer(model, dataset, rec, run_dir, weights, resume, device, progress, info, save, data_name)
             return trainer.run()
     finally:
         cleanup_distributed(info)

@@ -3,6 +3,7 @@ import sys
 
 import torch
 
+from mexify.api import train
 from mexify.train import trainer
 
 
@@ -10,13 +11,13 @@ def main():
     bundle, data, out, dump = sys.argv[1:5]
     torch.set_num_threads(1)
     seen = {}
-    orig = trainer._Trainer._write_bundle
+    orig = trainer._Trainer._finish
 
     def spy(self, wall):
         seen["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return orig(self, wall)
 
-    trainer._Trainer._write_bundle = spy
+    trainer._Trainer._finish = spy
     original_run = trainer._Trainer.run
 
     def run(self):
@@ -28,7 +29,7 @@ def main():
         return rep
 
     trainer._Trainer.run = run
-    trainer.train(bundle, data, overrides={"stage1_iters": 3, "stage2_iters": 2, "batch_size": 2, "crop_size": 48,
+    train(bundle, data, overrides={"stage1_iters": 3, "stage2_iters": 2, "batch_size": 2, "crop_size": 48,
                                            "checkpoint_every": 2, "log_every": 1}, out=out, device="cpu")
 
 

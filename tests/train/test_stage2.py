@@ -6,7 +6,7 @@ import torch
 import mexify
 from mexify.data import build_dataset
 from mexify.metrics import ConfusionMatrix
-from mexify.train import train
+from mexify.api import train
 
 pytest.importorskip("torchvision")
 

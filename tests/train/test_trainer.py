@@ -11,7 +11,8 @@ import yaml
 
 import mexify
 from mexify.errors import ConfigError, DataError, TrainingError
-from mexify.train import load_checkpoint, train
+from mexify.api import train
+from mexify.train import load_checkpoint
 from mexify.train.trainer import LOG_NAME, default_run_dir
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mexify.graph.split import Stage
-from mexify.heads import ExitHead
+from mexify.nn.heads import ExitHead
 
 __all__ = ["MultiExitModel", "StageState", "ExitOutput"]
 
@@ -130,15 +130,6 @@ class MultiExitModel(nn.Module):
             state = self.run_stage(i, state)
             feats.append(self.exit_features(i, state))
         return feats
-
-    def predict(self, x: torch.Tensor, policy: Any = None, exit: Any = None) -> list:
-        """Early-exit inference with the bundle's policy (or ``policy``/``exit``): one Prediction per image.
-
-        See :class:`mexify.runtime.EarlyExitRuntime`: stages stop running once every image has exited.
-        """
-        from mexify.runtime import predict
-
-        return predict(self, x, policy=policy, exit=exit)
 
     # -- costs -------------------------------------------------------------------------
     def cost_to_exit(self, i: int) -> int:

@@ -1,4 +1,10 @@
-"""The convert pipeline: spec -> trace -> profile -> place exits -> split -> heads."""
+"""Preparation: a model (or its spec) becomes a multi-exit model, in memory.
+
+``spec | nn.Module -> trace -> profile -> place exits -> split -> heads -> (MultiExitModel,
+BundleConfig)``, like ``torch.ao``'s ``prepare_fx``: objects in, objects out, no file
+written (:mod:`mexify.api` writes bundles). :func:`rebuild` is the same pipeline driven by a
+bundle's config instead of placement, which is how :func:`mexify.bundle.load` rebuilds a model.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,15 +17,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from mexify import __version__
+from mexify._version import __version__
 from mexify.config import BundleConfig, ExitConfig, HeadConfig, TraceConfig
 from mexify.errors import BundleError, MexifyError, TraceError
+from mexify.graph.adapt import prepare_graph, upsample_to_input
 from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
 from mexify.graph.profile import count_flops, profile_graph
 from mexify.graph.split import split_stages
-from mexify.graph.trace import prepare_graph, trace_model, upsample_to_input
-from mexify.heads import build_head, parse_head_overrides
-from mexify.model import MultiExitModel
+from mexify.graph.trace import registered_autowrap_functions, registered_leaf_modules, trace_model
+from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 
 __all__ = ["ConvertResult", "convert", "inspect", "rebuild", "TracedModel", "trace_spec"]
@@ -170,10 +176,8 @@ def convert(
     trace: str = "auto",
     trust_pickle: bool = False,
     placement: PlacementConfig = PlacementConfig(),
-    out: Optional[str] = None,
-    overwrite: bool = False,
 ) -> ConvertResult:
-    """Turn a segmentation model into a :class:`MultiExitModel` (and optionally a bundle).
+    """Turn a segmentation model into a :class:`MultiExitModel` with its bundle config (in memory).
 
     Args:
         spec: ``package.module:factory``, ``file.py:factory``, a ``.pt2`` archive, a pickled
@@ -186,23 +190,13 @@ def convert(
         input_size: (H, W) at which shapes and FLOPs are profiled.
         leaf_modules, autowrap_functions: passed to the tracer.
         trace: ``auto`` (fx, then torch.export), ``fx`` or ``export``.
-        out: if given, write a bundle directory there (atomically).
 
     Raises:
         MexifyError: any user-facing problem, with a hint.
     """
     t0 = time.perf_counter()
-    trace_cfg = TraceConfig(
-        input_size=tuple(int(v) for v in input_size),
-        leaf_modules=tuple(leaf_modules),
-        autowrap_functions=tuple(autowrap_functions),
-        method=trace,
-    )
+    trace_cfg = _trace_config(input_size, leaf_modules, autowrap_functions, trace)
     head_cfg = parse_head_overrides(head, head_set)
-    if out is not None:
-        from mexify.bundle import check_writable
-
-        check_writable(out, overwrite)
     if isinstance(spec, nn.Module):
         model_spec = ModelSpec("module", f"{type(spec).__module__}:{type(spec).__qualname__}")
         model = spec
@@ -213,11 +207,14 @@ def convert(
     chosen = select_exit_points(traced.candidates, exits, at, placement)
     result = _assemble(traced, chosen, [head_cfg] * len(chosen), model_spec, trace_cfg)
     result.seconds = time.perf_counter() - t0
-    if out is not None:
-        from mexify.bundle import save_bundle
-
-        save_bundle(result.model, out, overwrite=overwrite)
     return result
+
+
+def _trace_config(input_size: Sequence[int], leaf_modules: Sequence[str], autowrap_functions: Sequence[str], method: str) -> TraceConfig:
+    """The trace settings a bundle records: the caller's plus the registered leaf modules and functions."""
+    leaves = tuple(dict.fromkeys([*leaf_modules, *registered_leaf_modules()]))
+    wrapped = tuple(dict.fromkeys([*autowrap_functions, *registered_autowrap_functions()]))
+    return TraceConfig(input_size=tuple(int(v) for v in input_size), leaf_modules=leaves, autowrap_functions=wrapped, method=method)
 
 
 def _assemble(
@@ -279,7 +276,7 @@ def inspect(
     trust_pickle: bool = False,
 ) -> TracedModel:
     """Trace and profile a model and list its candidate exit points (no conversion)."""
-    trace_cfg = TraceConfig(tuple(int(v) for v in input_size), tuple(leaf_modules), tuple(autowrap_functions), trace)
+    trace_cfg = _trace_config(input_size, leaf_modules, autowrap_functions, trace)
     if isinstance(spec, nn.Module):
         model = spec
     else:

@@ -1,0 +1,25 @@
+"""Calibration: collect an exit cache once, then fit a policy's thresholds for a budget.
+
+``(model, batches) -> fitted Policy``: :mod:`~mexify.calibrate.cache` (one pass, per-image
+statistics), :mod:`~mexify.calibrate.search` (thresholds on the cache),
+:mod:`~mexify.calibrate.temperature`, :mod:`~mexify.calibrate.budget`, and
+:func:`~mexify.calibrate.fit.fit_policy`, which composes them.
+"""
+from mexify.calibrate.budget import budget_max_cost, parse_budget
+from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.fit import CalibrationReport, fit_policy
+from mexify.calibrate.search import SearchResult, oracle_at, search_thresholds
+from mexify.calibrate.temperature import fit_temperatures
+
+__all__ = [
+    "ExitCache",
+    "SearchResult",
+    "CalibrationReport",
+    "collect_cache",
+    "fit_temperatures",
+    "fit_policy",
+    "parse_budget",
+    "budget_max_cost",
+    "search_thresholds",
+    "oracle_at",
+]

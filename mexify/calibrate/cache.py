@@ -1,0 +1,415 @@
+"""The exit cache: what one pass over a calibration split keeps, per image and exit.
+
+The cache holds, per image and exit, what every policy's score and the mIoU of any
+exit assignment need, compactly:
+
+* ``class_hist`` ``(N, E, K, B)`` int32: pixels by predicted class and top-1 probability
+  bin (``mexify.policies.PROB_EDGES``); ``edge_hist`` ``(N, E, B)``: the same for pixels
+  on a predicted class boundary (mess).
+* ``mean_maxprob``, ``mean_entropy`` ``(N, E)`` float64 (maxprob, entropy, class-means).
+* ``tp``, ``pred_count`` ``(N, E, K)`` and ``label_count`` ``(N, K)`` int64: per-image
+  true positives, predictions on labelled pixels and labels per class. Summing them over
+  any exit assignment gives the dataset confusion-matrix diagonal, column and row sums,
+  hence its mIoU exactly (no second pass). ``agree_*``: the same against the final
+  exit's predictions (used when there are no labels).
+* ``class_prob_sum`` ``(E, K, K)``: summed probability vectors per labelled class (cbt).
+* ``thumb_bins``, ``thumb_pred`` ``(N, E, h, w)`` uint8/int16 downsampled maps (cbt's
+  theoretical pixel-level FLOPs).
+
+For 1,000 images, 7 exits and 19 classes that is about 50 MB whatever the resolution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mexify.calibrate.search import SearchResult, search_thresholds
+from mexify.config import IGNORE_INDEX
+from mexify.data import split_batch
+from mexify.errors import DataError
+from mexify.policies import Policy, boundary_mask, prob_bins
+from mexify.policies.base import NUM_BINS
+from mexify.policies.entropy import mean_entropy
+from mexify.policies.maxprob import MaxProbPolicy
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExitCache", "collect_cache"]
+
+Progress = Optional[Callable[[str, int, int], None]]
+
+
+@dataclasses.dataclass
+class ExitCache:
+    """Per-image, per-exit statistics of one calibration pass (see the module docstring)."""
+
+    exit_names: List[str]
+    num_classes: int
+    costs: np.ndarray  # (E,) FLOPs to exit at each exit
+    original_flops: float
+    class_hist: np.ndarray
+    edge_hist: np.ndarray
+    num_pixels: np.ndarray
+    mean_maxprob: np.ndarray
+    mean_entropy: np.ndarray
+    tp: np.ndarray
+    pred_count: np.ndarray
+    label_count: np.ndarray
+    agree_tp: np.ndarray
+    agree_pred_count: np.ndarray
+    agree_label_count: np.ndarray
+    label_prob_sum: np.ndarray  # (E, K, K) by true label
+    agree_prob_sum: np.ndarray  # (E, K, K) by the final exit's prediction
+    thumb_bins: Optional[np.ndarray] = None
+    thumb_pred: Optional[np.ndarray] = None
+    edge_radius: int = 2
+    temperatures: Optional[List[float]] = None
+    source: str = "softmax"
+    stage_flops: Optional[List[float]] = None
+    head_flops: Optional[List[float]] = None
+
+    # --------------------------------------------------------------- basics
+    @property
+    def num_images(self) -> int:
+        return int(self.num_pixels.shape[0])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_names)
+
+    @property
+    def labelled(self) -> bool:
+        """True when the split had labelled pixels; otherwise mIoU means agreement with the final exit."""
+        return bool(self.label_count.sum() > 0)
+
+    @property
+    def class_pixels(self) -> np.ndarray:
+        return (self.label_count if self.labelled else self.agree_label_count).sum(0)
+
+    @property
+    def class_prob_sum(self) -> np.ndarray:
+        return self.label_prob_sum if self.labelled else self.agree_prob_sum
+
+    def hist(self) -> np.ndarray:
+        """Pixels per probability bin, all classes, ``(N, E, B)`` float64."""
+        return self.class_hist.sum(2, dtype=np.int64).astype(np.float64)
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+    # --------------------------------------------------------------- arithmetic
+    def _counts(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.labelled:
+            return self.tp, self.pred_count, self.label_count
+        return self.agree_tp, self.agree_pred_count, self.agree_label_count
+
+    def assign(self, scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+        """Exit index per image: the first early exit with ``score >= threshold``, else the final."""
+        ok = scores >= np.asarray(thresholds, dtype=np.float64)[None, :]
+        ok = np.concatenate([ok, np.ones((ok.shape[0], 1), dtype=bool)], axis=1)
+        return ok.argmax(1)
+
+    def miou(self, assignment: np.ndarray) -> float:
+        """Dataset mIoU (0-100) of the images' chosen exits, from the per-image counts (exact)."""
+        tp, pc, lc = self._counts()
+        idx = np.arange(len(assignment))
+        t = tp[idx, assignment].sum(0, dtype=np.int64)
+        p = pc[idx, assignment].sum(0, dtype=np.int64)
+        u = p + lc.sum(0, dtype=np.int64) - t
+        present = u > 0
+        return float((t[present] / u[present]).mean() * 100.0) if present.any() else 0.0
+
+    def exit_miou(self, exit_index: int) -> float:
+        return self.miou(np.full(self.num_images, exit_index, dtype=np.int64))
+
+    @property
+    def final_miou(self) -> float:
+        return self.exit_miou(self.num_exits - 1)
+
+    def per_image_miou(self) -> np.ndarray:
+        """mIoU (0-100) of every image at every exit, ``(N, E)``, over classes in its labels or prediction."""
+        tp, pc, lc = self._counts()
+        u = pc + lc[:, None, :] - tp
+        present = u > 0
+        iou = np.where(present, tp / np.maximum(u, 1), 0.0)
+        n = present.sum(-1)
+        return np.where(n > 0, iou.sum(-1) / np.maximum(n, 1), 1.0) * 100.0
+
+    def oracle_assignment(self, tolerance: float) -> np.ndarray:
+        """Earliest exit whose per-image mIoU is within ``tolerance`` points of the final exit's."""
+        pim = self.per_image_miou()
+        ok = pim >= pim[:, -1:] - float(tolerance) - 1e-9
+        return ok.argmax(1)
+
+    def figures(self, assignment: np.ndarray) -> Dict[str, Any]:
+        """mIoU, drop, mean FLOPs, speed-up and exit rates of an assignment."""
+        cost = float(self.costs[assignment].mean())
+        final = self.final_miou
+        miou = self.miou(assignment)
+        rates = np.bincount(assignment, minlength=self.num_exits) / max(len(assignment), 1)
+        return {
+            "miou": miou,
+            "final_miou": final,
+            "drop": final - miou,
+            "mean_flops": cost,
+            "original_flops": float(self.original_flops),
+            "cost_fraction": cost / float(self.original_flops),
+            "speedup": float(self.original_flops) / cost if cost > 0 else float("nan"),
+            "exit_rates": {n: float(r) for n, r in zip(self.exit_names, rates)},
+            "labelled": self.labelled,
+            "num_images": self.num_images,
+        }
+
+    # --------------------------------------------------------------- search
+    def search(
+        self,
+        scores: np.ndarray,
+        max_cost: Optional[float] = None,
+        max_drop: Optional[float] = None,
+        candidates: int = 48,
+        lambdas: int = 24,
+    ) -> "SearchResult":
+        """Per-exit thresholds for a budget, searched jointly on the cache.
+
+        Args:
+            scores: ``(N, E-1)`` image confidences at the early exits.
+            max_cost: maximise mIoU with mean FLOPs ``<= max_cost``.
+            max_drop: minimise mean FLOPs with mIoU ``>= final - max_drop`` (points).
+            candidates: quantiles of each exit's scores tried as thresholds.
+            lambdas: points of the Lagrangian sweep (also the Pareto curve's resolution).
+
+        Returns:
+            a :class:`SearchResult` (thresholds, assignment, Pareto and global-threshold curves).
+
+        Raises:
+            BudgetError: ``max_cost`` below the cheapest reachable mean cost.
+        """
+        return search_thresholds(self, np.asarray(scores, dtype=np.float64), max_cost, max_drop, candidates, lambdas)
+
+    # --------------------------------------------------------------- persistence
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the cache as one ``.npz`` (arrays) with its metadata."""
+        arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        meta = {k: v for k, v in vars(self).items() if not isinstance(v, np.ndarray)}
+        np.savez_compressed(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ExitCache":
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        return cls(**meta, **arrays)
+
+
+def _model_costs(model: Any) -> Tuple[np.ndarray, float, Optional[List[float]], Optional[List[float]]]:
+    e = len(model.exit_names)
+    costs = np.array([float(model.cost_to_exit(i)) for i in range(e)], dtype=np.float64)
+    stage = getattr(model, "stage_flops", None)
+    head = getattr(model, "head_flops", None)
+    return costs, float(model.original_flops), (list(map(float, stage)) if stage is not None else None), (
+        list(map(float, head)) if head is not None else None
+    )
+
+
+def _exit_outputs(model: Any, x: torch.Tensor, need_features: bool) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    if not need_features:
+        logits = list(model.forward_all(x))
+        return logits, [None] * len(logits)
+    if hasattr(model, "iter_exits"):
+        logits, feats = [], []
+        for out in model.iter_exits(x):
+            logits.append(out.logits)
+            feats.append(out.features)
+        return logits, feats
+    logits = list(model.forward_all(x))
+    feats = list(model.forward_features(x)) + [None]
+    return logits, feats
+
+
+class _Accumulator:
+    """Streams per-image statistics into lists of numpy arrays."""
+
+    def __init__(self, num_exits: int, k: int, edge_radius: int, thumb: int):
+        self.e, self.k, self.r, self.thumb = num_exits, k, edge_radius, thumb
+        self.parts: Dict[str, List[np.ndarray]] = {}
+        self.label_prob_sum = torch.zeros(num_exits, k, k, dtype=torch.float64)
+        self.agree_prob_sum = torch.zeros(num_exits, k, k, dtype=torch.float64)
+
+    def _push(self, name: str, arr: torch.Tensor) -> None:
+        self.parts.setdefault(name, []).append(arr.cpu().numpy())
+
+    def _counts(self, pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, k = pred.shape[0], self.k
+        valid = (target >= 0) & (target < k)
+        off = (torch.arange(n, device=pred.device) * k)[:, None]
+        pv = pred.flatten(1)
+        tv = target.flatten(1)
+        vv = valid.flatten(1)
+        size = n * k
+        tp = torch.bincount((off + pv)[vv & (pv == tv)], minlength=size).view(n, k)
+        pc = torch.bincount((off + pv)[vv], minlength=size).view(n, k)
+        lc = torch.bincount((off + tv.clamp(0, k - 1))[vv], minlength=size).view(n, k)
+        return tp, pc, lc
+
+    def _prob_sum(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum of probability vectors per target class, ``(K_target, K)`` (a batched matmul with one-hots)."""
+        k = self.k
+        valid = (target >= 0) & (target < k)
+        onehot = F.one_hot(target.clamp(0, k - 1).flatten(1), k).to(probs.dtype) * valid.flatten(1)[..., None]
+        out = torch.bmm(probs.flatten(2), onehot).sum(0)  # (K, K_target)
+        return out.t().double().cpu()
+
+    @torch.no_grad()
+    def add(self, probs: List[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
+        k, b = self.k, NUM_BINS
+        final_pred = probs[-1].argmax(1)
+        n = final_pred.shape[0]
+        if labels is None:
+            labels = torch.full_like(final_pred, IGNORE_INDEX)
+        labels = labels.long()
+        has_labels = bool(((labels >= 0) & (labels < k)).any())
+        per: Dict[str, List[torch.Tensor]] = {}
+        for i, p in enumerate(probs):
+            top1, pred = p.max(1)
+            bins = prob_bins(top1)
+            edge = boundary_mask(pred, self.r)
+            off = (torch.arange(n, device=p.device) * (k * b))[:, None]
+            ch = torch.bincount((off + pred.flatten(1) * b + bins.flatten(1)).flatten(), minlength=n * k * b)
+            per.setdefault("class_hist", []).append(ch.view(n, k, b).int())
+            eoff = (torch.arange(n, device=p.device) * b)[:, None]
+            eh = torch.bincount((eoff + bins.flatten(1))[edge.flatten(1)], minlength=n * b)
+            per.setdefault("edge_hist", []).append(eh.view(n, b).int())
+            per.setdefault("mean_maxprob", []).append(top1.flatten(1).double().mean(1))
+            per.setdefault("mean_entropy", []).append(mean_entropy(p))
+            tp, pc, lc = self._counts(pred, labels)
+            per.setdefault("tp", []).append(tp)
+            per.setdefault("pred_count", []).append(pc)
+            atp, apc, alc = self._counts(pred, final_pred)
+            per.setdefault("agree_tp", []).append(atp)
+            per.setdefault("agree_pred_count", []).append(apc)
+            if has_labels:
+                self.label_prob_sum[i] += self._prob_sum(p, labels)
+            else:  # only used when the whole split is unlabelled
+                self.agree_prob_sum[i] += self._prob_sum(p, final_pred)
+            if self.thumb > 0:
+                s = max(1, math.ceil(max(top1.shape[-2:]) / self.thumb))
+                per.setdefault("thumb_bins", []).append(bins[:, ::s, ::s].to(torch.uint8))
+                per.setdefault("thumb_pred", []).append(pred[:, ::s, ::s].to(torch.int16))
+        for name, lst in per.items():
+            self._push(name, torch.stack(lst, 1))
+        self._push("label_count", lc)
+        self._push("agree_label_count", alc)
+        self._push("num_pixels", torch.full((n,), final_pred[0].numel(), dtype=torch.int64))
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        out = {name: np.concatenate(v, 0) for name, v in self.parts.items()}
+        for name in ("tp", "pred_count", "label_count", "agree_tp", "agree_pred_count", "agree_label_count"):
+            out[name] = out[name].astype(np.int64)
+        out["label_prob_sum"] = self.label_prob_sum.numpy()
+        out["agree_prob_sum"] = self.agree_prob_sum.numpy()
+        return out
+
+
+@torch.no_grad()
+def collect_cache(
+    model: Any,
+    batches: Iterable[Any],
+    source: Optional[Policy] = None,
+    temperatures: Optional[Sequence[float]] = None,
+    edge_radius: int = 2,
+    thumb: int = 64,
+    device: Any = None,
+    total: Optional[int] = None,
+    progress: Progress = None,
+) -> ExitCache:
+    """Run every exit once over ``batches`` (eval mode, no grad) and keep per-image statistics.
+
+    Args:
+        model: a ``MultiExitModel`` (``forward_all``, ``cost_to_exit``, ``exit_names``, ...).
+        batches: iterable of ``(images, masks)``; masks may be None or all 255 (unlabelled).
+        source: policy whose ``probabilities`` define the exit outputs (default: softmax of
+            the logits, with ``temperatures``); class-means passes itself.
+        temperatures: per-exit temperatures for the default source.
+        edge_radius: boundary half-width for mess (px at input resolution).
+        thumb: long side of the downsampled maps kept for cbt's pixel-level figure (0: none).
+        total: number of batches, for progress.
+        progress: ``callback(stage, done, total)``.
+
+    Returns:
+        the :class:`ExitCache`.
+
+    Raises:
+        DataError: no batch.
+    """
+    if source is None:
+        source = MaxProbPolicy(temperatures=temperatures)
+    elif temperatures is not None:
+        source.temperatures = list(temperatures)
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    names = list(model.exit_names)
+    k = int(model.num_classes)
+    acc = _Accumulator(len(names), k, edge_radius, thumb)
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        for batch in batches:
+            x, y = split_batch(batch)
+            if device is not None:
+                x = x.to(device)
+                y = y.to(device) if y is not None else None
+            acc.add(_exit_probabilities(model, source, x, y), y)
+            done += 1
+            if progress is not None:
+                progress("collect", done, total or done)
+    finally:
+        model.train(was_training)
+    if done == 0:
+        raise DataError("the calibration split yielded no batch", "check --split and --limit")
+    cache = _assemble(model, acc, source, edge_radius)
+    log.info(
+        "exit cache: %d images x %d exits in %.1f s, %.1f MB%s",
+        cache.num_images,
+        cache.num_exits,
+        time.perf_counter() - t0,
+        cache.nbytes() / 2**20,
+        "" if cache.labelled else " (no labels: figures are agreement with the final exit)",
+    )
+    return cache
+
+
+def _exit_probabilities(model: Any, source: Policy, x: torch.Tensor, y: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """Every exit's probability maps ``(N, K, H, W)``, at the labels' resolution when there are labels."""
+    logits, feats = _exit_outputs(model, x, source.needs_features)
+    probs = []
+    for i, (z, f) in enumerate(zip(logits, feats)):
+        p = source.probabilities(i, z, f)
+        if y is not None and p.shape[-2:] != y.shape[-2:]:
+            p = F.interpolate(p, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        probs.append(p)
+    return probs
+
+
+def _assemble(model: Any, acc: "_Accumulator", source: Policy, edge_radius: int) -> ExitCache:
+    costs, orig, stage, head = _model_costs(model)
+    return ExitCache(
+        exit_names=list(model.exit_names),
+        num_classes=int(model.num_classes),
+        costs=costs,
+        original_flops=orig,
+        edge_radius=int(edge_radius),
+        temperatures=None if source.temperatures is None else list(source.temperatures),
+        source="class-means" if source.needs_features else "softmax",
+        stage_flops=stage,
+        head_flops=head,
+        **acc.arrays(),
+    )

@@ -1,0 +1,190 @@
+"""Fitting a policy: ``(model, batches) -> fitted Policy`` with its figures, for a budget.
+
+Like ``torch.ao``'s calibrate step, objects in and objects out: the bundle, the dataset spec
+and the files (Pareto plot, ``config.yaml``) are :mod:`mexify.api`'s business.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+from mexify.calibrate.budget import budget_max_cost, parse_budget
+from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.search import SearchResult, oracle_at
+from mexify.calibrate.temperature import fit_temperatures
+from mexify.data import split_batch
+from mexify.errors import ConfigError
+from mexify.nn import module_device
+from mexify.policies import Policy, build_policy, pixel_level_flops
+
+__all__ = ["CalibrationReport", "fit_policy"]
+
+Progress = Optional[Callable[[str, int, int], None]]
+Batches = Callable[[], Iterable[Any]]
+
+
+@dataclasses.dataclass
+class CalibrationReport:
+    """What :func:`fit_policy` fitted and reached; ``to_dict`` is the ``--json`` output."""
+
+    policy: Policy
+    figures: Dict[str, Any]
+    budget: Dict[str, Any]
+    oracle: Optional[Dict[str, Any]]
+    best_global: Optional[Dict[str, Any]]
+    pareto: List[Dict[str, Any]]
+    theoretical: Optional[Dict[str, Any]] = None
+    temperatures: Optional[List[float]] = None
+    labelled: bool = True
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+    notes: List[str] = dataclasses.field(default_factory=list)
+    cache: Optional[ExitCache] = dataclasses.field(default=None, repr=False)
+    search: Optional[SearchResult] = dataclasses.field(default=None, repr=False)
+    oracle_curve: List[Dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def thresholds(self) -> Dict[str, Optional[float]]:
+        names = self.policy.exit_names or []
+        return {n: (t if math.isfinite(t) else None) for n, t in zip(names[:-1], self.policy.thresholds or [])}
+
+    def to_dict(self) -> Dict[str, Any]:
+        pol = self.policy.to_dict()
+        pol.pop("means", None)
+        pol.pop("scales", None)
+        return {
+            "policy": pol,
+            "thresholds": self.thresholds,
+            "figures": self.figures,
+            "budget": self.budget,
+            "oracle": self.oracle,
+            "best_global_threshold": self.best_global,
+            "theoretical_pixel_level": self.theoretical,
+            "temperatures": self.temperatures,
+            "labelled": self.labelled,
+            "files": self.files,
+            "timings": self.timings,
+            "notes": self.notes,
+        }
+
+
+def fit_policy(
+    model: Any,
+    batches: Batches,
+    policy: Union[str, Policy] = "mess",
+    budget: Optional[str] = None,
+    max_drop: Optional[float] = None,
+    temperature: bool = False,
+    means_batches: Optional[Batches] = None,
+    policy_options: Optional[Dict[str, Any]] = None,
+    edge_radius: Optional[int] = None,
+    device: Any = None,
+    total: Optional[int] = None,
+    progress: Progress = None,
+) -> CalibrationReport:
+    """Fit an exit policy on calibration batches for a budget.
+
+    Args:
+        model: a :class:`~mexify.nn.MultiExitModel`.
+        batches: a callable giving a fresh iterable of ``(images, masks)`` batches (called once
+            per pass: temperatures, then the exit cache).
+        policy: registry name or a :class:`Policy` instance.
+        budget: ``"2x"`` (mean speed-up >= 2) or ``"40%"`` (mean cost <= 40% of the original):
+            maximise mIoU within it.
+        max_drop: the fastest thresholds within this many mIoU points of the final exit
+            (the default, 1.0, when no budget is given).
+        temperature: fit one temperature per exit first (needs labels).
+        means_batches: labelled batches for class-means' class means (default: ``batches``).
+        policy_options: keyword options of the policy (e.g. ``{"pixel_threshold": 0.95}``).
+        edge_radius: boundary half-width of the cache (default: the policy's).
+        device: where to run (default: where the model is).
+        total: number of batches per pass, for progress.
+        progress: ``callback(stage, done, total)``.
+
+    Returns:
+        a :class:`CalibrationReport` (``files`` empty: nothing is written).
+
+    Raises:
+        BudgetError: the budget is below the cheapest reachable cost.
+        ConfigError: bad policy, budget or options.
+    """
+    timings: Dict[str, float] = {}
+    notes: List[str] = []
+    bud, max_drop = _budget(budget, max_drop)
+    pol = policy if isinstance(policy, Policy) else build_policy(policy, **(policy_options or {}))
+    if pol.name == "oracle":
+        raise ConfigError("the oracle reads labels and cannot be deployed", "calibrate a policy such as mess; its report includes the oracle")
+    radius = int(edge_radius if edge_radius is not None else getattr(pol, "edge_radius", 2))
+    dev = device if device is not None else module_device(model)
+
+    temps = _temperatures(model, pol, batches, temperature, dev, total, progress, timings, notes)
+    if pol.needs_features:
+        t0 = time.perf_counter()
+        pairs = (split_batch(b) for b in (means_batches or batches)())
+        pol = pol.collect_means(model, pairs, model.num_classes, device=dev)
+        pol.temperatures = temps
+        timings["class_means_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cache = collect_cache(model, batches(), source=pol, edge_radius=radius, device=dev, total=total, progress=progress)
+    timings["collect_s"] = time.perf_counter() - t0
+    if not cache.labelled:
+        notes.append(
+            "no labels in the calibration split: only label-free parts were fitted; mIoU figures are agreement "
+            "with the final exit's predictions, cbt ranks classes by the final exit's predictions, "
+            "temperatures and the oracle are skipped"
+        )
+    return _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress)
+
+
+def _budget(budget: Optional[str], max_drop: Optional[float]):
+    bud = parse_budget(budget)
+    if bud is not None and max_drop is not None:
+        raise ConfigError("give either --budget or --max-drop, not both", "e.g. --budget 2x or --max-drop 1.0")
+    if bud is None and max_drop is None:
+        max_drop = 1.0
+    return bud, max_drop
+
+
+def _temperatures(model, pol, batches, enabled, dev, total, progress, timings, notes) -> Optional[List[float]]:
+    if not enabled:
+        return None
+    t0 = time.perf_counter()
+    temps = fit_temperatures(model, batches(), device=dev, total=total, progress=progress)
+    timings["temperature_s"] = time.perf_counter() - t0
+    if temps is None:
+        notes.append("temperature scaling skipped: the calibration split has no labels")
+    pol.temperatures = temps
+    return temps
+
+
+def _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress) -> CalibrationReport:
+    """Search the thresholds on the cache, then the oracle and the theoretical figures beside them."""
+    max_cost = budget_max_cost(bud, cache.original_flops) if bud is not None else None
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress("search", 0, 1)
+    fitted = pol.fit(cache, max_cost=max_cost, max_drop=None if bud is not None else max_drop)
+    timings["search_s"] = time.perf_counter() - t0
+    if progress is not None:
+        progress("search", 1, 1)
+    result: SearchResult = fitted._search_result
+    figures = result.figures()
+    budget_rec = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
+    fitted.budget = budget_rec
+    fitted.figures = {k: v for k, v in figures.items() if k != "search_seconds"}
+    oracle, oracle_curve = None, []
+    if cache.labelled:
+        oracle, oracle_curve = oracle_at(cache, max_cost=max_cost, min_miou=result.constraint.get("min_miou"))
+    theoretical = None
+    if fitted.name == "cbt":
+        theoretical = pixel_level_flops(fitted, cache)
+        if theoretical is not None:
+            theoretical["note"] = "theoretical: settled pixels masked in later stages (ADP-C style); dense hardware does not get this"
+    return CalibrationReport(
+        policy=fitted, figures=figures, budget=budget_rec, oracle=oracle, best_global=result.best_global,
+        pareto=result.pareto, theoretical=theoretical, temperatures=temps, labelled=cache.labelled,
+        timings=timings, notes=notes, cache=cache, search=result, oracle_curve=oracle_curve,
+    )

@@ -1,0 +1,18 @@
+"""The multi-exit model as ``torch.nn`` modules: stages of the original graph plus exit heads.
+
+No I/O, no runtime, no data: what a deployment needs to hold the network.
+"""
+from mexify.nn.device import module_device, resolve_device
+from mexify.nn.heads import ExitHead, build_head, parse_head_overrides
+from mexify.nn.model import ExitOutput, MultiExitModel, StageState
+
+__all__ = [
+    "MultiExitModel",
+    "StageState",
+    "ExitOutput",
+    "ExitHead",
+    "build_head",
+    "parse_head_overrides",
+    "resolve_device",
+    "module_device",
+]

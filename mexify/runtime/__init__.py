@@ -1,0 +1,18 @@
+"""The deployable early-exit runtime: imports the model (:mod:`mexify.nn`) and policies only.
+
+Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
+"""
+from mexify.runtime.engine import EarlyExitRuntime, labels_of, predict
+from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
+from mexify.runtime.results import BatchPrediction, Prediction
+
+__all__ = [
+    "EarlyExitRuntime",
+    "predict",
+    "Prediction",
+    "BatchPrediction",
+    "FixedExit",
+    "resolve_policy",
+    "active_exits",
+    "labels_of",
+]

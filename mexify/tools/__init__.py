@@ -1,0 +1,25 @@
+"""What sits around the runtime: accuracy against labels, timing and benchmarks, image files, plots."""
+from mexify.tools.bench import BenchReport, bench, original_model
+from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
+from mexify.tools.images import collect_images, palette, predict_images, read_image, to_tensor
+from mexify.tools.plots import save_pareto
+from mexify.tools.timing import synchronize, time_call
+
+__all__ = [
+    "evaluate",
+    "evaluate_policy",
+    "EvalReport",
+    "ExitResult",
+    "PolicyResult",
+    "bench",
+    "BenchReport",
+    "original_model",
+    "time_call",
+    "synchronize",
+    "collect_images",
+    "read_image",
+    "to_tensor",
+    "palette",
+    "predict_images",
+    "save_pareto",
+]

@@ -1,0 +1,268 @@
+"""``mexify bench``: per-exit latency and the policy's measured speed-up against the original model.
+
+Per-exit latency: each stage and head timed on the first batch (median of ``repeats`` after
+``warmup``; CUDA events on a GPU, ``perf_counter`` on CPU). Policy: the runtime and the
+original model (plus argmax) each run over the same images, ``repeats`` passes interleaved,
+median pass time; speed-up = original time / runtime time, beside the FLOPs-predicted one
+(original FLOPs / mean FLOPs per image).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from mexify.config import json_safe
+from mexify.data import as_loader, split_batch
+from mexify.errors import ConfigError, DataError, MexifyError
+from mexify.graph.adapt import adapt_output
+from mexify.metrics import ConfusionMatrix
+from mexify.nn import module_device, resolve_device
+from mexify.runtime import BatchPrediction, EarlyExitRuntime, labels_of
+from mexify.spec import ModelSpec, build_model
+from mexify.tools.timing import synchronize, time_call
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchReport", "bench", "original_model"]
+
+Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+@dataclasses.dataclass
+class BenchReport:
+    """What :func:`bench` measured. Latencies in milliseconds per batch of ``batch_size``.
+
+    Attributes:
+        exits: one row per exit: name, FLOPs to reach it (heads on the way included) and
+            its share of the original, stage and head latency, latency to reach it and its
+            share of the original model's latency.
+        original: latency and FLOPs of the original model (``note`` says what was timed).
+        policy: the policy's figures on the dataset (None without a policy): measured and
+            FLOPs-predicted mean speed-up, exit rates, mIoU beside the final exit's.
+    """
+
+    device: str
+    batch_size: int
+    image_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    warmup: int
+    repeats: int
+    exits: List[Dict[str, Any]]
+    original: Dict[str, Any]
+    policy: Optional[Dict[str, Any]]
+    notes: List[str]
+    flops_convention: str = "1 multiply-add = 1 FLOP, at the bundle's input size"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return json_safe(dataclasses.asdict(self))
+
+
+def original_model(model: Any) -> Tuple[nn.Module, str]:
+    """The unmodified model the bundle was converted from, with the bundle's backbone weights.
+
+    Rebuilt from the bundle's spec; stage parameters are named ``stages.<i>.<original name>``,
+    so they load back by name. Falls back to the converted model's plain forward (which
+    runs the same graph) when the spec cannot be rebuilt.
+
+    Returns:
+        (module in eval mode on the model's device, a note saying which one it is).
+    """
+    cfg = getattr(model, "config", None)
+    dev = module_device(model)
+    if cfg is None:
+        return model, "converted model, all exits skipped (no bundle config to rebuild the original from)"
+    try:
+        spec = ModelSpec.from_dict(cfg.spec)
+        if spec.kind == "module":
+            return model, "converted model, all exits skipped (converted from an in-memory module)"
+        orig = build_model(dataclasses.replace(spec, weights=None))
+    except (MexifyError, ImportError, RuntimeError, ValueError, TypeError) as e:
+        log.warning("cannot rebuild the original model (%s); timing the converted model's plain forward", e)
+        return model, "converted model, all exits skipped (the original could not be rebuilt)"
+    state = {key.split(".", 1)[1]: value for key, value in model.stages.state_dict().items()}
+    missing, unexpected = orig.load_state_dict(state, strict=False)
+    if unexpected:
+        log.info("original model: %d bundle tensors had no counterpart (e.g. %s)", len(unexpected), unexpected[0])
+    if missing:
+        log.info("original model: %d tensors kept their initial values (e.g. %s); latency is unaffected", len(missing), missing[0])
+    for m in orig.modules():  # torch.export modules refuse .eval(); set the flag directly
+        m.training = False
+    return orig.to(dev), "original model rebuilt from the bundle's spec"
+
+
+@torch.no_grad()
+def bench(
+    model: Any,
+    data: Any,
+    policy: Any = None,
+    limit: Optional[int] = 32,
+    batch_size: int = 1,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: Any = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> BenchReport:
+    """Per-exit latency and the policy's measured speed-up against the original model (see the module doc).
+
+    Args:
+        model: a :class:`~mexify.nn.MultiExitModel` (a bundle's, for the original model).
+        data: a Dataset or DataLoader of ``(image, mask)``.
+        policy: as for :func:`~mexify.runtime.resolve_policy`; None uses the bundle's policy
+            and, without one, measures the exits only.
+        limit, batch_size: images used.
+        warmup, repeats: timing protocol.
+        device: where to run (default: cuda if available).
+        progress: ``progress(stage, done, total)``.
+
+    Raises:
+        DataError: no image. ConfigError: a policy fitted for another model.
+    """
+    dev = resolve_device(device)
+    model.eval().to(dev)
+    notes: List[str] = []
+    rt = None
+    try:
+        rt = EarlyExitRuntime(model, policy)
+    except ConfigError as e:
+        if policy is not None:
+            raise
+        notes.append(f"{e.message}: exits measured, no policy speed-up")
+    batches = _batches(data, batch_size, limit, dev)
+    orig, orig_note = original_model(model)
+    notes.append(f"original: {orig_note}")
+    x0 = batches[0][0]
+    orig_s = time_call(lambda: orig(x0), dev, warmup, repeats)
+    rows = _exit_rows(model, x0, orig_s, dev, warmup, repeats, progress)
+    pol = None
+    if rt is not None:
+        pol = _policy_figures(model, rt, orig, batches, dev, repeats, progress)
+        for row in rows:
+            row["exit_rate"] = pol["exit_rates"][row["name"]]
+    if all(y is not None for _, y in batches):
+        _exit_accuracy(model, batches, rows)
+    return BenchReport(
+        device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        batch_size=int(x0.shape[0]),
+        image_size=(int(x0.shape[-2]), int(x0.shape[-1])),
+        input_size=tuple(int(v) for v in model.input_size),
+        warmup=int(warmup),
+        repeats=int(repeats),
+        exits=rows,
+        original={"latency_ms": 1000 * orig_s, "flops": int(model.original_flops), "note": orig_note},
+        policy=pol,
+        notes=notes,
+    )
+
+
+def _batches(data: Any, batch_size: int, limit: Optional[int], dev: torch.device) -> List[Batch]:
+    """The first ``limit`` images, on the device (inputs) and the CPU (labels)."""
+    out: List[Batch] = []
+    n = 0
+    for b in as_loader(data, batch_size, limit):
+        x, y = split_batch(b)
+        if limit is not None and n + x.shape[0] > limit:
+            x, y = x[: limit - n], (y[: limit - n] if y is not None else None)
+        if x.shape[0] == 0:
+            break
+        out.append((x.to(dev), y))
+        n += int(x.shape[0])
+        if limit is not None and n >= limit:
+            break
+    if not out:
+        raise DataError("no image to benchmark on", "check the dataset spec, split and --limit")
+    return out
+
+
+def _exit_rows(model: Any, x0: torch.Tensor, orig_s: float, dev: torch.device, warmup: int, repeats: int,
+               progress: Optional[Callable[[str, int, int], None]]) -> List[Dict[str, Any]]:
+    """Each stage and head timed on one batch; a row per exit with the time to reach it."""
+    e = model.num_exits
+    states = [model.start(x0)]
+    for i in range(e):
+        states.append(model.run_stage(i, states[-1]))
+    stage_s, head_s = [], []
+    for i in range(e):
+        stage_s.append(time_call(lambda i=i: model.run_stage(i, states[i]), dev, warmup, repeats))
+        if i < e - 1:
+            head_s.append(time_call(lambda i=i: model.exit_logits(i, states[i + 1]), dev, warmup, repeats))
+        if progress is not None:
+            progress("exits", i + 1, e)
+    rows = []
+    for i, name in enumerate(model.exit_names):
+        to_exit = sum(stage_s[: i + 1]) + sum(head_s[: min(i + 1, e - 1)])
+        flops = int(model.cost_to_exit(i))
+        rows.append({
+            "index": i,
+            "name": name,
+            "flops": flops,
+            "flops_fraction": flops / model.original_flops if model.original_flops else float("nan"),
+            "stage_ms": 1000 * stage_s[i],
+            "head_ms": 1000 * head_s[i] if i < e - 1 else 0.0,
+            "latency_ms": 1000 * to_exit,
+            "latency_fraction": to_exit / orig_s if orig_s else float("nan"),
+        })
+    return rows
+
+
+def _policy_figures(model: Any, rt: EarlyExitRuntime, orig: nn.Module, batches: List[Batch], dev: torch.device,
+                    repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Dict[str, Any]:
+    """The runtime and the original model over the same images, passes interleaved: measured vs FLOPs speed-up."""
+    def run_policy() -> List[BatchPrediction]:
+        outs = [rt.predict_batch(x) for x, _ in batches]
+        synchronize(dev)
+        return outs
+
+    def run_original() -> List[torch.Tensor]:
+        outs = [labels_of(adapt_output(orig(x))) for x, _ in batches]
+        synchronize(dev)
+        return outs
+
+    outs, finals = run_policy(), run_original()  # warm-up; these results are scored below
+    tp, to = [], []
+    for r in range(max(1, repeats)):
+        for fn, acc in ((run_policy, tp), (run_original, to)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress("policy", r + 1, max(1, repeats))
+    t_pol, t_orig = statistics.median(tp), statistics.median(to)
+    n_img = sum(int(x.shape[0]) for x, _ in batches)
+    idx = torch.cat([o.exit_index for o in outs])
+    mean_flops = float(torch.cat([o.flops for o in outs]).double().mean())
+    counts = torch.bincount(idx, minlength=model.num_exits).tolist()
+    pol = {
+        "name": str(getattr(rt.policy, "name", type(rt.policy).__name__)),
+        "images": n_img,
+        "ms_per_image": 1000 * t_pol / n_img,
+        "original_ms_per_image": 1000 * t_orig / n_img,
+        "measured_speedup": t_orig / t_pol if t_pol else float("nan"),
+        "mean_flops": mean_flops,
+        "flops_speedup": model.original_flops / mean_flops if mean_flops else float("nan"),
+        "exit_rates": {n: float(c) / n_img for n, c in zip(model.exit_names, counts)},
+    }
+    if all(y is not None for _, y in batches):
+        cm_p, cm_f = ConfusionMatrix(model.num_classes), ConfusionMatrix(model.num_classes)
+        for (_, y), o, f in zip(batches, outs, finals):
+            cm_p.update(o.masks.cpu(), y)
+            cm_f.update(f.cpu(), y)
+        pol["miou"] = 100 * cm_p.miou()
+        pol["final_miou"] = 100 * cm_f.miou()
+        pol["drop"] = pol["final_miou"] - pol["miou"]
+    return pol
+
+
+def _exit_accuracy(model: Any, batches: List[Batch], rows: List[Dict[str, Any]]) -> None:
+    """Each exit's own mIoU on the same images, so the table reads as one."""
+    cms = [ConfusionMatrix(model.num_classes) for _ in range(model.num_exits)]
+    for x, y in batches:
+        for cm, logits in zip(cms, model.forward_all(x)):
+            cm.update(labels_of(logits).cpu(), y)
+    for row, cm in zip(rows, cms):
+        row["miou"] = 100 * cm.miou()

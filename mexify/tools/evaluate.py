@@ -1,0 +1,365 @@
+"""Accuracy against labels: every exit of a multi-exit model, and a policy through the runtime.
+
+:func:`evaluate` runs ``model.forward_all`` in eval mode over a dataset (or a DataLoader)
+and returns an :class:`EvalReport` with, per exit, mIoU, per-class IoU, pixel accuracy and
+the FLOPs to reach it, plus the per-image mIoU of every exit. :func:`evaluate_policy` runs
+the early-exit runtime and returns a :class:`PolicyResult` row for the report.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from mexify.data import as_loader, split_batch
+from mexify.errors import DataError
+from mexify.metrics import ConfusionMatrix, per_image_miou
+from mexify.nn import module_device, resolve_device
+from mexify.runtime import EarlyExitRuntime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExitResult", "PolicyResult", "EvalReport", "evaluate", "evaluate_policy"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """Accuracy and cost of one exit.
+
+    Attributes:
+        index: exit position (0 = shallowest; the final exit is last).
+        name: exit name (fx node name, or ``final``).
+        miou: mean IoU over classes present in target or prediction.
+        pixel_accuracy: fraction of labelled pixels predicted right.
+        iou: per-class IoU (NaN where a class appears in neither).
+        flops: FLOPs to reach this exit at the model's profiling input size (1 multiply-add = 1 FLOP),
+            including every early head evaluated on the way.
+        flops_fraction: ``flops / original_flops``.
+    """
+
+    index: int
+    name: str
+    miou: float
+    pixel_accuracy: float
+    iou: Tuple[float, ...]
+    flops: int
+    flops_fraction: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["iou"] = [None if math.isnan(v) else v for v in self.iou]
+        return d
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """Accuracy and cost of an early-exit policy (filled in by policy evaluation).
+
+    Attributes:
+        name: policy name.
+        miou: mIoU of the maps the policy returns.
+        pixel_accuracy: pixel accuracy of those maps.
+        mean_flops: mean FLOPs per image.
+        exit_rates: fraction of images leaving at each exit (len == number of exits).
+        extra: anything else the policy reports (thresholds, latency, ...).
+    """
+
+    name: str
+    miou: float
+    pixel_accuracy: float
+    mean_flops: float
+    exit_rates: Tuple[float, ...]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalReport:
+    """Result of :func:`evaluate`.
+
+    Attributes:
+        exits: one :class:`ExitResult` per exit, final last.
+        num_images: images evaluated.
+        num_classes: classes of the model and dataset.
+        class_names: class names from the dataset.
+        original_flops: FLOPs of the unmodified model at ``input_size``.
+        input_size: (H, W) at which the FLOPs were profiled.
+        image_size: (H, W) of the evaluated images (of the first batch).
+        per_image_miou: float tensor ``(num_exits, num_images)``; NaN for images without labels.
+        policies: policy rows, appended by policy evaluation (empty here).
+        seconds: wall time of the evaluation.
+        data: the dataset's spec, when it was given as one.
+    """
+
+    exits: List[ExitResult]
+    num_images: int
+    num_classes: int
+    class_names: List[str]
+    original_flops: int
+    input_size: Tuple[int, int]
+    image_size: Optional[Tuple[int, int]]
+    per_image_miou: torch.Tensor
+    policies: List[PolicyResult] = field(default_factory=list)
+    seconds: float = 0.0
+    data: Optional[str] = None
+
+    @property
+    def final(self) -> ExitResult:
+        """The final exit (the original model's output)."""
+        return self.exits[-1]
+
+    def to_dict(self, per_image: bool = False) -> Dict[str, Any]:
+        """A JSON-ready dict (per-image mIoU only when ``per_image``)."""
+        d: Dict[str, Any] = {
+            "num_images": self.num_images,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "flops_convention": "1 multiply-add = 1 FLOP",
+            "flops_input_size": list(self.input_size),
+            "image_size": list(self.image_size) if self.image_size else None,
+            "original_flops": self.original_flops,
+            "exits": [e.to_dict() for e in self.exits],
+            "policies": [p.to_dict() for p in self.policies],
+            "seconds": round(self.seconds, 3),
+        }
+        if per_image:
+            d["per_image_miou"] = [[None if math.isnan(v) else v for v in row] for row in self.per_image_miou.tolist()]
+        return d
+
+
+def _dataset_of(data: Union[Dataset, DataLoader]) -> Any:
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
+
+def _check_classes(ds: Any, k: int) -> None:
+    ds_classes = getattr(ds, "num_classes", None)
+    if ds_classes is not None and int(ds_classes) != k:
+        raise DataError(
+            f"the dataset has {ds_classes} classes but the model predicts {k}",
+            "evaluate on the dataset the model was converted for (e.g. synthetic:scenes?classes=" + str(k) + ")",
+        )
+
+
+def _total(loader: Any, limit: Optional[int]) -> int:
+    """Images the loader will give (``limit`` applied); 0 when unknown."""
+    try:
+        total = len(loader.dataset)  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        total = 0
+    if limit is not None:
+        total = min(total, int(limit)) if total else int(limit)
+    return total
+
+
+def _limited(loader: Iterable[Any], limit: Optional[int]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(images, masks)`` batches, cut to the first ``limit`` images."""
+    done = 0
+    for batch in loader:
+        if limit is not None and done >= limit:
+            return
+        x, y = split_batch(batch)
+        if limit is not None and done + x.shape[0] > limit:
+            x, y = x[: limit - done], (y[: limit - done] if y is not None else None)
+        if x.shape[0] == 0:
+            return
+        done += int(x.shape[0])
+        yield x, y
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    dataset_or_loader: Union[Dataset, DataLoader],
+    device: Optional[Union[str, torch.device]] = None,
+    progress: Optional[Progress] = None,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    num_workers: Optional[int] = None,
+) -> EvalReport:
+    """Run every exit of ``model`` over a dataset and measure each.
+
+    Args:
+        model: a :class:`~mexify.nn.MultiExitModel` (anything with ``forward_all``,
+            ``exit_names``, ``num_classes``, ``cost_to_exit`` and ``original_flops``).
+        dataset_or_loader: a dataset yielding ``(image, mask)`` or a DataLoader of such batches.
+        device: where to run (default: cuda if available). The model is moved back afterwards
+            and handed back in the train/eval mode it arrived in.
+        progress: called as ``progress(images_done, images_total)`` after every batch.
+        batch_size: batch size when a dataset is given.
+        limit: evaluate only the first ``limit`` images.
+        num_workers: loader workers when a dataset is given (default: one per core).
+
+    Returns:
+        An :class:`EvalReport`.
+
+    Raises:
+        DataError: the dataset's classes differ from the model's, or the dataset is empty.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    ds = _dataset_of(dataset_or_loader)
+    k = int(model.num_classes)
+    _check_classes(ds, k)
+    if isinstance(dataset_or_loader, DataLoader) and limit is not None:
+        log.info("limit=%d with a DataLoader: stopping after the batch that reaches it", limit)
+    loader = as_loader(dataset_or_loader, batch_size, limit, num_workers)
+    total = _total(loader, limit)
+    if total == 0:
+        raise DataError("the dataset to evaluate on is empty", "check the dataset spec and split")
+    was_training, home = model.training, module_device(model)
+    model.eval()
+    model.to(dev)
+    try:
+        cms, per_image, done, image_size = _run_exits(model, loader, limit, dev, total, progress)
+    finally:
+        model.to(home)
+        model.train(was_training)
+    report = _report(model, ds, cms, per_image, done, image_size, time.perf_counter() - t0)
+    log.info("evaluated %d images in %.1fs: final mIoU %.4f, shallowest exit %.4f",
+             done, report.seconds, report.exits[-1].miou, report.exits[0].miou)
+    return report
+
+
+def _run_exits(model: Any, loader: Any, limit: Optional[int], dev: torch.device, total: int, progress: Optional[Progress]):
+    """Confusion matrices and per-image mIoU of every exit over the loader."""
+    names, k = list(model.exit_names), int(model.num_classes)
+    cms = [ConfusionMatrix(k, device=dev) for _ in names]
+    per_image: List[List[torch.Tensor]] = [[] for _ in names]
+    done, image_size = 0, None
+    for images, masks in _limited(loader, limit):
+        images = images.to(dev, non_blocking=True)
+        masks = masks.to(dev, non_blocking=True)
+        if image_size is None:
+            image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        outs = model.forward_all(images)
+        if len(outs) != len(names):
+            raise RuntimeError(f"forward_all returned {len(outs)} outputs for {len(names)} exits")
+        for i, logits in enumerate(outs):
+            if logits.shape[-2:] != masks.shape[-2:]:
+                logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            pred = logits.argmax(1)
+            cms[i].update(pred, masks)
+            per_image[i].append(per_image_miou(pred, masks, k).cpu())
+        done += int(images.shape[0])
+        if progress is not None:
+            progress(done, total)
+    return cms, per_image, done, image_size
+
+
+def _report(model: Any, ds: Any, cms: List[ConfusionMatrix], per_image: List[List[torch.Tensor]], done: int,
+            image_size: Optional[Tuple[int, int]], seconds: float) -> EvalReport:
+    names, k = list(model.exit_names), int(model.num_classes)
+    original = int(model.original_flops)
+    exits = []
+    for i, name in enumerate(names):
+        flops = int(model.cost_to_exit(i))
+        exits.append(ExitResult(
+            index=i, name=name, miou=cms[i].miou(), pixel_accuracy=cms[i].pixel_accuracy(),
+            iou=tuple(float(v) for v in cms[i].iou().cpu().tolist()), flops=flops,
+            flops_fraction=flops / original if original else float("nan"),
+        ))
+    pim = torch.stack([torch.cat(rows) if rows else torch.zeros(0) for rows in per_image]) if names else torch.zeros(0, 0)
+    return EvalReport(
+        exits=exits,
+        num_images=done,
+        num_classes=k,
+        class_names=list(getattr(ds, "class_names", [str(c) for c in range(k)])),
+        original_flops=original,
+        input_size=tuple(int(v) for v in getattr(model, "input_size", (0, 0))),
+        image_size=image_size,
+        per_image_miou=pim,
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model: Any,
+    policy: Any,
+    data: Any,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    device: Any = None,
+    progress: Optional[Progress] = None,
+) -> PolicyResult:
+    """mIoU, mean FLOPs and exit rates of a policy on a dataset, through the runtime.
+
+    Args:
+        model: a :class:`~mexify.nn.MultiExitModel`.
+        policy: as for :func:`~mexify.runtime.resolve_policy` (None: the bundle's policy).
+        data: a Dataset or DataLoader of ``(image, mask)`` batches.
+        batch_size, limit: batching of a Dataset; only the first ``limit`` images.
+        device: where to run (default: where the model is).
+        progress: ``progress(images_done, images_total_or_0)``.
+
+    Returns:
+        a :class:`PolicyResult` (``miou`` and ``pixel_accuracy`` as fractions like the exit
+        rows; ``extra`` holds the FLOPs speed-up, mean confidence, thresholds and time).
+
+    Raises:
+        DataError: no image.
+    """
+    if device is not None:
+        model.to(device)
+    rt = EarlyExitRuntime(model, policy)
+    loader = as_loader(data, batch_size, limit)
+    total = _total(loader, limit)
+    dev = module_device(model)
+    cm = ConfusionMatrix(int(model.num_classes), device=dev)
+    counts = torch.zeros(model.num_exits, dtype=torch.long)
+    flops, conf_sum, done = 0, 0.0, 0
+    t0 = time.perf_counter()
+    for x, y in _limited(loader, limit):
+        out = rt.predict_batch(x)
+        if y is not None:
+            cm.update(_at_label_size(out.masks, y.to(dev)), y.to(dev))
+        counts += torch.bincount(out.exit_index, minlength=model.num_exits)
+        flops += int(out.flops.sum())
+        conf_sum += float(torch.nan_to_num(out.confidence).sum())
+        done += int(x.shape[0])
+        if progress is not None:
+            progress(done, total)
+    if done == 0:
+        raise DataError("no image to evaluate the policy on", "check the dataset spec, split and --limit")
+    return _policy_row(model, rt.policy, cm, counts, flops / done, conf_sum / done, done, time.perf_counter() - t0)
+
+
+def _at_label_size(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if pred.shape[-2:] != y.shape[-2:]:
+        pred = F.interpolate(pred[:, None].float(), size=y.shape[-2:], mode="nearest-exact")[:, 0].long()
+    return pred
+
+
+def _policy_row(model: Any, policy: Any, cm: ConfusionMatrix, counts: torch.Tensor, mean_flops: float,
+                mean_conf: float, done: int, seconds: float) -> PolicyResult:
+    original = float(model.original_flops)
+    extra: Dict[str, Any] = {
+        "speedup_flops": original / mean_flops if mean_flops else float("nan"),
+        "cost_fraction": mean_flops / original if original else float("nan"),
+        "mean_confidence": mean_conf,
+        "num_images": done,
+        "seconds": seconds,
+        "flops_convention": "1 multiply-add = 1 FLOP, at the bundle's input size",
+    }
+    th = getattr(policy, "thresholds", None)
+    if isinstance(th, (list, tuple)):
+        extra["thresholds"] = {n: (None if math.isinf(t) else float(t)) for n, t in zip(model.exit_names, th)}
+    return PolicyResult(
+        name=str(getattr(policy, "name", type(policy).__name__)),
+        miou=cm.miou(),
+        pixel_accuracy=cm.pixel_accuracy(),
+        mean_flops=mean_flops,
+        exit_rates=tuple(float(c) / done for c in counts.tolist()),
+        extra=extra,
+    )

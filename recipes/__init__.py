@@ -1,0 +1,1 @@
+"""Training recipes shipped with mexify (YAML files), installed as ``mexify.recipes``."""
