@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import colorsys
 import logging
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -216,6 +216,93 @@ def _smooth_field(rng: np.random.Generator, s: int, channels: int, cells: int = 
     return np.stack([m @ low[c] @ m.T for c in range(channels)], axis=-1)
 
 
+def _paint_background(cfg: SceneConfig, rng: np.random.Generator, image: np.ndarray, ys: np.ndarray, d: float,
+                      tone: Optional[int]) -> np.ndarray:
+    """Fill ``image`` with the background (the context ``tone`` when given); returns its colour."""
+    s = cfg.size
+    # background: plain, low-saturation; clutter and light gradient grow with d
+    bg_hue, bg_val = rng.random(), 0.35 + 0.3 * rng.random()
+    if tone is not None:
+        bg_val = _TONES[tone][1] + 0.06 * (rng.random() - 0.5)
+    bg = np.array(colorsys.hsv_to_rgb(bg_hue, 0.15 * rng.random(), bg_val), dtype=np.float32)
+    image[:] = bg
+    clutter = cfg.clutter * d
+    if clutter > 0:
+        field = _smooth_field(rng, s, 4)
+        image += (0.09 * clutter) * field[..., :1] + (0.03 * clutter) * field[..., 1:]
+        if rng.random() < d:  # distractor texture in the background
+            yy, xx = np.meshgrid(ys, ys, indexing="ij")
+            kind = TEXTURES[rng.integers(len(TEXTURES))]
+            pat = _texture(kind, yy, xx, s / rng.uniform(8, 16), rng.uniform(0, 180), rng.random(2))
+            image += (0.07 * clutter) * pat[..., None]
+    return bg
+
+
+def _draw_object(cfg: SceneConfig, rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, ys: np.ndarray,
+                 look: "_ClassLook", c: int, ctx: Sequence[int], ref: np.ndarray, contrast: float, d: float,
+                 single: bool) -> None:
+    """Draw one object of class ``c`` into ``image`` and ``mask`` (in place)."""
+    s = cfg.size
+    r = s * (0.33 - 0.24 * d) * rng.uniform(0.75, 1.2)
+    if single:
+        cy, cx = s * rng.uniform(0.38, 0.62, size=2)
+    else:
+        cy, cx = s * rng.uniform(0.05, 0.95, size=2)
+    y0, y1 = int(max(0, cy - 1.5 * r)), int(min(s, cy + 1.5 * r + 1))
+    x0, x1 = int(max(0, cx - 1.5 * r)), int(min(s, cx + 1.5 * r + 1))
+    if y1 <= y0 or x1 <= x0:
+        return
+    yy, xx = np.meshgrid(ys[y0:y1] - cy, ys[x0:x1] - cx, indexing="ij")
+    rot = rng.uniform(0, np.pi)
+    cr, sr = np.cos(rot), np.sin(rot)
+    u, v = xx * cr + yy * sr, -xx * sr + yy * cr
+    aspect = rng.uniform(0.6, 1.0)
+    shape = rng.integers(3)
+    if shape == 0:  # ellipse
+        inside = (u / r) ** 2 + (v / (r * aspect)) ** 2 <= 1.0
+    elif shape == 1:  # rotated rectangle
+        inside = (np.abs(u) <= 0.85 * r) & (np.abs(v) <= 0.85 * r * aspect)
+    else:  # blob: wobbly radius
+        ang = np.arctan2(v, u)
+        wob = 1.0 + 0.25 * np.sin(3 * ang + rng.uniform(0, 6.3)) + 0.1 * np.sin(5 * ang + rng.uniform(0, 6.3))
+        inside = np.hypot(u, v * (1.0 / aspect)) <= r * wob
+    if not inside.any():
+        return
+    # colour: class hue with jitter that grows with d, pulled toward the background by low contrast
+    jitter = (0.04 + 0.12 * d) * rng.standard_normal(3)
+    rgb = np.clip(np.asarray(look.rgb) + jitter, 0, 1)
+    rgb = ref + contrast * (rgb - ref)
+    if c in ctx:  # a neutral mat around the object hides the background tone nearby
+        m = r * 1.15 + _MAT * s
+        my0, my1 = int(max(0, cy - m)), int(min(s, cy + m + 1))
+        mx0, mx1 = int(max(0, cx - m)), int(min(s, cx + m + 1))
+        in_mat = (ys[my0:my1, None] - cy) ** 2 + (ys[None, mx0:mx1] - cx) ** 2 <= m * m
+        in_mat &= mask[my0:my1, mx0:mx1] == 0  # under the objects already there
+        image[my0:my1, mx0:mx1][in_mat] = 0.5
+        mask[my0:my1, mx0:mx1][in_mat] = 0
+    if look.texture == "rings":  # concentric around the object's centre
+        pat = _texture(look.texture, yy, xx, look.period * s, 0.0, 0.15 * rng.random(2))
+    else:
+        pat = _texture(look.texture, yy + cy, xx + cx, look.period * s, look.angle + rng.normal(0, 6 * d), rng.random(2))
+    amp = 0.28 * max(contrast, 0.45)
+    patch = rgb[None, None, :] * (1.0 + amp * pat[..., None])
+    region = image[y0:y1, x0:x1]
+    region[inside] = patch[inside]
+    mask[y0:y1, x0:x1][inside] = c
+
+
+def _degrade(cfg: SceneConfig, rng: np.random.Generator, image: np.ndarray, ys: np.ndarray, d: float) -> np.ndarray:
+    """Light gradient, blur and noise, all growing with ``d``."""
+    s = cfg.size
+    if d > 0:
+        g = rng.uniform(-1, 1, size=2) * 0.18 * cfg.clutter * d
+        image += (g[0] * (ys[:, None] / s - 0.5) + g[1] * (ys[None, :] / s - 0.5))[..., None]
+        sigma = cfg.blur * 1.6 * d * d * (s / 128.0)
+        image = _gaussian_blur(image, sigma)
+        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(0.07 * cfg.noise * d)
+    return image
+
+
 def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassLook], d: float) -> Tuple[np.ndarray, np.ndarray]:
     """Render one scene of difficulty ``d``.
 
@@ -233,21 +320,7 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
     tone = int(rng.integers(len(_TONES)))
     with_ctx = bool(ctx) and rng.random() < min(1.0, cfg.context * (d - 0.3) / 0.3)
 
-    # background: plain, low-saturation; clutter and light gradient grow with d
-    bg_hue, bg_val = rng.random(), 0.35 + 0.3 * rng.random()
-    if with_ctx:
-        bg_val = _TONES[tone][1] + 0.06 * (rng.random() - 0.5)
-    bg = np.array(colorsys.hsv_to_rgb(bg_hue, 0.15 * rng.random(), bg_val), dtype=np.float32)
-    image[:] = bg
-    clutter = cfg.clutter * d
-    if clutter > 0:
-        field = _smooth_field(rng, s, 4)
-        image += (0.09 * clutter) * field[..., :1] + (0.03 * clutter) * field[..., 1:]
-        if rng.random() < d:  # distractor texture in the background
-            yy, xx = np.meshgrid(ys, ys, indexing="ij")
-            kind = TEXTURES[rng.integers(len(TEXTURES))]
-            pat = _texture(kind, yy, xx, s / rng.uniform(8, 16), rng.uniform(0, 180), rng.random(2))
-            image += (0.07 * clutter) * pat[..., None]
+    bg = _paint_background(cfg, rng, image, ys, d, tone if with_ctx else None)
 
     # objects: one large below d=0.1, many small overlapping at d=1
     n_obj = 1 + int(round((cfg.max_objects - 1) * max(0.0, d - 0.1) / 0.9 * rng.uniform(0.6, 1.0)))
@@ -260,61 +333,8 @@ def render_scene(cfg: SceneConfig, rng: np.random.Generator, looks: List[_ClassL
             c = ctx[tone]
         else:
             c = int(rng.integers(1, k - len(ctx)))
-        look = looks[c]
-        r = s * (0.33 - 0.24 * d) * rng.uniform(0.75, 1.2)
-        if n_obj == 1:
-            cy, cx = s * rng.uniform(0.38, 0.62, size=2)
-        else:
-            cy, cx = s * rng.uniform(0.05, 0.95, size=2)
-        y0, y1 = int(max(0, cy - 1.5 * r)), int(min(s, cy + 1.5 * r + 1))
-        x0, x1 = int(max(0, cx - 1.5 * r)), int(min(s, cx + 1.5 * r + 1))
-        if y1 <= y0 or x1 <= x0:
-            continue
-        yy, xx = np.meshgrid(ys[y0:y1] - cy, ys[x0:x1] - cx, indexing="ij")
-        rot = rng.uniform(0, np.pi)
-        cr, sr = np.cos(rot), np.sin(rot)
-        u, v = xx * cr + yy * sr, -xx * sr + yy * cr
-        aspect = rng.uniform(0.6, 1.0)
-        shape = rng.integers(3)
-        if shape == 0:  # ellipse
-            inside = (u / r) ** 2 + (v / (r * aspect)) ** 2 <= 1.0
-        elif shape == 1:  # rotated rectangle
-            inside = (np.abs(u) <= 0.85 * r) & (np.abs(v) <= 0.85 * r * aspect)
-        else:  # blob: wobbly radius
-            ang = np.arctan2(v, u)
-            wob = 1.0 + 0.25 * np.sin(3 * ang + rng.uniform(0, 6.3)) + 0.1 * np.sin(5 * ang + rng.uniform(0, 6.3))
-            inside = np.hypot(u, v * (1.0 / aspect)) <= r * wob
-        if not inside.any():
-            continue
-        # colour: class hue with jitter that grows with d, pulled toward the background by low contrast
-        jitter = (0.04 + 0.12 * d) * rng.standard_normal(3)
-        rgb = np.clip(np.asarray(look.rgb) + jitter, 0, 1)
-        rgb = ref + contrast * (rgb - ref)
-        if c in ctx:  # a neutral mat around the object hides the background tone nearby
-            m = r * 1.15 + _MAT * s
-            my0, my1 = int(max(0, cy - m)), int(min(s, cy + m + 1))
-            mx0, mx1 = int(max(0, cx - m)), int(min(s, cx + m + 1))
-            in_mat = (ys[my0:my1, None] - cy) ** 2 + (ys[None, mx0:mx1] - cx) ** 2 <= m * m
-            in_mat &= mask[my0:my1, mx0:mx1] == 0  # under the objects already there
-            image[my0:my1, mx0:mx1][in_mat] = 0.5
-            mask[my0:my1, mx0:mx1][in_mat] = 0
-        if look.texture == "rings":  # concentric around the object's centre
-            pat = _texture(look.texture, yy, xx, look.period * s, 0.0, 0.15 * rng.random(2))
-        else:
-            pat = _texture(look.texture, yy + cy, xx + cx, look.period * s, look.angle + rng.normal(0, 6 * d), rng.random(2))
-        amp = 0.28 * max(contrast, 0.45)
-        patch = rgb[None, None, :] * (1.0 + amp * pat[..., None])
-        region = image[y0:y1, x0:x1]
-        region[inside] = patch[inside]
-        mask[y0:y1, x0:x1][inside] = c
-
-    # global degradations
-    if d > 0:
-        g = rng.uniform(-1, 1, size=2) * 0.18 * cfg.clutter * d
-        image += (g[0] * (ys[:, None] / s - 0.5) + g[1] * (ys[None, :] / s - 0.5))[..., None]
-        sigma = cfg.blur * 1.6 * d * d * (s / 128.0)
-        image = _gaussian_blur(image, sigma)
-        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(0.07 * cfg.noise * d)
+        _draw_object(cfg, rng, image, mask, ys, looks[c], c, ctx, ref, contrast, d, single=n_obj == 1)
+    image = _degrade(cfg, rng, image, ys, d)
     np.clip(image, 0.0, 1.0, out=image)
     return image.astype(np.float32, copy=False), mask
 

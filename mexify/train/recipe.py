@@ -17,8 +17,6 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import yaml
 
-import mexify.recipes as shipped_recipes
-
 from mexify.config import parse_size
 from mexify.errors import ConfigError, nearest
 
@@ -247,7 +245,7 @@ class Recipe:
 def shipped_recipes_dir() -> Path:
     """The recipes shipped with mexify: the repository's top-level ``recipes/``, installed as
     the package ``mexify.recipes`` (one copy, found in a checkout and in an installed wheel)."""
-    return Path(str(importlib.resources.files(shipped_recipes)))
+    return Path(str(importlib.resources.files("mexify.recipes")))
 
 
 def recipe_dirs() -> list:

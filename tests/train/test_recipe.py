@@ -1,5 +1,7 @@
 """Recipes: shipped files load, overrides parse and unknown keys name the nearest valid one."""
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -58,3 +60,27 @@ def test_yaml_round_trip_and_file_path(tmp_path):
     bad.write_text("lr: 0.1\nmomentun: 0.9\n")
     with pytest.raises(ConfigError, match="momentum"):
         load_recipe(str(bad))
+
+
+@pytest.mark.slow
+def test_recipes_ship_in_the_wheel(tmp_path):
+    """Build sdist and wheel (the wheel from the sdist), install the wheel into a directory, load a recipe from outside the checkout."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(wheels), str(repo)],
+                   check=True, capture_output=True)
+    wheel = next(wheels.glob("mexify-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import mexify.train.recipe as r; print(r.shipped_recipes_dir()); "
+            "print(r.load_recipe('quick-synthetic').data)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MEXIFY_RECIPES", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(target)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+    shipped, data = out.stdout.split("\n")[:2]
+    assert Path(shipped).is_relative_to(target) and (Path(shipped) / "quick-synthetic.yaml").is_file()
+    assert data.startswith("synthetic:scenes")
