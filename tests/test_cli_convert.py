@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import mexify
 from mexify.cli import app
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
@@ -46,8 +47,9 @@ def test_inspect_lists_candidates_as_json():
     res = _run("inspect", UNET, "--input-size", "64x64", "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    fractions = [c["fraction"] for c in data["candidates"]]
-    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] < 1
+    want = mexify.inspect(UNET, input_size=(64, 64)).candidates
+    assert [(c["name"], c["fraction"], c["channels"]) for c in data["candidates"]] == [(c.name, c.fraction, c.channels) for c in want]
+    assert 0 < want[0].fraction and want[-1].fraction < 1
     assert {"name", "channels", "stride", "live_tensors"} <= set(data["candidates"][0])
 
 

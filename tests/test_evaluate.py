@@ -46,10 +46,12 @@ def test_evaluate_matches_direct_computation(bundle):
         cm = ConfusionMatrix(5).update(logits.argmax(1), y)
         assert e.miou == pytest.approx(cm.miou())
         assert e.pixel_accuracy == pytest.approx(cm.pixel_accuracy())
-    # costs: increasing, final exit includes every head, fractions relative to the original model
+    # costs from the bundle's record: the stages up to the exit plus every early head on the way
+    cfg = mexify.bundle.read_config(bundle)
+    stage = [e.stage_flops for e in cfg.exits] + [cfg.final_flops]
+    head = [e.head_flops for e in cfg.exits]
     flops = [e.flops for e in report.exits]
-    assert flops == sorted(flops) and flops[0] > 0
-    assert flops[-1] == model.cost_to_exit(len(flops) - 1)
+    assert flops == [sum(stage[: i + 1]) + sum(head[: i + 1]) for i in range(len(stage))]
     assert report.exits[-1].flops_fraction >= 1.0 > report.exits[0].flops_fraction
     d = report.to_dict(per_image=True)
     json.dumps(d)
@@ -91,12 +93,24 @@ def test_cli_eval_errors(bundle, tmp_path):
     assert res.exit_code == 1 and "synthetic:" in res.output
 
 
-def test_policy_rows_render(bundle, capsys):
-    from mexify.cli.evaluate import render_report
+def test_eval_reports_the_bundles_policy_row(bundle, tmp_path):
+    """A calibrated bundle: `mexify eval` adds the policy's row, computed through the early-exit runtime."""
+    import shutil
 
-    report = evaluate(mexify.load(str(bundle)), build_dataset(DATA, split="val"), device="cpu", num_workers=0)
-    report.policies.append(PolicyResult("mess", 0.5, 0.9, report.original_flops * 0.5, (0.5, 0.25, 0.25)))
-    render_report(report)
-    text = capsys.readouterr().out
-    assert "mess" in text and "50.0%" in text
+    from mexify import api
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(bundle, calibrated)
+    api.calibrate(calibrated, DATA, policy="maxprob", max_drop=1.0, split="calib", batch_size=4)
+    report = api.evaluate(calibrated, DATA, split="val", batch_size=4, workers=0, device="cpu")
+    (row,) = report.policies
+    assert isinstance(row, PolicyResult) and row.name == "maxprob"
+    direct = api.evaluate_policy(calibrated, None, DATA, split="val", batch_size=4, device="cpu")
+    assert row.miou == pytest.approx(direct.miou) and row.exit_rates == direct.exit_rates
+    assert sum(row.exit_rates) == pytest.approx(1.0)
+    assert row.mean_flops == pytest.approx(sum(r * e.flops for r, e in zip(row.exit_rates, report.exits)), rel=0.2)
+    res = CliRunner().invoke(_app(), ["eval", str(calibrated), "--data", DATA, "--split", "val", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert "exit policies" in res.output and "maxprob" in res.output
+    assert f"{100 * row.miou:.2f}" in res.output
     assert not math.isnan(report.to_dict()["policies"][0]["mean_flops"])

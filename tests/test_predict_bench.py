@@ -138,8 +138,11 @@ def test_bench_cli_json(calibrated):
     assert [r["name"] for r in rep["exits"]] == model.exit_names
     assert [r["flops"] for r in rep["exits"]] == [model.cost_to_exit(i) for i in range(model.num_exits)]
     assert all(r["latency_ms"] > 0 for r in rep["exits"])
-    lat = [r["latency_ms"] for r in rep["exits"]]
-    assert lat == sorted(lat), "latency to reach an exit grows with depth"
+    # the time to reach an exit is its stages plus every early head on the way
+    for i, r in enumerate(rep["exits"]):
+        on_the_way = rep["exits"][: i + 1]
+        assert r["latency_ms"] == pytest.approx(sum(x["stage_ms"] for x in on_the_way) + sum(x["head_ms"] for x in on_the_way))
+        assert r["stage_ms"] > 0 and (r["head_ms"] > 0) == (i < model.num_exits - 1)
     assert rep["original"]["latency_ms"] > 0 and "rebuilt" in rep["original"]["note"]
     p = rep["policy"]
     assert p["images"] == 6 and p["measured_speedup"] > 0

@@ -132,6 +132,7 @@ def _stack(ds):
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+@pytest.mark.slow
 def test_small_cnn_learns_easy_scenes_better_than_hard_ones():
     """A small CNN trained briefly on the full mix is clearly better on easy scenes than hard ones."""
     from mexify.metrics import ConfusionMatrix

@@ -68,10 +68,18 @@ def test_mess_matches_reference_with_edge_discount(edge_weight):
     exit_now, conf = pol.decide(0, z)
     assert np.allclose(conf.numpy(), ref, atol=1e-6)
     assert exit_now.tolist() == (ref >= 0.4).tolist()
-    # the discount can only raise confidence when boundary pixels are the unsure ones
-    if edge_weight == 0.0:
-        plain = above.reshape(2, -1).mean(1)
-        assert (ref >= plain - 1e-9).all() or edge.any()
+
+
+def test_edge_discount_raises_confidence_when_boundary_pixels_are_the_unsure_ones():
+    # two classes split down the middle: confident inside, unsure within one pixel of the boundary
+    z = torch.zeros(1, 2, 8, 8)
+    z[0, 0, :, :4], z[0, 1, :, 4:] = 8.0, 8.0
+    z[0, 0, :, 3], z[0, 1, :, 4] = 0.2, 0.2
+    plain = build_policy("mess", pixel_threshold=0.9, edge_radius=1, edge_weight=1.0).with_thresholds([0.5])
+    discounted = build_policy("mess", pixel_threshold=0.9, edge_radius=1, edge_weight=0.0).with_thresholds([0.5])
+    conf_plain, conf_discounted = plain.decide(0, z)[1], discounted.decide(0, z)[1]
+    assert conf_plain.item() == pytest.approx(0.75)  # the two boundary columns of eight are below 0.9
+    assert conf_discounted.item() == pytest.approx(1.0)  # and they no longer count
 
 
 def test_entropy_and_maxprob_match_reference():

@@ -10,6 +10,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_torchrun_two_ranks(tiny_bundle, tiny_data, tmp_path):
     out = tmp_path / "ddp.mex"

@@ -29,6 +29,7 @@ def _evaluate(path):
     return [cm.miou() for cm in cms], torch.cat(finals), model
 
 
+@pytest.mark.slow
 def test_stage2_improves_every_early_exit_and_keeps_final(tmp_path):
     src = tmp_path / "lraspp.mex"
     mexify.convert("torchvision.models.segmentation:lraspp_mobilenet_v3_large",
