@@ -84,16 +84,7 @@ StageProgress = Optional[Callable[[str, int, int], None]]
 
 # =============================================================================== helpers
 def load(path: PathLike, device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False) -> MultiExitModel:
-    """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` in eval mode (``mexify.load``).
-
-    Args:
-        path: the bundle directory.
-        device: where to put the model (default: CPU).
-        trust_pickle: needed only for bundles converted from a pickled module.
-
-    Raises:
-        BundleError: missing/invalid files, or weights that do not match the rebuilt model.
-    """
+    """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` in eval mode (``mexify.load``; see :func:`mexify.bundle.load`)."""
     return _load_bundle(path, device=device, trust_pickle=trust_pickle)
 
 
