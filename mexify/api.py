@@ -143,6 +143,7 @@ def convert(
     trace: str = "auto",
     trust_pickle: bool = False,
     placement: PlacementConfig = PlacementConfig(),
+    check: bool = True,
 ) -> ConvertResult:
     """Convert a segmentation model into a multi-exit model (``mexify convert``) and write a bundle to ``out``.
 
@@ -161,6 +162,8 @@ def convert(
             :func:`mexify.register_leaf_module` / :func:`mexify.register_autowrap_function`).
         trace: ``auto`` (torch.fx, then torch.export), ``fx`` or ``export``.
         placement: the placement strategy.
+        check: verify at every cut that dropping rows there gives each kept image the output it
+            gets alone (a few forward passes at a small size); refuse the conversion otherwise.
 
     Raises:
         MexifyError: any user-facing problem, with a hint; nothing is written then.
@@ -171,7 +174,7 @@ def convert(
     result = _convert(
         spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust_pickle=trust_pickle,
-        placement=placement,
+        placement=placement, check=check,
     )
     if out is not None:
         save_bundle(result.model, out, overwrite=overwrite)

@@ -170,6 +170,9 @@ class ExitConfig(_Record):
     head: HeadConfig
     stage_flops: int = 0
     head_flops: int = 0
+    # values alive after this exit -> how each follows the batch (none, dim:k, int, size:k);
+    # None in bundles written before mexify recorded it: then tensors are sliced along dim 0
+    batch_dims: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExitConfig":

@@ -19,8 +19,9 @@ from torch import nn
 
 from mexify._version import __version__
 from mexify.config import BundleConfig, ExitConfig, HeadConfig, TraceConfig
-from mexify.errors import BundleError, MexifyError, TraceError
+from mexify.errors import BundleError, MexifyError, PlacementError, TraceError
 from mexify.graph.adapt import prepare_graph, upsample_to_input
+from mexify.graph.batching import analyze_batch
 from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
 from mexify.graph.profile import count_flops, profile_graph
 from mexify.graph.split import split_stages
@@ -28,7 +29,7 @@ from mexify.graph.trace import registered_autowrap_functions, registered_leaf_mo
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 
-__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "TracedModel", "trace_spec"]
+__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,72 @@ def trace_spec(
     shape = tuple(prof.shape)
     num_classes = int(shape[1])
     total = int(report.total)
+    _analyze_batch(gm, (h, w))
     candidates = find_candidates(gm, (h, w), num_classes, placement)
     upsampled = tuple(shape[-2:]) != (h, w)
     if upsampled:
         total += _upsample_flops(shape, (h, w))
         upsample_to_input(gm)
     return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape)
+
+
+def _analyze_batch(gm: fx.GraphModule, size: Tuple[int, int]) -> None:
+    """Record how every value follows the batch (``node.meta``), for placement and shrinking."""
+    try:
+        analyze_batch(gm, size)
+    except Exception as e:  # noqa: BLE001 - e.g. a graph specialised to batch 1; the self-check decides
+        log.warning("could not tell how values depend on the batch (%s: %s); the shrink self-check decides",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
+def check_shrinking(model: MultiExitModel, size: Tuple[int, int], rows: int = 3) -> None:
+    """At every cut: run ``rows`` images, drop one after the cut and go on; compare with the kept rows alone.
+
+    Runs at a small size when the graph allows (the batch is what is checked), else at ``size``.
+
+    Raises:
+        PlacementError: a cut where shrinking fails or mixes rows, naming the cut and its live values.
+    """
+    modes = _set_eval(model)
+    try:
+        with torch.no_grad():
+            for hw in dict.fromkeys([(min(size[0], 64), min(size[1], 64)), tuple(size)]):
+                try:
+                    reference = model(_check_input(rows, hw)[[0, 2]])
+                except Exception:  # noqa: BLE001 - a graph fixed to its profiling size
+                    continue
+                _check_cuts(model, _check_input(rows, hw), reference)
+                return
+    finally:
+        _restore(model, modes)
+
+
+def _check_input(rows: int, hw: Tuple[int, int]) -> torch.Tensor:
+    return torch.randn(rows, 3, *hw, generator=torch.Generator().manual_seed(0))
+
+
+def _check_cuts(model: MultiExitModel, x: torch.Tensor, reference: torch.Tensor) -> None:
+    keep = torch.tensor([0, 2])
+    state = model.start(x)
+    for i, name in enumerate(model.exit_names[:-1]):
+        state = model.run_stage(i, state)
+        live = ", ".join(f"{k} ({state.dims[k] if state.dims and k in state.dims else '?'})" for k in state.values)
+        try:
+            rest = state.select(keep)
+            for j in range(i + 1, model.num_exits):
+                rest = model.run_stage(j, rest)
+            out = model.exit_logits(model.num_exits - 1, rest)
+        except Exception as e:  # noqa: BLE001 - any failure here is the model's, reported with the cut
+            raise PlacementError(
+                f"the batch cannot shrink after exit {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                f"values alive there: {live}; choose other exit points with --at (see `mexify inspect`)",
+            ) from e
+        scale = float(reference.abs().max()) or 1.0
+        if out.shape != reference.shape or not torch.allclose(out, reference, rtol=1e-3, atol=1e-4 * scale):
+            raise PlacementError(
+                f"rows of different images would mix after exit {name!r}: dropping a row there changes the others' output",
+                f"values alive there: {live}; choose other exit points with --at (see `mexify inspect`)",
+            )
 
 
 def _set_eval(model: nn.Module) -> dict:
@@ -176,6 +237,7 @@ def convert(
     trace: str = "auto",
     trust_pickle: bool = False,
     placement: PlacementConfig = PlacementConfig(),
+    check: bool = True,
 ) -> ConvertResult:
     """Turn a segmentation model into a :class:`MultiExitModel` with its bundle config (in memory).
 
@@ -190,6 +252,7 @@ def convert(
         input_size: (H, W) at which shapes and FLOPs are profiled.
         leaf_modules, autowrap_functions: passed to the tracer.
         trace: ``auto`` (fx, then torch.export), ``fx`` or ``export``.
+        check: run :func:`check_shrinking` (every cut, a few small forward passes).
 
     Raises:
         MexifyError: any user-facing problem, with a hint.
@@ -206,6 +269,8 @@ def convert(
     traced = trace_spec(model, trace_cfg, placement)
     chosen = select_exit_points(traced.candidates, exits, at, placement)
     result = _assemble(traced, chosen, [head_cfg] * len(chosen), model_spec, trace_cfg)
+    if check:
+        check_shrinking(result.model, trace_cfg.input_size)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -226,7 +291,7 @@ def _assemble(
     stage_flops = _stage_flops(gm, names, traced.total_flops)
     h, w = traced.input_size
     heads, head_flops, exit_cfgs = {}, [], []
-    for point, cfg, sf in zip(chosen, head_cfgs, stage_flops):
+    for point, cfg, sf, stage in zip(chosen, head_cfgs, stage_flops, stages):
         feats = torch.zeros(1, point.channels, point.height, point.width)
         if cfg.template == "mess" and cfg.width == 0:
             cfg = _auto_width(cfg, point.channels, traced.num_classes, feats, (h, w), traced.total_flops)
@@ -234,7 +299,7 @@ def _assemble(
         hf = count_flops(head, feats, (h, w))
         heads[point.name] = head
         head_flops.append(hf)
-        exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfg, int(sf), int(hf)))
+        exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfg, int(sf), int(hf), dict(stage.batch_dims) or None))
     model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops)
     model.eval()
     config = BundleConfig(
@@ -319,7 +384,7 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
     stage_flops = [e.stage_flops for e in config.exits] + [config.final_flops]
     model = MultiExitModel(
         stages, heads, config.num_classes, tuple(h_w for h_w in trace_cfg.input_size), stage_flops,
-        [e.head_flops for e in config.exits], config.original_flops,
+        [e.head_flops for e in config.exits], config.original_flops, [e.batch_dims for e in config.exits],
     )
     model.config = config
     return model

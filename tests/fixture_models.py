@@ -71,3 +71,79 @@ class BranchyNet(nn.Module):
     def forward(self, x):
         y = self.head(self.tail(self.gate(self.down(self.stem(x)))))
         return {"out": F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+class BatchSizeNet(nn.Module):
+    """Keeps ``b = x.shape[0]`` from the start and uses it in a ``reshape`` after the middle: a Python
+    int that must follow a shrinking batch."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
+        self.mid = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        b = x.shape[0]
+        h, w = x.shape[-2:]
+        f = self.mid(self.stem(x))
+        g = f.reshape(b, 8, -1).softmax(-1).reshape(b, 8, h, w) * f
+        return self.head(g)
+
+
+class TokenNet(nn.Module):
+    """Carries ``(B, N, C)`` tokens and the unpacked ``B, C, H, W`` across the middle of the network."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
+        self.mid = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        B, C, H, W = f.shape
+        t = f.flatten(2).transpose(1, 2)
+        g = self.mid(f)
+        t = self.proj(t)
+        return self.head(g + t.transpose(1, 2).reshape(B, C, H, W))
+
+
+class SequenceFirstNet(nn.Module):
+    """Carries sequence-first ``(N, B, C)`` tokens (``nn.MultiheadAttention``'s layout) across the middle:
+    the batch is along dimension 1."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
+        self.mid = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        t = f.flatten(2).permute(2, 0, 1)
+        g = self.mid(f)
+        t = self.proj(t)
+        return self.head(g + t.permute(1, 2, 0).reshape_as(g))
+
+
+class MixedBatchNet(nn.Module):
+    """Folds the batch into ``(B * 2, C / 2, N)`` head groups and keeps them across the middle: the
+    batch cannot shrink there, so placement must avoid those cuts."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
+        self.mid = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
+        self.tail = nn.Sequential(_block(8, 8), _block(8, 8))
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        B, C, H, W = f.shape
+        groups = f.reshape(B * 2, C // 2, H * W)
+        g = self.mid(f)
+        att = groups.softmax(-1).reshape(B, C, H, W)
+        return self.head(self.tail(g * att))

@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         trace: TraceOpt = "auto",
         trust_pickle: TrustOpt = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at -o.")] = False,
+        no_check: Annotated[bool, typer.Option("--no-check", help="Skip the self-check that dropping rows at a cut never changes the kept rows.")] = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Convert a segmentation model into a multi-exit model and write a bundle."""
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
             at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
             head=head, head_set=parse_kv(head_items, "--head-set"), input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
-            trust_pickle=trust_pickle, out=out, overwrite=overwrite,
+            trust_pickle=trust_pickle, out=out, overwrite=overwrite, check=not no_check,
         )
         if json_out:
             print_json({"bundle": out, "seconds": round(result.seconds, 3), "num_classes": result.model.num_classes,

@@ -35,11 +35,14 @@ def register(app: typer.Typer) -> None:
                         "input_size": list(traced.input_size), "candidates": rows})
             return
         table = Table(title=f"Candidate exit points ({len(rows)}; FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
-        for col in ("node", "block", "shape", "stride", "cum. FLOPs %", "live tensors"):
-            table.add_column(col, justify="left" if col in ("node", "block") else "right")
+        for col in ("node", "block", "shape", "stride", "cum. FLOPs %", "live tensors", "shrink"):
+            table.add_column(col, justify="left" if col in ("node", "block", "shrink") else "right")
         for c in traced.candidates:
             table.add_row(c.name, c.block or "-", f"{c.channels}x{c.height}x{c.width}", f"{c.stride:g}",
-                          f"{100 * c.fraction:.1f}", str(c.live_tensors))
+                          f"{100 * c.fraction:.1f}", str(c.live_tensors), "no" if c.shrink_issue else "ok")
         console.print(table)
+        for c in traced.candidates:
+            if c.shrink_issue:
+                console.print(f"[yellow]{c.name}[/]: not an exit point, {c.shrink_issue}")
         console.print(f"total {traced.total_flops / 1e9:.2f} GFLOPs at {traced.input_size[0]}x{traced.input_size[1]}, "
                       f"{traced.num_classes} classes")

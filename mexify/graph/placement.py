@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.fx as fx
 
 from mexify.errors import PlacementError, nearest
+from mexify.graph.batching import BATCH_KEY
 from mexify.graph.liveness import compute_nodes, last_uses, live_values
 from mexify.graph.profile import META_KEY as PROFILE_KEY
 from mexify.graph.trace import module_path
@@ -35,6 +36,7 @@ class ExitPoint:
     fraction: float
     block: str
     live_tensors: int
+    shrink_issue: str = ""  # why the batch cannot shrink at this cut ("" when it can)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,6 +135,7 @@ def find_candidates(
     for j, v in enumerate(nodes):
         if _is_tensor_value(v) and j < last_use[v] < len(nodes):
             deaths[last_use[v]] += 1
+    issues = _shrink_issues(nodes, last_use)
     cum, live, out = 0, 0, []
     for i, n in enumerate(nodes):
         prof = n.meta.get(PROFILE_KEY)
@@ -153,10 +156,22 @@ def find_candidates(
             ExitPoint(
                 name=n.name, position=i, channels=int(c), height=int(h), width=int(w), stride=round(sh, 3),
                 cum_flops=int(cum), fraction=cum / total if total else 0.0, block=blocks.get(n, ""),
-                live_tensors=max(live, 1),
+                live_tensors=max(live, 1), shrink_issue=issues.get(i, ""),
             )
         )
     return out
+
+
+def _shrink_issues(nodes: List[fx.Node], last_use: Dict[fx.Node, int]) -> Dict[int, str]:
+    """Positions where a value alive across the cut cannot follow a shrinking batch, with the reason."""
+    issues: Dict[int, str] = {}
+    for j, v in enumerate(nodes):
+        dim = v.meta.get(BATCH_KEY)
+        if dim is None or dim.safe:
+            continue
+        for i in range(j, min(last_use[v], len(nodes))):
+            issues.setdefault(i, f"value {v.name!r} ({dim.why}) is alive here and cannot follow a shrinking batch")
+    return issues
 
 
 def select_exit_points(
@@ -181,14 +196,20 @@ def select_exit_points(
                     f"nearest valid: {', '.join(close)}; see `mexify inspect` for all" if close else "see `mexify inspect`",
                 )
             chosen.append(by_name[name])
+            if by_name[name].shrink_issue:
+                raise PlacementError(f"exit point {name!r} cannot be used: {by_name[name].shrink_issue}",
+                                     "pick another node (`mexify inspect` shows where the batch can shrink)")
         if len({c.name for c in chosen}) != len(chosen):
             raise PlacementError("the same exit point is named twice in --at")
         return sorted(chosen, key=lambda c: c.position)
     if num_exits < 1:
         raise PlacementError(f"--exits must be at least 1, got {num_exits}", "use --exits 6 (the default) or fewer")
+    unsafe = [c for c in candidates if c.shrink_issue]
+    candidates = [c for c in candidates if not c.shrink_issue]  # the batch must be able to shrink at a cut
     if num_exits > len(candidates):
         raise PlacementError(
-            f"asked for {num_exits} exits but the model has only {len(candidates)} candidate exit points",
+            f"asked for {num_exits} exits but the model has only {len(candidates)} candidate exit points"
+            + (f" where the batch can shrink ({len(unsafe)} more cannot: {unsafe[0].shrink_issue})" if unsafe else ""),
             f"use --exits {len(candidates)} or fewer",
         )
     # Targets k/(N+1) of the FLOPs; when the last candidate comes earlier (a heavy classifier

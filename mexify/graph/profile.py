@@ -439,7 +439,7 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         fake_log.setLevel(level)
 
 
-def _run(run_fn: Callable[[Callable[[Any], Any]], Any]) -> Any:
+def run_fake_or_real(run_fn: Callable[[Callable[[Any], Any]], Any]) -> Any:
     """Call ``run_fn(wrap)`` on fake tensors, or on real ones if fake execution fails.
 
     ``wrap`` turns an example input into what the run should use. Returns whatever
@@ -499,7 +499,7 @@ def profile_graph(gm: torch.fx.GraphModule, *example_inputs: Any, device: Any = 
 
     with _eval_mode(gm):
         try:
-            interp = _run(run)
+            interp = run_fake_or_real(run)
         except _NodeFailure as e:
             raise RuntimeError(f"profiling failed at {e.summary}") from e.error
 
@@ -537,6 +537,6 @@ def count_flops(module: torch.nn.Module, *example_inputs: Any) -> int:
         return tally
 
     with _eval_mode(module):
-        tally = _run(run)
+        tally = run_fake_or_real(run)
     _warn_unsupported(tally.unsupported)
     return int(tally.flops)

@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 import torch.fx as fx
 
 from mexify.errors import PlacementError, nearest
+from mexify.graph.batching import BATCH_KEY
 from mexify.graph.liveness import compute_nodes, last_uses, live_values
 
 __all__ = ["Stage", "split_stages"]
@@ -26,6 +27,7 @@ class Stage:
     inputs: List[str]
     outputs: List[str]
     exit_value: str  # name of the exit feature map among ``outputs`` ("" for the last stage)
+    batch_dims: Dict[str, str] = dataclasses.field(default_factory=dict)  # output -> batch dependence
 
 
 def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
@@ -76,14 +78,16 @@ def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
             env[n] = new
         if is_last:
             graph.output(lookup(logits))
-            outputs, exit_value = [logits.name], ""
+            outputs, exit_value, batch_dims = [logits.name], "", {}
         else:
             exit_node = nodes[hi]
             live_out = live_values(nodes, hi, last_use)
             out_list = [exit_node] + [v for v in live_out if v is not exit_node]
             graph.output(tuple(lookup(v) for v in out_list))
             outputs, exit_value = [v.name for v in out_list], exit_node.name
+            batch_dims = {v.name: str(v.meta[BATCH_KEY]) for v in out_list if BATCH_KEY in v.meta}
         graph.lint()
         module = fx.GraphModule(gm, graph, f"Stage{s}")
-        stages.append(Stage(module, [v.name for v in live_in] if lo >= 0 else [n.name for n in nodes if n.op == "placeholder"], outputs, exit_value))
+        inputs = [v.name for v in live_in] if lo >= 0 else [n.name for n in nodes if n.op == "placeholder"]
+        stages.append(Stage(module, inputs, outputs, exit_value, batch_dims))
     return stages

@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mexify.graph.batching import BatchDim, shrink_value
 from mexify.graph.split import Stage
 from mexify.nn.heads import ExitHead
 
@@ -15,21 +16,30 @@ __all__ = ["MultiExitModel", "StageState", "ExitOutput"]
 
 @dataclasses.dataclass
 class StageState:
-    """The values alive at a cut, by node name, plus the input's spatial size."""
+    """The values alive at a cut, by node name, plus the input's spatial size.
+
+    ``dims`` says how each value follows the batch (:mod:`mexify.graph.batching`); without it
+    (bundles written before it was recorded) tensors whose first dimension equals the batch
+    size are taken as batch-first.
+    """
 
     values: Dict[str, Any]
     input_size: Tuple[int, int]
     batch_size: int
+    dims: Optional[Dict[str, BatchDim]] = None
 
     def select(self, index: torch.Tensor) -> "StageState":
-        """Keep batch rows ``index`` of every batched tensor (non-batched values are shared)."""
+        """Keep batch rows ``index`` of every value that depends on the batch (the rest is shared)."""
         out = {}
         for k, v in self.values.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch_size:
+            dim = self.dims.get(k) if self.dims is not None else None
+            if dim is not None:
+                out[k] = shrink_value(v, dim, index)
+            elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch_size:
                 out[k] = v.index_select(0, index.to(v.device))
             else:
                 out[k] = v
-        return StageState(out, self.input_size, int(index.numel()))
+        return StageState(out, self.input_size, int(index.numel()), self.dims)
 
 
 @dataclasses.dataclass
@@ -59,6 +69,7 @@ class MultiExitModel(nn.Module):
         stage_flops: Sequence[int],
         head_flops: Sequence[int],
         original_flops: int,
+        batch_dims: Optional[Sequence[Optional[Dict[str, str]]]] = None,
     ):
         super().__init__()
         if len(heads) != len(stages) - 1:
@@ -74,6 +85,11 @@ class MultiExitModel(nn.Module):
         self.original_flops = int(original_flops)
         self.config = None
         self._backbone_frozen = False
+        if batch_dims is None:
+            batch_dims = [s.batch_dims or None for s in stages[:-1]]
+        self._batch_dims = [
+            {k: BatchDim.parse(v) for k, v in d.items()} if d else None for d in list(batch_dims)[: len(stages) - 1]
+        ] + [None]
 
     @property
     def num_exits(self) -> int:
@@ -90,7 +106,7 @@ class MultiExitModel(nn.Module):
         result = self.stages[i](*[state.values[n] for n in inputs])
         if i == len(self.stages) - 1:
             return StageState({outputs[0]: result}, state.input_size, state.batch_size)
-        return StageState(dict(zip(outputs, result)), state.input_size, state.batch_size)
+        return StageState(dict(zip(outputs, result)), state.input_size, state.batch_size, self._batch_dims[i])
 
     def exit_features(self, i: int, state: StageState) -> torch.Tensor:
         """The feature map at exit point ``i`` (after :meth:`run_stage` ``i``)."""
