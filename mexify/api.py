@@ -32,7 +32,7 @@ from mexify.bundle import check_writable, read_config, save_bundle, update_bundl
 from mexify.bundle import load as _load_bundle
 from mexify.calibrate import CalibrationReport, fit_policy
 from mexify.config import BundleConfig, json_safe, parse_size
-from mexify.data import as_loader, build_dataset
+from mexify.data import as_loader, build_dataset, check_classes
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
 from mexify.graph.placement import PlacementConfig
 from mexify.nn import MultiExitModel, resolve_device
@@ -296,6 +296,7 @@ def calibrate(
     """
     model, bundle_path = _model(bundle, device)
     ds = _dataset(data, split, limit)
+    check_classes(ds, model.num_classes)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
     report = fit_policy(
         model,

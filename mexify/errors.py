@@ -28,9 +28,24 @@ class MexifyError(Exception):
     exit_code: int = 1
 
     def __init__(self, message: str, hint: Optional[str] = None):
+        message = _unwrap_worker_error(message)
         self.message = message
         self.hint = hint
         super().__init__(f"{message} ({hint})" if hint else message)
+
+
+def _unwrap_worker_error(message: str) -> str:
+    """The original one-line message of an error re-raised by a DataLoader worker.
+
+    ``torch.utils.data`` re-raises a worker's exception as ``type(e)(text)``, where ``text`` is
+    "Caught DataError in DataLoader worker process 0. Original Traceback ..." with the whole
+    traceback; its last line is ``mexify.errors.DataError: <the message>``.
+    """
+    if not (isinstance(message, str) and message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    last = message.strip().splitlines()[-1]
+    name, sep, text = last.partition(": ")
+    return text if sep and name.rsplit(".", 1)[-1].endswith("Error") else last
 
 
 class SpecError(MexifyError):

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -171,7 +172,31 @@ def _load_export(path: str) -> nn.Module:
     return program.module()
 
 
+def _peek(path: str) -> str:
+    """What a ``.pt`` file holds, without running code from it: ``weights``, ``pickle`` or ``other``.
+
+    ``torch.load(weights_only=True)`` only rebuilds tensors and plain containers; it refuses any
+    other class with an UnpicklingError naming "Weights only load failed".
+    """
+    try:
+        torch.load(path, map_location="meta", weights_only=True)
+        return "weights"
+    except pickle.UnpicklingError as e:
+        return "pickle" if "Weights only load failed" in str(e) else "other"
+    except Exception:  # noqa: BLE001 - a truncated zip, a text file, an image: not a torch.save file
+        return "other"
+
+
 def _load_pickle(path: str, trust: bool) -> nn.Module:
+    kind = _peek(path)
+    if kind == "weights":
+        raise SpecError(
+            f"{path} holds weights only (a state_dict), not a model",
+            "name the architecture with a spec (package.module:factory or file.py:factory) and pass this file with --weights",
+        )
+    if kind == "other":
+        raise SpecError(f"{path} is not a PyTorch file (torch.save) that mexify can read",
+                        "give a pickled module (with --trust-pickle), a .pt2 archive, or package.module:factory")
     if not trust:
         raise SpecError(
             f"refusing to unpickle {path}: loading a pickled module runs arbitrary code from the file",

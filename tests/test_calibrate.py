@@ -208,3 +208,18 @@ def test_calibrate_bundle_end_to_end_and_cli(tmp_path, capsys):
         app(["calibrate", str(bundle), "--data", spec, "--budget", "1000x"], prog_name="mexify")
     assert exc.value.code == 3
     assert "best reachable" in capsys.readouterr().err
+
+
+def test_calibrating_on_a_dataset_with_other_classes_is_refused_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    import mexify
+    from mexify.cli import app
+
+    bundle = tmp_path / "bundle"
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    before = (bundle / "config.yaml").read_text()
+    res = CliRunner().invoke(app, ["calibrate", str(bundle), "--data", "synthetic:scenes?size=64&classes=6&n=8&n_eval=4"])
+    assert res.exit_code == 1
+    assert "6 classes but the model predicts 4" in res.output and "Traceback" not in res.output
+    assert (bundle / "config.yaml").read_text() == before and not (bundle / "calibration").exists()

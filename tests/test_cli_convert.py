@@ -70,12 +70,20 @@ BAD = {
     "unknown form": (lambda t: ["convert", "not a spec"], "unknown model spec"),
     "missing file": (lambda t: ["convert", str(t / "missing.pt2")], "not found"),
     "pickle without trust": (lambda t: ["convert", str(_pickle(t))], "--trust-pickle"),
+    "a state_dict given as the model": (lambda t: ["convert", str(_state_file(t))], "holds weights only"),
+    "not a PyTorch file": (lambda t: ["convert", str(_junk(t))], "is not a PyTorch file"),
     "wrong weight keys": (lambda t: ["convert", UNET, "--weights", str(_state_file(t, ("final.bias", "head.bias")))], "final.bias"),
     "unknown --at": (lambda t: ["convert", UNET, "--at", "enc1_0,nonexistent_node"], "nearest valid"),
     "--exits 0": (lambda t: ["convert", UNET, "--exits", "0"], "at least 1"),
     "too many exits": (lambda t: ["convert", UNET, "--exits", "999"], "candidate exit points"),
     "bad head setting": (lambda t: ["convert", UNET, "--head-set", "widht=3"], "did you mean 'width'"),
 }
+
+
+def _junk(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("this is not a checkpoint")
+    return path
 
 
 def _pickle(tmp_path):

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List
 
 from mexify.config import IGNORE_INDEX
 from mexify.data import readers
-from mexify.data.base import SegDataset
+from mexify.data.base import SegDataset, check_classes
 from mexify.data.loader import as_loader, build_loader, default_num_workers, pad_collate, split_batch
 from mexify.data.spec import DatasetSpec, OptionReader, parse_spec
 from mexify.data.synthetic import SceneConfig, SyntheticScenes
@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SegDataset",
+    "check_classes",
     "SyntheticScenes",
     "SceneConfig",
     "SegTransform",

@@ -13,7 +13,7 @@ from mexify.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IGNORE_INDEX", "SegDataset"]
+__all__ = ["IGNORE_INDEX", "SegDataset", "check_classes"]
 
 
 class SegDataset(Dataset):
@@ -77,3 +77,20 @@ class SegDataset(Dataset):
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return image, mask
+
+
+def check_classes(dataset: object, num_classes: int) -> None:
+    """Refuse a dataset whose class count differs from the model's (a Subset is looked through).
+
+    Raises:
+        DataError: one line naming both counts.
+    """
+    ds_classes = getattr(dataset, "num_classes", None)
+    if ds_classes is None and hasattr(dataset, "dataset"):
+        ds_classes = getattr(dataset.dataset, "num_classes", None)
+    if ds_classes is not None and int(ds_classes) != int(num_classes):
+        raise DataError(
+            f"the dataset has {ds_classes} classes but the model predicts {num_classes}",
+            f"use the dataset the model was converted for (e.g. synthetic:scenes?classes={num_classes}, "
+            "or ?classes=N for a folder), or convert the model with a matching num_classes",
+        )

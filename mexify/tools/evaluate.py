@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from mexify.data import as_loader, split_batch
+from mexify.data import as_loader, check_classes, split_batch
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import module_device, resolve_device
@@ -142,15 +142,6 @@ def _dataset_of(data: Union[Dataset, DataLoader]) -> Any:
 
 
 
-def _check_classes(ds: Any, k: int) -> None:
-    ds_classes = getattr(ds, "num_classes", None)
-    if ds_classes is not None and int(ds_classes) != k:
-        raise DataError(
-            f"the dataset has {ds_classes} classes but the model predicts {k}",
-            "evaluate on the dataset the model was converted for (e.g. synthetic:scenes?classes=" + str(k) + ")",
-        )
-
-
 def _total(loader: Any, limit: Optional[int]) -> int:
     """Images the loader will give (``limit`` applied); 0 when unknown."""
     try:
@@ -210,7 +201,7 @@ def evaluate(
     dev = resolve_device(device)
     ds = _dataset_of(dataset_or_loader)
     k = int(model.num_classes)
-    _check_classes(ds, k)
+    check_classes(ds, k)
     if isinstance(dataset_or_loader, DataLoader) and limit is not None:
         log.info("limit=%d with a DataLoader: stopping after the batch that reaches it", limit)
     loader = as_loader(dataset_or_loader, batch_size, limit, num_workers)

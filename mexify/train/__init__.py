@@ -12,7 +12,6 @@ from mexify.train.trainer import (
     StageReport,
     TrainEvent,
     TrainReport,
-    check_classes,
     default_run_dir,
     load_backbone_weights,
     train_model,
@@ -20,7 +19,6 @@ from mexify.train.trainer import (
 
 __all__ = [
     "train_model",
-    "check_classes",
     "TrainReport",
     "StageReport",
     "TrainEvent",

@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mexify._version import __version__
 from mexify.config import IGNORE_INDEX
-from mexify.errors import ConfigError, DataError, TrainingError
+from mexify.data import check_classes
+from mexify.errors import ConfigError, TrainingError
 from mexify.nn import MultiExitModel, resolve_device
 from mexify.spec import load_state_dict_file
 from mexify.train import checkpoint as ckpt_mod
@@ -43,7 +44,7 @@ from mexify.train.recipe import Recipe, load_recipe
 from mexify.train.schedule import PolyLR
 from mexify.train.stream import BatchStream, derive_seed
 
-__all__ = ["train_model", "check_classes", "TrainReport", "StageReport", "TrainEvent", "default_run_dir", "load_backbone_weights", "LOG_NAME"]
+__all__ = ["train_model", "TrainReport", "StageReport", "TrainEvent", "default_run_dir", "load_backbone_weights", "LOG_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +123,6 @@ def _resolve_device(device: Optional[Union[str, torch.device]], info: DistInfo) 
         if info.enabled and dev.index is None:
             dev = torch.device("cuda", info.local_rank)
     return dev
-
-
-def check_classes(dataset: Any, num_classes: int) -> None:
-    """Refuse a dataset whose classes differ from the model's.
-
-    Raises:
-        DataError: naming both counts.
-    """
-    ds_classes = getattr(dataset, "num_classes", None)
-    if ds_classes is not None and int(ds_classes) != int(num_classes):
-        raise DataError(
-            f"the dataset has {ds_classes} classes but the model predicts {num_classes}",
-            "convert the model with a matching num_classes, or pick the matching dataset (e.g. ?classes=N)",
-        )
 
 
 def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> int:

@@ -249,3 +249,16 @@ def test_folder_per_split_layout(tmp_path):
     assert len(build_dataset(f"folder:{tmp_path}", split="train")) == 3
     val = build_dataset(f"folder:{tmp_path}", split="val")
     assert len(val) == 2 and val.class_names == ["a", "b", "c"]
+
+
+def test_error_in_a_loader_worker_is_one_line(tmp_path):
+    from mexify.data import build_loader
+
+    _img(tmp_path / "images" / "s1.jpg")
+    _mask(tmp_path / "masks" / "s1.png", _labels([0, 1, 7]))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    loader = build_loader(build_dataset(f"folder:{tmp_path}"), batch_size=1, shuffle=False, num_workers=1)
+    with pytest.raises(DataError) as exc:
+        next(iter(loader))
+    assert "\n" not in exc.value.message and "s1.png" in exc.value.message and "[7]" in exc.value.message
+    assert not exc.value.message.startswith("Caught") and "Traceback" not in exc.value.message
