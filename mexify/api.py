@@ -316,7 +316,8 @@ def calibrate(
     if out_dir is not None:
         report.files = save_pareto(report.search, report.oracle_curve, report.figures, out_dir, title=f"{report.policy.name} on {split}")
     if write and bundle_path is not None:
-        update_bundle(bundle_path, policy=report.policy.to_dict())
+        seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
+        update_bundle(bundle_path, policy={**report.policy.to_dict(), "calibrated_on": seen})
         report.files["config"] = str(bundle_path / "config.yaml")
     return report
 
@@ -355,7 +356,18 @@ def evaluate(
         report.policies.append(_evaluate_policy(model, None, ds, batch_size=batch_size, limit=limit, device=device,
                                                 progress=(lambda d, t: progress("policy", d, t)) if progress else None))
     report.data = data if isinstance(data, str) else type(data).__name__
+    report.notes.extend(_seen_in_calibration(model, report.data, split))
     return report
+
+
+def _seen_in_calibration(model: MultiExitModel, data: str, split: str) -> list:
+    """A warning when the bundle's policy was fitted on the very images it is now judged on."""
+    policy = getattr(model.config, "policy", None) or {}
+    seen = policy.get("calibrated_on") if isinstance(policy, dict) else None
+    if isinstance(seen, dict) and seen.get("data") == data and seen.get("split") == split:
+        return [f"the policy was calibrated on these images ({data}, split {split}): its figures here are "
+                "optimistic; evaluate on a held-out split (e.g. --split test)"]
+    return []
 
 
 def evaluate_policy(
@@ -451,5 +463,8 @@ def bench(
         torch.set_num_threads(int(threads))
     model, _ = _model(bundle, device)
     ds = _dataset(data, split, limit)
-    return _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                  device=device, progress=progress)
+    report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                    device=device, progress=progress)
+    if policy is None and isinstance(data, str):
+        report.notes.extend(_seen_in_calibration(model, data, split))
+    return report

@@ -114,3 +114,7 @@ def test_eval_reports_the_bundles_policy_row(bundle, tmp_path):
     assert "exit policies" in res.output and "maxprob" in res.output
     assert f"{100 * row.miou:.2f}" in res.output
     assert not math.isnan(report.to_dict()["policies"][0]["mean_flops"])
+    # judged on a held-out split: no warning; on the calibration images themselves: a warning
+    assert report.notes == []
+    again = api.evaluate(calibrated, DATA, split="calib", batch_size=4, workers=0, device="cpu")
+    assert any("calibrated on these images" in n for n in again.notes)

@@ -91,3 +91,5 @@ def register(app: typer.Typer) -> None:
             print_json(out)
         else:
             render_report(report, title=f"{bundle} on {report.data} ({split}, {report.num_images} images)")
+            for note in report.notes:
+                console.print(f"[yellow]note:[/] {note}")

@@ -10,6 +10,11 @@
 - ``folder:ROOT``: ``images/`` + ``masks/`` with matching stems (or ``ROOT/<split>/images``
   and ``ROOT/<split>/masks``); palette or grayscale PNG masks; optional ``classes.txt``.
 
+``calib`` and ``test`` are disjoint halves of the validation split of every layout (a folder
+dataset without ``calib/`` or ``test/`` folders included), chosen by a fixed hash of the image
+file name; ``?calib_fraction=0.3`` moves the boundary. So a policy calibrated on ``calib`` is
+judged on images it never saw.
+
 Every label value is checked: values that the layout does not define raise a
 :class:`~mexify.errors.DataError` naming the file, as do unreadable files, missing
 masks and masks whose size differs from their image. ``skip_bad=1`` in the spec
@@ -18,6 +23,7 @@ turns these into a logged warning and the sample is skipped.
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -186,7 +192,22 @@ class FileSegDataset(SegDataset):
 
 # --------------------------------------------------------------------------- helpers shared by builders
 
-_COMMON = ("split", "skip_bad", "base_size", "crop_size")
+_COMMON = ("split", "skip_bad", "base_size", "crop_size", "calib_fraction")
+HELD_OUT = ("calib", "test")  # disjoint halves of the validation split
+
+
+def _held_out(pairs: List[Tuple[Path, Path]], split: str, o: OptionReader) -> List[Tuple[Path, Path]]:
+    """For ``calib`` and ``test``: the validation samples on their side of a fixed hash of the file name.
+
+    A sample is in ``calib`` when ``crc32(image file name) / 2**32 < calib_fraction`` (option, default
+    0.5), else in ``test``: the halves are disjoint, the same on every machine and in any listing
+    order, and a sample keeps its side when others are added. Other splits pass through.
+    """
+    if split not in HELD_OUT:
+        return pairs
+    fraction = o.float("calib_fraction", 0.5, lo=0.0, hi=1.0)
+    in_calib = [zlib.crc32(img.name.encode()) / 2**32 < fraction for img, _ in pairs]
+    return [p for p, c in zip(pairs, in_calib) if c == (split == "calib")]
 
 
 def _root(spec: DatasetSpec) -> Path:
@@ -239,14 +260,15 @@ def _voc_root(root: Path) -> Path:
 
 
 def _voc_split(split: str) -> str:
-    return {"calib": "val", "test": "val"}.get(split, split)
+    return "val" if split in HELD_OUT else split
 
 
 def build_voc(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
     """Pascal VOC 2012 / SBD-style lists (``?list=PATH`` or ``split=train_aug``; ``?masks=DIR``)."""
     o = OptionReader(spec, _COMMON + ("list", "masks"))
     root = _voc_root(_root(spec))
-    split = _voc_split(o.get("split", split))
+    requested = o.get("split", split)
+    split = _voc_split(requested)
     skip_bad = o.bool("skip_bad", False)
     if o.has("list"):
         lst = Path(o.get("list", "")).expanduser()
@@ -281,8 +303,8 @@ def build_voc(spec: DatasetSpec, split: str = "train", train: bool = False, crop
             pairs.append((root / parts[0].lstrip("/"), root / parts[1].lstrip("/")))
         else:
             raise DataError(f"line {lineno} of {lst} has {len(parts)} fields", "each line is an image id, or 'image_path mask_path'")
-    pairs = _drop_missing(pairs, skip_bad, str(lst))
-    _empty(pairs, spec, split, lst)
+    pairs = _held_out(_drop_missing(pairs, skip_bad, str(lst)), requested, o)
+    _empty(pairs, spec, requested, lst)
     lut = _lut(256, {i: i for i in range(21)}, ignore=[255])
     tf = _transform(o, train, crop_size, base_size, 512, 512)
     return FileSegDataset(pairs, lut, 21, VOC_CLASSES, "VOC masks hold 0..20 and 255 (boundary, ignored)", tf, skip_bad, split, root)
@@ -295,7 +317,8 @@ def build_cityscapes(spec: DatasetSpec, split: str = "train", train: bool = Fals
     """Cityscapes gtFine (label ids -> 19 train ids; others ignored)."""
     o = OptionReader(spec, _COMMON)
     root = _root(spec)
-    split = {"calib": "val", "test": "val"}.get(o.get("split", split), o.get("split", split))
+    requested = o.get("split", split)
+    split = "val" if requested in HELD_OUT else requested
     skip_bad = o.bool("skip_bad", False)
     img_dir = root / "leftImg8bit" / split
     if not img_dir.is_dir():
@@ -304,8 +327,8 @@ def build_cityscapes(spec: DatasetSpec, split: str = "train", train: bool = Fals
     for img in sorted(img_dir.glob("*/*_leftImg8bit.png")):
         stem = img.name[: -len("_leftImg8bit.png")]
         pairs.append((img, root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelIds.png"))
-    pairs = _drop_missing(pairs, skip_bad, str(img_dir))
-    _empty(pairs, spec, split, img_dir)
+    pairs = _held_out(_drop_missing(pairs, skip_bad, str(img_dir)), requested, o)
+    _empty(pairs, spec, requested, img_dir)
     lut = _lut(256, CITYSCAPES_ID_TO_TRAIN_ID, ignore=[i for i in range(34) if i not in CITYSCAPES_ID_TO_TRAIN_ID] + [255])
     tf = _transform(o, train, crop_size, base_size, (1024, 2048), (512, 1024))
     return FileSegDataset(pairs, lut, 19, CITYSCAPES_CLASSES, "gtFine labelIds hold 0..33 (and 255)", tf, skip_bad, split, root)
@@ -340,7 +363,7 @@ def build_ade20k(spec: DatasetSpec, split: str = "train", train: bool = False, c
     if not img_dir.is_dir():
         raise DataError(f"no folder {img_dir} for split {split!r}", "point ade20k: at ADEChallengeData2016 (holding images/ and annotations/)")
     pairs = [(p, root / "annotations" / folder / f"{p.stem}.png") for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
-    pairs = _drop_missing(pairs, skip_bad, str(img_dir))
+    pairs = _held_out(_drop_missing(pairs, skip_bad, str(img_dir)), split, o)
     _empty(pairs, spec, split, img_dir)
     lut = _lut(256, {k: k - 1 for k in range(1, 151)}, ignore=[0, 255])
     tf = _transform(o, train, crop_size, base_size, 512, 512)
@@ -365,7 +388,7 @@ def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, c
     split = o.get("split", split)
     skip_bad = o.bool("skip_bad", False)
     reduce_zero = o.bool("reduce_zero", False)
-    img_dir, mask_dir = _folder_dirs(root, split)
+    img_dir, mask_dir = _folder_dirs(root, "val" if split in HELD_OUT and not (root / split / "images").is_dir() else split)
     masks: Dict[str, Path] = {}
     if mask_dir.is_dir():
         for p in sorted(mask_dir.iterdir()):
@@ -377,6 +400,8 @@ def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, c
             continue
         pairs.append((p, masks.get(p.stem, mask_dir / f"{p.stem}.png")))
     pairs = _drop_missing(pairs, skip_bad, str(img_dir))
+    if not (root / split / "images").is_dir():
+        pairs = _held_out(pairs, split, o)
     _empty(pairs, spec, split, img_dir)
 
     names: Optional[List[str]] = None

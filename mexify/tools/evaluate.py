@@ -112,6 +112,7 @@ class EvalReport:
     policies: List[PolicyResult] = field(default_factory=list)
     seconds: float = 0.0
     data: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
 
     @property
     def final(self) -> ExitResult:
@@ -131,6 +132,7 @@ class EvalReport:
             "exits": [e.to_dict() for e in self.exits],
             "policies": [p.to_dict() for p in self.policies],
             "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
         }
         if per_image:
             d["per_image_miou"] = [[None if math.isnan(v) else v for v in row] for row in self.per_image_miou.tolist()]

@@ -232,12 +232,32 @@ def test_missing_root(tmp_path):
         build_dataset(f"voc:{tmp_path / 'nope'}")
 
 
-def test_calib_split_reads_validation_files(tmp_path):
-    ade = tmp_path / "ADEChallengeData2016"
-    _img(ade / "images" / "validation" / "v1.jpg")
-    _mask(ade / "annotations" / "validation" / "v1.png", _labels([1, 2]))
-    ds = build_dataset(f"ade20k:{ade}", split="calib")
-    assert len(ds) == 1 and ds.describe(0).endswith("v1.jpg")
+def _files(ds):
+    return {ds.describe(i).rsplit("/", 1)[-1] for i in range(len(ds))}
+
+
+@pytest.mark.parametrize("layout", ["ade20k", "voc", "folder"])
+def test_calib_and_test_are_disjoint_halves_of_validation(tmp_path, layout):
+    names = [f"v{i:02d}" for i in range(24)]
+    if layout == "ade20k":
+        root = tmp_path / "ADEChallengeData2016"
+        for i, n in enumerate(names):
+            _img(root / "images" / "validation" / f"{n}.jpg", i)
+            _mask(root / "annotations" / "validation" / f"{n}.png", _labels([1, 2], i))
+        spec = f"ade20k:{root}"
+    elif layout == "voc":
+        _voc(tmp_path, ids=names, split="val")
+        spec = f"voc:{tmp_path}"
+    else:
+        for i, n in enumerate(names):
+            _img(tmp_path / "images" / f"{n}.png", i)
+            _mask(tmp_path / "masks" / f"{n}.png", _labels([0, 1], i))
+        spec = f"folder:{tmp_path}?classes=2"
+    val, calib, test = (_files(build_dataset(spec, split=s)) for s in ("val", "calib", "test"))
+    assert calib and test and not calib & test and calib | test == val
+    assert _files(build_dataset(spec, split="calib")) == calib  # the same halves every time
+    sep = "&" if "?" in spec else "?"
+    assert _files(build_dataset(f"{spec}{sep}calib_fraction=1", split="calib")) == val
 
 
 def test_folder_per_split_layout(tmp_path):
