@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from mexify.calibrate.search import SearchResult, search_thresholds
 from mexify.config import IGNORE_INDEX
-from mexify.data import split_batch
+from mexify.data import unpadded
 from mexify.errors import DataError
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
@@ -363,8 +363,7 @@ def collect_cache(
     t0 = time.perf_counter()
     done = 0
     try:
-        for batch in batches:
-            x, y = split_batch(batch)
+        for x, y in unpadded(batches):
             if device is not None:
                 x = x.to(device)
                 y = y.to(device) if y is not None else None

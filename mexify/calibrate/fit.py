@@ -14,7 +14,7 @@ from mexify.calibrate.budget import budget_max_cost, parse_budget
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.search import SearchResult, oracle_at
 from mexify.calibrate.temperature import fit_temperatures
-from mexify.data import split_batch
+from mexify.data import unpadded
 from mexify.errors import ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, build_policy, pixel_level_flops
@@ -122,7 +122,7 @@ def fit_policy(
     temps = _temperatures(model, pol, batches, temperature, dev, total, progress, timings, notes)
     if pol.needs_features:
         t0 = time.perf_counter()
-        pairs = (split_batch(b) for b in (means_batches or batches)())
+        pairs = unpadded((means_batches or batches)())
         pol = pol.collect_means(model, pairs, model.num_classes, device=dev)
         pol.temperatures = temps
         timings["class_means_s"] = time.perf_counter() - t0

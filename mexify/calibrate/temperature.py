@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mexify.data import split_batch
+from mexify.data import unpadded
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ def fit_temperatures(
     model.eval()
     done = 0
     try:
-        for batch in batches:
-            x, y = split_batch(batch)
+        for x, y in unpadded(batches):
             if y is None:
                 continue
             if device is not None:

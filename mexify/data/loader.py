@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -14,7 +14,7 @@ from mexify.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_loader", "as_loader", "split_batch", "pad_collate", "default_num_workers"]
+__all__ = ["build_loader", "as_loader", "split_batch", "unpadded", "pad_collate", "default_num_workers"]
 
 
 def split_batch(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -24,6 +24,28 @@ def split_batch(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if isinstance(batch, dict):
         return batch["image"], batch.get("mask")
     return batch, None
+
+
+def unpadded(batches: Iterable[Any]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(images, masks)`` batches in which every image is at its own size.
+
+    A batch that :func:`pad_collate` padded (it then carries each image's size as a third
+    element) is split into groups of equal size, each cropped to that size, so that what is
+    computed for an image never depends on the images it was batched with.
+    """
+    for batch in batches:
+        x, y = split_batch(batch)
+        sizes = batch[2] if isinstance(batch, (list, tuple)) and len(batch) > 2 else None
+        if sizes is None or bool((sizes == sizes[0]).all()):
+            if sizes is not None:
+                h, w = (int(v) for v in sizes[0])
+                x, y = x[..., :h, :w], (y[..., :h, :w] if y is not None else None)
+            yield x, y
+            continue
+        for hw in dict.fromkeys(tuple(int(v) for v in s) for s in sizes):
+            rows = torch.tensor([i for i, s in enumerate(sizes) if tuple(int(v) for v in s) == hw])
+            h, w = hw
+            yield x[rows, :, :h, :w], (y[rows, :h, :w] if y is not None else None)
 
 
 def as_loader(data: Any, batch_size: int, limit: Optional[int] = None, num_workers: Optional[int] = 0) -> Iterable[Any]:
@@ -53,7 +75,8 @@ def pad_collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]], ignore_index
     """Stack ``(image, mask)`` pairs, padding smaller ones (image 0, mask ``ignore_index``) at bottom/right.
 
     Returns:
-        ``(images (N, 3, H, W), masks (N, H, W))``.
+        ``(images (N, 3, H, W), masks (N, H, W))``, plus ``sizes (N, 2)`` (each image's own H, W)
+        when padding was needed; :func:`unpadded` undoes the padding for evaluation.
     """
     hs = [img.shape[-2] for img, _ in batch]
     ws = [img.shape[-1] for img, _ in batch]
@@ -65,7 +88,7 @@ def pad_collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]], ignore_index
     for i, (img, m) in enumerate(batch):
         images[i, :, : img.shape[-2], : img.shape[-1]] = img
         masks[i, : m.shape[-2], : m.shape[-1]] = m
-    return images, masks
+    return images, masks, torch.tensor([[h_, w_] for h_, w_ in zip(hs, ws)])
 
 
 def default_num_workers() -> int:

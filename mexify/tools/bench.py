@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mexify.config import json_safe
-from mexify.data import as_loader, split_batch
+from mexify.data import as_loader, unpadded
 from mexify.errors import ConfigError, DataError, MexifyError
 from mexify.graph.adapt import adapt_output
 from mexify.metrics import ConfusionMatrix
@@ -164,8 +164,7 @@ def _batches(data: Any, batch_size: int, limit: Optional[int], dev: torch.device
     """The first ``limit`` images, on the device (inputs) and the CPU (labels)."""
     out: List[Batch] = []
     n = 0
-    for b in as_loader(data, batch_size, limit):
-        x, y = split_batch(b)
+    for x, y in unpadded(as_loader(data, batch_size, limit)):
         if limit is not None and n + x.shape[0] > limit:
             x, y = x[: limit - n], (y[: limit - n] if y is not None else None)
         if x.shape[0] == 0:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from mexify.data import as_loader, check_classes, split_batch
+from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import module_device, resolve_device
@@ -158,10 +158,9 @@ def _total(loader: Any, limit: Optional[int]) -> int:
 def _limited(loader: Iterable[Any], limit: Optional[int]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """``(images, masks)`` batches, cut to the first ``limit`` images."""
     done = 0
-    for batch in loader:
+    for x, y in unpadded(loader):
         if limit is not None and done >= limit:
             return
-        x, y = split_batch(batch)
         if limit is not None and done + x.shape[0] > limit:
             x, y = x[: limit - done], (y[: limit - done] if y is not None else None)
         if x.shape[0] == 0:
