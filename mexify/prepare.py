@@ -24,8 +24,8 @@ from mexify.graph.adapt import prepare_graph, upsample_to_input
 from mexify.graph.batching import analyze_batch
 from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
 from mexify.graph.profile import count_flops, profile_graph
-from mexify.graph.split import split_stages
-from mexify.graph.trace import registered_autowrap_functions, registered_leaf_modules, trace_model
+from mexify.graph.split import pair_stages, split_stages
+from mexify.graph.trace import TRACER_KEY, registered_autowrap_functions, registered_leaf_modules, trace_model
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 
@@ -45,6 +45,8 @@ class TracedModel:
     upsampled: bool
     candidates: list
     logits_shape: Tuple[int, ...]
+    train_graph_module: Optional[fx.GraphModule] = None  # the train-mode trace (None: see train_issue)
+    train_issue: str = ""  # why training mode cannot be represented ("" when it can)
 
 
 @dataclasses.dataclass
@@ -100,6 +102,7 @@ def trace_spec(
     finally:
         _restore(model, modes)
     gm = prepare_graph(gm)
+    train_gm, train_issue = _train_graph(model, trace, example, gm)
     try:
         report = profile_graph(gm, example)
     except RuntimeError as e:
@@ -120,7 +123,36 @@ def trace_spec(
     if upsampled:
         total += _upsample_flops(shape, (h, w))
         upsample_to_input(gm)
-    return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape)
+        if train_gm is not None:
+            upsample_to_input(train_gm)
+    return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape, train_gm, train_issue)
+
+
+def _train_graph(model: nn.Module, trace: TraceConfig, example: torch.Tensor, eval_gm: fx.GraphModule):
+    """The train-mode trace of ``model`` (torch.fx only), or None and the reason it cannot be had."""
+    if eval_gm.meta.get(TRACER_KEY) != "fx":
+        return None, ("the model was traced with torch.export, which fixes BatchNorm and dropout in eval mode, "
+                      "so end-to-end training cannot update them")
+    modes = _set_mode(model, True)
+    try:
+        gm = prepare_graph(trace_model(model, dataclasses.replace(trace, method="fx"), example))
+    except MexifyError as e:
+        return None, f"the model cannot be traced in train mode: {e.message}"
+    finally:
+        _restore(model, modes)
+    return gm, ""
+
+
+def _stages(gm: fx.GraphModule, train_gm: Optional[fx.GraphModule], names: Sequence[str], issue: str):
+    """Stages of the eval-mode graph, each given its train-mode graph when the two agree; and why not."""
+    stages = split_stages(gm, names)
+    if train_gm is None:
+        return stages, issue
+    try:
+        train_stages = split_stages(train_gm, names)
+    except MexifyError as e:
+        return stages, f"in train mode the exit points differ: {e.message}"
+    return stages, pair_stages(stages, train_stages, gm, train_gm)
 
 
 def _analyze_batch(gm: fx.GraphModule, size: Tuple[int, int]) -> None:
@@ -140,7 +172,8 @@ def check_shrinking(model: MultiExitModel, size: Tuple[int, int], rows: int = 3)
     Raises:
         PlacementError: a cut where shrinking fails or mixes rows, naming the cut and its live values.
     """
-    modes = _set_eval(model)
+    was_training = model.training
+    model.eval()  # through train(): a stage with train- and eval-mode graphs swaps to the eval graph
     try:
         with torch.no_grad():
             for hw in dict.fromkeys([(min(size[0], 64), min(size[1], 64)), tuple(size)]):
@@ -151,7 +184,7 @@ def check_shrinking(model: MultiExitModel, size: Tuple[int, int], rows: int = 3)
                 _check_cuts(model, _check_input(rows, hw), reference)
                 return
     finally:
-        _restore(model, modes)
+        model.train(was_training)
 
 
 def _check_input(rows: int, hw: Tuple[int, int]) -> torch.Tensor:
@@ -184,9 +217,14 @@ def _check_cuts(model: MultiExitModel, x: torch.Tensor, reference: torch.Tensor)
 
 def _set_eval(model: nn.Module) -> dict:
     """Put every submodule in eval mode (without ``.eval()``, which export modules refuse)."""
+    return _set_mode(model, False)
+
+
+def _set_mode(model: nn.Module, training: bool) -> dict:
+    """Set every submodule's training flag; returns the flags to restore."""
     modes = {m: m.training for m in model.modules()}
     for m in modes:
-        m.training = False
+        m.training = training
     return modes
 
 
@@ -287,7 +325,7 @@ def _assemble(
 ) -> ConvertResult:
     names = [c.name for c in chosen]
     gm = traced.graph_module
-    stages = split_stages(gm, names)
+    stages, train_issue = _stages(gm, traced.train_graph_module, names, traced.train_issue)
     stage_flops = _stage_flops(gm, names, traced.total_flops)
     h, w = traced.input_size
     heads, head_flops, exit_cfgs = {}, [], []
@@ -301,6 +339,7 @@ def _assemble(
         head_flops.append(hf)
         exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfg, int(sf), int(hf), dict(stage.batch_dims) or None))
     model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops)
+    model.train_issue = train_issue
     model.eval()
     config = BundleConfig(
         spec=spec.to_dict(),
@@ -368,13 +407,16 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
         raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e
     trace_cfg = config.trace
     h, w = trace_cfg.input_size
+    example = torch.zeros(1, 3, h, w)
     _set_eval(model)
-    gm = prepare_graph(trace_model(model, trace_cfg, torch.zeros(1, 3, h, w)))
-    if config.upsample_logits:
-        upsample_to_input(gm)
+    gm = prepare_graph(trace_model(model, trace_cfg, example))
+    train_gm, train_issue = _train_graph(model, trace_cfg, example, gm)
+    for g in (gm, train_gm):
+        if config.upsample_logits and g is not None:
+            upsample_to_input(g)
     names = [e.name for e in config.exits]
     try:
-        stages = split_stages(gm, names)
+        stages, train_issue = _stages(gm, train_gm, names, train_issue)
     except MexifyError as e:
         raise BundleError(
             f"the model no longer has the bundle's exit points: {e.message}",
@@ -386,5 +428,6 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
         stages, heads, config.num_classes, tuple(h_w for h_w in trace_cfg.input_size), stage_flops,
         [e.head_flops for e in config.exits], config.original_flops, [e.batch_dims for e in config.exits],
     )
+    model.train_issue = train_issue
     model.config = config
     return model

@@ -147,3 +147,21 @@ class MixedBatchNet(nn.Module):
         g = self.mid(f)
         att = groups.softmax(-1).reshape(B, C, H, W)
         return self.head(self.tail(g * att))
+
+
+class StochasticNet(nn.Module):
+    """Train-mode behaviour written functionally: ``F.dropout(x, training=self.training)`` and
+    torchvision's ``stochastic_depth``, which a single eval-mode trace would freeze off."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
+        self.body = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        from torchvision.ops import stochastic_depth
+
+        f = self.stem(x)
+        f = f + stochastic_depth(self.body(f), 0.5, "row", self.training)
+        return self.head(F.dropout(f, 0.5, self.training))

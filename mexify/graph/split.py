@@ -11,12 +11,14 @@ import dataclasses
 from typing import Dict, List, Sequence
 
 import torch.fx as fx
+from torch.fx.graph_module import _copy_attr  # what torchvision's feature extraction uses too
 
 from mexify.errors import PlacementError, nearest
 from mexify.graph.batching import BATCH_KEY
+from mexify.graph.trace import module_path
 from mexify.graph.liveness import compute_nodes, last_uses, live_values
 
-__all__ = ["Stage", "split_stages"]
+__all__ = ["Stage", "split_stages", "DualGraphModule", "pair_stages"]
 
 
 @dataclasses.dataclass
@@ -91,3 +93,57 @@ def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
         inputs = [v.name for v in live_in] if lo >= 0 else [n.name for n in nodes if n.op == "placeholder"]
         stages.append(Stage(module, inputs, outputs, exit_value, batch_dims))
     return stages
+
+
+class DualGraphModule(fx.GraphModule):
+    """One stage with a train-mode and an eval-mode graph over the same parameters.
+
+    ``train()`` and ``eval()`` swap the graph, as torchvision's feature extraction does: tracing
+    fixes ``F.dropout(x, self.training)`` or stochastic depth to the mode traced in, so each mode
+    gets its own trace. Parameters and buffers are registered once (shared by both graphs), so
+    the state dict is that of the eval-mode stage.
+    """
+
+    def __init__(self, eval_module: fx.GraphModule, train_module: fx.GraphModule, class_name: str = "DualStage"):
+        super(fx.GraphModule, self).__init__()  # nn.Module's: GraphModule's would take one graph
+        self.meta = {}
+        for source in (eval_module, train_module):
+            for node in source.graph.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    _copy_attr(source, self, node.target)
+        self.train_graph = train_module.graph
+        self.eval_graph = eval_module.graph
+        self._class_name = class_name
+        self.training = False
+        self.graph = self.eval_graph
+
+    def train(self, mode: bool = True) -> "DualGraphModule":
+        if mode != self.training:
+            self.graph = self.train_graph if mode else self.eval_graph
+        return super().train(mode)
+
+
+def _same_node(a: fx.Node, b: fx.Node) -> bool:
+    return a.op == b.op and a.target == b.target and module_path(a) == module_path(b)
+
+
+def pair_stages(eval_stages: Sequence[Stage], train_stages: Sequence[Stage], eval_gm: fx.GraphModule,
+                train_gm: fx.GraphModule) -> str:
+    """Give every eval-mode stage its train-mode graph (in place); returns why not ("" when done).
+
+    The train-mode graph must cut at the same nodes and carry the same values across every cut;
+    node names alone are not enough (extra train-only nodes shift fx's name counters).
+    """
+    if len(eval_stages) != len(train_stages):
+        return "the train-mode graph has other exit points"
+    by_name_e = {n.name: n for n in eval_gm.graph.nodes}
+    by_name_t = {n.name: n for n in train_gm.graph.nodes}
+    for i, (e, t) in enumerate(zip(eval_stages, train_stages)):
+        if (e.inputs, e.outputs) != (t.inputs, t.outputs):
+            return f"in train mode, other values cross the cut before stage {i}"
+        for name in [*e.inputs, *e.outputs]:
+            if name in by_name_e and not _same_node(by_name_e[name], by_name_t[name]):
+                return f"in train mode, value {name!r} is another operation"
+    for e, t in zip(eval_stages, train_stages):
+        e.module = DualGraphModule(e.module, t.module, type(e.module).__name__)
+    return ""

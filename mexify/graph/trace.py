@@ -19,6 +19,7 @@ from mexify.config import TraceConfig
 from mexify.errors import TraceError
 
 __all__ = [
+    "TRACER_KEY",
     "MexifyTracer",
     "trace_model",
     "module_path",
@@ -31,6 +32,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+TRACER_KEY = "mexify.tracer"  # gm.meta: "fx" or "export", the tracer that made the graph
 
 # Filled by the decorators below; every trace (convert and load) consults them, like timm's
 # register_notrace_module / register_notrace_function.
@@ -145,7 +148,9 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
             try:
                 graph = tracer.trace(model)
                 name = model.__class__.__name__
-                return fx.GraphModule(tracer.root, graph, name)
+                gm = fx.GraphModule(tracer.root, graph, name)
+                gm.meta[TRACER_KEY] = "fx"
+                return gm
             except TraceError:
                 raise
             except Exception as e:  # noqa: BLE001 - fx raises many kinds
@@ -159,7 +164,9 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
                 log.info("torch.fx could not trace %s%s: %s", type(model).__name__, where, e)
         if config.method in ("auto", "export"):
             try:
-                return _export(model, example)
+                gm = _export(model, example)
+                gm.meta[TRACER_KEY] = "export"
+                return gm
             except Exception as e:  # noqa: BLE001
                 if fx_error is None:
                     raise TraceError(

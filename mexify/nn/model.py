@@ -85,6 +85,9 @@ class MultiExitModel(nn.Module):
         self.original_flops = int(original_flops)
         self.config = None
         self._backbone_frozen = False
+        # why end-to-end training cannot run this model's own train mode ("" when it can): set by
+        # conversion and loading, checked by the trainer before stage 1
+        self.train_issue = ""
         if batch_dims is None:
             batch_dims = [s.batch_dims or None for s in stages[:-1]]
         self._batch_dims = [

@@ -329,6 +329,12 @@ class _Trainer:
 
     # ------------------------------------------------------------------ main flow
     def run(self) -> TrainReport:
+        if self.recipe.stage1_iters > 0 and getattr(self.model, "train_issue", ""):
+            raise TrainingError(
+                f"stage 1 (end-to-end) cannot train this bundle: {self.model.train_issue}",
+                "train the exit heads only with --set stage1_iters=0 (stage 2 keeps the backbone frozen, "
+                "in eval mode), or convert with --trace fx (with --leaf-module for the blocks fx cannot trace)",
+            )
         t0 = time.perf_counter()
         state = None
         resumed_from = None
