@@ -158,6 +158,9 @@ class TraceConfig(_Record):
     leaf_modules: Tuple[str, ...] = ()
     autowrap_functions: Tuple[str, ...] = ()
     method: str = "auto"  # "auto" (fx, then export), "fx", or "export"
+    # torch.export only: which dimensions stayed dynamic, "batch+spatial" or "batch" (spatial sizes
+    # fixed at input_size); "" = try in that order. Recorded by convert so loading repeats it.
+    export_shapes: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from mexify.graph.batching import analyze_batch
 from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
 from mexify.graph.profile import count_flops, profile_graph
 from mexify.graph.split import pair_stages, split_stages
-from mexify.graph.trace import TRACER_KEY, registered_autowrap_functions, registered_leaf_modules, trace_model
+from mexify.graph.trace import EXPORT_SHAPES_KEY, TRACER_KEY, registered_autowrap_functions, registered_leaf_modules, trace_model
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 
@@ -126,6 +126,11 @@ def trace_spec(
         if train_gm is not None:
             upsample_to_input(train_gm)
     return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape, train_gm, train_issue)
+
+
+def _static_size(trace: TraceConfig) -> Optional[Tuple[int, int]]:
+    """The only input size a graph accepts when torch.export kept just the batch dynamic."""
+    return tuple(int(v) for v in trace.input_size) if trace.export_shapes == "batch" else None
 
 
 def _train_graph(model: nn.Module, trace: TraceConfig, example: torch.Tensor, eval_gm: fx.GraphModule):
@@ -305,6 +310,7 @@ def convert(
         model_spec = _as_spec(spec, args, weights)
         model = build_model(model_spec, trust_pickle=trust_pickle)
     traced = trace_spec(model, trace_cfg, placement)
+    trace_cfg = dataclasses.replace(trace_cfg, export_shapes=traced.graph_module.meta.get(EXPORT_SHAPES_KEY, ""))
     chosen = select_exit_points(traced.candidates, exits, at, placement)
     result = _assemble(traced, chosen, [head_cfg] * len(chosen), model_spec, trace_cfg)
     if check:
@@ -340,6 +346,7 @@ def _assemble(
         exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfg, int(sf), int(hf), dict(stage.batch_dims) or None))
     model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops)
     model.train_issue = train_issue
+    model.static_size = _static_size(trace_cfg)
     model.eval()
     config = BundleConfig(
         spec=spec.to_dict(),
@@ -429,5 +436,6 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
         [e.head_flops for e in config.exits], config.original_flops, [e.batch_dims for e in config.exits],
     )
     model.train_issue = train_issue
+    model.static_size = _static_size(trace_cfg)
     model.config = config
     return model

@@ -186,3 +186,37 @@ def test_pickle_needs_trust(tmp_path):
         mexify.convert(str(path), input_size=(64, 64))
     result = mexify.convert(str(path), input_size=(64, 64), exits=2, trust_pickle=True)
     assert result.model.num_classes == 4
+
+
+def test_export_falls_back_to_a_dynamic_batch_and_records_it(tmp_path, monkeypatch):
+    """A dynamic-spatial export that does not finish in time is abandoned for a dynamic batch alone; the
+    bundle records it, loading repeats it, and inputs of another size are refused in one line."""
+    import time
+
+    import torch.export
+
+    real_export = torch.export.export
+
+    def slow_when_spatial_is_dynamic(model, args, **kw):
+        if len(kw["dynamic_shapes"][0]) > 1:
+            time.sleep(5)
+        return real_export(model, args, **kw)
+
+    monkeypatch.setattr(torch.export, "export", slow_when_spatial_is_dynamic)
+    monkeypatch.setenv("MEXIFY_TRACE_TIMEOUT", "1")
+    t0 = time.perf_counter()
+    result = mexify.convert(f"{FIXTURES}:TinyUNet", input_size=(64, 64), exits=2, trace="export", out=str(tmp_path / "b"))
+    assert time.perf_counter() - t0 < 30
+    assert result.config.trace.export_shapes == "batch"
+    loaded = mexify.load(tmp_path / "b")
+    assert loaded.static_size == (64, 64)
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.equal(loaded(x), result.model(x))
+    with pytest.raises(mexify.MexifyError, match="accepts 64x64 inputs only"):
+        loaded(torch.randn(1, 3, 32, 32))
+
+
+def test_trace_failure_hint_names_the_module():
+    with pytest.raises(TraceError) as exc:
+        mexify.convert(f"{FIXTURES}:BranchyNet", input_size=(64, 64), exits=3, trace="fx")
+    assert "--leaf-module DataDependentGate (its class) or --leaf-module gate (this instance)" in exc.value.hint

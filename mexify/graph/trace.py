@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import signal
+import threading
 import traceback
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
@@ -20,6 +24,8 @@ from mexify.errors import TraceError
 
 __all__ = [
     "TRACER_KEY",
+    "EXPORT_SHAPES_KEY",
+    "time_limit",
     "MexifyTracer",
     "trace_model",
     "module_path",
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRACER_KEY = "mexify.tracer"  # gm.meta: "fx" or "export", the tracer that made the graph
+EXPORT_SHAPES_KEY = "mexify.export_shapes"  # gm.meta: which dimensions torch.export kept dynamic
 
 # Filled by the decorators below; every trace (convert and load) consults them, like timm's
 # register_notrace_module / register_notrace_function.
@@ -127,6 +134,11 @@ def _user_frame(exc: BaseException) -> str:
 def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule, trying torch.fx first and torch.export second.
 
+    torch.export tries batch and spatial sizes dynamic, then the batch only (spatial sizes fixed
+    at the example's), each attempt bounded by ``MEXIFY_TRACE_TIMEOUT`` seconds (default 120);
+    ``gm.meta`` records the tracer (:data:`TRACER_KEY`) and the export attempt that worked
+    (:data:`EXPORT_SHAPES_KEY`).
+
     Args:
         model: the eager model (left in the train/eval mode it arrived in).
         config: leaf modules, autowrapped functions and the method to use.
@@ -139,34 +151,15 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
         return model
     was_training = model.training
     fx_error: Optional[BaseException] = None
-    where = ""
+    scope: Optional[Tuple[str, str]] = None
     try:
         if config.method in ("auto", "fx"):
-            wrapped = {f: _resolve_function(f) for f in config.autowrap_functions}
-            wrapped.update(_AUTOWRAP_FUNCTIONS)
-            tracer = MexifyTracer(config.leaf_modules, list(wrapped.values()))
-            try:
-                graph = tracer.trace(model)
-                name = model.__class__.__name__
-                gm = fx.GraphModule(tracer.root, graph, name)
-                gm.meta[TRACER_KEY] = "fx"
+            gm, fx_error, scope = _trace_fx(model, config)
+            if gm is not None:
                 return gm
-            except TraceError:
-                raise
-            except Exception as e:  # noqa: BLE001 - fx raises many kinds
-                fx_error = e
-                if tracer.module_scope:
-                    path, cls = tracer.module_scope[-1]
-                    where = f" in module {path or '<root>'!r} ({cls})"
-                line = _user_frame(e)
-                if line:
-                    where += f" at {line}"
-                log.info("torch.fx could not trace %s%s: %s", type(model).__name__, where, e)
         if config.method in ("auto", "export"):
             try:
-                gm = _export(model, example)
-                gm.meta[TRACER_KEY] = "export"
-                return gm
+                return _export(model, example, config.export_shapes)
             except Exception as e:  # noqa: BLE001
                 if fx_error is None:
                     raise TraceError(
@@ -175,14 +168,48 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
                     ) from e
                 log.info("torch.export could not trace %s either: %s", type(model).__name__, _first_line(e))
         assert fx_error is not None
-        leaf = f"--leaf-module {where.split('(')[1].split(')')[0]}" if "(" in where else "--leaf-module NAME"
-        raise TraceError(
-            f"cannot trace {type(model).__name__}{where}: {type(fx_error).__name__}: {_first_line(fx_error)}",
-            f"mark the block as a leaf with {leaf} (a class or qualified module name), "
-            "and see `mexify inspect` for the traced graph",
-        ) from fx_error
+        raise _fx_failure(model, fx_error, scope) from fx_error
     finally:
         model.train(was_training)
+
+
+def _trace_fx(model: nn.Module, config: TraceConfig):
+    """(GraphModule, None, None) on success, else (None, the error, the innermost (path, class) traced)."""
+    wrapped = {f: _resolve_function(f) for f in config.autowrap_functions}
+    wrapped.update(_AUTOWRAP_FUNCTIONS)
+    tracer = MexifyTracer(config.leaf_modules, list(wrapped.values()))
+    try:
+        graph = tracer.trace(model)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        scope = tracer.module_scope[-1] if tracer.module_scope else None
+        log.info("torch.fx could not trace %s in %s: %s", type(model).__name__, scope, e)
+        return None, e, scope
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    gm.meta[TRACER_KEY] = "fx"
+    return gm, None, None
+
+
+def _fx_failure(model: nn.Module, error: BaseException, scope: Optional[Tuple[str, str]]) -> TraceError:
+    """The error for a model neither tracer could handle: where it broke and which leaf to try."""
+    where = ""
+    if scope is not None:
+        path, cls = scope
+        where = f" in module {path or '<root>'!r} ({cls})"
+    line = _user_frame(error)
+    if line:
+        where += f" at {line}"
+    if scope is not None and scope[0]:
+        leaf = f"--leaf-module {scope[1]} (its class) or --leaf-module {scope[0]} (this instance)"
+    elif scope is not None:
+        leaf = "--leaf-module NAME for the block that holds this line (the whole model is the root)"
+    else:
+        leaf = "--leaf-module NAME (a class or qualified module name)"
+    return TraceError(
+        f"cannot trace {type(model).__name__}{where}: {type(error).__name__}: {_first_line(error)}",
+        f"mark the block as a leaf with {leaf}, and see `mexify inspect` for the traced graph",
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -190,28 +217,72 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _export(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    from torch.export import Dim
+EXPORT_ATTEMPTS = ("batch+spatial", "batch")
 
+
+def _trace_timeout() -> Optional[float]:
+    value = os.environ.get("MEXIFY_TRACE_TIMEOUT", "120")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise TraceError(f"MEXIFY_TRACE_TIMEOUT={value!r} is not a number of seconds", "e.g. MEXIFY_TRACE_TIMEOUT=300") from None
+    return seconds if seconds > 0 else None
+
+
+class _TimeLimit(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raise inside the block once ``seconds`` have passed (main thread on POSIX; elsewhere no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TimeLimit(f"gave up after {seconds:g} s (MEXIFY_TRACE_TIMEOUT)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _dynamic_shapes(kind: str) -> dict:
+    from torch.export import Dim  # imported here: torch.export is slow to import and only needed on this path
+
+    auto = getattr(Dim, "AUTO", None)
+    dims = (0, 2, 3) if kind == "batch+spatial" else (0,)
+    if auto is not None:
+        return {d: auto for d in dims}
+    return {0: Dim("batch")} if kind == "batch" else {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
+
+
+def _export(model: nn.Module, example: torch.Tensor, shapes: str = "") -> fx.GraphModule:
+    """torch.export (non-strict), dynamic batch and spatial sizes, else the batch only; each attempt time-bounded."""
     model.eval()
     if example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
-    auto = getattr(Dim, "AUTO", None)
-    attempts = []
-    if auto is not None:
-        attempts.append(({0: auto, 2: auto, 3: auto},))
-        attempts.append(({0: auto},))
-    attempts.append(({0: Dim("batch")},))
-    last: Optional[BaseException] = None
-    for dynamic in attempts:
+    attempts = [shapes] if shapes else list(EXPORT_ATTEMPTS)
+    errors = []
+    for kind in attempts:
         try:
-            program = torch.export.export(model, (example,), strict=False, dynamic_shapes=dynamic)
-            log.info("traced %s with torch.export (dynamic dims %s)", type(model).__name__, list(dynamic[0]))
-            return program.module()
-        except Exception as e:  # noqa: BLE001
-            last = e
-    assert last is not None
-    raise last
+            with time_limit(_trace_timeout()):
+                program = torch.export.export(model, (example,), strict=False, dynamic_shapes=(_dynamic_shapes(kind),))
+            gm = program.module()
+        except Exception as e:  # noqa: BLE001 - export raises many kinds; try the next, report all
+            errors.append(f"{kind}: {type(e).__name__}: {_first_line(e)}")
+            log.info("torch.export with %s dynamic failed: %s", kind, errors[-1])
+            continue
+        log.info("traced %s with torch.export (%s dynamic)", type(model).__name__, kind)
+        gm.meta[TRACER_KEY] = "export"
+        gm.meta[EXPORT_SHAPES_KEY] = kind
+        return gm
+    raise RuntimeError("; ".join(errors))
 
 
 def module_path(node: fx.Node) -> List[str]:

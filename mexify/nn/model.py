@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mexify.errors import DataError
 from mexify.graph.batching import BatchDim, shrink_value
 from mexify.graph.split import Stage
 from mexify.nn.heads import ExitHead
@@ -88,6 +89,8 @@ class MultiExitModel(nn.Module):
         # why end-to-end training cannot run this model's own train mode ("" when it can): set by
         # conversion and loading, checked by the trainer before stage 1
         self.train_issue = ""
+        # (H, W) when the graph was traced for that input size only (torch.export with a dynamic batch alone)
+        self.static_size: Optional[Tuple[int, int]] = None
         if batch_dims is None:
             batch_dims = [s.batch_dims or None for s in stages[:-1]]
         self._batch_dims = [
@@ -100,7 +103,18 @@ class MultiExitModel(nn.Module):
 
     # -- running one stage at a time -------------------------------------------------
     def start(self, x: torch.Tensor) -> StageState:
-        """The state before stage 0."""
+        """The state before stage 0.
+
+        Raises:
+            DataError: an input size the traced graph does not accept (see ``static_size``).
+        """
+        if self.static_size is not None and tuple(x.shape[-2:]) != tuple(self.static_size):
+            h, w = self.static_size
+            raise DataError(
+                f"this bundle's graph accepts {h}x{w} inputs only (torch.export fixed its spatial sizes), got "
+                f"{int(x.shape[-2])}x{int(x.shape[-1])}",
+                f"resize the images to {h}x{w} (e.g. mexify predict --size {h}x{w}, or base_size={h}x{w} in the dataset spec)",
+            )
         return StageState({self._io[0][0][0]: x}, (int(x.shape[-2]), int(x.shape[-1])), int(x.shape[0]))
 
     def run_stage(self, i: int, state: StageState) -> StageState:
