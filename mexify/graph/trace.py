@@ -262,6 +262,20 @@ def _dynamic_shapes(kind: str) -> dict:
     return {0: Dim("batch")} if kind == "batch" else {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
 
 
+def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run the exported graph at batch 1 and 3 on fake tensors: its guards may tie the batch to
+    the spatial size (seen on MobileViT-style patch unfolding), which a shrinking batch breaks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # private, present on every supported torch
+
+    for b in (1, 3):
+        x = example[:1].expand(b, *example.shape[1:])
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            try:
+                gm(mode.from_tensor(x))
+            except Exception as e:  # noqa: BLE001 - a failed guard or shape check
+                raise RuntimeError(f"the exported graph does not accept batch {b}: {_first_line(e)}") from e
+
+
 def _export(model: nn.Module, example: torch.Tensor, shapes: str = "") -> fx.GraphModule:
     """torch.export (non-strict), dynamic batch and spatial sizes, else the batch only; each attempt time-bounded."""
     model.eval()
@@ -274,6 +288,7 @@ def _export(model: nn.Module, example: torch.Tensor, shapes: str = "") -> fx.Gra
             with time_limit(_trace_timeout()):
                 program = torch.export.export(model, (example,), strict=False, dynamic_shapes=(_dynamic_shapes(kind),))
             gm = program.module()
+            _check_batch_sizes(gm, example)
         except Exception as e:  # noqa: BLE001 - export raises many kinds; try the next, report all
             errors.append(f"{kind}: {type(e).__name__}: {_first_line(e)}")
             log.info("torch.export with %s dynamic failed: %s", kind, errors[-1])

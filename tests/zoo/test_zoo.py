@@ -1,0 +1,64 @@
+"""The conversion sweep over third-party segmenters (slow): 6 exits, the final exit equal to the original,
+and a batch that shrinks correctly at every cut. A family is skipped only when its package is missing."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mexify
+from mexify.graph.adapt import adapt_output
+from mexify.runtime import EarlyExitRuntime
+from mexify.spec import build_model, parse_spec
+
+ZOO = Path(__file__).with_name("zoo_models.py")
+MODELS = [
+    ("smp_unet_resnet18", "segmentation_models_pytorch", 64),
+    ("smp_fpn_efficientnet_b0", "segmentation_models_pytorch", 64),
+    ("smp_deeplabv3plus_mobilenet_v2", "segmentation_models_pytorch", 64),
+    ("smp_segformer_mit_b0", "segmentation_models_pytorch", 64),
+    ("smp_unet_hrnet_w18_small", "segmentation_models_pytorch", 64),
+    ("smp_pan_convnext_atto", "segmentation_models_pytorch", 128),
+    ("hf_segformer", "transformers", 64),
+    ("hf_upernet_convnext", "transformers", 64),
+    ("hf_upernet_swin", "transformers", 64),
+    ("hf_dpt", "transformers", 64),
+    ("hf_beit", "transformers", 64),
+    ("hf_mobilevit", "transformers", 64),
+]
+
+
+class _DropOddRows:
+    name = "drop-odd-rows"
+    needs_features = False
+
+    def decide(self, exit_index, logits, features=None):
+        go = torch.zeros(logits.shape[0], dtype=torch.bool)
+        go[1::2] = True
+        return go, torch.ones(logits.shape[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory,package,size", MODELS, ids=[m[0] for m in MODELS])
+def test_zoo_model_converts_exactly_and_shrinks(factory, package, size, monkeypatch):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    monkeypatch.setenv("MEXIFY_TRACE_TIMEOUT", "20")  # a dynamic-shape export that hangs is given up quickly
+    torch.manual_seed(0)
+    original = build_model(parse_spec(f"{ZOO}:{factory}")).eval()
+    result = mexify.convert(original, input_size=(size, size), exits=6)  # runs the shrink self-check
+    model = result.model.eval()
+    assert len(result.exits) == 6 and model.num_exits == 7
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = adapt_output(original(x))
+        if want.shape[-2:] != x.shape[-2:]:
+            want = F.interpolate(want, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        got = model(x)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
+        batch = EarlyExitRuntime(model, _DropOddRows()).predict_batch(x)
+        for i in range(3):
+            alone = model.forward_all(x[i:i + 1])[int(batch.exit_index[i])].max(1).indices[0]
+            assert (batch.masks[i] == alone).float().mean() > 0.999, f"row {i}"
