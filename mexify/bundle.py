@@ -28,6 +28,7 @@ from mexify.prepare import rebuild
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "save_bundle", "load", "read_config", "update_bundle", "check_writable", "write_text_atomic"]
 
 CONFIG_FILE = "config.yaml"
+_OPTIONAL_KEYS = ("num_batches_tracked",)
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -183,9 +184,16 @@ def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = No
         raise BundleError(f"{path} has no {WEIGHTS_FILE}", "the bundle is incomplete; convert again")
     model = rebuild(config, trust_pickle=trust_pickle)
     try:
-        load_model(model, str(weights), strict=True)
-    except Exception as e:  # noqa: BLE001 - safetensors raises RuntimeError with key lists
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except Exception as e:  # noqa: BLE001 - safetensors raises RuntimeError on shape mismatches
         raise BundleError(f"weights in {weights} do not match the rebuilt model: {str(e).splitlines()[0]}") from e
+    # BatchNorm step counters exist only where a train-mode graph uses them (an exported stage with
+    # its train graph); they do not change what the model computes
+    missing = [k for k in missing if not k.endswith(_OPTIONAL_KEYS)]
+    unexpected = [k for k in unexpected if not k.endswith(_OPTIONAL_KEYS)]
+    if missing or unexpected:
+        what = "; ".join(f"{n} {len(ks)} key(s), e.g. {ks[0]}" for n, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
+        raise BundleError(f"weights in {weights} do not match the rebuilt model: {what}", "convert the model again")
     model.eval()
     if device is not None:
         model.to(device)

@@ -134,13 +134,15 @@ def _static_size(trace: TraceConfig) -> Optional[Tuple[int, int]]:
 
 
 def _train_graph(model: nn.Module, trace: TraceConfig, example: torch.Tensor, eval_gm: fx.GraphModule):
-    """The train-mode trace of ``model`` (torch.fx only), or None and the reason it cannot be had."""
-    if eval_gm.meta.get(TRACER_KEY) != "fx":
-        return None, ("the model was traced with torch.export, which fixes BatchNorm and dropout in eval mode, "
-                      "so end-to-end training cannot update them")
+    """The train-mode trace of ``model`` with the tracer (and export shapes) of the eval-mode one, or
+    None and the reason it cannot be had."""
+    if eval_gm.meta.get(TRACER_KEY) == "export":
+        method = dataclasses.replace(trace, method="export", export_shapes=eval_gm.meta.get(EXPORT_SHAPES_KEY, ""))
+    else:
+        method = dataclasses.replace(trace, method="fx")
     modes = _set_mode(model, True)
     try:
-        gm = prepare_graph(trace_model(model, dataclasses.replace(trace, method="fx"), example))
+        gm = prepare_graph(trace_model(model, method, example, training=True))
     except MexifyError as e:
         return None, f"the model cannot be traced in train mode: {e.message}"
     finally:

@@ -61,3 +61,14 @@ def test_update_without_exchange_swaps_by_renames(bundle, monkeypatch):
     update_bundle(bundle, training={"note": "y"})
     assert yaml.safe_load((bundle / "config.yaml").read_text())["training"] == {"note": "y"}
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["b.mex"]
+
+
+def test_weights_that_do_not_fit_are_refused_in_one_line(bundle):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(bundle / "weights.safetensors"))
+    dropped = next(k for k in state if k.endswith("weight"))
+    del state[dropped]
+    save_file(state, str(bundle / "weights.safetensors"))
+    with pytest.raises(mexify.MexifyError, match=f"missing 1 key.*{dropped}"):
+        mexify.load(bundle)

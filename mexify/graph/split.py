@@ -8,7 +8,7 @@ stage and continue from it. The last stage returns the logits alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 from torch.fx.graph_module import _copy_attr  # what torchvision's feature extraction uses too
@@ -30,6 +30,9 @@ class Stage:
     outputs: List[str]
     exit_value: str  # name of the exit feature map among ``outputs`` ("" for the last stage)
     batch_dims: Dict[str, str] = dataclasses.field(default_factory=dict)  # output -> batch dependence
+    # the train-mode graph's (inputs, outputs) when ``module`` is a DualGraphModule: train mode may
+    # carry other values across a cut (e.g. the batch size for stochastic depth's noise)
+    train_io: Optional[Tuple[List[str], List[str]]] = None
 
 
 def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
@@ -131,19 +134,21 @@ def pair_stages(eval_stages: Sequence[Stage], train_stages: Sequence[Stage], eva
                 train_gm: fx.GraphModule) -> str:
     """Give every eval-mode stage its train-mode graph (in place); returns why not ("" when done).
 
-    The train-mode graph must cut at the same nodes and carry the same values across every cut;
-    node names alone are not enough (extra train-only nodes shift fx's name counters).
+    Both graphs must cut at the same operations (node names alone are not enough: train-only
+    nodes shift the name counters) and end with the same logits; the values carried across a cut
+    may differ, and are recorded in ``Stage.train_io``.
     """
     if len(eval_stages) != len(train_stages):
         return "the train-mode graph has other exit points"
     by_name_e = {n.name: n for n in eval_gm.graph.nodes}
     by_name_t = {n.name: n for n in train_gm.graph.nodes}
-    for i, (e, t) in enumerate(zip(eval_stages, train_stages)):
-        if (e.inputs, e.outputs) != (t.inputs, t.outputs):
-            return f"in train mode, other values cross the cut before stage {i}"
-        for name in [*e.inputs, *e.outputs]:
-            if name in by_name_e and not _same_node(by_name_e[name], by_name_t[name]):
-                return f"in train mode, value {name!r} is another operation"
+    if eval_stages[0].inputs != train_stages[0].inputs:
+        return "in train mode, the model takes other inputs"
+    for e, t in zip(eval_stages, train_stages):
+        end_e, end_t = (e.exit_value, t.exit_value) if e.exit_value else (e.outputs[0], t.outputs[0])
+        if not _same_node(by_name_e[end_e], by_name_t[end_t]):
+            return f"in train mode, exit {end_e!r} is another operation" if e.exit_value else "in train mode, the model ends with another operation"
     for e, t in zip(eval_stages, train_stages):
         e.module = DualGraphModule(e.module, t.module, type(e.module).__name__)
+        e.train_io = (list(t.inputs), list(t.outputs))
     return ""

@@ -131,7 +131,7 @@ def _user_frame(exc: BaseException) -> str:
     return ""
 
 
-def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) -> fx.GraphModule:
+def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor, training: bool = False) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule, trying torch.fx first and torch.export second.
 
     torch.export tries batch and spatial sizes dynamic, then the batch only (spatial sizes fixed
@@ -143,6 +143,7 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
         model: the eager model (left in the train/eval mode it arrived in).
         config: leaf modules, autowrapped functions and the method to use.
         example: an example input batch (used by torch.export only).
+        training: export the model's train-mode behaviour (torch.fx traces the modes the caller set).
 
     Raises:
         TraceError: neither tracer could handle the model.
@@ -159,7 +160,7 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor) ->
                 return gm
         if config.method in ("auto", "export"):
             try:
-                return _export(model, example, config.export_shapes)
+                return _export(model, example, config.export_shapes, training)
             except Exception as e:  # noqa: BLE001
                 if fx_error is None:
                     raise TraceError(
@@ -276,9 +277,13 @@ def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
                 raise RuntimeError(f"the exported graph does not accept batch {b}: {_first_line(e)}") from e
 
 
-def _export(model: nn.Module, example: torch.Tensor, shapes: str = "") -> fx.GraphModule:
-    """torch.export (non-strict), dynamic batch and spatial sizes, else the batch only; each attempt time-bounded."""
-    model.eval()
+def _export(model: nn.Module, example: torch.Tensor, shapes: str = "", training: bool = False) -> fx.GraphModule:
+    """torch.export (non-strict), dynamic batch and spatial sizes, else the batch only; each attempt time-bounded.
+
+    With ``training``, the train-mode program (BatchNorm updating its statistics in place, dropout
+    on); its parameters and buffers are the model's own, as in the eval-mode program.
+    """
+    model.train(training)
     if example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
     attempts = [shapes] if shapes else list(EXPORT_ATTEMPTS)
@@ -288,7 +293,8 @@ def _export(model: nn.Module, example: torch.Tensor, shapes: str = "") -> fx.Gra
             with time_limit(_trace_timeout()):
                 program = torch.export.export(model, (example,), strict=False, dynamic_shapes=(_dynamic_shapes(kind),))
             gm = program.module()
-            _check_batch_sizes(gm, example)
+            if not training:  # the train-mode graph runs at the training batch size, never shrunk
+                _check_batch_sizes(gm, example)
         except Exception as e:  # noqa: BLE001 - export raises many kinds; try the next, report all
             errors.append(f"{kind}: {type(e).__name__}: {_first_line(e)}")
             log.info("torch.export with %s dynamic failed: %s", kind, errors[-1])

@@ -78,6 +78,8 @@ class MultiExitModel(nn.Module):
         self.stages = nn.ModuleList([s.module for s in stages])
         self.heads = nn.ModuleDict(heads)
         self._io = [(list(s.inputs), list(s.outputs), s.exit_value) for s in stages]
+        # train-mode (inputs, outputs) of stages that carry a train-mode graph (see DualGraphModule)
+        self._train_io = [s.train_io for s in stages]
         self.exit_names: List[str] = [s.exit_value for s in stages[:-1]] + ["final"]
         self.num_classes = int(num_classes)
         self.input_size = tuple(input_size)
@@ -117,9 +119,15 @@ class MultiExitModel(nn.Module):
             )
         return StageState({self._io[0][0][0]: x}, (int(x.shape[-2]), int(x.shape[-1])), int(x.shape[0]))
 
+    def _stage_io(self, i: int) -> Tuple[List[str], List[str]]:
+        """Stage ``i``'s (inputs, outputs) in the mode its graph is in."""
+        if self._train_io[i] is not None and self.stages[i].training:
+            return self._train_io[i]
+        return self._io[i][0], self._io[i][1]
+
     def run_stage(self, i: int, state: StageState) -> StageState:
         """Run stage ``i`` on ``state``; returns the state after it."""
-        inputs, outputs, _ = self._io[i]
+        inputs, outputs = self._stage_io(i)
         result = self.stages[i](*[state.values[n] for n in inputs])
         if i == len(self.stages) - 1:
             return StageState({outputs[0]: result}, state.input_size, state.batch_size)
@@ -127,12 +135,12 @@ class MultiExitModel(nn.Module):
 
     def exit_features(self, i: int, state: StageState) -> torch.Tensor:
         """The feature map at exit point ``i`` (after :meth:`run_stage` ``i``)."""
-        return state.values[self._io[i][2]] if i < len(self.stages) - 1 else state.values[self._io[i][1][0]]
+        return state.values[self._io[i][2]] if i < len(self.stages) - 1 else state.values[self._stage_io(i)[1][0]]
 
     def exit_logits(self, i: int, state: StageState) -> torch.Tensor:
         """Logits (N, K, H, W) of exit ``i`` (the head's, or the model output for the final exit)."""
         if i == len(self.stages) - 1:
-            return state.values[self._io[i][1][0]]
+            return state.values[self._stage_io(i)[1][0]]
         return self.heads[self.exit_names[i]](self.exit_features(i, state), state.input_size)
 
     def iter_exits(self, x: torch.Tensor, with_logits: bool = True) -> Iterator[ExitOutput]:

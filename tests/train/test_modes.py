@@ -29,8 +29,8 @@ def bundle(tmp_path, request):
     return out
 
 
-@pytest.mark.parametrize("bundle", ["fx"], indirect=True)
-def test_fx_bundle_trains_in_its_own_train_mode(bundle, tmp_path):
+@pytest.mark.parametrize("bundle", ["fx", "export"], indirect=True)
+def test_bundle_trains_in_its_own_train_mode(bundle, tmp_path):
     model = mexify.load(bundle)
     assert model.train_issue == ""
     x = torch.randn(2, 3, 32, 32)
@@ -50,9 +50,12 @@ def test_fx_bundle_trains_in_its_own_train_mode(bundle, tmp_path):
 
 
 @pytest.mark.parametrize("bundle", ["export"], indirect=True)
-def test_export_bundle_refuses_stage_1_and_trains_stage_2(bundle, tmp_path):
-    assert "torch.export" in mexify.load(bundle).train_issue
-    with pytest.raises(TrainingError, match="stage 1 .* cannot train this bundle: the model was traced with torch.export") as exc:
+def test_a_bundle_without_a_train_mode_graph_refuses_stage_1_and_trains_stage_2(bundle, tmp_path, monkeypatch):
+    from mexify import prepare
+
+    monkeypatch.setattr(prepare, "_train_graph", lambda *a: (None, "the model cannot be traced in train mode: (test)"))
+    assert "cannot be traced in train mode" in mexify.load(bundle).train_issue
+    with pytest.raises(TrainingError, match="stage 1 .* cannot train this bundle: the model cannot be traced") as exc:
         train(bundle, DATA, overrides={**QUICK, "stage1_iters": 2, "stage2_iters": 1}, out=tmp_path / "x.mex", device="cpu")
     assert "stage1_iters=0" in exc.value.hint
     before = _bn_stats(mexify.load(bundle))
