@@ -165,3 +165,29 @@ class StochasticNet(nn.Module):
         f = self.stem(x)
         f = f + stochastic_depth(self.body(f), 0.5, "row", self.training)
         return self.head(F.dropout(f, 0.5, self.training))
+
+
+class DropOddRows:
+    """A policy stand-in for shrinking tests: at every early exit, the odd rows still in the batch leave."""
+
+    name = "drop-odd-rows"
+    needs_features = False
+
+    def decide(self, exit_index, logits, features=None):
+        go = torch.zeros(logits.shape[0], dtype=torch.bool)
+        go[1::2] = True
+        return go, torch.ones(logits.shape[0])
+
+
+def rows_agree_with_single_images(model, size, n=4, agree=1.0):
+    """Masks of the shrinking runtime equal each image's masks run alone at the exit it took
+    (``agree``: the share of pixels that must match; below 1 allows argmax ties between batch sizes)."""
+    from mexify.runtime import EarlyExitRuntime
+
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    batch = EarlyExitRuntime(model.eval(), DropOddRows()).predict_batch(x)
+    assert batch.exit_index.tolist()[:2] == [model.num_exits - 1, 0]  # rows really left at different exits
+    with torch.no_grad():
+        for i in range(n):
+            alone = model.forward_all(x[i:i + 1])[int(batch.exit_index[i])].max(1).indices[0]
+            assert (batch.masks[i] == alone).float().mean() >= agree, f"row {i}"

@@ -1,4 +1,5 @@
 """Conversion leaves the final exit unchanged, gives every exit full-size logits, round-trips."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from mexify.errors import PlacementError, SpecError, TraceError
 from mexify.graph.adapt import adapt_output
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
+sys.path.insert(0, str(FIXTURES.parent))
+from fixture_models import rows_agree_with_single_images  # noqa: E402
 TV = "torchvision.models.segmentation:"
 NO_DOWNLOAD = {"weights": None, "weights_backbone": None}
 
@@ -40,6 +43,8 @@ def _check_model(result, original, size, num_classes, tmp_path):
         again = loaded.forward_all(x)
     for a, b in zip(outs, again):
         assert torch.equal(a, b)
+    # the shrinking runtime gives every image what it gets alone, at the exit it took
+    rows_agree_with_single_images(model, size, agree=0.999)
     # every head parameter gets a gradient in training mode
     model.train()
     model.zero_grad()

@@ -1,4 +1,5 @@
 """Batch shrinking never mixes or crashes rows: batch-dependent ints, sizes, token layouts, and cuts that cannot shrink."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,32 +9,10 @@ import mexify
 from mexify.errors import PlacementError
 from mexify.graph.batching import BatchDim, classify
 from mexify.prepare import check_shrinking
-from mexify.runtime import EarlyExitRuntime
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
-
-
-class _DropOddRows:
-    """A policy stand-in: at every early exit, the odd rows still in the batch leave."""
-
-    name = "drop-odd-rows"
-    needs_features = False
-
-    def decide(self, exit_index, logits, features=None):
-        go = torch.zeros(logits.shape[0], dtype=torch.bool)
-        go[1::2] = True
-        return go, torch.ones(logits.shape[0])
-
-
-def _rows_agree_with_single_images(model, size, n=5):
-    """Masks from the shrinking runtime equal each image's masks run alone at the exit it took."""
-    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-    batch = EarlyExitRuntime(model, _DropOddRows()).predict_batch(x)
-    assert batch.exit_index.tolist()[:2] == [model.num_exits - 1, 0]  # rows really left at different exits
-    with torch.no_grad():
-        for i in range(n):
-            alone = model.forward_all(x[i:i + 1])[int(batch.exit_index[i])].max(1).indices[0]
-            assert torch.equal(batch.masks[i], alone), f"row {i}"
+sys.path.insert(0, str(FIXTURES.parent))
+from fixture_models import rows_agree_with_single_images  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["BatchSizeNet", "TokenNet", "SequenceFirstNet"])
@@ -42,8 +21,8 @@ def test_batch_dependent_values_follow_a_shrinking_batch(name, tmp_path):
     result = mexify.convert(f"{FIXTURES}:{name}", input_size=(32, 32), exits=3, out=str(tmp_path / "b"))
     live = {k: v for e in result.config.exits for k, v in (e.batch_dims or {}).items()}
     assert "int" in live.values() or "dim:1" in live.values() or any(v.startswith("size") for v in live.values())
-    _rows_agree_with_single_images(result.model.eval(), 32)
-    _rows_agree_with_single_images(mexify.load(tmp_path / "b"), 32)  # read back from the bundle
+    rows_agree_with_single_images(result.model, 32, n=5)
+    rows_agree_with_single_images(mexify.load(tmp_path / "b"), 32, n=5)  # read back from the bundle
 
 
 def test_sequence_first_tokens_are_sliced_along_the_batch_dimension():
@@ -58,7 +37,7 @@ def test_cuts_where_the_batch_cannot_shrink_are_avoided_and_explained():
     assert unsafe and all("reshape" in c.shrink_issue and "cannot follow a shrinking batch" in c.shrink_issue for c in unsafe)
     result = mexify.convert(f"{FIXTURES}:MixedBatchNet", input_size=(32, 32), exits=3)
     assert not {e.name for e in result.exits} & {c.name for c in unsafe}
-    _rows_agree_with_single_images(result.model.eval(), 32)
+    rows_agree_with_single_images(result.model, 32, n=5)
     with pytest.raises(PlacementError, match="cannot follow a shrinking batch"):
         mexify.convert(f"{FIXTURES}:MixedBatchNet", input_size=(32, 32), at=[unsafe[0].name])
 

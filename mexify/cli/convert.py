@@ -69,9 +69,17 @@ def register(app: typer.Typer) -> None:
         )
         if json_out:
             print_json({"bundle": out, "seconds": round(result.seconds, 3), "num_classes": result.model.num_classes,
+                        "tracer": "export" if result.config.trace.export_shapes else "fx",
+                        "export_shapes": result.config.trace.export_shapes or None,
+                        "train_mode": not result.model.train_issue,
                         "original_flops": result.model.original_flops, "exits": result.table()})
             return
         console.print(exit_table(result))
         where = f" -> bundle [bold]{out}[/]" if out else " (no -o given: nothing written)"
-        console.print(f"converted {spec} in {result.seconds:.1f}s: {len(result.exits)} early exits + final, "
+        shapes = result.config.trace.export_shapes
+        tracer = {"batch": "torch.export, batch dynamic, spatial size fixed", "batch+spatial": "torch.export, batch and "
+                  "spatial sizes dynamic"}.get(shapes, "torch.fx")
+        console.print(f"converted {spec} in {result.seconds:.1f}s ({tracer}): {len(result.exits)} early exits + final, "
                       f"{result.model.num_classes} classes{where}")
+        if result.model.train_issue:
+            console.print(f"[yellow]note:[/] stage-1 training is not possible: {result.model.train_issue}")

@@ -230,8 +230,9 @@ def _trace_timeout() -> Optional[float]:
     return seconds if seconds > 0 else None
 
 
-class _TimeLimit(Exception):
-    pass
+class _TimeLimit(BaseException):
+    """Raised by :func:`time_limit`; a BaseException so that the ``except Exception`` blocks inside
+    torch.export and sympy cannot swallow it."""
 
 
 @contextmanager
@@ -245,7 +246,7 @@ def time_limit(seconds: Optional[float]):
         raise _TimeLimit(f"gave up after {seconds:g} s (MEXIFY_TRACE_TIMEOUT)")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # and again every second until the block ends
     try:
         yield
     finally:
@@ -295,7 +296,7 @@ def _export(model: nn.Module, example: torch.Tensor, shapes: str = "", training:
             gm = program.module()
             if not training:  # the train-mode graph runs at the training batch size, never shrunk
                 _check_batch_sizes(gm, example)
-        except Exception as e:  # noqa: BLE001 - export raises many kinds; try the next, report all
+        except (Exception, _TimeLimit) as e:  # noqa: BLE001 - export raises many kinds; try the next, report all
             errors.append(f"{kind}: {type(e).__name__}: {_first_line(e)}")
             log.info("torch.export with %s dynamic failed: %s", kind, errors[-1])
             continue

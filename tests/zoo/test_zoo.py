@@ -1,6 +1,7 @@
 """The conversion sweep over third-party segmenters (slow): 6 exits, the final exit equal to the original,
 and a batch that shrinks correctly at every cut. A family is skipped only when its package is missing."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,11 @@ import torch.nn.functional as F
 
 import mexify
 from mexify.graph.adapt import adapt_output
-from mexify.runtime import EarlyExitRuntime
 from mexify.spec import build_model, parse_spec
 
 ZOO = Path(__file__).with_name("zoo_models.py")
+sys.path.insert(0, str(ZOO.parents[1]))
+from fixture_models import rows_agree_with_single_images  # noqa: E402
 MODELS = [
     ("smp_unet_resnet18", "segmentation_models_pytorch", 64),
     ("smp_fpn_efficientnet_b0", "segmentation_models_pytorch", 64),
@@ -27,16 +29,6 @@ MODELS = [
     ("hf_beit", "transformers", 64),
     ("hf_mobilevit", "transformers", 64),
 ]
-
-
-class _DropOddRows:
-    name = "drop-odd-rows"
-    needs_features = False
-
-    def decide(self, exit_index, logits, features=None):
-        go = torch.zeros(logits.shape[0], dtype=torch.bool)
-        go[1::2] = True
-        return go, torch.ones(logits.shape[0])
 
 
 @pytest.mark.slow
@@ -58,7 +50,4 @@ def test_zoo_model_converts_exactly_and_shrinks(factory, package, size, monkeypa
         got = model(x)
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
-        batch = EarlyExitRuntime(model, _DropOddRows()).predict_batch(x)
-        for i in range(3):
-            alone = model.forward_all(x[i:i + 1])[int(batch.exit_index[i])].max(1).indices[0]
-            assert (batch.masks[i] == alone).float().mean() > 0.999, f"row {i}"
+    rows_agree_with_single_images(model, size, n=3, agree=0.999)
