@@ -22,6 +22,7 @@ MODELS = [
     ("smp_segformer_mit_b0", "segmentation_models_pytorch", 64),
     ("smp_unet_hrnet_w18_small", "segmentation_models_pytorch", 64),
     ("smp_pan_convnext_atto", "segmentation_models_pytorch", 128),
+    ("smp_dpt_vit_tiny", "segmentation_models_pytorch", 64),
     ("hf_segformer", "transformers", 64),
     ("hf_upernet_convnext", "transformers", 64),
     ("hf_upernet_swin", "transformers", 64),

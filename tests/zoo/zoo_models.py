@@ -94,3 +94,10 @@ def hf_mobilevit():
     return MobileViTForSemanticSegmentation(MobileViTConfig(
         image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 160],
         num_labels=NUM_CLASSES, aspp_out_channels=32))
+
+
+def smp_dpt_vit_tiny():
+    import segmentation_models_pytorch as smp
+
+    return smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, classes=NUM_CLASSES, img_size=64,
+                   decoder_intermediate_channels=(32, 64, 96, 96), decoder_fusion_channels=32)
