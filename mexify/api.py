@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from mexify._version import __version__
 from mexify.bundle import check_writable, read_config, save_bundle, update_bundle
 from mexify.bundle import load as _load_bundle
 from mexify.calibrate import CalibrationReport, fit_policy
 from mexify.config import BundleConfig, json_safe, parse_size
-from mexify.data import as_loader, build_dataset, check_classes
+from mexify.data import as_loader, build_dataset, check_classes, take
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
 from mexify.graph.placement import PlacementConfig
 from mexify.nn import MultiExitModel, resolve_device
@@ -100,13 +100,7 @@ def _model(bundle: Model, device: Any = None) -> Tuple[MultiExitModel, Optional[
 def _dataset(data: Data, split: str, limit: Optional[int] = None, train: bool = False, **kw: Any) -> Any:
     """A dataset from a spec string (``synthetic:scenes``, ``voc:PATH``, ...), or ``data`` itself; first ``limit`` samples."""
     ds = build_dataset(data, split=split, train=train, **kw) if isinstance(data, str) else data
-    if limit is not None and isinstance(ds, Dataset) and limit < len(ds):
-        subset = Subset(ds, range(int(limit)))
-        for attr in ("num_classes", "class_names"):
-            if hasattr(ds, attr):
-                setattr(subset, attr, getattr(ds, attr))
-        ds = subset
-    return ds
+    return take(ds, limit) if isinstance(ds, Dataset) else ds
 
 
 def _trained_on(model: MultiExitModel, bundle: Any) -> str:

@@ -110,16 +110,9 @@ class TokenNet(nn.Module):
         return self.head(g + t.transpose(1, 2).reshape(B, C, H, W))
 
 
-class SequenceFirstNet(nn.Module):
+class SequenceFirstNet(TokenNet):
     """Carries sequence-first ``(N, B, C)`` tokens (``nn.MultiheadAttention``'s layout) across the middle:
     the batch is along dimension 1."""
-
-    def __init__(self, num_classes: int = 3):
-        super().__init__()
-        self.stem = nn.Sequential(_block(3, 8), _block(8, 8))
-        self.mid = nn.Sequential(_block(8, 8), _block(8, 8), _block(8, 8))
-        self.proj = nn.Linear(8, 8)
-        self.head = nn.Conv2d(8, num_classes, 1)
 
     def forward(self, x):
         f = self.stem(x)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List
 from mexify.config import IGNORE_INDEX
 from mexify.data import readers
 from mexify.data.base import SegDataset, check_classes
-from mexify.data.loader import as_loader, build_loader, default_num_workers, pad_collate, split_batch, unpadded
+from mexify.data.loader import as_loader, build_loader, default_num_workers, pad_collate, split_batch, take, unpadded
 from mexify.data.spec import DatasetSpec, OptionReader, parse_spec
 from mexify.data.synthetic import SceneConfig, SyntheticScenes
 from mexify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform, build_transform
@@ -36,6 +36,7 @@ __all__ = [
     "build_loader",
     "as_loader",
     "split_batch",
+    "take",
     "unpadded",
     "default_num_workers",
     "build_transform",

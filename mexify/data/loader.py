@@ -14,7 +14,7 @@ from mexify.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_loader", "as_loader", "split_batch", "unpadded", "pad_collate", "default_num_workers"]
+__all__ = ["build_loader", "as_loader", "take", "split_batch", "unpadded", "pad_collate", "default_num_workers"]
 
 
 def split_batch(batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -48,6 +48,17 @@ def unpadded(batches: Iterable[Any]) -> Iterator[Tuple[torch.Tensor, Optional[to
             yield x[rows, :, :h, :w], (y[rows, :h, :w] if y is not None else None)
 
 
+def take(dataset: Any, limit: Optional[int]) -> Any:
+    """The first ``limit`` samples of a map-style dataset (its ``num_classes`` and ``class_names`` kept)."""
+    if limit is None or not hasattr(dataset, "__len__") or limit >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(int(limit)))
+    for attr in ("num_classes", "class_names"):
+        if hasattr(dataset, attr):
+            setattr(subset, attr, getattr(dataset, attr))
+    return subset
+
+
 def as_loader(data: Any, batch_size: int, limit: Optional[int] = None, num_workers: Optional[int] = 0) -> Iterable[Any]:
     """Batches of ``(image, mask)`` from a dataset (its first ``limit`` samples), a DataLoader or an iterable of batches.
 
@@ -59,13 +70,7 @@ def as_loader(data: Any, batch_size: int, limit: Optional[int] = None, num_worke
     """
     map_style = isinstance(data, (Dataset, list, tuple)) and not isinstance(data, torch.utils.data.IterableDataset)
     if map_style:
-        if limit is not None and limit < len(data):
-            subset = Subset(data, range(int(limit)))  # type: ignore[arg-type]
-            for attr in ("num_classes", "class_names"):
-                if hasattr(data, attr):
-                    setattr(subset, attr, getattr(data, attr))
-            data = subset
-        return build_loader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return build_loader(take(data, limit), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if isinstance(data, Iterable):
         return data
     raise DataError(f"cannot read batches from {type(data).__name__}", "pass a dataset spec, a Dataset or a DataLoader")
