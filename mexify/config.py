@@ -198,6 +198,7 @@ class BundleConfig(_Record):
     versions: dict = dataclasses.field(default_factory=dict)
     training: Optional[dict] = None
     policy: Optional[dict] = None
+    train_issue: Optional[str] = None  # why stage-1 training cannot run the model's train mode (None: it can)
     schema_version: int = SCHEMA_VERSION
 
     @property

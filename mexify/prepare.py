@@ -194,6 +194,44 @@ def check_shrinking(model: MultiExitModel, size: Tuple[int, int], rows: int = 3)
         model.train(was_training)
 
 
+def check_train_mode(model: MultiExitModel, size: Tuple[int, int]) -> str:
+    """One train-mode forward and backward through every exit on a small batch; returns what failed ("" if nothing).
+
+    Catches train-mode graphs that run but cannot be differentiated once split into stages.
+    Parameters, buffers, gradients and the random state are restored.
+    """
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng():
+            return _train_step_issue(model, size)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+        model.train(was_training)
+
+
+def _train_step_issue(model: MultiExitModel, size: Tuple[int, int]) -> str:
+    for hw in dict.fromkeys([(min(size[0], 64), min(size[1], 64)), tuple(size)]):
+        x = _check_input(2, hw)
+        try:
+            outs = model.forward_all(x)
+        except Exception:  # noqa: BLE001 - a graph fixed to its profiling size: try that size
+            continue
+        try:
+            sum(o.float().mean() for o in outs).backward()
+        except RuntimeError as e:
+            return f"a train-mode forward and backward pass through the stages fails ({_first(e)})"
+        return ""
+    return "its train-mode graph does not run on a small batch"
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
 def _check_input(rows: int, hw: Tuple[int, int]) -> torch.Tensor:
     return torch.randn(rows, 3, *hw, generator=torch.Generator().manual_seed(0))
 
@@ -317,6 +355,10 @@ def convert(
     result = _assemble(traced, chosen, [head_cfg] * len(chosen), model_spec, trace_cfg)
     if check:
         check_shrinking(result.model, trace_cfg.input_size)
+    if not result.model.train_issue:
+        result.model.train_issue = check_train_mode(result.model, trace_cfg.input_size)
+    if result.model.train_issue:
+        result.config = result.model.config = dataclasses.replace(result.config, train_issue=result.model.train_issue)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -419,7 +461,10 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
     example = torch.zeros(1, 3, h, w)
     _set_eval(model)
     gm = prepare_graph(trace_model(model, trace_cfg, example))
-    train_gm, train_issue = _train_graph(model, trace_cfg, example, gm)
+    if config.train_issue:  # found at conversion (e.g. a train graph that cannot be differentiated)
+        train_gm, train_issue = None, config.train_issue
+    else:
+        train_gm, train_issue = _train_graph(model, trace_cfg, example, gm)
     for g in (gm, train_gm):
         if config.upsample_logits and g is not None:
             upsample_to_input(g)

@@ -184,3 +184,19 @@ def rows_agree_with_single_images(model, size, n=4, agree=1.0):
         for i in range(n):
             alone = model.forward_all(x[i:i + 1])[int(batch.exit_index[i])].max(1).indices[0]
             assert (batch.masks[i] == alone).float().mean() >= agree, f"row {i}"
+
+
+class InplaceAfterExitNet(nn.Module):
+    """Each block's output (a natural exit point) is changed in place by the next block's activation:
+    an exit head must keep its own copy of the features for its backward pass."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8)) for c in (3, 8, 8, 8)])
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = F.relu(block(x), inplace=True) if block is not self.blocks[0] else block(x)
+            x = F.relu_(x) if block is self.blocks[0] else x
+        return self.head(x)

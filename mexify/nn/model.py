@@ -141,7 +141,12 @@ class MultiExitModel(nn.Module):
         """Logits (N, K, H, W) of exit ``i`` (the head's, or the model output for the final exit)."""
         if i == len(self.stages) - 1:
             return state.values[self._stage_io(i)[1][0]]
-        return self.heads[self.exit_names[i]](self.exit_features(i, state), state.input_size)
+        features = self.exit_features(i, state)
+        if features.requires_grad:
+            # the next stage may change these features in place (an in-place activation); the head
+            # keeps its own copy so that its backward still finds the values it saw
+            features = features.clone()
+        return self.heads[self.exit_names[i]](features, state.input_size)
 
     def iter_exits(self, x: torch.Tensor, with_logits: bool = True) -> Iterator[ExitOutput]:
         """Yield each exit lazily: the next stage runs only when the caller asks for it."""

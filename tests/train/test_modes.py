@@ -65,3 +65,14 @@ def test_a_bundle_without_a_train_mode_graph_refuses_stage_1_and_trains_stage_2(
     assert _changed(before, _bn_stats(trained)) == []
     heads_before = mexify.load(bundle).heads.state_dict()
     assert any(not torch.equal(v, trained.heads.state_dict()[k]) for k, v in heads_before.items()), "heads trained"
+
+
+def test_heads_survive_in_place_changes_of_their_features_by_later_stages():
+    from mexify.prepare import check_train_mode
+
+    result = mexify.convert(f"{FIXTURES}:InplaceAfterExitNet", input_size=(32, 32), at=["blocks_0_1", "blocks_1_1", "blocks_2_1"])
+    model = result.model
+    assert check_train_mode(model, (32, 32)) == "" and model.train_issue == ""
+    model.train()
+    sum(o.mean() for o in model.forward_all(torch.randn(2, 3, 32, 32))).backward()
+    assert all(p.grad is not None for p in model.heads.parameters())

@@ -1,5 +1,6 @@
 """The conversion sweep over third-party segmenters (slow): 6 exits, the final exit equal to the original,
-and a batch that shrinks correctly at every cut. A family is skipped only when its package is missing."""
+a batch that shrinks correctly at every cut, and a train mode that trains. A family is skipped only when
+its package is missing."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -52,3 +53,10 @@ def test_zoo_model_converts_exactly_and_shrinks(factory, package, size, monkeypa
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
     rows_agree_with_single_images(model, size, n=3, agree=0.999)
+    # stage 1 runs the model's own train mode: gradients reach the backbone and every head
+    assert model.train_issue == "", model.train_issue
+    model.train()
+    sum(o.float().mean() for o in model.forward_all(x)).backward()
+    stage_grads = [p.grad for p in model.stages.parameters() if p.requires_grad]
+    assert stage_grads and any(g is not None and g.abs().sum() > 0 for g in stage_grads)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.heads.parameters())
