@@ -64,7 +64,7 @@ def main() -> None:
         "",
         f"Machine: {cpu_name()}, {args.threads} torch threads, torch {torch.__version__}; input 64x64 (PAN 128x128),",
         f"random init, 6 exits, export attempts bounded at {args.timeout:g} s. Seconds include tracing twice (train",
-        "and eval mode for fx), profiling, the batch analysis and the shrink self-check.",
+        "and eval mode), profiling, the batch analysis, the shrink self-check and a train-mode pass.",
         "",
         "| model | tracer | shapes | convert s | shrink self-check | training |",
         "|---|---|---|---:|---|---|",
