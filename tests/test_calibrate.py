@@ -223,3 +223,25 @@ def test_calibrating_on_a_dataset_with_other_classes_is_refused_and_writes_nothi
     assert res.exit_code == 1
     assert "6 classes but the model predicts 4" in res.output and "Traceback" not in res.output
     assert (bundle / "config.yaml").read_text() == before and not (bundle / "calibration").exists()
+
+
+def test_switched_off_exits_cost_nothing_and_calibration_agrees_with_the_runtime(tmp_path):
+    import mexify
+    from mexify import api
+
+    bundle = tmp_path / "bundle"
+    torch.manual_seed(0)
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    model = mexify.load(bundle)
+    spec = "synthetic:scenes?size=64&classes=4&n=24&n_eval=12"
+    rep = api.calibrate(bundle, spec, policy="maxprob", max_drop=1.0, batch_size=4)
+    cache = rep.cache
+    # arithmetic: an exit at +inf drops its head from every later exit's cost
+    t = [float("inf"), 0.5, float("inf")]
+    want = [sum(model.stage_flops[: i + 1]) + (model.head_flops[1] if i >= 1 else 0) for i in range(model.num_exits)]
+    assert cache.exit_costs(t).tolist() == pytest.approx(want)
+    assert cache.exit_costs(None).tolist() == pytest.approx([model.cost_to_exit(i) for i in range(model.num_exits)])
+    # the stored figures are what the runtime spends on the same images
+    run = api.evaluate_policy(bundle, None, spec, split="calib", batch_size=4, device="cpu")
+    assert run.mean_flops == pytest.approx(rep.figures["mean_flops"])
+    assert list(run.exit_rates) == pytest.approx(list(rep.figures["exit_rates"].values()))

@@ -151,9 +151,21 @@ class ExitCache:
         ok = pim >= pim[:, -1:] - float(tolerance) - 1e-9
         return ok.argmax(1)
 
-    def figures(self, assignment: np.ndarray) -> Dict[str, Any]:
-        """mIoU, drop, mean FLOPs, speed-up and exit rates of an assignment."""
-        cost = float(self.costs[assignment].mean())
+    def exit_costs(self, thresholds: Optional[Sequence[float]] = None) -> np.ndarray:
+        """FLOPs to leave at each exit, ``(E,)``, when only the heads the thresholds can use run.
+
+        A threshold of ``+inf`` switches its exit off: the runtime never evaluates that head, so
+        it costs nothing on the way to later exits. Without thresholds, every head counts.
+        """
+        if thresholds is None or self.stage_flops is None or self.head_flops is None:
+            return self.costs
+        on = np.array([not (math.isinf(t) and t > 0) for t in thresholds], dtype=np.float64)
+        heads = np.concatenate([np.asarray(self.head_flops, dtype=np.float64) * on, [0.0]])
+        return np.cumsum(np.asarray(self.stage_flops, dtype=np.float64)) + np.cumsum(heads)
+
+    def figures(self, assignment: np.ndarray, thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+        """mIoU, drop, mean FLOPs, speed-up and exit rates of an assignment (costed as :meth:`exit_costs`)."""
+        cost = float(self.exit_costs(thresholds)[assignment].mean())
         final = self.final_miou
         miou = self.miou(assignment)
         rates = np.bincount(assignment, minlength=self.num_exits) / max(len(assignment), 1)

@@ -37,7 +37,7 @@ class SearchResult:
     seconds: float
 
     def figures(self) -> Dict[str, Any]:
-        f = self.cache.figures(self.assignment)
+        f = self.cache.figures(self.assignment, self.thresholds)
         f["search_seconds"] = self.seconds
         return f
 
@@ -50,7 +50,6 @@ class _Eval:
         self.tp = tp.astype(np.float64)
         self.pc = pc.astype(np.float64)
         self.lsum = lc.sum(0).astype(np.float64)
-        self.costs = cache.costs.astype(np.float64)
         self.idx = np.arange(scores.shape[0])
         self.ones = np.ones((scores.shape[0], 1), dtype=bool)
         self.count = 0
@@ -64,7 +63,7 @@ class _Eval:
         u = self.pc[self.idx, a].sum(0) + self.lsum - tt
         present = u > 0
         miou = float((tt[present] / u[present]).mean() * 100.0) if present.any() else 0.0
-        cost = float(self.costs[a].mean())
+        cost = float(self.cache.exit_costs(t)[a].mean())  # switched-off exits' heads cost nothing
         self.points.append((cost, miou, tuple(t.tolist())))
         return cost, miou
 
@@ -203,7 +202,7 @@ def _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0) -> 
     front = _front(ev.points)
     best_global = None
     if best_g is not None:
-        figures = cache.figures(cache.assign(scores, best_g))
+        figures = cache.figures(cache.assign(scores, best_g), best_g)
         best_global = {"threshold": float(best_g[0]), **{k: v for k, v in figures.items() if k in ("miou", "mean_flops", "speedup")}}
     secs = time.perf_counter() - t0
     log.info("threshold search: %d evaluations in %.2f s", ev.count, secs)
