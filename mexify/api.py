@@ -41,7 +41,7 @@ from mexify.prepare import ConvertResult, TracedModel
 from mexify.prepare import convert as _convert
 from mexify.prepare import inspect as _inspect
 from mexify.runtime import EarlyExitRuntime
-from mexify.tools import BenchReport, EvalReport, PolicyResult, collect_images, predict_images, save_pareto
+from mexify.tools import BenchReport, EvalReport, LatencyProfile, PolicyResult, collect_images, predict_images, profile_latency, save_pareto
 from mexify.tools import bench as _bench
 from mexify.tools import evaluate as _evaluate
 from mexify.tools import evaluate_policy as _evaluate_policy
@@ -58,6 +58,7 @@ __all__ = [
     "evaluate_policy",
     "predict",
     "bench",
+    "profile",
     # records and errors the CLI renders
     "ConvertResult",
     "TracedModel",
@@ -66,6 +67,7 @@ __all__ = [
     "EvalReport",
     "PolicyResult",
     "BenchReport",
+    "LatencyProfile",
     "MexifyError",
     "ConfigError",
     "DataError",
@@ -462,3 +464,46 @@ def bench(
     if policy is None and isinstance(data, str):
         report.notes.extend(_seen_in_calibration(model, data, split))
     return report
+
+
+# =============================================================================== profile
+def profile(
+    bundle: Model,
+    device: Any = None,
+    batch_sizes: Sequence[int] = (1,),
+    dtype: str = "float32",
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: Optional[int] = None,
+    write: bool = True,
+    progress: StageProgress = None,
+) -> list:
+    """Measure each stage's, head's and policy step's latency on a device and keep it in the bundle (``mexify profile``).
+
+    Args:
+        bundle: bundle directory (its ``config.yaml`` gains the tables under ``latency``) or a
+            ``MultiExitModel`` (nothing written).
+        device: ``cpu``, ``cuda``, ... (default: cuda if available).
+        batch_sizes: one table per batch size.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (GPU), run under autocast.
+        warmup, repeats: untimed runs, then timed runs whose median is kept.
+        threads: CPU threads for torch (default: torch's).
+        write: store the tables in the bundle, replacing those with the same key.
+
+    Returns:
+        one :class:`~mexify.tools.LatencyProfile` per batch size.
+
+    Raises:
+        ConfigError: an unknown dtype or batch size below 1.
+    """
+    if any(int(b) < 1 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be at least 1, got {list(batch_sizes)}", "e.g. --batch-size 1,8")
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, bundle_path = _model(bundle)
+    profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress)
+    if write and bundle_path is not None:
+        tables = dict(read_config(bundle_path).latency or {})
+        tables.update({p.key: p.to_dict() for p in profiles})
+        update_bundle(bundle_path, latency=tables)
+    return profiles

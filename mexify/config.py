@@ -199,6 +199,7 @@ class BundleConfig(_Record):
     training: Optional[dict] = None
     policy: Optional[dict] = None
     train_issue: Optional[str] = None  # why stage-1 training cannot run the model's train mode (None: it can)
+    latency: Optional[dict] = None  # measured profiles (mexify profile), keyed "<device>|b<batch>|<dtype>|<H>x<W>"
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -3,6 +3,7 @@ from mexify.tools.bench import BenchReport, bench, original_model
 from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
 from mexify.tools.images import collect_images, palette, predict_images, read_image, to_tensor
 from mexify.tools.plots import save_pareto
+from mexify.tools.profile import LatencyProfile, profile_key, profile_latency
 from mexify.tools.timing import synchronize, time_call
 
 __all__ = [
@@ -22,4 +23,7 @@ __all__ = [
     "palette",
     "predict_images",
     "save_pareto",
+    "LatencyProfile",
+    "profile_latency",
+    "profile_key",
 ]

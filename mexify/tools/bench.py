@@ -25,6 +25,7 @@ from mexify.metrics import ConfusionMatrix
 from mexify.nn import module_device, resolve_device
 from mexify.runtime import BatchPrediction, EarlyExitRuntime, labels_of
 from mexify.spec import ModelSpec, build_model
+from mexify.tools.profile import time_stages
 from mexify.tools.timing import synchronize, time_call
 
 log = logging.getLogger(__name__)
@@ -182,16 +183,7 @@ def _exit_rows(model: Any, x0: torch.Tensor, orig_s: float, dev: torch.device, w
                progress: Optional[Callable[[str, int, int], None]]) -> List[Dict[str, Any]]:
     """Each stage and head timed on one batch; a row per exit with the time to reach it."""
     e = model.num_exits
-    states = [model.start(x0)]
-    for i in range(e):
-        states.append(model.run_stage(i, states[-1]))
-    stage_s, head_s = [], []
-    for i in range(e):
-        stage_s.append(time_call(lambda i=i: model.run_stage(i, states[i]), dev, warmup, repeats))
-        if i < e - 1:
-            head_s.append(time_call(lambda i=i: model.exit_logits(i, states[i + 1]), dev, warmup, repeats))
-        if progress is not None:
-            progress("exits", i + 1, e)
+    stage_s, head_s, _ = time_stages(model, x0, dev, warmup, repeats, progress)
     rows = []
     for i, name in enumerate(model.exit_names):
         to_exit = sum(stage_s[: i + 1]) + sum(head_s[: min(i + 1, e - 1)])

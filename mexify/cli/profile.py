@@ -1,0 +1,59 @@
+"""`mexify profile`: measured latency of each stage, head and policy step, kept in the bundle."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mexify import api
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, console, print_json, stage_progress
+
+
+def _batch_sizes(text: str) -> list:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise api.ConfigError(f"--batch-size {text!r} is not a comma-separated list of integers", "e.g. --batch-size 1,8") from None
+
+
+def render(model_exits: list, flops: list, original_flops: float, profiles: list) -> None:
+    """One table per batch size: stage, head and policy milliseconds, time to each exit beside its FLOPs share."""
+    for p in profiles:
+        to_exit = p.to_exit_ms()
+        t = Table(title=f"{p.device}, batch {p.batch_size}, {p.dtype}, {p.input_size[0]}x{p.input_size[1]}",
+                  caption=f"ms per batch: median of {p.repeats} after {p.warmup} warm-up; to exit: every head and "
+                  "policy step on the way; FLOPs: 1 multiply-add = 1 FLOP", title_justify="left", caption_justify="left")
+        for col in ("#", "exit", "stage ms", "head ms", "policy ms", "to exit ms", "% of final", "% FLOPs"):
+            t.add_column(col, justify="left" if col in ("#", "exit") else "right", no_wrap=col != "exit")
+        for i, name in enumerate(model_exits):
+            head = f"{p.head_ms[i]:.3f}" if i < len(p.head_ms) else "-"
+            pol = f"{p.policy_ms[i]:.3f}" if p.policy_ms and i < len(p.policy_ms) else "-"
+            t.add_row(str(i), name, f"{p.stage_ms[i]:.3f}", head, pol, f"{to_exit[i]:.3f}",
+                      f"{100 * to_exit[i] / to_exit[-1]:.1f}%", f"{100 * flops[i] / original_flops:.1f}%")
+        console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+        batch_size: Annotated[str, typer.Option("--batch-size", help="Batch sizes to profile, comma-separated.")] = "1",
+        dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (GPU), run under autocast.")] = "float32",
+        warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
+        repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is kept.")] = 10,
+        threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
+        device: DeviceOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Measure each stage's, head's and policy step's latency on this device and keep the tables in the bundle."""
+        with stage_progress(not json_out) as progress:
+            profiles = api.profile(bundle, device=device, batch_sizes=_batch_sizes(batch_size), dtype=dtype,
+                                   warmup=warmup, repeats=repeats, threads=threads, progress=progress)
+        if json_out:
+            print_json({"bundle": str(bundle), "profiles": [p.to_dict() for p in profiles]})
+            return
+        model = api.load(bundle)
+        render(model.exit_names, [model.cost_to_exit(i) for i in range(model.num_exits)], model.original_flops, profiles)
+        console.print(f"[dim]stored in {bundle / 'config.yaml'} under latency: {', '.join(p.key for p in profiles)}[/]")

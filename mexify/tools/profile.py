@@ -1,0 +1,125 @@
+"""``mexify profile``: measured latency of every stage, head and policy step, kept in the bundle.
+
+FLOPs are a poor cost model on dense hardware (early high-resolution layers are memory-bound,
+small kernels launch-bound), so the bundle keeps what the target really spends. Each stage and
+each early head is timed on a batch of random images at the bundle's input size (median of
+``repeats`` after ``warmup``; CUDA events on a GPU, ``perf_counter`` on a CPU), and so is the
+policy's decision at each early exit when the bundle has one. Tables are keyed by device name,
+batch size, dtype and input size, so one bundle holds the profiles of several targets.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mexify.config import json_safe
+from mexify.errors import ConfigError
+from mexify.runtime import resolve_policy
+from mexify.tools.timing import time_call
+
+__all__ = ["LatencyProfile", "profile_latency", "profile_key", "time_stages", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Progress = Optional[Callable[[str, int, int], None]]
+
+
+def profile_key(device: str, batch_size: int, dtype: str, size: Tuple[int, int]) -> str:
+    """How a profile is filed in the bundle: ``"<device name>|b<batch>|<dtype>|<H>x<W>"``."""
+    return f"{device}|b{int(batch_size)}|{dtype}|{int(size[0])}x{int(size[1])}"
+
+
+@dataclasses.dataclass
+class LatencyProfile:
+    """Milliseconds per batch of ``batch_size`` for each stage, early head and policy step (exit order)."""
+
+    device: str
+    batch_size: int
+    dtype: str
+    input_size: Tuple[int, int]
+    stage_ms: List[float]
+    head_ms: List[float]
+    policy_ms: Optional[List[float]]
+    warmup: int
+    repeats: int
+
+    @property
+    def key(self) -> str:
+        return profile_key(self.device, self.batch_size, self.dtype, self.input_size)
+
+    def to_exit_ms(self) -> List[float]:
+        """Time to leave at each exit, every head (and policy step) on the way included."""
+        policy = self.policy_ms or [0.0] * len(self.head_ms)
+        out, total = [], 0.0
+        for i, stage in enumerate(self.stage_ms):
+            total += stage + (self.head_ms[i] + policy[i] if i < len(self.head_ms) else 0.0)
+            out.append(total)
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_size"] = list(self.input_size)
+        return json_safe(d)
+
+
+def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, repeats: int,
+                progress: Progress = None, policy: Any = None) -> Tuple[List[float], List[float], Optional[List[float]]]:
+    """Seconds of each stage, each early head and (with ``policy``) each decision, on batch ``x``."""
+    e = model.num_exits
+    states = [model.start(x)]
+    for i in range(e):
+        states.append(model.run_stage(i, states[-1]))
+    stage_s, head_s, policy_s = [], [], ([] if policy is not None else None)
+    for i in range(e):
+        stage_s.append(time_call(lambda i=i: model.run_stage(i, states[i]), device, warmup, repeats))
+        if i < e - 1:
+            head_s.append(time_call(lambda i=i: model.exit_logits(i, states[i + 1]), device, warmup, repeats))
+            if policy_s is not None:
+                logits = model.exit_logits(i, states[i + 1])
+                policy_s.append(time_call(lambda i=i, z=logits: policy.decide(i, z), device, warmup, repeats))
+        if progress is not None:
+            progress("stages", i + 1, e)
+    return stage_s, head_s, policy_s
+
+
+@torch.no_grad()
+def profile_latency(
+    model: Any,
+    device: torch.device,
+    batch_sizes: Sequence[int] = (1,),
+    dtype: str = "float32",
+    warmup: int = 3,
+    repeats: int = 10,
+    progress: Progress = None,
+) -> List[LatencyProfile]:
+    """Measure every stage, head and policy step at the model's input size, per batch size.
+
+    Raises:
+        ConfigError: an unknown dtype, or a half-precision dtype the device cannot run.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        raise ConfigError("float16 is for GPUs", "profile the CPU with --dtype float32 or bfloat16")
+    model.eval().to(device)
+    try:
+        policy = resolve_policy(model)
+    except ConfigError:
+        policy = None  # not calibrated yet: stages and heads only
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    h, w = (int(v) for v in model.input_size)
+    out = []
+    for b in batch_sizes:
+        x = torch.randn(int(b), 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        autocast = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext())
+        with autocast:
+            stage_s, head_s, policy_s = time_stages(model, x, device, warmup, repeats, progress, policy)
+        out.append(LatencyProfile(
+            device=name, batch_size=int(b), dtype=dtype, input_size=(h, w),
+            stage_ms=[1000 * s for s in stage_s], head_ms=[1000 * s for s in head_s],
+            policy_ms=[1000 * s for s in policy_s] if policy_s is not None else None,
+            warmup=int(warmup), repeats=int(repeats),
+        ))
+    return out
