@@ -18,7 +18,7 @@ def _batch_sizes(text: str) -> list:
         raise api.ConfigError(f"--batch-size {text!r} is not a comma-separated list of integers", "e.g. --batch-size 1,8") from None
 
 
-def render(model_exits: list, flops: list, original_flops: float, profiles: list) -> None:
+def render(profiles: list) -> None:
     """One table per batch size: stage, head and policy milliseconds, time to each exit beside its FLOPs share."""
     for p in profiles:
         to_exit = p.to_exit_ms()
@@ -27,11 +27,11 @@ def render(model_exits: list, flops: list, original_flops: float, profiles: list
                   "policy step on the way; FLOPs: 1 multiply-add = 1 FLOP", title_justify="left", caption_justify="left")
         for col in ("#", "exit", "stage ms", "head ms", "policy ms", "to exit ms", "% of final", "% FLOPs"):
             t.add_column(col, justify="left" if col in ("#", "exit") else "right", no_wrap=col != "exit")
-        for i, name in enumerate(model_exits):
+        for i, name in enumerate(p.exit_names):
             head = f"{p.head_ms[i]:.3f}" if i < len(p.head_ms) else "-"
             pol = f"{p.policy_ms[i]:.3f}" if p.policy_ms and i < len(p.policy_ms) else "-"
             t.add_row(str(i), name, f"{p.stage_ms[i]:.3f}", head, pol, f"{to_exit[i]:.3f}",
-                      f"{100 * to_exit[i] / to_exit[-1]:.1f}%", f"{100 * flops[i] / original_flops:.1f}%")
+                      f"{100 * to_exit[i] / to_exit[-1]:.1f}%", f"{100 * p.flops_to_exit[i] / p.original_flops:.1f}%")
         console.print(t)
 
 
@@ -54,6 +54,5 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json({"bundle": str(bundle), "profiles": [p.to_dict() for p in profiles]})
             return
-        model = api.load(bundle)
-        render(model.exit_names, [model.cost_to_exit(i) for i in range(model.num_exits)], model.original_flops, profiles)
+        render(profiles)
         console.print(f"[dim]stored in {bundle / 'config.yaml'} under latency: {', '.join(p.key for p in profiles)}[/]")

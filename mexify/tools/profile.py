@@ -44,6 +44,9 @@ class LatencyProfile:
     policy_ms: Optional[List[float]]
     warmup: int
     repeats: int
+    exit_names: List[str] = dataclasses.field(default_factory=list)
+    flops_to_exit: List[int] = dataclasses.field(default_factory=list)  # every head on the way, 1 multiply-add = 1 FLOP
+    original_flops: int = 0
 
     @property
     def key(self) -> str:
@@ -120,6 +123,8 @@ def profile_latency(
             device=name, batch_size=int(b), dtype=dtype, input_size=(h, w),
             stage_ms=[1000 * s for s in stage_s], head_ms=[1000 * s for s in head_s],
             policy_ms=[1000 * s for s in policy_s] if policy_s is not None else None,
-            warmup=int(warmup), repeats=int(repeats),
+            warmup=int(warmup), repeats=int(repeats), exit_names=list(model.exit_names),
+            flops_to_exit=[int(model.cost_to_exit(i)) for i in range(model.num_exits)],
+            original_flops=int(model.original_flops),
         ))
     return out
