@@ -245,3 +245,35 @@ def test_switched_off_exits_cost_nothing_and_calibration_agrees_with_the_runtime
     run = api.evaluate_policy(bundle, None, spec, split="calib", batch_size=4, device="cpu")
     assert run.mean_flops == pytest.approx(rep.figures["mean_flops"])
     assert list(run.exit_rates) == pytest.approx(list(rep.figures["exit_rates"].values()))
+
+
+@pytest.mark.parametrize("name,opts", [("mess", {}), ("mess", {"edge_weight": 0.3}), ("entropy", {}), ("maxprob", {}), ("cbt", {})])
+def test_scores_at_feature_resolution_equal_the_caches(tmp_path, name, opts):
+    """On a converted model whose heads answer below the input resolution, the runtime's scores
+    (taken on the heads' own maps) are the cache's, and the cache's masks are the runtime's."""
+    import mexify
+    from mexify.data import build_dataset
+    from mexify.runtime import EarlyExitRuntime
+
+    bundle = tmp_path / "bundle"
+    torch.manual_seed(0)
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    model = mexify.load(bundle).eval()
+    ds = build_dataset("synthetic:scenes?size=64&classes=4&n=12&n_eval=6", split="val")
+    x = torch.stack([ds[i][0] for i in range(6)])
+    y = torch.stack([ds[i][1] for i in range(6)])
+    cache = collect_cache(model, [(x, y)])
+    pol = build_policy(name, **opts)._fit_params(cache)
+    with torch.no_grad():
+        native = model.forward_all(x, upsample=False)
+    assert any(z.shape[-2] < 64 for z in native[:-1])
+    cached = pol.cache_scores(cache)
+    for i in range(model.num_exits - 1):
+        assert cache.exit_pixels()[0, i] == native[i].shape[-2] * native[i].shape[-1]
+        live = pol.scores(i, native[i]).double().numpy()
+        assert np.array_equal(cached[:, i], live), (name, i)
+    # every image forced to each exit: the runtime's masks give the cache's per-image counts
+    for i in range(model.num_exits):
+        masks = EarlyExitRuntime(model, exit=i).predict_batch(x).masks
+        tp = torch.stack([((masks == y) & (masks == k)).flatten(1).sum(1) for k in range(4)], 1)
+        assert np.array_equal(cache.tp[:, i], tp.numpy())

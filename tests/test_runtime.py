@@ -76,12 +76,15 @@ def _midpoints(scores, q):
     return float((s[k - 1] + s[k]) / 2)
 
 
-def test_runtime_matches_offline_choice_with_same_policy(model):
+def test_runtime_matches_offline_choice_with_same_policy(model, monkeypatch):
     x = _images()
     with torch.no_grad():
+        native = model.forward_all(x, upsample=False)
         logits = model.forward_all(x)
+    # heads answer at their features' resolution; the policy scores there
+    assert [tuple(z.shape[-2:]) for z in native[:-1]] != [(64, 64)] * 3
     pol = build_policy("maxprob")
-    scores = [pol.scores(i, z) for i, z in enumerate(logits)]
+    scores = [pol.scores(i, z) for i, z in enumerate(native)]
     # exit 1 disabled: its head must not even be evaluated
     pol = pol.with_thresholds([_midpoints(scores[0], 0.6), float("inf"), _midpoints(scores[2], 0.5)])
     pol.exit_names = list(model.exit_names)
@@ -89,13 +92,20 @@ def test_runtime_matches_offline_choice_with_same_policy(model):
     # offline: every exit on the whole batch, first exit whose decide says yes
     first = torch.full((x.shape[0],), model.num_exits - 1)
     for i in reversed(range(model.num_exits)):
-        go, _ = pol.decide(i, logits[i])
+        go, _ = pol.decide(i, native[i])
         first[go] = i
     want = torch.stack([logits[int(e)][r].argmax(0) for r, e in enumerate(first)])
     assert len(set(first.tolist())) >= 3, "thresholds should spread the images over exits"
 
     counters = {n: Counter(model.heads[n]) for n in model.exit_names[:-1]}
+    import mexify.runtime.engine as engine
+
+    resized = []
+    real_resize = engine.resize_logits
+    monkeypatch.setattr(engine, "resize_logits", lambda z, size: resized.append(int(z.shape[0])) or real_resize(z, size))
     res = EarlyExitRuntime(model, pol).predict_batch(x)
+    # only the images that leave are upsampled, once each
+    assert sum(resized) == 8 and len(resized) == len(set(first.tolist()))
     assert torch.equal(res.exit_index, first)
     assert torch.equal(res.masks, want)
     assert counters[model.exit_names[1]].calls == 0

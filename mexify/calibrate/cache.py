@@ -3,16 +3,21 @@
 The cache holds, per image and exit, what every policy's score and the mIoU of any
 exit assignment need, compactly:
 
+Scores are taken where the runtime takes them, on each exit's own output map (feature
+resolution for the early heads), so the first group below is counted there; masks are compared
+with the labels at the labels' resolution, after the same resize the runtime applies.
+
 * ``class_hist`` ``(N, E, K, B)`` int32: pixels by predicted class and top-1 probability
   bin (``mexify.policies.PROB_EDGES``); ``edge_hist`` ``(N, E, B)``: the same for pixels
-  on a predicted class boundary (mess).
+  on a predicted class boundary (mess); ``num_pixels`` ``(N, E)``: pixels of each map.
 * ``mean_maxprob``, ``mean_entropy`` ``(N, E)`` float64 (maxprob, entropy, class-means).
 * ``tp``, ``pred_count`` ``(N, E, K)`` and ``label_count`` ``(N, K)`` int64: per-image
   true positives, predictions on labelled pixels and labels per class. Summing them over
   any exit assignment gives the dataset confusion-matrix diagonal, column and row sums,
   hence its mIoU exactly (no second pass). ``agree_*``: the same against the final
   exit's predictions (used when there are no labels).
-* ``class_prob_sum`` ``(E, K, K)``: summed probability vectors per labelled class (cbt).
+* ``class_prob_sum`` ``(E, K, K)``: summed probability vectors per labelled class (cbt), labels
+  resized to each map by nearest neighbour.
 * ``thumb_bins``, ``thumb_pred`` ``(N, E, h, w)`` uint8/int16 downsampled maps (cbt's
   theoretical pixel-level FLOPs).
 
@@ -37,6 +42,7 @@ from mexify.calibrate.search import SearchResult, search_thresholds
 from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
+from mexify.nn import resize_logits
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
 from mexify.policies.entropy import mean_entropy
@@ -72,7 +78,7 @@ class ExitCache:
     agree_prob_sum: np.ndarray  # (E, K, K) by the final exit's prediction
     thumb_bins: Optional[np.ndarray] = None
     thumb_pred: Optional[np.ndarray] = None
-    edge_radius: int = 2
+    edge_radius: int = 1
     temperatures: Optional[List[float]] = None
     source: str = "softmax"
     stage_flops: Optional[List[float]] = None
@@ -99,6 +105,11 @@ class ExitCache:
     @property
     def class_prob_sum(self) -> np.ndarray:
         return self.label_prob_sum if self.labelled else self.agree_prob_sum
+
+    def exit_pixels(self) -> np.ndarray:
+        """Pixels each exit's scores were taken over, ``(N, E)`` float64 (each exit's own resolution)."""
+        px = self.num_pixels.astype(np.float64)
+        return px if px.ndim == 2 else np.repeat(px[:, None], self.num_exits, 1)
 
     def hist(self) -> np.ndarray:
         """Pixels per probability bin, all classes, ``(N, E, B)`` float64."""
@@ -234,18 +245,20 @@ def _model_costs(model: Any) -> Tuple[np.ndarray, float, Optional[List[float]], 
 
 
 def _exit_outputs(model: Any, x: torch.Tensor, need_features: bool) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
-    if not need_features:
-        logits = list(model.forward_all(x))
-        return logits, [None] * len(logits)
+    """Each exit's logits at its own resolution (and the exit-point features when asked)."""
     if hasattr(model, "iter_exits"):
-        logits, feats = [], []
-        for out in model.iter_exits(x):
-            logits.append(out.logits)
-            feats.append(out.features)
-        return logits, feats
+        outs = list(model.iter_exits(x))
+        return [o.logits for o in outs], [o.features if need_features else None for o in outs]
     logits = list(model.forward_all(x))
-    feats = list(model.forward_features(x)) + [None]
+    feats = list(model.forward_features(x)) + [None] if need_features else [None] * len(logits)
     return logits, feats
+
+
+def _nearest(labels: torch.Tensor, size: Any) -> torch.Tensor:
+    """Integer maps ``(N, H, W)`` resized to ``size`` by nearest neighbour (unchanged when already there)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
 
 
 class _Accumulator:
@@ -282,46 +295,59 @@ class _Accumulator:
         return out.t().double().cpu()
 
     @torch.no_grad()
-    def add(self, probs: List[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
-        k, b = self.k, NUM_BINS
-        final_pred = probs[-1].argmax(1)
+    def add(self, probs: List[torch.Tensor], preds: List[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
+        """One batch: ``probs[i]`` at exit ``i``'s own resolution (what policies score), ``preds[i]``
+        its masks as the runtime makes them, at the labels' resolution (what mIoU counts)."""
+        final_pred = preds[-1]
         n = final_pred.shape[0]
         if labels is None:
             labels = torch.full_like(final_pred, IGNORE_INDEX)
         labels = labels.long()
-        has_labels = bool(((labels >= 0) & (labels < k)).any())
+        has_labels = bool(((labels >= 0) & (labels < self.k)).any())
         per: Dict[str, List[torch.Tensor]] = {}
-        for i, p in enumerate(probs):
-            top1, pred = p.max(1)
-            bins = prob_bins(top1)
-            edge = boundary_mask(pred, self.r)
-            off = (torch.arange(n, device=p.device) * (k * b))[:, None]
-            ch = torch.bincount((off + pred.flatten(1) * b + bins.flatten(1)).flatten(), minlength=n * k * b)
-            per.setdefault("class_hist", []).append(ch.view(n, k, b).int())
-            eoff = (torch.arange(n, device=p.device) * b)[:, None]
-            eh = torch.bincount((eoff + bins.flatten(1))[edge.flatten(1)], minlength=n * b)
-            per.setdefault("edge_hist", []).append(eh.view(n, b).int())
-            per.setdefault("mean_maxprob", []).append(top1.flatten(1).double().mean(1))
-            per.setdefault("mean_entropy", []).append(mean_entropy(p))
+        for i, (p, pred) in enumerate(zip(probs, preds)):
+            for name, value in self._score_stats(p).items():
+                per.setdefault(name, []).append(value)
             tp, pc, lc = self._counts(pred, labels)
             per.setdefault("tp", []).append(tp)
             per.setdefault("pred_count", []).append(pc)
             atp, apc, alc = self._counts(pred, final_pred)
             per.setdefault("agree_tp", []).append(atp)
             per.setdefault("agree_pred_count", []).append(apc)
+            # class probability sums at the exit's resolution, against labels resized there (nearest)
             if has_labels:
-                self.label_prob_sum[i] += self._prob_sum(p, labels)
+                self.label_prob_sum[i] += self._prob_sum(p, _nearest(labels, p.shape[-2:]))
             else:  # only used when the whole split is unlabelled
-                self.agree_prob_sum[i] += self._prob_sum(p, final_pred)
+                self.agree_prob_sum[i] += self._prob_sum(p, _nearest(final_pred, p.shape[-2:]))
             if self.thumb > 0:
-                s = max(1, math.ceil(max(top1.shape[-2:]) / self.thumb))
-                per.setdefault("thumb_bins", []).append(bins[:, ::s, ::s].to(torch.uint8))
-                per.setdefault("thumb_pred", []).append(pred[:, ::s, ::s].to(torch.int16))
+                s = max(1, math.ceil(max(final_pred.shape[-2:]) / self.thumb))
+                size = (math.ceil(final_pred.shape[-2] / s), math.ceil(final_pred.shape[-1] / s))
+                top1, native = p.max(1)
+                per.setdefault("thumb_bins", []).append(_nearest(prob_bins(top1), size).to(torch.uint8))
+                per.setdefault("thumb_pred", []).append(_nearest(native, size).to(torch.int16))
         for name, lst in per.items():
             self._push(name, torch.stack(lst, 1))
         self._push("label_count", lc)
         self._push("agree_label_count", alc)
-        self._push("num_pixels", torch.full((n,), final_pred[0].numel(), dtype=torch.int64))
+
+    def _score_stats(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """What policies' scores are computed from, at the map's own resolution."""
+        k, b = self.k, NUM_BINS
+        n = p.shape[0]
+        top1, pred = p.max(1)
+        bins = prob_bins(top1)
+        edge = boundary_mask(pred, self.r)
+        off = (torch.arange(n, device=p.device) * (k * b))[:, None]
+        ch = torch.bincount((off + pred.flatten(1) * b + bins.flatten(1)).flatten(), minlength=n * k * b)
+        eoff = (torch.arange(n, device=p.device) * b)[:, None]
+        eh = torch.bincount((eoff + bins.flatten(1))[edge.flatten(1)], minlength=n * b)
+        return {
+            "class_hist": ch.view(n, k, b).int(),
+            "edge_hist": eh.view(n, b).int(),
+            "num_pixels": torch.full((n,), top1[0].numel(), dtype=torch.int64, device=p.device),
+            "mean_maxprob": top1.flatten(1).double().mean(1),
+            "mean_entropy": mean_entropy(p),
+        }
 
     def arrays(self) -> Dict[str, np.ndarray]:
         out = {name: np.concatenate(v, 0) for name, v in self.parts.items()}
@@ -338,7 +364,7 @@ def collect_cache(
     batches: Iterable[Any],
     source: Optional[Policy] = None,
     temperatures: Optional[Sequence[float]] = None,
-    edge_radius: int = 2,
+    edge_radius: int = 1,
     thumb: int = 64,
     device: Any = None,
     total: Optional[int] = None,
@@ -352,7 +378,7 @@ def collect_cache(
         source: policy whose ``probabilities`` define the exit outputs (default: softmax of
             the logits, with ``temperatures``); class-means passes itself.
         temperatures: per-exit temperatures for the default source.
-        edge_radius: boundary half-width for mess (px at input resolution).
+        edge_radius: boundary half-width for mess (pixels of each exit's own map).
         thumb: long side of the downsampled maps kept for cbt's pixel-level figure (0: none).
         total: number of batches, for progress.
         progress: ``callback(stage, done, total)``.
@@ -379,7 +405,7 @@ def collect_cache(
             if device is not None:
                 x = x.to(device)
                 y = y.to(device) if y is not None else None
-            acc.add(_exit_probabilities(model, source, x, y), y)
+            acc.add(*_exit_maps(model, source, x, y), y)
             done += 1
             if progress is not None:
                 progress("collect", done, total or done)
@@ -399,16 +425,19 @@ def collect_cache(
     return cache
 
 
-def _exit_probabilities(model: Any, source: Policy, x: torch.Tensor, y: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """Every exit's probability maps ``(N, K, H, W)``, at the labels' resolution when there are labels."""
+def _exit_maps(model: Any, source: Policy, x: torch.Tensor, y: Optional[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Every exit's probabilities at its own resolution and its mask at the labels' (as the runtime makes it)."""
     logits, feats = _exit_outputs(model, x, source.needs_features)
-    probs = []
+    image = tuple(x.shape[-2:])
+    target = tuple(y.shape[-2:]) if y is not None else image
+    probs, preds = [], []
     for i, (z, f) in enumerate(zip(logits, feats)):
-        p = source.probabilities(i, z, f)
-        if y is not None and p.shape[-2:] != y.shape[-2:]:
-            p = F.interpolate(p, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        probs.append(p)
-    return probs
+        probs.append(source.probabilities(i, z, f))
+        pred = resize_logits(source.mask_scores(i, z, f), image).max(1).indices
+        if target != image:  # as evaluate_policy scores masks against labels of another size
+            pred = F.interpolate(pred[:, None].float(), size=target, mode="nearest-exact")[:, 0].long()
+        preds.append(pred)
+    return probs, preds
 
 
 def _assemble(model: Any, acc: "_Accumulator", source: Policy, edge_radius: int) -> ExitCache:

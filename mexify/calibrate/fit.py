@@ -116,7 +116,7 @@ def fit_policy(
     pol = policy if isinstance(policy, Policy) else build_policy(policy, **(policy_options or {}))
     if pol.name == "oracle":
         raise ConfigError("the oracle reads labels and cannot be deployed", "calibrate a policy such as mess; its report includes the oracle")
-    radius = int(edge_radius if edge_radius is not None else getattr(pol, "edge_radius", 2))
+    radius = int(edge_radius if edge_radius is not None else getattr(pol, "edge_radius", 1))
     dev = device if device is not None else module_device(model)
 
     temps = _temperatures(model, pol, batches, temperature, dev, total, progress, timings, notes)

@@ -1,7 +1,8 @@
 """Exit heads: segmentation heads built from a template of the search space.
 
-Every head maps an exit feature map (N, C, h, w) to logits (N, K, H, W) at the input
-resolution (bilinear upsampling, as the model's own classifiers do).
+Every head maps an exit feature map (N, C, h, w) to logits (N, K, h, w) at the feature map's own
+resolution: policies score there, and only the images that leave are upsampled to the input size
+(:func:`resize_logits`, bilinear, as the model's own classifiers do) when a mask is asked for.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 from mexify.config import HeadConfig
 from mexify.errors import ConfigError, nearest
 
-__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "HEAD_TEMPLATES"]
+__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "resize_logits", "HEAD_TEMPLATES"]
 
 HEAD_TEMPLATES: Dict[str, HeadConfig] = {
     # width 0: the widest head within 3% of the model's FLOPs (resolved at conversion)
@@ -47,8 +48,19 @@ class _LightASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches], dim=1))
 
 
+def resize_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Logits (or class scores) bilinearly resized to ``size`` (float32); unchanged when already there."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class ExitHead(nn.Module):
-    """A segmentation head: ``forward(features, size) -> logits`` at ``size``."""
+    """A segmentation head: ``forward(features) -> logits`` at the features' resolution.
+
+    ``forward(features, size)`` resizes the logits to ``size`` (training, where the loss is
+    taken at the labels' resolution).
+    """
 
     def __init__(self, config: HeadConfig, in_channels: int, num_classes: int):
         super().__init__()
@@ -69,9 +81,9 @@ class ExitHead(nn.Module):
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         logits = self.classifier(self.body(x))
-        if tuple(logits.shape[-2:]) != tuple(size):
+        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 

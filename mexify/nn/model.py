@@ -10,7 +10,7 @@ from torch import nn
 from mexify.errors import DataError
 from mexify.graph.batching import BatchDim, shrink_value
 from mexify.graph.split import Stage
-from mexify.nn.heads import ExitHead
+from mexify.nn.heads import ExitHead, resize_logits
 
 __all__ = ["MultiExitModel", "StageState", "ExitOutput"]
 
@@ -137,19 +137,23 @@ class MultiExitModel(nn.Module):
         """The feature map at exit point ``i`` (after :meth:`run_stage` ``i``)."""
         return state.values[self._io[i][2]] if i < len(self.stages) - 1 else state.values[self._stage_io(i)[1][0]]
 
-    def exit_logits(self, i: int, state: StageState) -> torch.Tensor:
-        """Logits (N, K, H, W) of exit ``i`` (the head's, or the model output for the final exit)."""
+    def exit_logits(self, i: int, state: StageState, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Logits of exit ``i``: the head's at its feature resolution, or the model output for the final exit.
+
+        With ``size``, resized to it (bilinear; training takes its losses at the input size).
+        """
         if i == len(self.stages) - 1:
-            return state.values[self._stage_io(i)[1][0]]
+            out = state.values[self._stage_io(i)[1][0]]
+            return out if size is None else resize_logits(out, size)
         features = self.exit_features(i, state)
         if features.requires_grad:
             # the next stage may change these features in place (an in-place activation); the head
             # keeps its own copy so that its backward still finds the values it saw
             features = features.clone()
-        return self.heads[self.exit_names[i]](features, state.input_size)
+        return self.heads[self.exit_names[i]](features, size)
 
     def iter_exits(self, x: torch.Tensor, with_logits: bool = True) -> Iterator[ExitOutput]:
-        """Yield each exit lazily: the next stage runs only when the caller asks for it."""
+        """Yield each exit lazily (logits at each exit's own resolution): the next stage runs only when asked."""
         state = self.start(x)
         for i in range(len(self.stages)):
             state = self.run_stage(i, state)
@@ -165,9 +169,16 @@ class MultiExitModel(nn.Module):
             state = self.run_stage(i, state)
         return self.exit_logits(len(self.stages) - 1, state)
 
-    def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Logits of every exit, final last."""
-        return [e.logits for e in self.iter_exits(x)]
+    def forward_all(self, x: torch.Tensor, upsample: bool = True) -> List[torch.Tensor]:
+        """Logits of every exit, final last: early exits at the input resolution (training and
+        evaluation), or with ``upsample=False`` at their own (what policies score)."""
+        state, outs = self.start(x), []
+        last = len(self.stages) - 1
+        for i in range(len(self.stages)):
+            state = self.run_stage(i, state)
+            # the final exit is the original output, left as the model made it
+            outs.append(self.exit_logits(i, state, state.input_size if upsample and i < last else None))
+        return outs
 
     def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Feature maps at every early exit point (the final stage is not run)."""

@@ -225,6 +225,10 @@ class Policy:
         t = self.temperatures[exit_index] if self.temperatures is not None else 1.0
         return torch.softmax(logits.float() / t, dim=1)
 
+    def mask_scores(self, exit_index: int, logits: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What an exit's mask is the argmax of, once resized to the image (default: the logits)."""
+        return logits
+
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

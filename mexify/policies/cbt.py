@@ -107,7 +107,7 @@ class CBTPolicy(Policy):
         above = np.flip(np.cumsum(np.flip(ch, -1), -1, dtype=np.int64), -1)
         k_idx = np.arange(ch.shape[2])
         settled = above[:, :, k_idx, self._class_bins].sum(-1)  # (N, E-1)
-        return (settled / cache.num_pixels.astype(np.float64)[:, None]).astype(np.float32).astype(np.float64)
+        return (settled / cache.exit_pixels()[:, :-1]).astype(np.float32).astype(np.float64)
 
     def to_dict(self) -> Dict[str, Any]:
         return super().to_dict()

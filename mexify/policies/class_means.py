@@ -159,6 +159,13 @@ class ClassMeansPolicy(Policy):
         z = F.interpolate(z, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         return torch.softmax(z, dim=1)
 
+    def mask_scores(self, exit_index: int, logits: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Early exits: the class scores (their argmax after resizing is the mask); the final exit: its logits."""
+        n_early = len(self.means) if self.means is not None else 0
+        if exit_index >= n_early or features is None:
+            return logits
+        return self.class_scores(exit_index, features)
+
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:
         return probs.max(dim=1).values.flatten(1).double().mean(1).float()
 

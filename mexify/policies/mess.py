@@ -1,8 +1,9 @@
 """MESS confidence: share of confident pixels, with predicted class boundaries discounted.
 
-Per pixel ``c_p = max_k softmax(z)_pk`` (top-1 probability). An image's confidence is
+Per pixel of the exit's own output map (feature resolution, float32),
+``c_p = max_k softmax(z)_pk`` (top-1 probability). An image's confidence is
 the weighted share of pixels with ``c_p >= tau`` (MESS Eq. 7), where pixels within
-``edge_radius`` px of a change of predicted class get weight ``edge_weight`` instead
+``edge_radius`` pixels of that map (Chebyshev) of a change of predicted class get weight ``edge_weight`` instead
 of 1 (our reading of the edge smoothing of Eq. 9: boundaries are uncertain even in
 good maps, so they should not hold an image back)::
 
@@ -10,7 +11,8 @@ good maps, so they should not hold an image back)::
 
 When every pixel is a boundary pixel and ``edge_weight`` is 0, Eq. 7 without the
 discount is used. ``tau`` is rounded down to a probability-bin edge so that the
-exit cache reproduces the run-time score exactly.
+exit cache reproduces the run-time score exactly: the run time counts pixels (exact integers) and
+does the per-image arithmetic above in float64, as the cache does from its histograms.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class MessPolicy(Policy):
 
     _params = ("pixel_threshold", "edge_radius", "edge_weight")
 
-    def __init__(self, pixel_threshold: float = 0.9, edge_radius: int = 2, edge_weight: float = 0.0, **kw: Any):
+    def __init__(self, pixel_threshold: float = 0.9, edge_radius: int = 1, edge_weight: float = 0.0, **kw: Any):
         super().__init__(**kw)
         if not 0.0 <= float(pixel_threshold) <= 1.0:
             raise ConfigError(f"mess pixel_threshold must lie in [0, 1], got {pixel_threshold}", "e.g. 0.9")
@@ -51,12 +53,17 @@ class MessPolicy(Policy):
 
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:
         top1, pred = probs.max(dim=1)
-        above = (top1 >= torch.tensor(self.pixel_threshold, dtype=top1.dtype, device=top1.device)).flatten(1).double()
+        above = (top1 >= torch.tensor(self.pixel_threshold, dtype=top1.dtype, device=top1.device)).flatten(1)
         edge = boundary_mask(pred, self.edge_radius).flatten(1)
-        w = torch.where(edge, torch.full_like(above, self.edge_weight), torch.ones_like(above))
-        den = w.sum(1)
-        plain = above.mean(1)
-        conf = torch.where(den > 0, (w * above).sum(1) / den.clamp_min(1e-12), plain)
+        # pixel counts per image, then the few per-image operations in float64 (as cache_scores)
+        above_all = above.sum(1).double()
+        above_edge = (above & edge).sum(1).double()
+        tot_edge = edge.sum(1).double()
+        tot = float(above.shape[1])
+        w = self.edge_weight
+        num = (above_all - above_edge) + w * above_edge
+        den = (tot - tot_edge) + w * tot_edge
+        conf = torch.where(den > 0, num / den.clamp_min(1e-12), above_all / tot)
         return conf.float()
 
     def cache_scores(self, cache: Any) -> np.ndarray:
@@ -65,7 +72,7 @@ class MessPolicy(Policy):
         b = self._bin
         above_all = hist[..., b:].sum(-1)
         above_edge = edge[..., b:].sum(-1)
-        tot = cache.num_pixels.astype(np.float64)[:, None]
+        tot = cache.exit_pixels()[:, :-1]
         tot_edge = edge.sum(-1)
         w = self.edge_weight
         num = (above_all - above_edge) + w * above_edge

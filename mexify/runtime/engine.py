@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from mexify.errors import DataError
-from mexify.nn import module_device
+from mexify.nn import module_device, resize_logits
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
@@ -62,15 +61,10 @@ class EarlyExitRuntime:
         return list(self.model.exit_names)
 
     def _masks(self, i: int, logits: torch.Tensor, feats: Optional[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
-        last = i == self.model.num_exits - 1
-        if self.needs_features and not last and hasattr(self.policy, "probabilities"):
-            # class-means predicts from its own class scores, not from the head
-            scores = self.policy.probabilities(i, logits, feats)
-        else:
-            scores = logits
-        if tuple(scores.shape[-2:]) != tuple(size):
-            scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-        return labels_of(scores)
+        """Masks of the images that leave at exit ``i``: the only place an exit's output is resized."""
+        mask_scores = getattr(self.policy, "mask_scores", None)
+        scores = mask_scores(i, logits, feats) if mask_scores is not None else logits
+        return labels_of(resize_logits(scores, size))
 
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor) -> BatchPrediction:

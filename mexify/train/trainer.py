@@ -199,7 +199,7 @@ class _StageForward(nn.Module):
             with torch.no_grad():
                 state = m.run_stage(i, state)
             if i < n - 1:
-                outs.append(m.exit_logits(i, state))
+                outs.append(m.exit_logits(i, state, state.input_size))
             else:
                 with torch.no_grad():
                     outs.append(m.exit_logits(i, state))
