@@ -35,13 +35,23 @@ from mexify.config import BundleConfig, json_safe, parse_size
 from mexify.data import as_loader, build_dataset, check_classes, take
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
 from mexify.graph.placement import PlacementConfig
-from mexify.nn import MultiExitModel, resolve_device
+from mexify.nn import MultiExitModel, module_device, resolve_device
 from mexify.policies import Policy, available_policies
 from mexify.prepare import ConvertResult, TracedModel
 from mexify.prepare import convert as _convert
 from mexify.prepare import inspect as _inspect
 from mexify.runtime import EarlyExitRuntime
-from mexify.tools import BenchReport, EvalReport, LatencyProfile, PolicyResult, collect_images, predict_images, profile_latency, save_pareto
+from mexify.tools import (
+    BenchReport,
+    EvalReport,
+    LatencyProfile,
+    PolicyResult,
+    collect_images,
+    predict_images,
+    profile_latency,
+    save_pareto,
+    select_profile,
+)
 from mexify.tools import bench as _bench
 from mexify.tools import evaluate as _evaluate
 from mexify.tools import evaluate_policy as _evaluate_policy
@@ -267,6 +277,8 @@ def calibrate(
     edge_radius: Optional[int] = None,
     write: bool = True,
     progress: StageProgress = None,
+    cost: Optional[str] = None,
+    profile: Optional[str] = None,
 ) -> CalibrationReport:
     """Fit an exit policy on a calibration split for a budget and write it into the bundle (``mexify calibrate``).
 
@@ -274,7 +286,7 @@ def calibrate(
         bundle: bundle directory (updated in place) or a ``MultiExitModel`` (only ``out`` is written).
         data: dataset spec (``synthetic:scenes``, ``voc:PATH``, ...) or a Dataset of ``(image, mask)``.
         policy: registry name or a :class:`~mexify.policies.Policy`.
-        budget: ``"2x"`` or ``"40%"``: the most accurate thresholds within that mean cost.
+        budget: ``"2x"``, ``"40%"`` or ``"8ms"``: the most accurate thresholds within that mean cost.
         max_drop: the fastest thresholds within this many mIoU points of the final exit
             (default 1.0 when no budget is given).
         split: dataset split to calibrate on.
@@ -285,6 +297,10 @@ def calibrate(
         means_split, means_limit: labelled data for class-means' class means.
         write: write the fitted policy into the bundle's ``config.yaml``.
         progress: ``callback(stage, done, total)``.
+        cost: ``"latency"`` or ``"flops"``: what the search minimises (default: latency when the
+            bundle has a latency profile, else FLOPs).
+        profile: part of a latency-profile key (``"cpu|b1"``, ``"H100|b8|bfloat16"``); default the
+            profile of the calibration device at batch 1, float32 where there is one.
 
     Raises:
         BudgetError: the budget is below the cheapest reachable cost (nothing is written).
@@ -294,6 +310,10 @@ def calibrate(
     ds = _dataset(data, split, limit)
     check_classes(ds, model.num_classes)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
+    dev = module_device(model)
+    table = getattr(getattr(model, "config", None), "latency", None)
+    here = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    latency = select_profile(table, profile, here)
     report = fit_policy(
         model,
         lambda: as_loader(ds, batch_size),
@@ -307,6 +327,8 @@ def calibrate(
         device=device,
         total=math.ceil(len(ds) / batch_size) if hasattr(ds, "__len__") else None,
         progress=progress,
+        latency=latency,
+        cost=cost,
     )
     out_dir = Path(out) if out is not None else (bundle_path / "calibration" if bundle_path is not None else None)
     if out_dir is not None:

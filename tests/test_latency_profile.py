@@ -55,3 +55,62 @@ def test_profile_cli(bundle):
     assert res.exit_code == 1 and "float16 is for GPUs" in res.output
     res = CliRunner().invoke(app, ["profile", str(bundle), "--batch-size", "1,x"])
     assert res.exit_code == 1 and "--batch-size" in res.output
+
+
+SCENES = "synthetic:scenes?size=64&classes=4&n=24&n_eval=12"
+
+
+def _hand_profile(bundle, stage_ms, head_ms, batch=2):
+    """A latency table written by hand, so that the arithmetic below is known exactly."""
+    from mexify.bundle import update_bundle
+
+    key = f"cpu|b{batch}|float32|64x64"
+    update_bundle(bundle, latency={key: {
+        "device": "cpu", "batch_size": batch, "dtype": "float32", "input_size": [64, 64], "stage_ms": stage_ms,
+        "head_ms": head_ms, "policy_ms": [0.1] * len(head_ms), "original_ms": sum(stage_ms), "warmup": 0, "repeats": 1,
+    }})
+    return key
+
+
+def test_calibrate_on_measured_latency_and_eval_reports_the_same(bundle):
+    # an expensive first head: by FLOPs it is nothing, by the clock it is most of the first exit
+    key = _hand_profile(bundle, [2.0, 2.0, 2.0, 14.0], [6.0, 1.0, 1.0])
+    rep = api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4)
+    fig = rep.figures
+    assert fig["cost"] == "latency" and fig["latency_profile"] == key
+    assert any("measured latency" in n for n in rep.notes)
+    # ms per image: stages and the active heads (+ 0.1 ms policy step each) on the way, batch of 2
+    th = rep.policy.thresholds
+    on = [not (t == float("inf")) for t in th]
+    per = []
+    for i in range(4):
+        heads = sum((h + 0.1) for j, h in enumerate([6.0, 1.0, 1.0][: min(i + 1, 3)]) if on[j])
+        per.append((sum([2.0, 2.0, 2.0, 14.0][: i + 1]) + heads) / 2)
+    rates = list(fig["exit_rates"].values())
+    assert fig["mean_ms"] == pytest.approx(sum(r * m for r, m in zip(rates, per)))
+    assert fig["predicted_speedup"] == pytest.approx(10.0 / fig["mean_ms"])
+    # what eval reports through the runtime on the same images is what calibration stored
+    run = api.evaluate_policy(bundle, None, SCENES, split="calib", batch_size=4, device="cpu")
+    assert list(run.exit_rates) == pytest.approx(rates)
+    assert run.extra["mean_ms_predicted"] == pytest.approx(fig["mean_ms"])
+    assert run.extra["latency_profile"] == key
+    flops = api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4, cost="flops", write=False)
+    assert flops.figures["cost"] == "flops" and "mean_ms" in flops.figures
+
+
+def test_budget_in_milliseconds_is_enforced(bundle):
+    from mexify.errors import BudgetError, ConfigError
+
+    with pytest.raises(ConfigError, match="needs measured latencies"):
+        api.calibrate(bundle, SCENES, policy="maxprob", budget="8ms", batch_size=4)  # no profile yet
+    _hand_profile(bundle, [2.0, 2.0, 2.0, 14.0], [1.0, 1.0, 1.0])
+    for budget in ("6ms", "4ms"):
+        rep = api.calibrate(bundle, SCENES, policy="maxprob", budget=budget, batch_size=4, write=False)
+        assert rep.figures["mean_ms"] <= float(budget[:-2]) + 1e-9
+        assert rep.budget["kind"] == "latency_ms"
+    with pytest.raises(BudgetError, match="not reachable"):
+        api.calibrate(bundle, SCENES, policy="maxprob", budget="1ms", batch_size=4)
+    with pytest.raises(ConfigError, match="needs measured latencies"):
+        api.calibrate(bundle, SCENES, policy="maxprob", budget="8ms", batch_size=4, cost="flops")
+    with pytest.raises(ConfigError, match="match"):
+        api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4, profile="H100")

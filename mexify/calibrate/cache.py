@@ -83,6 +83,11 @@ class ExitCache:
     source: str = "softmax"
     stage_flops: Optional[List[float]] = None
     head_flops: Optional[List[float]] = None
+    #: measured milliseconds per image (``stage_ms``, ``head_ms`` with the policy step, ``original_ms``,
+    #: ``key``) from a latency profile; see :meth:`with_latency`
+    latency: Optional[Dict[str, Any]] = None
+    #: what the search minimises: ``"flops"`` or ``"latency"``
+    cost: str = "flops"
 
     # --------------------------------------------------------------- basics
     @property
@@ -162,36 +167,90 @@ class ExitCache:
         ok = pim >= pim[:, -1:] - float(tolerance) - 1e-9
         return ok.argmax(1)
 
-    def exit_costs(self, thresholds: Optional[Sequence[float]] = None) -> np.ndarray:
-        """FLOPs to leave at each exit, ``(E,)``, when only the heads the thresholds can use run.
+    # --------------------------------------------------------------- cost model
+    def with_latency(self, profile: Dict[str, Any]) -> "ExitCache":
+        """A copy that costs exits by a measured latency profile (``mexify profile``) and searches on it.
+
+        ``profile`` is one entry of a bundle's ``latency:`` table (milliseconds per batch of
+        ``batch_size``); costs become milliseconds per image, a head's cost includes the policy's
+        decision at that exit, and the original model costs ``original_ms`` (its plain forward; the
+        sum of the stages for profiles that did not time it).
+        """
+        b = float(profile["batch_size"])
+        policy = profile.get("policy_ms") or [0.0] * len(profile["head_ms"])
+        stage = [float(v) / b for v in profile["stage_ms"]]
+        if len(stage) != self.num_exits:
+            raise DataError(
+                f"the latency profile {profile.get('key', '')!r} has {len(stage)} stages for {self.num_exits} exits",
+                "profile the bundle again: `mexify profile BUNDLE`",
+            )
+        latency = {
+            "key": str(profile.get("key", "")),
+            "stage_ms": stage,
+            "head_ms": [(float(h) + float(p)) / b for h, p in zip(profile["head_ms"], policy)],
+            "original_ms": float(profile.get("original_ms") or sum(profile["stage_ms"])) / b,
+        }
+        return dataclasses.replace(self, latency=latency, cost="latency")
+
+    @property
+    def cost_unit(self) -> str:
+        return "ms" if self.cost == "latency" else "flops"
+
+    @property
+    def original_cost(self) -> float:
+        """The original model's cost per image in the search's unit."""
+        return float(self.latency["original_ms"]) if self.cost == "latency" else float(self.original_flops)
+
+    def exit_costs(self, thresholds: Optional[Sequence[float]] = None, kind: Optional[str] = None) -> np.ndarray:
+        """Cost to leave at each exit, ``(E,)``, in FLOPs or ms per image (``kind``, default the
+        search's), when only the heads the thresholds can use run.
 
         A threshold of ``+inf`` switches its exit off: the runtime never evaluates that head, so
         it costs nothing on the way to later exits. Without thresholds, every head counts.
         """
-        if thresholds is None or self.stage_flops is None or self.head_flops is None:
+        kind = kind or self.cost
+        if kind == "latency":
+            stage, head = self.latency["stage_ms"], self.latency["head_ms"]
+        elif self.stage_flops is None or self.head_flops is None:
             return self.costs
-        on = np.array([not (math.isinf(t) and t > 0) for t in thresholds], dtype=np.float64)
-        heads = np.concatenate([np.asarray(self.head_flops, dtype=np.float64) * on, [0.0]])
-        return np.cumsum(np.asarray(self.stage_flops, dtype=np.float64)) + np.cumsum(heads)
+        else:
+            stage, head = self.stage_flops, self.head_flops
+        on = np.ones(len(head)) if thresholds is None else np.array([not (math.isinf(t) and t > 0) for t in thresholds])
+        heads = np.concatenate([np.asarray(head, dtype=np.float64) * on, [0.0]])
+        return np.cumsum(np.asarray(stage, dtype=np.float64)) + np.cumsum(heads)
 
     def figures(self, assignment: np.ndarray, thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
-        """mIoU, drop, mean FLOPs, speed-up and exit rates of an assignment (costed as :meth:`exit_costs`)."""
+        """mIoU, drop, mean cost, speed-up and exit rates of an assignment (costed as :meth:`exit_costs`).
+
+        ``mean_cost``/``speedup``/``cost_fraction`` are in the search's cost model (``cost``);
+        FLOPs figures are always there, measured-latency ones (``mean_ms``, ``predicted_speedup``)
+        when the cache has a latency profile.
+        """
+        flops = float(self.exit_costs(thresholds, "flops")[assignment].mean())
         cost = float(self.exit_costs(thresholds)[assignment].mean())
         final = self.final_miou
         miou = self.miou(assignment)
         rates = np.bincount(assignment, minlength=self.num_exits) / max(len(assignment), 1)
-        return {
+        out = {
             "miou": miou,
             "final_miou": final,
             "drop": final - miou,
-            "mean_flops": cost,
+            "cost": self.cost,
+            "mean_cost": cost,
+            "cost_fraction": cost / self.original_cost,
+            "speedup": self.original_cost / cost if cost > 0 else float("nan"),
+            "mean_flops": flops,
             "original_flops": float(self.original_flops),
-            "cost_fraction": cost / float(self.original_flops),
-            "speedup": float(self.original_flops) / cost if cost > 0 else float("nan"),
-            "exit_rates": {n: float(r) for n, r in zip(self.exit_names, rates)},
-            "labelled": self.labelled,
-            "num_images": self.num_images,
+            "flops_speedup": float(self.original_flops) / flops if flops > 0 else float("nan"),
         }
+        if self.latency is not None:
+            ms = float(self.exit_costs(thresholds, "latency")[assignment].mean())
+            orig = float(self.latency["original_ms"])
+            out.update(mean_ms=ms, original_ms=orig, predicted_speedup=orig / ms if ms > 0 else float("nan"),
+                       latency_profile=self.latency["key"])
+        out.update(exit_rates={n: float(r) for n, r in zip(self.exit_names, rates)}, labelled=self.labelled,
+                   num_images=self.num_images)
+        return out
 
     # --------------------------------------------------------------- search
     def search(

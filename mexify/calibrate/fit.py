@@ -83,6 +83,8 @@ def fit_policy(
     device: Any = None,
     total: Optional[int] = None,
     progress: Progress = None,
+    latency: Optional[Dict[str, Any]] = None,
+    cost: Optional[str] = None,
 ) -> CalibrationReport:
     """Fit an exit policy on calibration batches for a budget.
 
@@ -99,6 +101,9 @@ def fit_policy(
         means_batches: labelled batches for class-means' class means (default: ``batches``).
         policy_options: keyword options of the policy (e.g. ``{"pixel_threshold": 0.95}``).
         edge_radius: boundary half-width of the cache (default: the policy's).
+        latency: a latency profile (one entry of a bundle's ``latency:`` table, with its ``key``).
+        cost: ``"latency"`` (needs ``latency``) or ``"flops"``; default latency when a profile
+            is given, else FLOPs (the report's notes say which).
         device: where to run (default: where the model is).
         total: number of batches per pass, for progress.
         progress: ``callback(stage, done, total)``.
@@ -113,6 +118,8 @@ def fit_policy(
     timings: Dict[str, float] = {}
     notes: List[str] = []
     bud, max_drop = _budget(budget, max_drop)
+    if bud is not None and bud["kind"] == "latency_ms" and (latency is None or cost == "flops"):
+        budget_max_cost(bud, 0.0, "flops")  # raises: a budget in ms needs measured latencies
     pol = policy if isinstance(policy, Policy) else build_policy(policy, **(policy_options or {}))
     if pol.name == "oracle":
         raise ConfigError("the oracle reads labels and cannot be deployed", "calibrate a policy such as mess; its report includes the oracle")
@@ -130,6 +137,7 @@ def fit_policy(
     t0 = time.perf_counter()
     cache = collect_cache(model, batches(), source=pol, edge_radius=radius, device=dev, total=total, progress=progress)
     timings["collect_s"] = time.perf_counter() - t0
+    cache = _cost_model(cache, latency, cost, notes)
     if not cache.labelled:
         notes.append(
             "no labels in the calibration split: only label-free parts were fitted; mIoU figures are agreement "
@@ -137,6 +145,23 @@ def fit_policy(
             "temperatures and the oracle are skipped"
         )
     return _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress)
+
+
+def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optional[str], notes: List[str]) -> ExitCache:
+    """The cache costed as asked: measured latency when there is a profile (or asked), else FLOPs."""
+    if cost not in (None, "latency", "flops"):
+        raise ConfigError(f"unknown cost model {cost!r}", "use --cost latency or --cost flops")
+    if cost == "latency" and latency is None:
+        raise ConfigError("--cost latency needs a latency profile in the bundle", "run `mexify profile BUNDLE --device DEV` first, or use --cost flops")
+    if latency is not None:
+        cache = cache.with_latency(latency)
+    if cost == "flops" or latency is None:
+        cache = dataclasses.replace(cache, cost="flops")
+        why = "asked" if cost == "flops" else "the bundle has no latency profile; `mexify profile` measures one"
+        notes.append(f"cost model: FLOPs ({why})")
+    else:
+        notes.append(f"cost model: measured latency, profile {latency['key']}")
+    return cache
 
 
 def _budget(budget: Optional[str], max_drop: Optional[float]):
@@ -162,7 +187,7 @@ def _temperatures(model, pol, batches, enabled, dev, total, progress, timings, n
 
 def _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress) -> CalibrationReport:
     """Search the thresholds on the cache, then the oracle and the theoretical figures beside them."""
-    max_cost = budget_max_cost(bud, cache.original_flops) if bud is not None else None
+    max_cost = budget_max_cost(bud, cache.original_cost, cache.cost_unit) if bud is not None else None
     t0 = time.perf_counter()
     if progress is not None:
         progress("search", 0, 1)

@@ -30,7 +30,7 @@ class SearchResult:
     assignment: np.ndarray
     cache: "ExitCache"
     constraint: Dict[str, Any]
-    pareto: List[Dict[str, Any]]  # non-dominated (mean_flops, miou, thresholds)
+    pareto: List[Dict[str, Any]]  # non-dominated (mean_cost, speedup, miou, thresholds) in the cache's cost unit
     global_curve: List[Dict[str, Any]]  # one threshold for every exit
     best_global: Optional[Dict[str, Any]]
     evaluations: int
@@ -122,21 +122,26 @@ def search_thresholds(
     ev = _Eval(cache, scores)
     cands = [_candidates(scores[:, i], q) for i in range(e1)]
     global_curve, best_g = _global_baseline(ev, scores, key, q)
-    _lagrangian_sweep(ev, cands, e1, float(cache.original_flops), n_lambda)
+    _lagrangian_sweep(ev, cands, e1, float(cache.original_cost), n_lambda)
     best_t = _polish(ev, cands, key, best_g, e1, max_cost is not None)
     return _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0)
 
 
 def _check_reachable(cache: "ExitCache", max_cost: Optional[float]) -> None:
     """Refuse a cost budget below every image at the first exit."""
-    orig = float(cache.original_flops)
-    cheapest = float(cache.costs.min()) if cache.num_exits == 1 else float(cache.costs[0])
+    orig = float(cache.original_cost)
+    costs = cache.exit_costs()
+    cheapest = float(costs.min()) if cache.num_exits == 1 else float(costs[0])
+    unit = cache.cost_unit
     if max_cost is not None and max_cost < cheapest * (1 - 1e-9):
+        hint = f"the best reachable budget is {orig / cheapest:.2f}x ({100 * cheapest / orig:.1f}%)"
+        if unit == "ms":
+            hint += f" or {cheapest:.4g}ms"
         raise BudgetError(
-            f"budget not reachable: mean cost {max_cost:.4g} FLOPs ({orig / max_cost:.2f}x) is below the cheapest "
-            f"configuration, every image at the first exit: {cheapest:.4g} FLOPs ({orig / cheapest:.2f}x, "
+            f"budget not reachable: mean cost {max_cost:.4g} {unit} ({orig / max_cost:.2f}x) is below the cheapest "
+            f"configuration, every image at the first exit: {cheapest:.4g} {unit} ({orig / cheapest:.2f}x, "
             f"{100 * cheapest / orig:.1f}% of the original)",
-            f"the best reachable budget is {orig / cheapest:.2f}x ({100 * cheapest / orig:.1f}%)",
+            hint,
         )
 
 
@@ -163,7 +168,7 @@ def _global_baseline(ev: "_Eval", scores: np.ndarray, key: Key, q: int) -> Tuple
     for g in _candidates(scores.ravel(), max(4 * q, 64)):
         t = np.full(e1, g)
         cost, miou = ev(t)
-        curve.append({"threshold": float(g), "mean_flops": cost, "miou": miou})
+        curve.append({"threshold": float(g), "mean_cost": cost, "miou": miou})
         k = key(cost, miou)
         if k is not None and (best_k is None or k > best_k):
             best, best_k = t.copy(), k
@@ -198,12 +203,12 @@ def _polish(ev: "_Eval", cands: List[np.ndarray], key: Key, best_g: Optional[np.
 
 
 def _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0) -> SearchResult:
-    orig = float(cache.original_flops)
+    orig = float(cache.original_cost)
     front = _front(ev.points)
     best_global = None
     if best_g is not None:
         figures = cache.figures(cache.assign(scores, best_g), best_g)
-        best_global = {"threshold": float(best_g[0]), **{k: v for k, v in figures.items() if k in ("miou", "mean_flops", "speedup")}}
+        best_global = {"threshold": float(best_g[0]), **{k: v for k, v in figures.items() if k in ("miou", "mean_cost", "mean_flops", "speedup")}}
     secs = time.perf_counter() - t0
     log.info("threshold search: %d evaluations in %.2f s", ev.count, secs)
     return SearchResult(
@@ -211,7 +216,7 @@ def _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0) -> 
         assignment=cache.assign(scores, best_t),
         cache=cache,
         constraint=constraint,
-        pareto=[{"mean_flops": c, "speedup": orig / c, "miou": m, "thresholds": list(th)} for c, m, th in front],
+        pareto=[{"mean_cost": c, "speedup": orig / c, "miou": m, "thresholds": list(th)} for c, m, th in front],
         global_curve=global_curve,
         best_global=best_global,
         evaluations=ev.count,
@@ -233,9 +238,9 @@ def oracle_at(cache: "ExitCache", max_cost: Optional[float] = None, min_miou: Op
         f["tolerance"] = float(tol)
         curve.append(f)
         if max_cost is not None:
-            k = (f["miou"], -f["mean_flops"]) if f["mean_flops"] <= max_cost * (1 + 1e-12) else None
+            k = (f["miou"], -f["mean_cost"]) if f["mean_cost"] <= max_cost * (1 + 1e-12) else None
         else:
-            k = (-f["mean_flops"], f["miou"]) if min_miou is None or f["miou"] >= min_miou - 1e-9 else None
+            k = (-f["mean_cost"], f["miou"]) if min_miou is None or f["miou"] >= min_miou - 1e-9 else None
         if k is not None and (best_k is None or k > best_k):
             best, best_k = f, k
     return best, curve

@@ -37,24 +37,39 @@ def _render(report) -> None:
         t.add_row(*row)
     console.print(t)
 
-    s = Table(title=f"budget {report.budget['text']} (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
+    ms = "mean_ms" in fig
+    what = f"cost: measured latency, {fig['latency_profile']}" if fig.get("cost") == "latency" else "cost: FLOPs"
+    s = Table(title=f"budget {report.budget['text']} ({what}; 1 multiply-add = 1 FLOP)", title_justify="left")
     s.add_column("")
     s.add_column(label, justify="right")
     s.add_column("drop", justify="right")
     s.add_column("mean FLOPs", justify="right")
-    s.add_column("speed-up", justify="right")
-    s.add_row("original model (final exit)", f"{fig['final_miou']:.2f}", "0.00", _fmt_flops(fig["original_flops"]), "1.00x")
-    s.add_row(f"[bold]{report.policy.name}[/]", f"{fig['miou']:.2f}", f"{fig['drop']:.2f}", _fmt_flops(fig["mean_flops"]), f"{fig['speedup']:.2f}x")
-    g = report.best_global
-    if g:
-        s.add_row("one global threshold", f"{g['miou']:.2f}", f"{fig['final_miou'] - g['miou']:.2f}", _fmt_flops(g["mean_flops"]), f"{g['speedup']:.2f}x")
+    s.add_column("speed-up (FLOPs)", justify="right")
+    if ms:
+        s.add_column("ms / image", justify="right")
+        s.add_column("speed-up (predicted)", justify="right")
+
+    def row(name: str, f: dict, drop: float) -> None:
+        cells = [name, f"{f['miou']:.2f}", f"{drop:.2f}", _fmt_flops(f["mean_flops"]), f"{f['flops_speedup']:.2f}x"]
+        if ms:
+            cells += [f"{f['mean_ms']:.2f}", f"{f['predicted_speedup']:.2f}x"] if "mean_ms" in f else ["-", "-"]
+        s.add_row(*cells)
+
+    orig = {"miou": fig["final_miou"], "mean_flops": fig["original_flops"], "flops_speedup": 1.0}
+    if ms:
+        orig.update(mean_ms=fig["original_ms"], predicted_speedup=1.0)
+    row("original model (final exit)", orig, 0.0)
+    row(f"[bold]{report.policy.name}[/]", fig, fig["drop"])
     o = report.oracle
     if o:
-        s.add_row(f"oracle (tolerance {o['tolerance']:.2g})", f"{o['miou']:.2f}", f"{o['drop']:.2f}", _fmt_flops(o["mean_flops"]), f"{o['speedup']:.2f}x")
+        row(f"oracle (tolerance {o['tolerance']:.2g})", o, o["drop"])
     th = report.theoretical
     if th:
-        s.add_row("pixel-level, theoretical", "-", "-", _fmt_flops(th["mean_flops"]), f"{th['speedup']:.2f}x")
+        s.add_row("pixel-level, theoretical", "-", "-", _fmt_flops(th["mean_flops"]), f"{th['speedup']:.2f}x", *(["-", "-"] if ms else []))
     console.print(s)
+    g = report.best_global
+    if g:
+        console.print(f"one global threshold at the same budget: mIoU {g['miou']:.2f}, {g['speedup']:.2f}x by the search's cost")
     if report.temperatures:
         console.print("temperatures: " + ", ".join(f"{n}={t:.3f}" for n, t in zip(report.policy.exit_names, report.temperatures)))
     for note in report.notes:
@@ -69,7 +84,7 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mexify convert` / `mexify train`).")],
         data: DataOpt,
         policy: Annotated[str, typer.Option("--policy", help="mess, entropy, maxprob, cbt or class-means.")] = "mess",
-        budget: Annotated[Optional[str], typer.Option("--budget", help="Mean speed-up (2x) or mean cost share (40%): maximise mIoU within it.")] = None,
+        budget: Annotated[Optional[str], typer.Option("--budget", help="Mean speed-up (2x), mean cost share (40%) or mean latency per image (8ms): maximise mIoU within it.")] = None,
         max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fastest thresholds within this many mIoU points of the final exit (default 1.0).")] = None,
         split: Annotated[str, typer.Option("--split", help="Calibration split.")] = "calib",
         limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N images.")] = None,
@@ -77,6 +92,8 @@ def register(app: typer.Typer) -> None:
         option: Annotated[Optional[List[str]], typer.Option("--option", help="Policy option key=value, e.g. pixel_threshold=0.95 (repeatable).")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", help="Where pareto.csv/png go (default BUNDLE/calibration).")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 4,
+        cost: Annotated[Optional[str], typer.Option("--cost", help="latency (measured, from `mexify profile`) or flops; default latency when the bundle has a profile.")] = None,
+        profile: Annotated[Optional[str], typer.Option("--profile", help="Which latency profile: part of its key, e.g. 'cpu|b1' or 'H100|b8|bfloat16'.")] = None,
         device: DeviceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
@@ -97,6 +114,8 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 policy_options=opts,
                 progress=progress_cb,
+                cost=cost,
+                profile=profile,
             )
         if json_out:
             print_json(api.json_safe(report.to_dict()))

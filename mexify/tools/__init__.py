@@ -3,7 +3,7 @@ from mexify.tools.bench import BenchReport, bench, original_model
 from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
 from mexify.tools.images import collect_images, palette, predict_images, read_image, to_tensor
 from mexify.tools.plots import save_pareto
-from mexify.tools.profile import LatencyProfile, profile_key, profile_latency
+from mexify.tools.profile import LatencyProfile, profile_key, profile_latency, select_profile
 from mexify.tools.timing import synchronize, time_call
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "LatencyProfile",
     "profile_latency",
     "profile_key",
+    "select_profile",
 ]

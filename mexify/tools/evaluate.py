@@ -21,7 +21,8 @@ from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import module_device, resolve_device
-from mexify.runtime import EarlyExitRuntime
+from mexify.runtime import EarlyExitRuntime, active_exits
+from mexify.tools.profile import exit_ms_per_image, select_profile
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,23 @@ def evaluate_policy(
     return _policy_row(model, rt.policy, cm, counts, flops / done, conf_sum / done, done, time.perf_counter() - t0)
 
 
+def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int) -> Dict[str, Any]:
+    """Mean ms per image the bundle's latency profile predicts for this exit mix (the profile the
+    policy was calibrated on, else the one for this device); empty without a profile."""
+    cfg = getattr(model, "config", None)
+    table = getattr(cfg, "latency", None)
+    if not table:
+        return {}
+    want = (getattr(policy, "figures", None) or {}).get("latency_profile")
+    dev = module_device(model)
+    prof = select_profile(table, want if want in table else None, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    ms = exit_ms_per_image(prof, active_exits(policy, model.num_exits))
+    mean = sum(c * m for c, m in zip(counts.tolist(), ms)) / max(done, 1)
+    orig = float(prof.get("original_ms") or sum(prof["stage_ms"])) / float(prof["batch_size"])
+    return {"latency_profile": prof["key"], "mean_ms_predicted": mean, "original_ms_predicted": orig,
+            "predicted_speedup": orig / mean if mean else float("nan")}
+
+
 def _at_label_size(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if pred.shape[-2:] != y.shape[-2:]:
         pred = F.interpolate(pred[:, None].float(), size=y.shape[-2:], mode="nearest-exact")[:, 0].long()
@@ -347,6 +365,7 @@ def _policy_row(model: Any, policy: Any, cm: ConfusionMatrix, counts: torch.Tens
     th = getattr(policy, "thresholds", None)
     if isinstance(th, (list, tuple)):
         extra["thresholds"] = {n: (None if math.isinf(t) else float(t)) for n, t in zip(model.exit_names, th)}
+    extra.update(_predicted_latency(model, policy, counts, done))
     return PolicyResult(
         name=str(getattr(policy, "name", type(policy).__name__)),
         miou=cm.miou(),

@@ -19,32 +19,34 @@ __all__ = ["save_pareto"]
 
 
 def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, title: str = "") -> Dict[str, str]:
-    """Write ``pareto.csv`` and ``pareto.png`` (mIoU against mean FLOPs speed-up)."""
+    """Write ``pareto.csv`` and ``pareto.png`` (mIoU against the mean speed-up in the search's cost model)."""
     out.mkdir(parents=True, exist_ok=True)
-    orig = float(result.cache.original_flops)
+    orig = float(result.cache.original_cost)
+    unit = result.cache.cost_unit
     csv_path, png_path = out / "pareto.csv", out / "pareto.png"
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["curve", "mean_flops", "speedup", "miou", "parameter"])
+        w.writerow(["curve", f"mean_{unit}", "speedup", "miou", "parameter"])
         for p in result.pareto:
-            w.writerow(["policy", f"{p['mean_flops']:.6g}", f"{p['speedup']:.4f}", f"{p['miou']:.4f}",
+            w.writerow(["policy", f"{p['mean_cost']:.6g}", f"{p['speedup']:.4f}", f"{p['miou']:.4f}",
                         ";".join("inf" if not math.isfinite(t) else f"{t:.6g}" for t in p["thresholds"])])
         for p in result.global_curve:
-            w.writerow(["global", f"{p['mean_flops']:.6g}", f"{orig / p['mean_flops']:.4f}", f"{p['miou']:.4f}", f"{p['threshold']:.6g}"])
+            w.writerow(["global", f"{p['mean_cost']:.6g}", f"{orig / p['mean_cost']:.4f}", f"{p['miou']:.4f}", f"{p['threshold']:.6g}"])
         for p in oracle_curve:
-            w.writerow(["oracle", f"{p['mean_flops']:.6g}", f"{p['speedup']:.4f}", f"{p['miou']:.4f}", f"{p['tolerance']:.4g}"])
-        w.writerow(["chosen", f"{chosen['mean_flops']:.6g}", f"{chosen['speedup']:.4f}", f"{chosen['miou']:.4f}", ""])
+            w.writerow(["oracle", f"{p['mean_cost']:.6g}", f"{p['speedup']:.4f}", f"{p['miou']:.4f}", f"{p['tolerance']:.4g}"])
+        w.writerow(["chosen", f"{chosen['mean_cost']:.6g}", f"{chosen['speedup']:.4f}", f"{chosen['miou']:.4f}", ""])
     try:
         fig = Figure(figsize=(6, 4), dpi=120)
         ax = fig.subplots()
-        g = sorted(result.global_curve, key=lambda p: p["mean_flops"])
-        ax.plot([orig / p["mean_flops"] for p in g], [p["miou"] for p in g], ".", ms=3, color="0.6", label="one global threshold")
+        g = sorted(result.global_curve, key=lambda p: p["mean_cost"])
+        ax.plot([orig / p["mean_cost"] for p in g], [p["miou"] for p in g], ".", ms=3, color="0.6", label="one global threshold")
         ax.plot([p["speedup"] for p in result.pareto], [p["miou"] for p in result.pareto], "-", color="C0", label="per-exit thresholds (Pareto)")
         if oracle_curve:
             oc = sorted(oracle_curve, key=lambda p: p["speedup"])
             ax.plot([p["speedup"] for p in oc], [p["miou"] for p in oc], "--", color="C2", label="oracle")
         ax.plot([chosen["speedup"]], [chosen["miou"]], "*", ms=12, color="C3", label="chosen")
-        ax.set_xlabel("mean speed-up over the original (FLOPs, 1 multiply-add = 1 FLOP)")
+        what = f"measured latency, {result.cache.latency['key']}" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
+        ax.set_xlabel(f"mean speed-up over the original ({what})")
         ax.set_ylabel("mIoU (%)" if result.cache.labelled else "agreement mIoU with final exit (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

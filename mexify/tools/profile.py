@@ -20,7 +20,7 @@ from mexify.errors import ConfigError
 from mexify.runtime import resolve_policy
 from mexify.tools.timing import time_call
 
-__all__ = ["LatencyProfile", "profile_latency", "profile_key", "time_stages", "DTYPES"]
+__all__ = ["LatencyProfile", "profile_latency", "profile_key", "select_profile", "exit_ms_per_image", "time_stages", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Optional[Callable[[str, int, int], None]]
@@ -47,6 +47,11 @@ class LatencyProfile:
     exit_names: List[str] = dataclasses.field(default_factory=list)
     flops_to_exit: List[int] = dataclasses.field(default_factory=list)  # every head on the way, 1 multiply-add = 1 FLOP
     original_flops: int = 0
+    original_ms: Optional[float] = None  # the model's plain forward: every stage, no head
+
+    @property
+    def exit_ms_per_image(self) -> List[float]:
+        return [v / self.batch_size for v in self.to_exit_ms()]
 
     @property
     def key(self) -> str:
@@ -119,12 +124,63 @@ def profile_latency(
         autocast = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext())
         with autocast:
             stage_s, head_s, policy_s = time_stages(model, x, device, warmup, repeats, progress, policy)
+            original_s = time_call(lambda: model(x), device, warmup, repeats)
         out.append(LatencyProfile(
             device=name, batch_size=int(b), dtype=dtype, input_size=(h, w),
             stage_ms=[1000 * s for s in stage_s], head_ms=[1000 * s for s in head_s],
             policy_ms=[1000 * s for s in policy_s] if policy_s is not None else None,
             warmup=int(warmup), repeats=int(repeats), exit_names=list(model.exit_names),
             flops_to_exit=[int(model.cost_to_exit(i)) for i in range(model.num_exits)],
-            original_flops=int(model.original_flops),
+            original_flops=int(model.original_flops), original_ms=1000 * original_s,
         ))
     return out
+
+
+def exit_ms_per_image(profile: Dict[str, Any], active: Sequence[int]) -> List[float]:
+    """Predicted milliseconds per image to leave at each exit when only the ``active`` exits' heads
+    (and policy steps) run, from one profile dict of a bundle's ``latency:`` table."""
+    b = float(profile["batch_size"])
+    heads = list(profile["head_ms"])
+    policy = profile.get("policy_ms") or [0.0] * len(heads)
+    out, total = [], 0.0
+    for i, stage in enumerate(profile["stage_ms"]):
+        total += float(stage)
+        if i < len(heads) and i in active:
+            total += float(heads[i]) + float(policy[i])
+        out.append(total / b)
+    return out
+
+
+def select_profile(table: Optional[Dict[str, Any]], want: Optional[str] = None, device: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The latency profile a calibration costs exits by, from a bundle's ``latency:`` table.
+
+    Args:
+        table: ``config.latency`` (key -> profile dict).
+        want: part of a key (``"H100|b8|bfloat16"``); the single match is taken.
+        device: without ``want``, prefer this device name (``"cpu"``, a GPU's name), batch 1, float32.
+
+    Returns:
+        the profile dict with its ``key``, or None when the table is empty and nothing is asked.
+
+    Raises:
+        ConfigError: ``want`` matches no key or several.
+    """
+    table = dict(table or {})
+    if want:
+        hits = [k for k in table if want in k]
+        if len(hits) != 1:
+            keys = ", ".join(table) or "none (run `mexify profile BUNDLE` first)"
+            raise ConfigError(
+                f"{'no' if not hits else len(hits)} latency profiles match {want!r}",
+                f"profiles in the bundle: {keys}",
+            )
+        return {**table[hits[0]], "key": hits[0]}
+    if not table:
+        return None
+
+    def rank(key: str) -> tuple:
+        p = table[key]
+        return (p.get("device") != device, int(p.get("batch_size", 1)) != 1, p.get("dtype") != "float32", key)
+
+    key = min(table, key=rank)
+    return {**table[key], "key": key}
