@@ -446,7 +446,7 @@ def predict(
         warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
         forced = -1
     hw = tuple(model.input_size) if not size else parse_size(size, "--size")
-    return predict_images(EarlyExitRuntime(model, exit=forced), files, Path(out), hw, batch_size=batch_size,
+    return predict_images(EarlyExitRuntime(model, exit=forced, final_confidence=True), files, Path(out), hw, batch_size=batch_size,
                           skip_bad=skip_bad, warn=warn, progress=progress)
 
 
@@ -462,6 +462,9 @@ def bench(
     device: Any = None,
     policy: Any = None,
     progress: StageProgress = None,
+    cuda_graphs: Optional[bool] = None,
+    dtype: Optional[str] = None,
+    channels_last: Optional[bool] = None,
 ) -> BenchReport:
     """Per-exit latency and FLOPs, the original model's latency and the policy's measured speed-up (``mexify bench``).
 
@@ -473,6 +476,8 @@ def bench(
         threads: CPU threads for torch (default: torch's).
         device: where to run (default: cuda if available).
         policy: a policy object or dict (default: the bundle's; without one, exits only).
+        cuda_graphs, dtype, channels_last: how the runtime runs (see
+            :class:`~mexify.runtime.EarlyExitRuntime`); the original model runs the same way.
 
     Raises:
         DataError: no image. ConfigError: a policy fitted for another model.
@@ -482,7 +487,7 @@ def bench(
     model, _ = _model(bundle, device)
     ds = _dataset(data, split, limit)
     report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                    device=device, progress=progress)
+                    device=device, progress=progress, cuda_graphs=cuda_graphs, dtype=dtype, channels_last=channels_last)
     if policy is None and isinstance(data, str):
         report.notes.extend(_seen_in_calibration(model, data, split))
     return report
@@ -499,6 +504,7 @@ def profile(
     threads: Optional[int] = None,
     write: bool = True,
     progress: StageProgress = None,
+    graphs: Optional[bool] = None,
 ) -> list:
     """Measure each stage's, head's and policy step's latency on a device and keep it in the bundle (``mexify profile``).
 
@@ -511,6 +517,7 @@ def profile(
         warmup, repeats: untimed runs, then timed runs whose median is kept.
         threads: CPU threads for torch (default: torch's).
         write: store the tables in the bundle, replacing those with the same key.
+        graphs: time each piece replayed from a CUDA graph (default: on CUDA, as the runtime runs).
 
     Returns:
         one :class:`~mexify.tools.LatencyProfile` per batch size.
@@ -523,7 +530,7 @@ def profile(
     if threads:
         torch.set_num_threads(int(threads))
     model, bundle_path = _model(bundle)
-    profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress)
+    profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
     if write and bundle_path is not None:
         tables = dict(read_config(bundle_path).latency or {})
         tables.update({p.key: p.to_dict() for p in profiles})

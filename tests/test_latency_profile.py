@@ -24,7 +24,7 @@ def bundle(tmp_path):
 
 def test_profile_is_stored_by_device_batch_dtype_and_size(bundle):
     profiles = api.profile(bundle, device="cpu", batch_sizes=[1, 2], warmup=0, repeats=1)
-    assert [p.key for p in profiles] == ["cpu|b1|float32|64x64", "cpu|b2|float32|64x64"]
+    assert [p.key for p in profiles] == ["cpu|b1|float32|64x64|eager", "cpu|b2|float32|64x64|eager"]
     stored = read_config(bundle).latency
     assert sorted(stored) == sorted(p.key for p in profiles)
     for p in profiles:
@@ -64,7 +64,7 @@ def _hand_profile(bundle, stage_ms, head_ms, batch=2):
     """A latency table written by hand, so that the arithmetic below is known exactly."""
     from mexify.bundle import update_bundle
 
-    key = f"cpu|b{batch}|float32|64x64"
+    key = f"cpu|b{batch}|float32|64x64|eager"
     update_bundle(bundle, latency={key: {
         "device": "cpu", "batch_size": batch, "dtype": "float32", "input_size": [64, 64], "stage_ms": stage_ms,
         "head_ms": head_ms, "policy_ms": [0.1] * len(head_ms), "original_ms": sum(stage_ms), "warmup": 0, "repeats": 1,

@@ -150,6 +150,17 @@ def test_bench_cli_json(calibrated):
     assert 0 < p["exit_rates"][model.exit_names[0]] < 1
     assert p["flops_speedup"] == pytest.approx(model.original_flops / p["mean_flops"])
     assert "miou" in p and "final_miou" in p
+    # like with like: the predicted speed-up is the timed cost of the observed exit mix
+    thr = model.config.policy["thresholds"]
+    active = [thr[n] is not None for n in model.exit_names[:-1]] + [True]
+    per_exit, total = [], 0.0
+    for i, r in enumerate(rep["exits"]):
+        total += r["stage_ms"] + ((r["head_ms"] + r["policy_ms"]) if i < model.num_exits - 1 and active[i] else 0.0)
+        per_exit.append(total)
+    mean = sum(p["exit_rates"][n] * per_exit[i] for i, n in enumerate(model.exit_names))
+    assert p["predicted_speedup"] == pytest.approx(rep["original"]["latency_ms"] / mean)
+    assert rep["mode"] == "eager" and rep["dtype"] == "float32"
+    assert {"ms_per_image", "original_ms_per_image", "drop", "measured_speedup", "flops_speedup"} <= set(p)
     # one table: every exit row carries its own mIoU and the policy's exit rate
     assert sum(r["exit_rate"] for r in rep["exits"]) == pytest.approx(1.0)
     assert rep["exits"][-1]["miou"] == pytest.approx(p["final_miou"])

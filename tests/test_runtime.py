@@ -113,8 +113,15 @@ def test_runtime_matches_offline_choice_with_same_policy(model, monkeypatch):
     assert counters[model.exit_names[0]].sizes == [8]
     assert counters[model.exit_names[2]].sizes == [int((first >= 2).sum())]
     # confidences are the policy's at the exit taken; FLOPs skip the disabled head
+    # (the final exit decides nothing: it is scored only when asked)
+    scored = EarlyExitRuntime(model, pol, final_confidence=True).predict_batch(x)
+    assert torch.equal(scored.masks, res.masks)
     for r, e in enumerate(first.tolist()):
-        assert res.confidence[r] == pytest.approx(float(scores[e][r]), rel=1e-5, abs=1e-6)
+        assert scored.confidence[r] == pytest.approx(float(scores[e][r]), rel=1e-5, abs=1e-6)
+        if e < model.num_exits - 1:
+            assert res.confidence[r] == scored.confidence[r]
+        else:
+            assert torch.isnan(res.confidence[r])
     full = [model.cost_to_exit(i) for i in range(model.num_exits)]
     assert res.flops[first == 0].tolist() == [full[0]] * int((first == 0).sum())
     assert all(f == full[int(e)] - model.head_flops[1] for f, e in zip(res.flops.tolist(), first.tolist()) if e >= 2)
@@ -134,7 +141,7 @@ def test_batch_shrinking_returns_results_in_input_order(model):
         assert torch.equal(p.mask, logits[plan[r]][r].argmax(0)), f"row {r} got another image's mask"
     # each stage ran once, on the images that had not left yet
     assert [c.sizes for c in stages] == [[8], [6], [4], [2]]
-    assert pol.seen == [(0, 8), (1, 6), (2, 4), (3, 2)]
+    assert pol.seen == [(0, 8), (1, 6), (2, 4)]  # the final exit takes the rest without asking
 
 
 def test_stages_after_the_exit_point_are_not_run(model):
@@ -239,3 +246,73 @@ def test_runtime_on_cuda(model):
         assert preds[r].exit_index == e
         agree = (preds[r].mask.cpu() == logits[e][r].argmax(0)).float().mean()
         assert agree > 0.99
+
+
+def _spread_policy(model, x, name="maxprob"):
+    """A fitted-looking policy whose thresholds spread ``x`` over the exits (midpoints of their scores)."""
+    with torch.no_grad():
+        native = model.forward_all(x, upsample=False)
+    pol = build_policy(name)
+    scores = [pol.scores(i, z) for i, z in enumerate(native)]
+    pol = pol.with_thresholds([_midpoints(scores[0], 0.3), float("inf"), _midpoints(scores[2], 0.5)][: model.num_exits - 1])
+    pol.exit_names = list(model.exit_names)
+    return pol
+
+
+def _same_result(a, b):
+    assert torch.equal(a.exit_index, b.exit_index)
+    assert torch.equal(a.masks.cpu(), b.masks.cpu())
+    assert torch.allclose(a.confidence, b.confidence, atol=1e-6, equal_nan=True)
+
+
+def test_graph_options_are_checked_on_the_cpu(model):
+    with pytest.raises(ConfigError, match="CUDA graphs need"):
+        EarlyExitRuntime(model, exit=0, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        EarlyExitRuntime(model, exit=0, dtype="int8")
+    rt = EarlyExitRuntime(model, exit=0)
+    assert rt.cuda_graphs is False and rt.dtype == "float32"
+    # bfloat16 autocast and channels_last run on the CPU too, and mostly agree with float32
+    x = _images(4)
+    ref = EarlyExitRuntime(model, exit=-1).predict_batch(x)
+    fast = EarlyExitRuntime(model, exit=-1, dtype="bfloat16", channels_last=True).predict_batch(x)
+    assert (fast.masks == ref.masks).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["maxprob", "mess"])
+def test_cuda_graphs_give_the_eager_masks(bundle, policy):
+    model = mexify.load(bundle, device="cuda")
+    x = _images(8).cuda()
+    pol = _spread_policy(model, x, policy)
+    graphed = EarlyExitRuntime(model, pol)
+    assert graphed.cuda_graphs
+    eager = EarlyExitRuntime(model, pol, cuda_graphs=False)
+    for n in (8, 5, 3, 1, 8):  # several buckets, padded rows, shrinking into smaller buckets, reuse
+        g, e = graphed.predict_batch(x[:n]), eager.predict_batch(x[:n])
+        _same_result(g, e)
+    assert len(set(eager.predict_batch(x).exit_index.tolist())) >= 2
+    assert graphed._graphs is not None and {1, 4, 8} <= set(graphed._graphs.buckets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["BatchSizeNet", "TokenNet", "SequenceFirstNet"])
+def test_cuda_graphs_follow_batch_dependent_values(name, tmp_path):
+    torch.manual_seed(0)
+    mexify.convert(f"{FIXTURES}:{name}", input_size=(32, 32), exits=3, out=str(tmp_path / "b"))
+    model = mexify.load(tmp_path / "b", device="cuda")
+    x = torch.randn(6, 3, 32, 32, device="cuda") * torch.linspace(0.2, 4.0, 6, device="cuda").view(6, 1, 1, 1)
+    pol = _spread_policy(model, x)
+    _same_result(EarlyExitRuntime(model, pol).predict_batch(x), EarlyExitRuntime(model, pol, cuda_graphs=False).predict_batch(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bfloat16_and_channels_last_agree_with_float32(bundle):
+    model = mexify.load(bundle, device="cuda")
+    x = _images(8).cuda()
+    pol = _spread_policy(model, x)
+    ref = EarlyExitRuntime(model, pol, cuda_graphs=False).predict_batch(x)
+    fast = EarlyExitRuntime(mexify.load(bundle, device="cuda"), pol, dtype="bfloat16", channels_last=True).predict_batch(x)
+    same_exit = fast.exit_index == ref.exit_index
+    assert same_exit.float().mean() >= 0.75
+    assert (fast.masks[same_exit.cuda()] == ref.masks[same_exit.cuda()]).float().mean() > 0.95

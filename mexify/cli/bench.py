@@ -28,13 +28,15 @@ def render(report) -> None:
         + (f", {p['images']} images" if p else ""),
         caption=f"latency: median of {report.repeats} after {report.warmup} warm-up (exit rows: time to reach the exit "
         "with every head on the way); GFLOPs at " + "x".join(map(str, report.input_size))
-        + ", 1 multiply-add = 1 FLOP; speed-up: measured against the original model; by FLOPs: predicted",
+        + f", 1 multiply-add = 1 FLOP; speed-up: measured against the original model run the same way ({report.mode}, "
+        f"{report.dtype}{', channels_last' if report.channels_last else ''}); predicted: by the timed stages and heads and "
+        "the exit mix; by FLOPs: from FLOPs",
         title_justify="left",
         caption_justify="left",
     )
     has_miou = all("miou" in r for r in report.exits)
     cols = ["#", "exit"] + (["mIoU"] if has_miou else []) + ["GFLOPs"] + (["exit rate"] if p else []) + [
-        "ms", "speed-up", "by FLOPs"]
+        "ms", "speed-up", "predicted", "by FLOPs"]
     for col in cols:
         if col == "exit":
             t.add_column(col, min_width=12, overflow="fold")
@@ -45,16 +47,17 @@ def render(report) -> None:
         row = [str(r["index"]), r["name"]] + ([f"{r['miou']:.2f}"] if has_miou else []) + [
             _gflops(r["flops"])]
         row += [f"{100 * r['exit_rate']:.1f}%"] if p else []
-        row += [f"{r['latency_ms']:.2f}", f"{o['latency_ms'] / r['latency_ms']:.2f}x" if r["latency_ms"] else "-",
+        row += [f"{r['latency_ms']:.2f}", f"{o['latency_ms'] / r['latency_ms']:.2f}x" if r["latency_ms"] else "-", "-",
                 f"{1 / r['flops_fraction']:.2f}x" if r["flops_fraction"] else "-"]
         t.add_row(*row)
     row = ["", "original"] + ([f"{p['final_miou']:.2f}" if p and "final_miou" in p else "-"] if has_miou else []) + [
-        _gflops(o["flops"])] + (["-"] if p else []) + [f"{o['latency_ms']:.2f}", "1.00x", "1.00x"]
+        _gflops(o["flops"])] + (["-"] if p else []) + [f"{o['latency_ms']:.2f}", "1.00x", "1.00x", "1.00x"]
     t.add_row(*row, style="dim")
     if p:
         row = ["", f"policy {p['name']}"] + ([f"{p['miou']:.2f}" if "miou" in p else "-"] if has_miou else []) + [
             _gflops(p["mean_flops"]), "100.0%",
-            f"{p['ms_per_image'] * report.batch_size:.2f}", f"{p['measured_speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"]
+            f"{p['ms_per_image'] * report.batch_size:.2f}", f"{p['measured_speedup']:.2f}x",
+            f"{p['predicted_speedup']:.2f}x", f"{p['flops_speedup']:.2f}x"]
         t.add_row(*row, style="bold")
     console.print(t)
     if p:
@@ -75,13 +78,17 @@ def register(app: typer.Typer) -> None:
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 2,
         repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 5,
         threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
+        graphs: Annotated[Optional[bool], typer.Option("--graphs/--no-graphs", help="Replay stages as CUDA graphs (default: on CUDA).")] = None,
+        dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16 (GPU): autocast.")] = None,
+        channels_last: Annotated[bool, typer.Option("--channels-last", help="Run convolutions in NHWC.")] = False,
         device: DeviceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Per-exit latency and FLOPs, the original model's latency, and the policy's speed-up on a dataset."""
         with stage_progress(not json_out) as cb:
             report = api.bench(bundle, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup,
-                               repeats=repeats, threads=threads, device=device, progress=cb)
+                               repeats=repeats, threads=threads, device=device, progress=cb, cuda_graphs=graphs,
+                               dtype=dtype, channels_last=channels_last)
         if json_out:
             print_json(report.to_dict())
         else:

@@ -22,7 +22,7 @@ def render(profiles: list) -> None:
     """One table per batch size: stage, head and policy milliseconds, time to each exit beside its FLOPs share."""
     for p in profiles:
         to_exit = p.to_exit_ms()
-        t = Table(title=f"{p.device}, batch {p.batch_size}, {p.dtype}, {p.input_size[0]}x{p.input_size[1]}",
+        t = Table(title=f"{p.device}, batch {p.batch_size}, {p.dtype}, {p.input_size[0]}x{p.input_size[1]}, {p.mode}",
                   caption=f"ms per batch: median of {p.repeats} after {p.warmup} warm-up; to exit: every head and "
                   "policy step on the way; FLOPs: 1 multiply-add = 1 FLOP", title_justify="left", caption_justify="left")
         for col in ("#", "exit", "stage ms", "head ms", "policy ms", "to exit ms", "% of final", "% FLOPs"):
@@ -33,6 +33,8 @@ def render(profiles: list) -> None:
             t.add_row(str(i), name, f"{p.stage_ms[i]:.3f}", head, pol, f"{to_exit[i]:.3f}",
                       f"{100 * to_exit[i] / to_exit[-1]:.1f}%", f"{100 * p.flops_to_exit[i] / p.original_flops:.1f}%")
         console.print(t)
+        if p.original_ms is not None:
+            console.print(f"original model (plain forward, run the same way): {p.original_ms:.3f} ms per batch")
 
 
 def register(app: typer.Typer) -> None:
@@ -44,13 +46,14 @@ def register(app: typer.Typer) -> None:
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
         repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is kept.")] = 10,
         threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
+        graphs: Annotated[Optional[bool], typer.Option("--graphs/--no-graphs", help="Time each piece replayed from a CUDA graph, as the runtime runs it (default: on CUDA).")] = None,
         device: DeviceOpt = None,
         json_out: JsonOpt = False,
     ) -> None:
         """Measure each stage's, head's and policy step's latency on this device and keep the tables in the bundle."""
         with stage_progress(not json_out) as progress:
             profiles = api.profile(bundle, device=device, batch_sizes=_batch_sizes(batch_size), dtype=dtype,
-                                   warmup=warmup, repeats=repeats, threads=threads, progress=progress)
+                                   warmup=warmup, repeats=repeats, threads=threads, progress=progress, graphs=graphs)
         if json_out:
             print_json({"bundle": str(bundle), "profiles": [p.to_dict() for p in profiles]})
             return

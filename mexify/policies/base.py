@@ -225,6 +225,18 @@ class Policy:
         t = self.temperatures[exit_index] if self.temperatures is not None else 1.0
         return torch.softmax(logits.float() / t, dim=1)
 
+    def _on_device(self, what: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A parameter (attribute name, or ``(name, index)``) as a tensor on ``device``, made once and
+        kept: no host-to-device copy per decision (a CUDA graph could not capture one)."""
+        cache = self.__dict__.setdefault("_device_tensors", {})
+        owner = getattr(self, what[0] if isinstance(what, tuple) else what)
+        key = (what, id(owner), str(device), dtype)  # a new parameter object is a new entry
+        if key not in cache:
+            value = owner[what[1]] if isinstance(what, tuple) else owner
+            # the entry holds the owner, so its id cannot be reused by another object while cached
+            cache[key] = (owner, torch.as_tensor(np.asarray(value), device=device, dtype=dtype))
+        return cache[key][1]
+
     def mask_scores(self, exit_index: int, logits: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What an exit's mask is the argmax of, once resized to the image (default: the logits)."""
         return logits

@@ -94,7 +94,7 @@ class CBTPolicy(Policy):
         """Bool ``(N, H, W)``: top-1 probability reaches its predicted class's threshold."""
         self._require_fitted_classes()
         top1, pred = probs.max(dim=1)
-        thr = torch.tensor(self.class_thresholds, dtype=top1.dtype, device=top1.device)
+        thr = self._on_device("class_thresholds", top1.device, top1.dtype)
         return top1 >= thr[pred]
 
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,8 @@ class ClassMeansPolicy(Policy):
         """Unnormalised class scores ``(N, K, h, w)`` at feature resolution."""
         if self.means is None:
             raise ConfigError("class-means has no class means", "fit it with `mexify calibrate --policy class-means`")
-        mean = torch.as_tensor(self.means[exit_index], device=features.device)
-        scale = torch.as_tensor(self.scales[exit_index], device=features.device)
+        mean = self._on_device(("means", exit_index), features.device)
+        scale = self._on_device(("scales", exit_index), features.device)
         f = features.float()
         n, c, h, w = f.shape
         fl = f.permute(0, 2, 3, 1).reshape(-1, c)

@@ -53,7 +53,7 @@ class MessPolicy(Policy):
 
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:
         top1, pred = probs.max(dim=1)
-        above = (top1 >= torch.tensor(self.pixel_threshold, dtype=top1.dtype, device=top1.device)).flatten(1)
+        above = (top1 >= self.pixel_threshold).flatten(1)  # a float32 bin edge, compared in top1's dtype
         edge = boundary_mask(pred, self.edge_radius).flatten(1)
         # pixel counts per image, then the few per-image operations in float64 (as cache_scores)
         above_all = above.sum(1).double()

@@ -3,6 +3,7 @@
 Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
 """
 from mexify.runtime.engine import EarlyExitRuntime, labels_of, predict
+from mexify.runtime.graphs import GraphedCall, capture
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
@@ -15,4 +16,6 @@ __all__ = [
     "resolve_policy",
     "active_exits",
     "labels_of",
+    "GraphedCall",
+    "capture",
 ]

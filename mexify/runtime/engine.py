@@ -13,14 +13,19 @@ below ``model.cost_to_exit``.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
-from mexify.errors import DataError
+from mexify.errors import ConfigError, DataError
 from mexify.nn import module_device, resize_logits
+from mexify.runtime.graphs import GraphedExits, bucket_of
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EarlyExitRuntime", "predict", "labels_of"]
 
@@ -31,6 +36,18 @@ def labels_of(scores: torch.Tensor) -> torch.Tensor:
     return scores.max(1).indices
 
 
+_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Outputs:
+    """The batch's results, filled in as images leave (device tensors, input order)."""
+
+    def __init__(self, n: int, e: int, size: Tuple[int, int], dev: torch.device):
+        self.masks = torch.zeros((n, *size), dtype=torch.long, device=dev)
+        self.exit_index = torch.full((n,), e - 1, dtype=torch.long, device=dev)
+        self.confidence = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+
+
 class EarlyExitRuntime:
     """Early-exit inference with batch shrinking.
 
@@ -38,16 +55,26 @@ class EarlyExitRuntime:
         model: a :class:`~mexify.model.MultiExitModel`.
         policy: see :func:`resolve_policy` (default: the bundle's policy).
         exit: force every image to one exit instead (index or name).
+        cuda_graphs: replay stages (with their active head and decision) as CUDA graphs per batch
+            bucket (:mod:`mexify.runtime.graphs`); default on when the model is on a CUDA device.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: autocast for stages and heads.
+        channels_last: run convolutions in NHWC (converts the model's weights once); default off.
+        final_confidence: also score the images that reach the final exit (the policy's score on
+            the full-resolution output: it decides nothing there, so by default it is not computed
+            and their ``confidence`` is NaN).
 
     Example::
 
-        rt = EarlyExitRuntime(mexify.load("model.mex"))
+        rt = EarlyExitRuntime(mexify.load("model.mex", device="cuda"))
         for p in rt.predict(images):      # images (N, 3, H, W), normalised
             print(p.exit_name, p.confidence, p.mask.shape)
     """
 
-    def __init__(self, model: Any, policy: Any = None, exit: Union[int, str, None] = None):
+    def __init__(self, model: Any, policy: Any = None, exit: Union[int, str, None] = None, *,
+                 cuda_graphs: Optional[bool] = None, dtype: Optional[str] = None, channels_last: Optional[bool] = None,
+                 final_confidence: bool = False):
         self.model = model
+        self.final_confidence = bool(final_confidence)
         self.policy = resolve_policy(model, policy, exit)
         e = model.num_exits
         self.active = active_exits(self.policy, e)
@@ -55,6 +82,33 @@ class EarlyExitRuntime:
         # FLOPs to leave at exit i: stages 0..i plus the heads evaluated on the way
         heads = [model.head_flops[j] if j in self.active else 0 for j in range(e - 1)] + [0]
         self.exit_flops = [int(sum(model.stage_flops[: i + 1]) + sum(heads[: i + 1])) for i in range(e)]
+        self._set_execution(cuda_graphs, dtype, channels_last)
+
+    def _set_execution(self, cuda_graphs: Optional[bool], dtype: Optional[str], channels_last: Optional[bool]) -> None:
+        """Device, autocast, memory format and CUDA graphs, fixed once (nothing is toggled per call)."""
+        dev = module_device(self.model)
+        self.device = dev
+        name = "float32" if dtype is None else str(dtype).replace("torch.", "")
+        if name not in _DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+        if name == "float16" and dev.type != "cuda":
+            raise ConfigError("float16 is for GPUs", "run the CPU with dtype float32 or bfloat16")
+        self.dtype = name
+        self.channels_last = bool(channels_last)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cuda_graphs and dev.type != "cuda":
+            raise ConfigError("CUDA graphs need the model on a CUDA device", "load it with device='cuda' (--device cuda), or leave graphs off")
+        self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._graphs = GraphedExits(self.model, self.policy, self.active, self.needs_features, self._autocast,
+                                    self.memory_format, self.final_confidence) if self.cuda_graphs else None
+
+    def _autocast(self) -> Any:
+        if _DTYPES[self.dtype] is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: CUDA graphs cannot capture it, and eager runs stay comparable
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.dtype], cache_enabled=False)
 
     @property
     def exit_names(self) -> List[str]:
@@ -66,7 +120,17 @@ class EarlyExitRuntime:
         scores = mask_scores(i, logits, feats) if mask_scores is not None else logits
         return labels_of(resize_logits(scores, size))
 
-    @torch.no_grad()
+    def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: torch.Tensor,
+              feats: Optional[torch.Tensor], conf: Optional[torch.Tensor]) -> None:
+        """Write the results of the rows ``leave`` (of the current batch) at their input rows."""
+        rows = alive.index_select(0, leave)
+        sub_feats = feats.index_select(0, leave) if feats is not None else None
+        size = tuple(out.masks.shape[-2:])
+        out.masks.index_copy_(0, rows, self._masks(i, logits.index_select(0, leave), sub_feats, size))
+        out.exit_index.index_fill_(0, rows, i)
+        if conf is not None:
+            out.confidence.index_copy_(0, rows, conf.reshape(-1).to(out.confidence.dtype).index_select(0, leave))
+
     def predict_batch(self, x: torch.Tensor) -> BatchPrediction:
         """Run a batch ``(N, 3, H, W)`` with early exits; results in input order.
 
@@ -77,58 +141,97 @@ class EarlyExitRuntime:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise DataError(f"predict expects images (N, 3, H, W), got {shape}", "add a batch dimension with x.unsqueeze(0)")
         model = self.model
-        if not model.training:  # toggling every submodule's mode costs more than a small stage
-            return self._run(x.to(self._device(), non_blocking=True))
-        model.eval()
-        try:
-            return self._run(x.to(self._device(), non_blocking=True))
-        finally:
-            model.train(True)
+        with torch.inference_mode():
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            if not model.training:  # toggling every submodule's mode costs more than a small stage
+                return self._run(x)
+            model.eval()
+            try:
+                return self._run(x, graphs=False)  # graphs are captured in eval mode only
+            finally:
+                model.train(True)
 
-    def _device(self) -> torch.device:
-        return module_device(self.model)
+    def _run(self, x: torch.Tensor, graphs: bool = True) -> BatchPrediction:
+        out = _Outputs(int(x.shape[0]), self.model.num_exits, (int(x.shape[-2]), int(x.shape[-1])), x.device)
+        if graphs and self._graphs is not None and x.shape[0] > 0:
+            try:
+                self._run_graphed(x, out)
+                return self._result(out)
+            except RuntimeError as e:  # a stage that cannot be captured: eager from now on
+                log.warning("CUDA graphs unavailable for this model (%s); running eagerly", str(e).splitlines()[0])
+                self._graphs = None
+                self.cuda_graphs = False
+                out = _Outputs(int(x.shape[0]), self.model.num_exits, tuple(out.masks.shape[-2:]), x.device)
+        with self._autocast():
+            self._run_eager(x, out)
+        return self._result(out)
 
-    def _run(self, x: torch.Tensor) -> BatchPrediction:
+    def _result(self, out: _Outputs) -> BatchPrediction:
+        idx = out.exit_index.cpu()
+        flops = torch.tensor(self.exit_flops, dtype=torch.long)[idx]
+        return BatchPrediction(out.masks, idx, out.confidence.cpu(), flops, self.exit_names)
+
+    def _run_eager(self, x: torch.Tensor, out: _Outputs) -> None:
         model, policy = self.model, self.policy
-        n, e = int(x.shape[0]), model.num_exits
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        dev = x.device
-        masks = torch.zeros((n, *size), dtype=torch.long, device=dev)
-        exit_index = torch.full((n,), e - 1, dtype=torch.long, device=dev)
-        confidence = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
-        alive = torch.arange(n, device=dev)  # input rows still in the batch
-        active = set(self.active)
+        e = model.num_exits
+        alive = torch.arange(int(x.shape[0]), device=x.device)  # input rows still in the batch
         state = model.start(x)
         for i in range(e):
             if alive.numel() == 0:
                 break
             state = model.run_stage(i, state)
-            if i not in active:
+            if i not in self.active:
                 continue
             last = i == e - 1
             feats = model.exit_features(i, state) if self.needs_features and not last else None
             logits = model.exit_logits(i, state)
+            if last:  # everything leaves; the score decides nothing here
+                conf = policy.decide(i, logits, feats)[1] if self.final_confidence else None
+                self._emit(out, i, torch.arange(int(alive.numel()), device=x.device), alive, logits, feats, conf)
+                break
             go, conf = policy.decide(i, logits, feats)
-            go = go.to(device=dev, dtype=torch.bool).reshape(-1)
-            if last:
-                go = torch.ones_like(go)
+            go = go.to(device=x.device, dtype=torch.bool).reshape(-1)
             leave = go.nonzero().squeeze(1)
             n_leave = int(leave.numel())  # one device sync per exit
             if n_leave:
-                rows = alive.index_select(0, leave)
-                sub_feats = feats.index_select(0, leave) if feats is not None else None
-                masks.index_copy_(0, rows, self._masks(i, logits.index_select(0, leave), sub_feats, size))
-                exit_index.index_fill_(0, rows, i)
-                confidence.index_copy_(0, rows, conf.reshape(-1).to(dev, torch.float32).index_select(0, leave))
+                self._emit(out, i, leave, alive, logits, feats, conf)
             if n_leave == alive.numel():
                 break
             if n_leave:
                 stay = (~go).nonzero().squeeze(1)
                 state = state.select(stay)
                 alive = alive.index_select(0, stay)
-        idx = exit_index.cpu()
-        flops = torch.tensor(self.exit_flops, dtype=torch.long)[idx]
-        return BatchPrediction(masks, idx, confidence.cpu(), flops, self.exit_names)
+
+    def _run_graphed(self, x: torch.Tensor, out: _Outputs) -> None:
+        """As :meth:`_run_eager`, with every stage replayed from its bucket's CUDA graph."""
+        model, graphs = self.model, self._graphs
+        e, m = model.num_exits, int(x.shape[0])
+        alive = torch.arange(m, device=x.device)
+        b = graphs.bucket(bucket_of(m), x)
+        b.x[:m].copy_(x)
+        for i in range(e):
+            b.graphs[i].replay()
+            if i not in self.active:
+                continue
+            feats = model.exit_features(i, b.states[i]) if self.needs_features and i < e - 1 else None
+            if i == e - 1:
+                self._emit(out, i, torch.arange(m, device=x.device), alive, b.logits[i], feats, b.conf[i])
+                return
+            go = b.go[i][:m].to(torch.bool)
+            leave = go.nonzero().squeeze(1)
+            n_leave = int(leave.numel())  # one device sync per active exit
+            if n_leave:
+                self._emit(out, i, leave, alive, b.logits[i], feats, b.conf[i])
+            if n_leave == m:
+                return
+            if n_leave:
+                stay = (~go).nonzero().squeeze(1)
+                alive = alive.index_select(0, stay)
+                m -= n_leave
+                nb = graphs.bucket(bucket_of(m), x)
+                index = stay if nb.size == m else torch.cat([stay, stay[-1:].expand(nb.size - m)])
+                graphs.move(b.states[i], index, nb.states[i])
+                b = nb
 
     def predict(self, x: torch.Tensor) -> List[Prediction]:
         """Run a batch ``(N, 3, H, W)``; one :class:`Prediction` per image, in input order."""

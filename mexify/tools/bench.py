@@ -1,10 +1,16 @@
 """``mexify bench``: per-exit latency and the policy's measured speed-up against the original model.
 
-Per-exit latency: each stage and head timed on the first batch (median of ``repeats`` after
-``warmup``; CUDA events on a GPU, ``perf_counter`` on CPU). Policy: the runtime and the
-original model (plus argmax) each run over the same images, ``repeats`` passes interleaved,
-median pass time; speed-up = original time / runtime time, beside the FLOPs-predicted one
-(original FLOPs / mean FLOPs per image).
+Like with like: the original model runs the way the runtime does (eager against eager, CUDA
+graphs against CUDA graphs, the same autocast dtype and memory format). Per-exit latency: each
+stage, head and decision timed on the first batch (median of ``repeats`` after ``warmup``; CUDA
+events on a GPU, ``perf_counter`` on CPU). Policy: the runtime and the original model (plus
+argmax) each run over the same images, ``repeats`` passes interleaved, median pass time:
+
+* ``measured_speedup`` = original time / runtime time;
+* ``predicted_speedup`` = original time / the mean over images of the timed cost to reach the exit
+  each image took (stages, plus active heads and decisions on the way): what the cost model
+  predicts for the exit mix observed;
+* ``flops_speedup`` = original FLOPs / mean FLOPs per image.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from mexify.errors import ConfigError, DataError, MexifyError
 from mexify.graph.adapt import adapt_output
 from mexify.metrics import ConfusionMatrix
 from mexify.nn import module_device, resolve_device
-from mexify.runtime import BatchPrediction, EarlyExitRuntime, labels_of
+from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, labels_of
 from mexify.spec import ModelSpec, build_model
 from mexify.tools.profile import time_stages
 from mexify.tools.timing import synchronize, time_call
@@ -59,6 +65,9 @@ class BenchReport:
     policy: Optional[Dict[str, Any]]
     notes: List[str]
     flops_convention: str = "1 multiply-add = 1 FLOP, at the bundle's input size"
+    mode: str = "eager"
+    dtype: str = "float32"
+    channels_last: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
@@ -108,6 +117,9 @@ def bench(
     repeats: int = 5,
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    cuda_graphs: Optional[bool] = None,
+    dtype: Optional[str] = None,
+    channels_last: Optional[bool] = None,
 ) -> BenchReport:
     """Per-exit latency and the policy's measured speed-up against the original model (see the module doc).
 
@@ -120,6 +132,8 @@ def bench(
         warmup, repeats: timing protocol.
         device: where to run (default: cuda if available).
         progress: ``progress(stage, done, total)``.
+        cuda_graphs, dtype, channels_last: how the runtime runs (see
+            :class:`~mexify.runtime.EarlyExitRuntime`); the original model runs the same way.
 
     Raises:
         DataError: no image. ConfigError: a policy fitted for another model.
@@ -127,22 +141,26 @@ def bench(
     dev = resolve_device(device)
     model.eval().to(dev)
     notes: List[str] = []
-    rt = None
+    options = {"cuda_graphs": cuda_graphs, "dtype": dtype, "channels_last": channels_last}
     try:
-        rt = EarlyExitRuntime(model, policy)
+        rt = EarlyExitRuntime(model, policy, **options)
     except ConfigError as e:
-        if policy is not None:
+        if policy is not None or "policy" not in e.message:
             raise
         notes.append(f"{e.message}: exits measured, no policy speed-up")
-    batches = _batches(data, batch_size, limit, dev)
+        rt = EarlyExitRuntime(model, exit=-1, **options)  # how the exits run, for the timings
+        rt.policy_missing = True
+    batches = [(x.contiguous(memory_format=rt.memory_format), y) for x, y in _batches(data, batch_size, limit, dev)]
     orig, orig_note = original_model(model)
-    notes.append(f"original: {orig_note}")
+    notes.append(f"original: {orig_note}; run as the runtime runs ({'CUDA graphs' if rt.cuda_graphs else 'eager'}, {rt.dtype})")
+    run_orig = _original_runner(orig, rt)
     x0 = batches[0][0]
-    orig_s = time_call(lambda: orig(x0), dev, warmup, repeats)
-    rows = _exit_rows(model, x0, orig_s, dev, warmup, repeats, progress)
+    orig_s = time_call(lambda: run_orig(x0), dev, warmup, repeats)
+    rows, exit_s = _exit_rows(model, rt, x0, orig_s, dev, warmup, repeats, progress)
     pol = None
-    if rt is not None:
-        pol = _policy_figures(model, rt, orig, batches, dev, repeats, progress)
+    if not getattr(rt, "policy_missing", False):
+        pol = _policy_figures(model, rt, run_orig, batches, dev, repeats, progress)
+        pol["predicted_speedup"] = _predicted_speedup(exit_s, orig_s, rt, pol)
         for row in rows:
             row["exit_rate"] = pol["exit_rates"][row["name"]]
     if all(y is not None for _, y in batches):
@@ -158,7 +176,33 @@ def bench(
         original={"latency_ms": 1000 * orig_s, "flops": int(model.original_flops), "note": orig_note},
         policy=pol,
         notes=notes,
+        mode="graphs" if rt.cuda_graphs else "eager",
+        dtype=rt.dtype,
+        channels_last=rt.channels_last,
     )
+
+
+def _original_runner(orig: nn.Module, rt: EarlyExitRuntime) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The original model's masks, run as the runtime runs (graphs, autocast, memory format)."""
+    if rt.channels_last:
+        orig.to(memory_format=torch.channels_last)
+
+    def masks(x: torch.Tensor) -> torch.Tensor:
+        return labels_of(adapt_output(orig(x)))
+
+    if rt.cuda_graphs:
+        return GraphedCall(masks, rt._autocast)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        with rt._autocast():
+            return masks(x)
+    return eager
+
+
+def _predicted_speedup(exit_s: List[float], orig_s: float, rt: EarlyExitRuntime, pol: Dict[str, Any]) -> float:
+    """Original time over the timed cost of the exit mix observed (per image: batch times / batch size)."""
+    mean = sum(rate * exit_s[i] for i, rate in enumerate(pol["exit_rates"].values()))
+    return orig_s / mean if mean > 0 else float("nan")
 
 
 def _batches(data: Any, batch_size: int, limit: Optional[int], dev: torch.device) -> List[Batch]:
@@ -179,11 +223,17 @@ def _batches(data: Any, batch_size: int, limit: Optional[int], dev: torch.device
     return out
 
 
-def _exit_rows(model: Any, x0: torch.Tensor, orig_s: float, dev: torch.device, warmup: int, repeats: int,
-               progress: Optional[Callable[[str, int, int], None]]) -> List[Dict[str, Any]]:
-    """Each stage and head timed on one batch; a row per exit with the time to reach it."""
+def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float, dev: torch.device, warmup: int,
+               repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Tuple[List[Dict[str, Any]], List[float]]:
+    """Each stage, head and decision timed on one batch, run as the runtime runs; a row per exit
+    with the time to reach it (every head on the way), and the time to leave at each exit when only
+    the runtime's active heads run."""
     e = model.num_exits
-    stage_s, head_s, _ = time_stages(model, x0, dev, warmup, repeats, progress)
+    stage_s, head_s, policy_s = time_stages(model, x0, dev, warmup, repeats, progress, rt.policy, rt.cuda_graphs, rt._autocast)
+    exit_s, total = [], 0.0
+    for i in range(e):
+        total += stage_s[i] + (head_s[i] + policy_s[i] if i < e - 1 and i in rt.active else 0.0)
+        exit_s.append(total)
     rows = []
     for i, name in enumerate(model.exit_names):
         to_exit = sum(stage_s[: i + 1]) + sum(head_s[: min(i + 1, e - 1)])
@@ -197,11 +247,12 @@ def _exit_rows(model: Any, x0: torch.Tensor, orig_s: float, dev: torch.device, w
             "head_ms": 1000 * head_s[i] if i < e - 1 else 0.0,
             "latency_ms": 1000 * to_exit,
             "latency_fraction": to_exit / orig_s if orig_s else float("nan"),
+            "policy_ms": 1000 * policy_s[i] if i < e - 1 else 0.0,
         })
-    return rows
+    return rows, exit_s
 
 
-def _policy_figures(model: Any, rt: EarlyExitRuntime, orig: nn.Module, batches: List[Batch], dev: torch.device,
+def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.Tensor], torch.Tensor], batches: List[Batch], dev: torch.device,
                     repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Dict[str, Any]:
     """The runtime and the original model over the same images, passes interleaved: measured vs FLOPs speed-up."""
     def run_policy() -> List[BatchPrediction]:
@@ -210,7 +261,7 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, orig: nn.Module, batches: 
         return outs
 
     def run_original() -> List[torch.Tensor]:
-        outs = [labels_of(adapt_output(orig(x))) for x, _ in batches]
+        outs = [run_orig(x).clone() for x, _ in batches]  # a graph's output is overwritten by its next replay
         synchronize(dev)
         return outs
 

@@ -17,18 +17,21 @@ import torch
 
 from mexify.config import json_safe
 from mexify.errors import ConfigError
-from mexify.runtime import resolve_policy
+from mexify.runtime import capture, resolve_policy
 from mexify.tools.timing import time_call
 
-__all__ = ["LatencyProfile", "profile_latency", "profile_key", "select_profile", "exit_ms_per_image", "time_stages", "DTYPES"]
+__all__ = [
+    "LatencyProfile", "profile_latency", "profile_key", "select_profile", "exit_ms_per_image", "time_stages",
+    "timer", "autocast_for", "DTYPES",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Optional[Callable[[str, int, int], None]]
 
 
-def profile_key(device: str, batch_size: int, dtype: str, size: Tuple[int, int]) -> str:
-    """How a profile is filed in the bundle: ``"<device name>|b<batch>|<dtype>|<H>x<W>"``."""
-    return f"{device}|b{int(batch_size)}|{dtype}|{int(size[0])}x{int(size[1])}"
+def profile_key(device: str, batch_size: int, dtype: str, size: Tuple[int, int], mode: str = "eager") -> str:
+    """How a profile is filed in the bundle: ``"<device name>|b<batch>|<dtype>|<H>x<W>|<eager|graphs>"``."""
+    return f"{device}|b{int(batch_size)}|{dtype}|{int(size[0])}x{int(size[1])}|{mode}"
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class LatencyProfile:
     flops_to_exit: List[int] = dataclasses.field(default_factory=list)  # every head on the way, 1 multiply-add = 1 FLOP
     original_flops: int = 0
     original_ms: Optional[float] = None  # the model's plain forward: every stage, no head
+    mode: str = "eager"  # or "graphs": each stage, head and decision replayed from a CUDA graph
 
     @property
     def exit_ms_per_image(self) -> List[float]:
@@ -55,7 +59,7 @@ class LatencyProfile:
 
     @property
     def key(self) -> str:
-        return profile_key(self.device, self.batch_size, self.dtype, self.input_size)
+        return profile_key(self.device, self.batch_size, self.dtype, self.input_size, self.mode)
 
     def to_exit_ms(self) -> List[float]:
         """Time to leave at each exit, every head (and policy step) on the way included."""
@@ -72,21 +76,47 @@ class LatencyProfile:
         return json_safe(d)
 
 
+def autocast_for(device: torch.device, dtype: str) -> Callable[[], Any]:
+    """A factory of the autocast context for ``dtype`` (a null context for float32)."""
+    if dtype == "float32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=DTYPES[dtype], cache_enabled=False)
+
+
+def timer(device: torch.device, warmup: int, repeats: int, graphs: bool, autocast: Callable[[], Any]) -> Callable[[Callable[[], Any]], float]:
+    """``timed(fn)``: median seconds of ``fn()``, replayed from a CUDA graph when ``graphs``."""
+    def timed(fn: Callable[[], Any]) -> float:
+        if graphs:
+            replay, _ = capture(fn, device, autocast)
+            return time_call(replay, device, warmup, repeats)
+
+        def run() -> None:
+            with autocast():
+                fn()
+        return time_call(run, device, warmup, repeats)
+    return timed
+
+
 def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, repeats: int,
-                progress: Progress = None, policy: Any = None) -> Tuple[List[float], List[float], Optional[List[float]]]:
-    """Seconds of each stage, each early head and (with ``policy``) each decision, on batch ``x``."""
+                progress: Progress = None, policy: Any = None, graphs: bool = False,
+                autocast: Callable[[], Any] = contextlib.nullcontext) -> Tuple[List[float], List[float], Optional[List[float]]]:
+    """Seconds of each stage, each early head and (with ``policy``) each decision, on batch ``x``
+    (eagerly, or each replayed from its own CUDA graph with ``graphs``)."""
     e = model.num_exits
-    states = [model.start(x)]
-    for i in range(e):
-        states.append(model.run_stage(i, states[-1]))
+    with autocast():
+        states = [model.start(x)]
+        for i in range(e):
+            states.append(model.run_stage(i, states[-1]))
+    timed = timer(device, warmup, repeats, graphs, autocast)
     stage_s, head_s, policy_s = [], [], ([] if policy is not None else None)
     for i in range(e):
-        stage_s.append(time_call(lambda i=i: model.run_stage(i, states[i]), device, warmup, repeats))
+        stage_s.append(timed(lambda i=i: model.run_stage(i, states[i])))
         if i < e - 1:
-            head_s.append(time_call(lambda i=i: model.exit_logits(i, states[i + 1]), device, warmup, repeats))
+            head_s.append(timed(lambda i=i: model.exit_logits(i, states[i + 1])))
             if policy_s is not None:
-                logits = model.exit_logits(i, states[i + 1])
-                policy_s.append(time_call(lambda i=i, z=logits: policy.decide(i, z), device, warmup, repeats))
+                with autocast():
+                    logits = model.exit_logits(i, states[i + 1])
+                policy_s.append(timed(lambda i=i, z=logits: policy.decide(i, z)))
         if progress is not None:
             progress("stages", i + 1, e)
     return stage_s, head_s, policy_s
@@ -101,8 +131,12 @@ def profile_latency(
     warmup: int = 3,
     repeats: int = 10,
     progress: Progress = None,
+    graphs: Optional[bool] = None,
 ) -> List[LatencyProfile]:
     """Measure every stage, head and policy step at the model's input size, per batch size.
+
+    ``graphs`` (default: on a CUDA device) times each piece replayed from a CUDA graph, as the
+    runtime runs them there; the profile's ``mode`` says which.
 
     Raises:
         ConfigError: an unknown dtype, or a half-precision dtype the device cannot run.
@@ -119,12 +153,14 @@ def profile_latency(
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     h, w = (int(v) for v in model.input_size)
     out = []
+    graphs = device.type == "cuda" if graphs is None else bool(graphs)
+    if graphs and device.type != "cuda":
+        raise ConfigError("CUDA graphs need a CUDA device", "profile the CPU without --graphs")
+    autocast = autocast_for(device, dtype)
     for b in batch_sizes:
         x = torch.randn(int(b), 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-        autocast = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else contextlib.nullcontext())
-        with autocast:
-            stage_s, head_s, policy_s = time_stages(model, x, device, warmup, repeats, progress, policy)
-            original_s = time_call(lambda: model(x), device, warmup, repeats)
+        stage_s, head_s, policy_s = time_stages(model, x, device, warmup, repeats, progress, policy, graphs, autocast)
+        original_s = timer(device, warmup, repeats, graphs, autocast)(lambda: model(x))
         out.append(LatencyProfile(
             device=name, batch_size=int(b), dtype=dtype, input_size=(h, w),
             stage_ms=[1000 * s for s in stage_s], head_ms=[1000 * s for s in head_s],
@@ -132,6 +168,7 @@ def profile_latency(
             warmup=int(warmup), repeats=int(repeats), exit_names=list(model.exit_names),
             flops_to_exit=[int(model.cost_to_exit(i)) for i in range(model.num_exits)],
             original_flops=int(model.original_flops), original_ms=1000 * original_s,
+            mode="graphs" if graphs else "eager",
         ))
     return out
 

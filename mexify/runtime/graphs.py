@@ -1,0 +1,173 @@
+"""CUDA graphs for the early-exit runtime: every stage, with its exit's head and decision, replayed.
+
+Eager PyTorch pays a kernel launch and some Python per operator; at batch 1 on a GPU that is
+most of a segmentation network's time, and the early exits (short stages, small heads) pay it in
+full. Here each stage ``i`` together with, when its exit is active, the head and the policy's
+``decide`` is captured once per *batch bucket* (powers of two) as one ``torch.cuda.CUDAGraph``:
+
+* the graphs of one bucket are captured in stage order, each reading the previous one's static
+  outputs, so a batch that does not shrink runs graph after graph with no copy at all;
+* when images leave, the rows that stay are gathered (``StageState.select``, padded up to the
+  next bucket by repeating the last row) straight into the static outputs of the same stage in
+  the smaller bucket, whose next graphs then replay; padded rows are ignored;
+* each active exit costs one host sync (how many images leave); masks are made eagerly for the
+  images that leave only (their logits upsampled once).
+
+Capture happens on first use of a bucket (after two eager warm-up passes on a side stream); a
+model whose stages cannot be captured (a host sync inside, a CPU tensor, ...) falls back to eager
+with one warning. Autocast runs inside the graphs with its weight cache off, as CUDA graphs
+require.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from mexify.nn.model import StageState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GraphedExits", "GraphedCall", "bucket_of", "capture"]
+
+
+def bucket_of(n: int) -> int:
+    """The batch bucket of ``n`` images: the next power of two."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class _Bucket:
+    """Static buffers and graphs of every stage at one batch size."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.x: Optional[torch.Tensor] = None
+        self.graphs: List[torch.cuda.CUDAGraph] = []
+        self.states: List[StageState] = []  # static state after each stage
+        self.logits: List[Optional[torch.Tensor]] = []
+        self.go: List[Optional[torch.Tensor]] = []
+        self.conf: List[Optional[torch.Tensor]] = []
+        self.pool: Any = None
+
+
+class GraphedExits:
+    """Runs a multi-exit model's stages as CUDA graphs, one set per batch bucket.
+
+    Args:
+        model: the :class:`~mexify.nn.MultiExitModel` (eval mode, on a CUDA device).
+        policy: the runtime's policy (``decide`` must not sync with the host).
+        active: exits whose head and decision run.
+        needs_features: the policy also reads the exit-point features.
+        autocast: a callable giving the autocast context (or a null context).
+        memory_format: ``torch.channels_last`` or ``torch.contiguous_format`` for the inputs.
+    """
+
+    def __init__(self, model: Any, policy: Any, active: List[int], needs_features: bool,
+                 autocast: Callable[[], Any], memory_format: torch.memory_format, final_confidence: bool = False):
+        self.model = model
+        self.policy = policy
+        self.active = set(active)
+        self.needs_features = needs_features
+        self.autocast = autocast
+        self.memory_format = memory_format
+        self.final_confidence = final_confidence
+        self.buckets: Dict[int, _Bucket] = {}
+
+    # ------------------------------------------------------------------ capture
+    def _step(self, i: int, state: StageState) -> Tuple[StageState, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Stage ``i`` and, when its exit is active, the head and the decision (what one graph holds)."""
+        model = self.model
+        out = model.run_stage(i, state)
+        if i not in self.active:
+            return out, None, None, None
+        last = i == model.num_exits - 1
+        feats = model.exit_features(i, out) if self.needs_features and not last else None
+        logits = model.exit_logits(i, out)
+        if last and not self.final_confidence:
+            return out, logits, None, None
+        go, conf = self.policy.decide(i, logits, feats)
+        return out, logits, go.reshape(-1), conf.reshape(-1).float()
+
+    def _eager_pass(self, x: torch.Tensor) -> None:
+        state = self.model.start(x)
+        for i in range(self.model.num_exits):
+            state = self._step(i, state)[0]
+
+    def bucket(self, size: int, like: torch.Tensor) -> _Bucket:
+        """The graphs for batch ``size`` (captured now if this is the bucket's first use)."""
+        if size in self.buckets:
+            return self.buckets[size]
+        b = _Bucket(size)
+        b.x = torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device).contiguous(memory_format=self.memory_format)
+        b.x.copy_(like[:1].expand_as(b.x))
+        side = torch.cuda.Stream(device=like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side), self.autocast():
+            for _ in range(2):  # warm-up: lazy initialisation, cuDNN algorithm choice, policy tensors
+                self._eager_pass(b.x)
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        b.pool = torch.cuda.graph_pool_handle()
+        state = self.model.start(b.x)
+        for i in range(self.model.num_exits):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=b.pool), self.autocast():
+                state, logits, go, conf = self._step(i, state)
+            b.graphs.append(g)
+            b.states.append(state)
+            b.logits.append(logits)
+            b.go.append(go)
+            b.conf.append(conf)
+        self.buckets[size] = b
+        return b
+
+    # ------------------------------------------------------------------ run
+    @staticmethod
+    def move(src: StageState, index: torch.Tensor, dst: StageState) -> None:
+        """Rows ``index`` of ``src`` into ``dst``'s static tensors (same stage, another bucket)."""
+        picked = src.select(index)
+        for name, value in picked.values.items():
+            target = dst.values[name]
+            if isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor) and value.data_ptr() != target.data_ptr():
+                target.copy_(value)
+
+
+
+def capture(fn: Callable[[], Any], device: torch.device, autocast: Optional[Callable[[], Any]] = None,
+            warmup: int = 2) -> Tuple[Callable[[], None], Any]:
+    """``fn`` (no arguments, reading fixed tensors) captured as a CUDA graph.
+
+    Returns:
+        (replay, outputs): ``replay()`` reruns the captured work; ``outputs`` are its static results.
+    """
+    ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), ctx():
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g), ctx():
+        out = fn()
+    return g.replay, out
+
+
+class GraphedCall:
+    """``fn(x)`` replayed from a CUDA graph per input shape (the original model in ``bench``)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], autocast: Optional[Callable[[], Any]] = None):
+        self.fn = fn
+        self.autocast = autocast
+        self.graphs: Dict[Tuple[int, ...], Tuple[Callable[[], None], torch.Tensor, Any]] = {}
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        key = tuple(x.shape)
+        if key not in self.graphs:
+            static = x.clone()
+            replay, out = capture(lambda: self.fn(static), x.device, self.autocast)
+            self.graphs[key] = (replay, static, out)
+        replay, static, out = self.graphs[key]
+        static.copy_(x)
+        replay()
+        return out
