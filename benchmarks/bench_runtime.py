@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     # random weights give every image nearly the same confidence; a per-image contrast (shuffled)
     # spreads them so that thresholds can set the mix
     scale = torch.linspace(0.2, 4.0, args.images)[torch.randperm(args.images, generator=torch.Generator().manual_seed(0))]
-    images = (images * scale.view(-1, 1, 1, 1)).to(dev)
-    pol = _mix_policy(model, images, args.mix)
+    images = images * scale.view(-1, 1, 1, 1)
+    pol = _mix_policy(model, images.to(dev), args.mix)
     data = [(images[i], torch.zeros(images.shape[-2:], dtype=torch.long)) for i in range(args.images)]
     rows = []
     modes = ["eager", "graphs"] if dev.type == "cuda" else ["eager"]

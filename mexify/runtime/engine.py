@@ -102,7 +102,7 @@ class EarlyExitRuntime:
             raise ConfigError("CUDA graphs need the model on a CUDA device", "load it with device='cuda' (--device cuda), or leave graphs off")
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self._graphs = GraphedExits(self.model, self.policy, self.active, self.needs_features, self._autocast,
-                                    self.memory_format, self.final_confidence) if self.cuda_graphs else None
+                                    self.memory_format, self.final_confidence, self._masks) if self.cuda_graphs else None
 
     def _autocast(self) -> Any:
         if _DTYPES[self.dtype] is None:
@@ -120,16 +120,20 @@ class EarlyExitRuntime:
         scores = mask_scores(i, logits, feats) if mask_scores is not None else logits
         return labels_of(resize_logits(scores, size))
 
-    def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: torch.Tensor,
-              feats: Optional[torch.Tensor], conf: Optional[torch.Tensor]) -> None:
-        """Write the results of the rows ``leave`` (of the current batch) at their input rows."""
+    def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: Optional[torch.Tensor],
+              feats: Optional[torch.Tensor], conf: Optional[torch.Tensor], masks: Optional[torch.Tensor] = None) -> None:
+        """Write the results of the rows ``leave`` (of the current batch) at their input rows: their
+        masks (``masks``, made for every row already, or made here from ``logits``) and confidence."""
         rows = alive.index_select(0, leave)
-        sub_feats = feats.index_select(0, leave) if feats is not None else None
-        size = tuple(out.masks.shape[-2:])
-        out.masks.index_copy_(0, rows, self._masks(i, logits.index_select(0, leave), sub_feats, size))
+        if masks is None:
+            sub_feats = feats.index_select(0, leave) if feats is not None else None
+            masks = self._masks(i, logits.index_select(0, leave), sub_feats, tuple(out.masks.shape[-2:]))
+        else:
+            masks = masks.index_select(0, leave)
+        out.masks.index_copy_(0, rows, masks)
         out.exit_index.index_fill_(0, rows, i)
         if conf is not None:
-            out.confidence.index_copy_(0, rows, conf.reshape(-1).to(out.confidence.dtype).index_select(0, leave))
+            out.confidence.index_copy_(0, rows, conf.reshape(-1).to(rows.device, out.confidence.dtype).index_select(0, leave))
 
     def predict_batch(self, x: torch.Tensor) -> BatchPrediction:
         """Run a batch ``(N, 3, H, W)`` with early exits; results in input order.
@@ -167,9 +171,10 @@ class EarlyExitRuntime:
         return self._result(out)
 
     def _result(self, out: _Outputs) -> BatchPrediction:
-        idx = out.exit_index.cpu()
+        both = torch.stack([out.exit_index.to(torch.float32), out.confidence]).cpu()  # one copy, one sync
+        idx = both[0].long()
         flops = torch.tensor(self.exit_flops, dtype=torch.long)[idx]
-        return BatchPrediction(out.masks, idx, out.confidence.cpu(), flops, self.exit_names)
+        return BatchPrediction(out.masks, idx, both[1].contiguous(), flops, self.exit_names)
 
     def _run_eager(self, x: torch.Tensor, out: _Outputs) -> None:
         model, policy = self.model, self.policy
@@ -213,15 +218,14 @@ class EarlyExitRuntime:
             b.graphs[i].replay()
             if i not in self.active:
                 continue
-            feats = model.exit_features(i, b.states[i]) if self.needs_features and i < e - 1 else None
             if i == e - 1:
-                self._emit(out, i, torch.arange(m, device=x.device), alive, b.logits[i], feats, b.conf[i])
+                self._emit(out, i, torch.arange(m, device=x.device), alive, None, None, b.conf[i], b.masks[i])
                 return
             go = b.go[i][:m].to(torch.bool)
             leave = go.nonzero().squeeze(1)
             n_leave = int(leave.numel())  # one device sync per active exit
             if n_leave:
-                self._emit(out, i, leave, alive, b.logits[i], feats, b.conf[i])
+                self._emit(out, i, leave, alive, None, None, b.conf[i], b.masks[i])
             if n_leave == m:
                 return
             if n_leave:

@@ -45,7 +45,7 @@ class _Bucket:
         self.x: Optional[torch.Tensor] = None
         self.graphs: List[torch.cuda.CUDAGraph] = []
         self.states: List[StageState] = []  # static state after each stage
-        self.logits: List[Optional[torch.Tensor]] = []
+        self.masks: List[Optional[torch.Tensor]] = []  # (size, H, W) labels of every row
         self.go: List[Optional[torch.Tensor]] = []
         self.conf: List[Optional[torch.Tensor]] = []
         self.pool: Any = None
@@ -64,7 +64,8 @@ class GraphedExits:
     """
 
     def __init__(self, model: Any, policy: Any, active: List[int], needs_features: bool,
-                 autocast: Callable[[], Any], memory_format: torch.memory_format, final_confidence: bool = False):
+                 autocast: Callable[[], Any], memory_format: torch.memory_format, final_confidence: bool = False,
+                 masks: Optional[Callable[..., torch.Tensor]] = None):
         self.model = model
         self.policy = policy
         self.active = set(active)
@@ -72,11 +73,13 @@ class GraphedExits:
         self.autocast = autocast
         self.memory_format = memory_format
         self.final_confidence = final_confidence
+        self.masks = masks
         self.buckets: Dict[int, _Bucket] = {}
 
     # ------------------------------------------------------------------ capture
     def _step(self, i: int, state: StageState) -> Tuple[StageState, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Stage ``i`` and, when its exit is active, the head and the decision (what one graph holds)."""
+        """Stage ``i`` and, when its exit is active, the head, the decision and every row's mask
+        at the input size (what one graph holds: a mask costs less than the launches it saves)."""
         model = self.model
         out = model.run_stage(i, state)
         if i not in self.active:
@@ -84,10 +87,11 @@ class GraphedExits:
         last = i == model.num_exits - 1
         feats = model.exit_features(i, out) if self.needs_features and not last else None
         logits = model.exit_logits(i, out)
+        mask = self.masks(i, logits, feats, out.input_size)
         if last and not self.final_confidence:
-            return out, logits, None, None
+            return out, mask, None, None
         go, conf = self.policy.decide(i, logits, feats)
-        return out, logits, go.reshape(-1), conf.reshape(-1).float()
+        return out, mask, go.reshape(-1), conf.reshape(-1).float()
 
     def _eager_pass(self, x: torch.Tensor) -> None:
         state = self.model.start(x)
@@ -112,10 +116,10 @@ class GraphedExits:
         for i in range(self.model.num_exits):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=b.pool), self.autocast():
-                state, logits, go, conf = self._step(i, state)
+                state, mask, go, conf = self._step(i, state)
             b.graphs.append(g)
             b.states.append(state)
-            b.logits.append(logits)
+            b.masks.append(mask)
             b.go.append(go)
             b.conf.append(conf)
         self.buckets[size] = b

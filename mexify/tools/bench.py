@@ -4,7 +4,9 @@ Like with like: the original model runs the way the runtime does (eager against 
 graphs against CUDA graphs, the same autocast dtype and memory format). Per-exit latency: each
 stage, head and decision timed on the first batch (median of ``repeats`` after ``warmup``; CUDA
 events on a GPU, ``perf_counter`` on CPU). Policy: the runtime and the original model (plus
-argmax) each run over the same images, ``repeats`` passes interleaved, median pass time:
+argmax) each run over the same images, ``repeats`` passes interleaved, median pass time; each
+batch's result is waited for before the next batch starts (latency, as a camera loop sees it: the
+runtime must wait anyway, to know which images leave):
 
 * ``measured_speedup`` = original time / runtime time;
 * ``predicted_speedup`` = original time / the mean over images of the timed cost to reach the exit
@@ -261,8 +263,10 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.
         return outs
 
     def run_original() -> List[torch.Tensor]:
-        outs = [run_orig(x).clone() for x, _ in batches]  # a graph's output is overwritten by its next replay
-        synchronize(dev)
+        outs = []
+        for x, _ in batches:
+            outs.append(run_orig(x).clone())  # a graph's output is overwritten by its next replay
+            synchronize(dev)  # each batch's masks are ready before the next batch starts, as in the runtime
         return outs
 
     outs, finals = run_policy(), run_original()  # warm-up; these results are scored below
