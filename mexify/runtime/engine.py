@@ -120,17 +120,12 @@ class EarlyExitRuntime:
         scores = mask_scores(i, logits, feats) if mask_scores is not None else logits
         return labels_of(resize_logits(scores, size))
 
-    def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: Optional[torch.Tensor],
-              feats: Optional[torch.Tensor], conf: Optional[torch.Tensor], masks: Optional[torch.Tensor] = None) -> None:
-        """Write the results of the rows ``leave`` (of the current batch) at their input rows: their
-        masks (``masks``, made for every row already, or made here from ``logits``) and confidence."""
+    def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: torch.Tensor,
+              feats: Optional[torch.Tensor], conf: Optional[torch.Tensor]) -> None:
+        """Write the results of the rows ``leave`` (of the current batch) at their input rows."""
         rows = alive.index_select(0, leave)
-        if masks is None:
-            sub_feats = feats.index_select(0, leave) if feats is not None else None
-            masks = self._masks(i, logits.index_select(0, leave), sub_feats, tuple(out.masks.shape[-2:]))
-        else:
-            masks = masks.index_select(0, leave)
-        out.masks.index_copy_(0, rows, masks)
+        sub_feats = feats.index_select(0, leave) if feats is not None else None
+        out.masks.index_copy_(0, rows, self._masks(i, logits.index_select(0, leave), sub_feats, tuple(out.masks.shape[-2:])))
         out.exit_index.index_fill_(0, rows, i)
         if conf is not None:
             out.confidence.index_copy_(0, rows, conf.reshape(-1).to(rows.device, out.confidence.dtype).index_select(0, leave))
@@ -156,16 +151,14 @@ class EarlyExitRuntime:
                 model.train(True)
 
     def _run(self, x: torch.Tensor, graphs: bool = True) -> BatchPrediction:
-        out = _Outputs(int(x.shape[0]), self.model.num_exits, (int(x.shape[-2]), int(x.shape[-1])), x.device)
         if graphs and self._graphs is not None and x.shape[0] > 0:
             try:
-                self._run_graphed(x, out)
-                return self._result(out)
+                return self._run_graphed(x)
             except RuntimeError as e:  # a stage that cannot be captured: eager from now on
                 log.warning("CUDA graphs unavailable for this model (%s); running eagerly", str(e).splitlines()[0])
                 self._graphs = None
                 self.cuda_graphs = False
-                out = _Outputs(int(x.shape[0]), self.model.num_exits, tuple(out.masks.shape[-2:]), x.device)
+        out = _Outputs(int(x.shape[0]), self.model.num_exits, (int(x.shape[-2]), int(x.shape[-1])), x.device)
         with self._autocast():
             self._run_eager(x, out)
         return self._result(out)
@@ -207,35 +200,57 @@ class EarlyExitRuntime:
                 state = state.select(stay)
                 alive = alive.index_select(0, stay)
 
-    def _run_graphed(self, x: torch.Tensor, out: _Outputs) -> None:
-        """As :meth:`_run_eager`, with every stage replayed from its bucket's CUDA graph."""
-        model, graphs = self.model, self._graphs
-        e, m = model.num_exits, int(x.shape[0])
-        alive = torch.arange(m, device=x.device)
-        b = graphs.bucket(bucket_of(m), x)
-        b.x[:m].copy_(x)
+    def _run_graphed(self, x: torch.Tensor) -> BatchPrediction:
+        """As :meth:`_run_eager`, every stage replayed from its bucket's CUDA graph; who leaves is
+        read on the host once per active early exit (one small copy), and nothing else syncs."""
+        model, graphs, dev = self.model, self._graphs, x.device
+        e, n = model.num_exits, int(x.shape[0])
+        b = graphs.bucket(bucket_of(n), x)
+        b.x[:n].copy_(x)
+        rows = torch.arange(n)  # input rows of the batch now running (host)
+        exit_index = torch.full((n,), e - 1, dtype=torch.long)
+        confidence = torch.full((n,), float("nan"), dtype=torch.float32)
+        pieces: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (input rows, their masks on the device)
         for i in range(e):
             b.graphs[i].replay()
             if i not in self.active:
                 continue
+            m = int(rows.numel())
             if i == e - 1:
-                self._emit(out, i, torch.arange(m, device=x.device), alive, None, None, b.conf[i], b.masks[i])
-                return
-            go = b.go[i][:m].to(torch.bool)
+                if self.final_confidence:
+                    confidence[rows] = b.decision[i][1, :m].cpu()
+                pieces.append((rows, b.masks[i][:m]))
+                break
+            decision = b.decision[i][:, :m].cpu()  # the one sync of this exit
+            go = decision[0] > 0.5
             leave = go.nonzero().squeeze(1)
-            n_leave = int(leave.numel())  # one device sync per active exit
-            if n_leave:
-                self._emit(out, i, leave, alive, None, None, b.conf[i], b.masks[i])
-            if n_leave == m:
-                return
-            if n_leave:
-                stay = (~go).nonzero().squeeze(1)
-                alive = alive.index_select(0, stay)
-                m -= n_leave
-                nb = graphs.bucket(bucket_of(m), x)
-                index = stay if nb.size == m else torch.cat([stay, stay[-1:].expand(nb.size - m)])
-                graphs.move(b.states[i], index, nb.states[i])
-                b = nb
+            if leave.numel() == 0:
+                continue
+            exit_index[rows[leave]] = i
+            confidence[rows[leave]] = decision[1][leave]
+            if leave.numel() == m:
+                pieces.append((rows, b.masks[i][:m]))
+                break
+            pieces.append((rows[leave], b.masks[i].index_select(0, leave.to(dev))))
+            stay = (~go).nonzero().squeeze(1)
+            rows = rows[stay]
+            nb = graphs.bucket(bucket_of(int(stay.numel())), x)
+            index = torch.cat([stay, stay[-1:].expand(nb.size - int(stay.numel()))]).to(dev)
+            graphs.move(b.states[i], index, nb.states[i])
+            b = nb
+        flops = torch.tensor(self.exit_flops, dtype=torch.long)[exit_index]
+        return BatchPrediction(self._assemble(pieces, n), exit_index, confidence, flops, self.exit_names)
+
+    @staticmethod
+    def _assemble(pieces: List[Tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+        """The batch's masks in input order from the pieces each exit produced (copied out of the graphs' buffers)."""
+        first_rows, first = pieces[0]
+        if len(pieces) == 1:
+            return first.clone()  # every image left at one exit, in input order
+        masks = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for rows, part in pieces:
+            masks.index_copy_(0, rows.to(first.device), part)
+        return masks
 
     def predict(self, x: torch.Tensor) -> List[Prediction]:
         """Run a batch ``(N, 3, H, W)``; one :class:`Prediction` per image, in input order."""

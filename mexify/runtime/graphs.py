@@ -3,15 +3,18 @@
 Eager PyTorch pays a kernel launch and some Python per operator; at batch 1 on a GPU that is
 most of a segmentation network's time, and the early exits (short stages, small heads) pay it in
 full. Here each stage ``i`` together with, when its exit is active, the head and the policy's
-``decide`` is captured once per *batch bucket* (powers of two) as one ``torch.cuda.CUDAGraph``:
+``decide`` is captured once per *batch bucket* (every size up to 8, then multiples of 8) as one
+``torch.cuda.CUDAGraph``:
 
 * the graphs of one bucket are captured in stage order, each reading the previous one's static
   outputs, so a batch that does not shrink runs graph after graph with no copy at all;
 * when images leave, the rows that stay are gathered (``StageState.select``, padded up to the
   next bucket by repeating the last row) straight into the static outputs of the same stage in
   the smaller bucket, whose next graphs then replay; padded rows are ignored;
-* each active exit costs one host sync (how many images leave); masks are made eagerly for the
-  images that leave only (their logits upsampled once).
+* each graph also makes every row's mask at the input size and writes the decision and confidence
+  into one small tensor; each active early exit costs one copy of it to the host (the only sync),
+  after which the bookkeeping (who leaves, where each image's results go) is done on the host;
+  the final exit costs no sync at all.
 
 Capture happens on first use of a bucket (after two eager warm-up passes on a side stream); a
 model whose stages cannot be captured (a host sync inside, a CPU tensor, ...) falls back to eager
@@ -33,8 +36,13 @@ __all__ = ["GraphedExits", "GraphedCall", "bucket_of", "capture"]
 
 
 def bucket_of(n: int) -> int:
-    """The batch bucket of ``n`` images: the next power of two."""
-    return 1 << max(int(n) - 1, 0).bit_length()
+    """The batch bucket of ``n`` images: ``n`` itself up to 8, then the next multiple of 8.
+
+    Small batches are where padding would cost most (5 images in a bucket of 8 pay for 8), and a
+    bucket's graphs hold little memory at those sizes.
+    """
+    n = max(int(n), 1)
+    return n if n <= 8 else -(-n // 8) * 8
 
 
 class _Bucket:
@@ -46,8 +54,7 @@ class _Bucket:
         self.graphs: List[torch.cuda.CUDAGraph] = []
         self.states: List[StageState] = []  # static state after each stage
         self.masks: List[Optional[torch.Tensor]] = []  # (size, H, W) labels of every row
-        self.go: List[Optional[torch.Tensor]] = []
-        self.conf: List[Optional[torch.Tensor]] = []
+        self.decision: List[Optional[torch.Tensor]] = []  # (2, size): go (0/1) and confidence
         self.pool: Any = None
 
 
@@ -91,7 +98,8 @@ class GraphedExits:
         if last and not self.final_confidence:
             return out, mask, None, None
         go, conf = self.policy.decide(i, logits, feats)
-        return out, mask, go.reshape(-1), conf.reshape(-1).float()
+        # one (2, N) float tensor: the host reads both with a single copy
+        return out, mask, torch.stack([go.reshape(-1).float(), conf.reshape(-1).float()]), None
 
     def _eager_pass(self, x: torch.Tensor) -> None:
         state = self.model.start(x)
@@ -116,12 +124,11 @@ class GraphedExits:
         for i in range(self.model.num_exits):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=b.pool), self.autocast():
-                state, mask, go, conf = self._step(i, state)
+                state, mask, decision, _ = self._step(i, state)
             b.graphs.append(g)
             b.states.append(state)
             b.masks.append(mask)
-            b.go.append(go)
-            b.conf.append(conf)
+            b.decision.append(decision)
         self.buckets[size] = b
         return b
 
