@@ -114,3 +114,18 @@ def test_budget_in_milliseconds_is_enforced(bundle):
         api.calibrate(bundle, SCENES, policy="maxprob", budget="8ms", batch_size=4, cost="flops")
     with pytest.raises(ConfigError, match="match"):
         api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4, profile="H100")
+
+
+def test_exit_costs_count_what_the_runtime_runs():
+    from mexify.runtime import exit_ms_per_image, original_ms_per_image
+
+    prof = {"batch_size": 2, "stage_ms": [2.0, 4.0, 8.0], "head_ms": [1.0, 1.0], "policy_ms": [0.5, 0.5],
+            "mask_ms": [0.2, 0.2, 0.4], "original_ms": 13.0}
+    # eager: stages, active heads + decisions on the way, masks at the exit taken only
+    assert exit_ms_per_image(prof, [0, 1]) == pytest.approx([(2 + 1.5 + 0.2) / 2, (6 + 3 + 0.2) / 2, (14 + 3 + 0.4) / 2])
+    assert exit_ms_per_image(prof, [1]) == pytest.approx([(2 + 0.2) / 2, (6 + 1.5 + 0.2) / 2, (14 + 1.5 + 0.4) / 2])
+    # CUDA graphs: every active exit's graph makes the masks of all its rows
+    graphs = {**prof, "mode": "graphs"}
+    assert exit_ms_per_image(graphs, [0, 1]) == pytest.approx([(2 + 1.7) / 2, (6 + 3.4) / 2, (14 + 3.4 + 0.4) / 2])
+    assert original_ms_per_image(prof) == 6.5
+    assert original_ms_per_image({**prof, "original_ms": None}) == pytest.approx((14 + 0.4) / 2)

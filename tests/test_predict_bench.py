@@ -153,10 +153,13 @@ def test_bench_cli_json(calibrated):
     # like with like: the predicted speed-up is the timed cost of the observed exit mix
     thr = model.config.policy["thresholds"]
     active = [thr[n] is not None for n in model.exit_names[:-1]] + [True]
+    graphs = rep["mode"] == "graphs"  # graphs make every row's masks at each active exit; eager, at the exit taken
     per_exit, total = [], 0.0
     for i, r in enumerate(rep["exits"]):
-        total += r["stage_ms"] + ((r["head_ms"] + r["policy_ms"]) if i < model.num_exits - 1 and active[i] else 0.0)
-        per_exit.append(total)
+        early = i < model.num_exits - 1
+        total += r["stage_ms"] + ((r["head_ms"] + r["policy_ms"] + (r["mask_ms"] if graphs else 0)) if early and active[i] else 0.0)
+        per_exit.append(total + (r["mask_ms"] if not graphs or not early else 0.0))
+    assert all(r["mask_ms"] > 0 for r in rep["exits"])
     mean = sum(p["exit_rates"][n] * per_exit[i] for i, n in enumerate(model.exit_names))
     assert p["predicted_speedup"] == pytest.approx(rep["original"]["latency_ms"] / mean)
     assert rep["mode"] == ("graphs" if torch.cuda.is_available() else "eager") and rep["dtype"] == "float32"

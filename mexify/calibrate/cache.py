@@ -43,6 +43,7 @@ from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
 from mexify.nn import resize_logits
+from mexify.runtime import exit_ms_per_image, original_ms_per_image
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
 from mexify.policies.entropy import mean_entropy
@@ -83,8 +84,7 @@ class ExitCache:
     source: str = "softmax"
     stage_flops: Optional[List[float]] = None
     head_flops: Optional[List[float]] = None
-    #: measured milliseconds per image (``stage_ms``, ``head_ms`` with the policy step, ``original_ms``,
-    #: ``key``) from a latency profile; see :meth:`with_latency`
+    #: a latency profile (``key``, ``profile``, ``original_ms`` per image); see :meth:`with_latency`
     latency: Optional[Dict[str, Any]] = None
     #: what the search minimises: ``"flops"`` or ``"latency"``
     cost: str = "flops"
@@ -172,24 +172,18 @@ class ExitCache:
         """A copy that costs exits by a measured latency profile (``mexify profile``) and searches on it.
 
         ``profile`` is one entry of a bundle's ``latency:`` table (milliseconds per batch of
-        ``batch_size``); costs become milliseconds per image, a head's cost includes the policy's
-        decision at that exit, and the original model costs ``original_ms`` (its plain forward; the
-        sum of the stages for profiles that did not time it).
+        ``batch_size``); costs become milliseconds per image counted as the runtime spends them
+        (:func:`mexify.runtime.exit_ms_per_image`: stages, active heads and decisions, masks), and
+        the original model costs its timed forward and masks.
         """
-        b = float(profile["batch_size"])
-        policy = profile.get("policy_ms") or [0.0] * len(profile["head_ms"])
-        stage = [float(v) / b for v in profile["stage_ms"]]
-        if len(stage) != self.num_exits:
+        if len(profile["stage_ms"]) != self.num_exits:
             raise DataError(
-                f"the latency profile {profile.get('key', '')!r} has {len(stage)} stages for {self.num_exits} exits",
+                f"the latency profile {profile.get('key', '')!r} has {len(profile['stage_ms'])} stages for {self.num_exits} exits",
                 "profile the bundle again: `mexify profile BUNDLE`",
             )
-        latency = {
-            "key": str(profile.get("key", "")),
-            "stage_ms": stage,
-            "head_ms": [(float(h) + float(p)) / b for h, p in zip(profile["head_ms"], policy)],
-            "original_ms": float(profile.get("original_ms") or sum(profile["stage_ms"])) / b,
-        }
+        keep = ("batch_size", "stage_ms", "head_ms", "policy_ms", "mask_ms", "mode", "original_ms")
+        latency = {"key": str(profile.get("key", "")), "profile": {k: profile.get(k) for k in keep},
+                   "original_ms": original_ms_per_image(profile)}
         return dataclasses.replace(self, latency=latency, cost="latency")
 
     @property
@@ -209,15 +203,14 @@ class ExitCache:
         it costs nothing on the way to later exits. Without thresholds, every head counts.
         """
         kind = kind or self.cost
+        e1 = self.num_exits - 1
+        on = np.ones(e1, dtype=bool) if thresholds is None else np.array([not (math.isinf(t) and t > 0) for t in thresholds], dtype=bool)
         if kind == "latency":
-            stage, head = self.latency["stage_ms"], self.latency["head_ms"]
-        elif self.stage_flops is None or self.head_flops is None:
+            return np.asarray(exit_ms_per_image(self.latency["profile"], np.flatnonzero(on).tolist()), dtype=np.float64)
+        if self.stage_flops is None or self.head_flops is None:
             return self.costs
-        else:
-            stage, head = self.stage_flops, self.head_flops
-        on = np.ones(len(head)) if thresholds is None else np.array([not (math.isinf(t) and t > 0) for t in thresholds])
-        heads = np.concatenate([np.asarray(head, dtype=np.float64) * on, [0.0]])
-        return np.cumsum(np.asarray(stage, dtype=np.float64)) + np.cumsum(heads)
+        heads = np.concatenate([np.asarray(self.head_flops, dtype=np.float64) * on, [0.0]])
+        return np.cumsum(np.asarray(self.stage_flops, dtype=np.float64)) + np.cumsum(heads)
 
     def figures(self, assignment: np.ndarray, thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
         """mIoU, drop, mean cost, speed-up and exit rates of an assignment (costed as :meth:`exit_costs`).

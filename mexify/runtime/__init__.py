@@ -2,6 +2,7 @@
 
 Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
 """
+from mexify.runtime.costs import exit_ms_per_image, original_ms_per_image
 from mexify.runtime.engine import EarlyExitRuntime, labels_of, predict
 from mexify.runtime.graphs import GraphedCall, capture
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
@@ -16,6 +17,8 @@ __all__ = [
     "resolve_policy",
     "active_exits",
     "labels_of",
+    "exit_ms_per_image",
+    "original_ms_per_image",
     "GraphedCall",
     "capture",
 ]

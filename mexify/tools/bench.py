@@ -31,7 +31,7 @@ from mexify.errors import ConfigError, DataError, MexifyError
 from mexify.graph.adapt import adapt_output
 from mexify.metrics import ConfusionMatrix
 from mexify.nn import module_device, resolve_device
-from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, labels_of
+from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, labels_of
 from mexify.spec import ModelSpec, build_model
 from mexify.tools.profile import time_stages
 from mexify.tools.timing import synchronize, time_call
@@ -231,11 +231,11 @@ def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float
     with the time to reach it (every head on the way), and the time to leave at each exit when only
     the runtime's active heads run."""
     e = model.num_exits
-    stage_s, head_s, policy_s = time_stages(model, x0, dev, warmup, repeats, progress, rt.policy, rt.cuda_graphs, rt._autocast)
-    exit_s, total = [], 0.0
-    for i in range(e):
-        total += stage_s[i] + (head_s[i] + policy_s[i] if i < e - 1 and i in rt.active else 0.0)
-        exit_s.append(total)
+    t = time_stages(model, x0, dev, warmup, repeats, progress, rt.policy, rt.cuda_graphs, rt._autocast)
+    stage_s, head_s, policy_s, mask_s = t["stage"], t["head"], t["policy"], t["mask"]
+    timed = {"batch_size": 1, "stage_ms": stage_s, "head_ms": head_s, "policy_ms": policy_s, "mask_ms": mask_s,
+             "mode": "graphs" if rt.cuda_graphs else "eager"}
+    exit_s = exit_ms_per_image(timed, rt.active)  # seconds per batch here (batch_size 1 above)
     rows = []
     for i, name in enumerate(model.exit_names):
         to_exit = sum(stage_s[: i + 1]) + sum(head_s[: min(i + 1, e - 1)])
@@ -250,6 +250,7 @@ def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float
             "latency_ms": 1000 * to_exit,
             "latency_fraction": to_exit / orig_s if orig_s else float("nan"),
             "policy_ms": 1000 * policy_s[i] if i < e - 1 else 0.0,
+            "mask_ms": 1000 * mask_s[i],
         })
     return rows, exit_s
 

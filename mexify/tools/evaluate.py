@@ -21,8 +21,8 @@ from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import module_device, resolve_device
-from mexify.runtime import EarlyExitRuntime, active_exits
-from mexify.tools.profile import exit_ms_per_image, select_profile
+from mexify.runtime import EarlyExitRuntime, active_exits, exit_ms_per_image, original_ms_per_image
+from mexify.tools.profile import select_profile
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int)
     prof = select_profile(table, want if want in table else None, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
     ms = exit_ms_per_image(prof, active_exits(policy, model.num_exits))
     mean = sum(c * m for c, m in zip(counts.tolist(), ms)) / max(done, 1)
-    orig = float(prof.get("original_ms") or sum(prof["stage_ms"])) / float(prof["batch_size"])
+    orig = original_ms_per_image(prof)
     return {"latency_profile": prof["key"], "mean_ms_predicted": mean, "original_ms_predicted": orig,
             "predicted_speedup": orig / mean if mean else float("nan")}
 

@@ -17,11 +17,12 @@ import torch
 
 from mexify.config import json_safe
 from mexify.errors import ConfigError
-from mexify.runtime import capture, resolve_policy
+from mexify.nn import resize_logits
+from mexify.runtime import capture, labels_of, resolve_policy
 from mexify.tools.timing import time_call
 
 __all__ = [
-    "LatencyProfile", "profile_latency", "profile_key", "select_profile", "exit_ms_per_image", "time_stages",
+    "LatencyProfile", "profile_latency", "profile_key", "select_profile", "time_stages",
     "timer", "autocast_for", "DTYPES",
 ]
 
@@ -50,12 +51,9 @@ class LatencyProfile:
     exit_names: List[str] = dataclasses.field(default_factory=list)
     flops_to_exit: List[int] = dataclasses.field(default_factory=list)  # every head on the way, 1 multiply-add = 1 FLOP
     original_flops: int = 0
-    original_ms: Optional[float] = None  # the model's plain forward: every stage, no head
+    original_ms: Optional[float] = None  # the model's plain forward and its masks: every stage, no head
+    mask_ms: Optional[List[float]] = None  # masks of the batch at each exit (resize to the input, argmax)
     mode: str = "eager"  # or "graphs": each stage, head and decision replayed from a CUDA graph
-
-    @property
-    def exit_ms_per_image(self) -> List[float]:
-        return [v / self.batch_size for v in self.to_exit_ms()]
 
     @property
     def key(self) -> str:
@@ -99,27 +97,32 @@ def timer(device: torch.device, warmup: int, repeats: int, graphs: bool, autocas
 
 def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, repeats: int,
                 progress: Progress = None, policy: Any = None, graphs: bool = False,
-                autocast: Callable[[], Any] = contextlib.nullcontext) -> Tuple[List[float], List[float], Optional[List[float]]]:
-    """Seconds of each stage, each early head and (with ``policy``) each decision, on batch ``x``
-    (eagerly, or each replayed from its own CUDA graph with ``graphs``)."""
+                autocast: Callable[[], Any] = contextlib.nullcontext) -> Dict[str, Optional[List[float]]]:
+    """Seconds of each stage, early head, decision (with ``policy``) and mask on batch ``x``
+    (eagerly, or each replayed from its own CUDA graph with ``graphs``).
+
+    Returns:
+        ``{"stage": [E], "head": [E-1], "policy": [E-1] or None, "mask": [E]}``.
+    """
     e = model.num_exits
+    size = (int(x.shape[-2]), int(x.shape[-1]))
     with autocast():
         states = [model.start(x)]
         for i in range(e):
             states.append(model.run_stage(i, states[-1]))
+        logits = [model.exit_logits(i, states[i + 1]) for i in range(e)]
     timed = timer(device, warmup, repeats, graphs, autocast)
-    stage_s, head_s, policy_s = [], [], ([] if policy is not None else None)
+    out: Dict[str, Optional[List[float]]] = {"stage": [], "head": [], "policy": [] if policy is not None else None, "mask": []}
     for i in range(e):
-        stage_s.append(timed(lambda i=i: model.run_stage(i, states[i])))
+        out["stage"].append(timed(lambda i=i: model.run_stage(i, states[i])))
         if i < e - 1:
-            head_s.append(timed(lambda i=i: model.exit_logits(i, states[i + 1])))
-            if policy_s is not None:
-                with autocast():
-                    logits = model.exit_logits(i, states[i + 1])
-                policy_s.append(timed(lambda i=i, z=logits: policy.decide(i, z)))
+            out["head"].append(timed(lambda i=i: model.exit_logits(i, states[i + 1])))
+            if policy is not None:
+                out["policy"].append(timed(lambda i=i: policy.decide(i, logits[i])))
+        out["mask"].append(timed(lambda i=i: labels_of(resize_logits(logits[i], size))))
         if progress is not None:
             progress("stages", i + 1, e)
-    return stage_s, head_s, policy_s
+    return out
 
 
 @torch.no_grad()
@@ -159,32 +162,18 @@ def profile_latency(
     autocast = autocast_for(device, dtype)
     for b in batch_sizes:
         x = torch.randn(int(b), 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-        stage_s, head_s, policy_s = time_stages(model, x, device, warmup, repeats, progress, policy, graphs, autocast)
-        original_s = timer(device, warmup, repeats, graphs, autocast)(lambda: model(x))
+        t = time_stages(model, x, device, warmup, repeats, progress, policy, graphs, autocast)
+        original_s = timer(device, warmup, repeats, graphs, autocast)(lambda: labels_of(resize_logits(model(x), (h, w))))
         out.append(LatencyProfile(
             device=name, batch_size=int(b), dtype=dtype, input_size=(h, w),
-            stage_ms=[1000 * s for s in stage_s], head_ms=[1000 * s for s in head_s],
-            policy_ms=[1000 * s for s in policy_s] if policy_s is not None else None,
+            stage_ms=[1000 * s for s in t["stage"]], head_ms=[1000 * s for s in t["head"]],
+            policy_ms=[1000 * s for s in t["policy"]] if t["policy"] is not None else None,
+            mask_ms=[1000 * s for s in t["mask"]],
             warmup=int(warmup), repeats=int(repeats), exit_names=list(model.exit_names),
             flops_to_exit=[int(model.cost_to_exit(i)) for i in range(model.num_exits)],
             original_flops=int(model.original_flops), original_ms=1000 * original_s,
             mode="graphs" if graphs else "eager",
         ))
-    return out
-
-
-def exit_ms_per_image(profile: Dict[str, Any], active: Sequence[int]) -> List[float]:
-    """Predicted milliseconds per image to leave at each exit when only the ``active`` exits' heads
-    (and policy steps) run, from one profile dict of a bundle's ``latency:`` table."""
-    b = float(profile["batch_size"])
-    heads = list(profile["head_ms"])
-    policy = profile.get("policy_ms") or [0.0] * len(heads)
-    out, total = [], 0.0
-    for i, stage in enumerate(profile["stage_ms"]):
-        total += float(stage)
-        if i < len(heads) and i in active:
-            total += float(heads[i]) + float(policy[i])
-        out.append(total / b)
     return out
 
 
