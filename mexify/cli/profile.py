@@ -24,13 +24,14 @@ def render(profiles: list) -> None:
         to_exit = p.to_exit_ms()
         t = Table(title=f"{p.device}, batch {p.batch_size}, {p.dtype}, {p.input_size[0]}x{p.input_size[1]}, {p.mode}",
                   caption=f"ms per batch: median of {p.repeats} after {p.warmup} warm-up; to exit: every head and "
-                  "policy step on the way; FLOPs: 1 multiply-add = 1 FLOP", title_justify="left", caption_justify="left")
-        for col in ("#", "exit", "stage ms", "head ms", "policy ms", "to exit ms", "% of final", "% FLOPs"):
+                  "policy step on the way (masks not included); FLOPs: 1 multiply-add = 1 FLOP", title_justify="left", caption_justify="left")
+        for col in ("#", "exit", "stage ms", "head ms", "policy ms", "mask ms", "to exit ms", "% of final", "% FLOPs"):
             t.add_column(col, justify="left" if col in ("#", "exit") else "right", no_wrap=col != "exit")
         for i, name in enumerate(p.exit_names):
             head = f"{p.head_ms[i]:.3f}" if i < len(p.head_ms) else "-"
             pol = f"{p.policy_ms[i]:.3f}" if p.policy_ms and i < len(p.policy_ms) else "-"
-            t.add_row(str(i), name, f"{p.stage_ms[i]:.3f}", head, pol, f"{to_exit[i]:.3f}",
+            mask = f"{p.mask_ms[i]:.3f}" if p.mask_ms else "-"
+            t.add_row(str(i), name, f"{p.stage_ms[i]:.3f}", head, pol, mask, f"{to_exit[i]:.3f}",
                       f"{100 * to_exit[i] / to_exit[-1]:.1f}%", f"{100 * p.flops_to_exit[i] / p.original_flops:.1f}%")
         console.print(t)
         if p.original_ms is not None:
