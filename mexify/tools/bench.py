@@ -9,9 +9,9 @@ batch's result is waited for before the next batch starts (latency, as a camera 
 runtime must wait anyway, to know which images leave):
 
 * ``measured_speedup`` = original time / runtime time;
-* ``predicted_speedup`` = original time / the mean over images of the timed cost to reach the exit
-  each image took (stages, plus active heads and decisions on the way): what the cost model
-  predicts for the exit mix observed;
+* ``predicted_speedup`` = the timed cost of the all-exits-off path (every stage, the final masks)
+  over the mean over images of the timed cost of the exit each image took (stages, active heads
+  and decisions on the way, masks): what the cost model predicts for the exit mix observed;
 * ``flops_speedup`` = original FLOPs / mean FLOPs per image.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mexify.errors import ConfigError, DataError, MexifyError
 from mexify.graph.adapt import adapt_output
 from mexify.metrics import ConfusionMatrix
 from mexify.nn import module_device, resolve_device
-from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, labels_of
+from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, labels_of, original_ms_per_image
 from mexify.spec import ModelSpec, build_model
 from mexify.tools.profile import time_stages
 from mexify.tools.timing import synchronize, time_call
@@ -158,11 +158,11 @@ def bench(
     run_orig = _original_runner(orig, rt)
     x0 = batches[0][0]
     orig_s = time_call(lambda: run_orig(x0), dev, warmup, repeats)
-    rows, exit_s = _exit_rows(model, rt, x0, orig_s, dev, warmup, repeats, progress)
+    rows, exit_s, base_s = _exit_rows(model, rt, x0, orig_s, dev, warmup, repeats, progress)
     pol = None
     if not getattr(rt, "policy_missing", False):
         pol = _policy_figures(model, rt, run_orig, batches, dev, repeats, progress)
-        pol["predicted_speedup"] = _predicted_speedup(exit_s, orig_s, rt, pol)
+        pol["predicted_speedup"] = _predicted_speedup(exit_s, base_s, pol)
         for row in rows:
             row["exit_rate"] = pol["exit_rates"][row["name"]]
     if all(y is not None for _, y in batches):
@@ -201,10 +201,10 @@ def _original_runner(orig: nn.Module, rt: EarlyExitRuntime) -> Callable[[torch.T
     return eager
 
 
-def _predicted_speedup(exit_s: List[float], orig_s: float, rt: EarlyExitRuntime, pol: Dict[str, Any]) -> float:
-    """Original time over the timed cost of the exit mix observed (per image: batch times / batch size)."""
+def _predicted_speedup(exit_s: List[float], base_s: float, pol: Dict[str, Any]) -> float:
+    """The all-exits-off path's timed cost over the timed cost of the exit mix observed (both from the same pieces)."""
     mean = sum(rate * exit_s[i] for i, rate in enumerate(pol["exit_rates"].values()))
-    return orig_s / mean if mean > 0 else float("nan")
+    return base_s / mean if mean > 0 else float("nan")
 
 
 def _batches(data: Any, batch_size: int, limit: Optional[int], dev: torch.device) -> List[Batch]:
@@ -226,7 +226,7 @@ def _batches(data: Any, batch_size: int, limit: Optional[int], dev: torch.device
 
 
 def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float, dev: torch.device, warmup: int,
-               repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Tuple[List[Dict[str, Any]], List[float]]:
+               repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Tuple[List[Dict[str, Any]], List[float], float]:
     """Each stage, head and decision timed on one batch, run as the runtime runs; a row per exit
     with the time to reach it (every head on the way), and the time to leave at each exit when only
     the runtime's active heads run."""
@@ -236,6 +236,7 @@ def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float
     timed = {"batch_size": 1, "stage_ms": stage_s, "head_ms": head_s, "policy_ms": policy_s, "mask_ms": mask_s,
              "mode": "graphs" if rt.cuda_graphs else "eager"}
     exit_s = exit_ms_per_image(timed, rt.active)  # seconds per batch here (batch_size 1 above)
+    base_s = original_ms_per_image(timed)
     rows = []
     for i, name in enumerate(model.exit_names):
         to_exit = sum(stage_s[: i + 1]) + sum(head_s[: min(i + 1, e - 1)])
@@ -252,7 +253,7 @@ def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float
             "policy_ms": 1000 * policy_s[i] if i < e - 1 else 0.0,
             "mask_ms": 1000 * mask_s[i],
         })
-    return rows, exit_s
+    return rows, exit_s, base_s
 
 
 def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.Tensor], torch.Tensor], batches: List[Batch], dev: torch.device,

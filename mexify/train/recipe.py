@@ -129,7 +129,10 @@ class Recipe:
     stage1_iters: int = _f(60000, _int, "iterations of stage 1 (end-to-end); 0 skips it")
     stage2_iters: int = _f(60000, _int, "iterations of stage 2 (frozen backbone); 0 skips it")
     exit_weights: Optional[Tuple[float, ...]] = _f(
-        None, _opt(_floats), "stage-1 CE weight per exit, early exits then final (default: 1 each)"
+        None, _opt(_floats), "stage-1 CE weight per exit, early exits then final (default: early_weight each, final 1)"
+    )
+    early_weight: float = _f(
+        1.0, _float, "stage-1 CE weight of every early exit when exit_weights is not given (the final exit weighs 1)"
     )
     distill: str = _f("pfd", _str, "stage-2 distillation: pfd (positive filtering), kd, none")
     kd_weight: float = _f(0.5, _float, "weight of the distillation term in stage 2")
@@ -172,6 +175,8 @@ class Recipe:
             problems.append(("num_workers", "must be >= 0"))
         if self.exit_weights is not None and any(w < 0 for w in self.exit_weights):
             problems.append(("exit_weights", "weights must be >= 0"))
+        if self.early_weight < 0:
+            problems.append(("early_weight", "must be >= 0"))
         if problems:
             key, what = problems[0]
             raise ConfigError(

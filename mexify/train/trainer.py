@@ -492,7 +492,7 @@ class _Trainer:
             outs = net(x)
         kds: List[torch.Tensor] = []
         if stage == 1:
-            weights = list(r.exit_weights) if r.exit_weights is not None else None
+            weights = list(r.exit_weights) if r.exit_weights is not None else [r.early_weight] * (len(outs) - 1) + [1.0]
             loss, ces = multi_exit_ce(outs, y, weights, IGNORE_INDEX)
         else:
             teacher = outs[-1]
