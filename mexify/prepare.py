@@ -198,13 +198,15 @@ def check_train_mode(model: MultiExitModel, size: Tuple[int, int]) -> str:
     """One train-mode forward and backward through every exit on a small batch; returns what failed ("" if nothing).
 
     Catches train-mode graphs that run but cannot be differentiated once split into stages.
-    Parameters, buffers, gradients and the random state are restored.
+    Parameters, buffers, gradients and the random state are restored. Runs with gradients on
+    whatever the caller's mode (a conversion under ``torch.no_grad()`` must not mark a trainable
+    model untrainable).
     """
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training = model.training
     model.train()
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.inference_mode(False), torch.enable_grad():
             return _train_step_issue(model, size)
     finally:
         model.zero_grad(set_to_none=True)
@@ -305,6 +307,7 @@ def _stage_flops(gm: fx.GraphModule, exit_names: Sequence[str], total: int) -> l
     return flops
 
 
+@torch.inference_mode(False)  # the converted model must be trainable whatever the caller's mode
 def convert(
     spec: Union[str, ModelSpec, nn.Module],
     *,

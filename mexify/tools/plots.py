@@ -46,7 +46,7 @@ def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[st
             ax.plot([p["speedup"] for p in oc], [p["miou"] for p in oc], "--", color="C2", label="oracle")
         ax.plot([chosen["speedup"]], [chosen["miou"]], "*", ms=12, color="C3", label="chosen")
         what = f"measured latency, {result.cache.latency['key']}" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
-        ax.set_xlabel(f"mean speed-up over the original ({what})")
+        ax.set_xlabel(f"mean speed-up over the original\n({what})")
         ax.set_ylabel("mIoU (%)" if result.cache.labelled else "agreement mIoU with final exit (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

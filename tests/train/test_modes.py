@@ -76,3 +76,12 @@ def test_heads_survive_in_place_changes_of_their_features_by_later_stages():
     model.train()
     sum(o.mean() for o in model.forward_all(torch.randn(2, 3, 32, 32))).backward()
     assert all(p.grad is not None for p in model.heads.parameters())
+
+
+def test_conversion_under_no_grad_still_checks_training_with_gradients():
+    import mexify
+
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            result = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2)
+        assert result.model.train_issue == "", mode.__name__
