@@ -25,7 +25,7 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
 
 bench: $(STAMP)
-	for b in convert calibrate train policies zoo; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+	for b in convert calibrate train policies runtime zoo; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

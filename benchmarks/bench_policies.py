@@ -168,15 +168,17 @@ def write_markdown(results: List[Dict[str, Any]], args: argparse.Namespace, seco
     lines = [
         "# Exit policies on synthetic scenes",
         "",
-        f"`python benchmarks/bench_policies.py --threads {args.threads} --test {args.test} --calib {args.calib}`",
+        f"`python benchmarks/bench_policies.py --threads {args.threads} --test {args.test} --calib {args.calib} "
+        f"--models {' '.join(args.models)} --recipe {args.recipe} --policies {' '.join(args.policies)} --repeats {args.repeats}`",
         "",
         f"Data `{args.data}` (per model: {', '.join(f'{m} at {SIZES.get(m, 128)}' for m in args.models)}); bundles converted with 6 early exits and trained with the "
         f"`{args.recipe}` recipe (both stages{'; ' + ', '.join(args.train_override) if args.train_override else ''}). Thresholds fitted on {args.calib} `calib` images for "
         f"`--max-drop {args.max_drop}`; everything below measured on the held-out `test` split through the "
         f"early-exit runtime, batch {' and '.join(map(str, args.batch_sizes))}, on {cpu_name()} with {args.threads} torch threads "
         f"(torch {torch.__version__}). FLOPs: 1 multiply-add = 1 FLOP; speed-ups are against the original model. "
-        f"Measured speed-up: median of {args.repeats} interleaved passes. Oracle share: the policy's FLOPs saving over "
-        "the saving of the cheapest oracle with at least the policy's test mIoU.",
+        f"Measured speed-up: median of {args.repeats} interleaved passes. Predicted: the CPU profile's cost of the "
+        "exit mix observed. Oracle share: the policy's saving over the saving of the cheapest oracle with at least the "
+        "policy's test mIoU, both costed by the same profile.",
         "",
     ]
     for res in results:
@@ -242,7 +244,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--data", default=DATA)
-    ap.add_argument("--recipe", default="quick-synthetic")
+    ap.add_argument("--recipe", default="demo-synthetic")
     ap.add_argument("--train-override", nargs="*", default=[], metavar="KEY=VALUE",
                     help="recipe overrides for training, e.g. stage1_iters=600 (use a fresh --work)")
     ap.add_argument("--work", type=Path, default=Path("out/bench_policies"), help="trained bundles are kept here")
@@ -259,6 +261,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json:
         results = [r for f in args.from_json for r in json.loads(f.read_text())]
+        args.data = args.data.format(size=SIZES.get(args.models[0], 128))
         text = write_markdown(results, args, float("nan"))
         args.out.write_text(text)
         print(text)

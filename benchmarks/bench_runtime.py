@@ -18,10 +18,11 @@ path (every image to the final exit, no head run) against the original.
 
 Targets (latency issue): GPU, deeplabv3_resnet50 at 512: measured >= 0.9 x predicted and >= 1.6x
 at this mix; all-exits-off within 3% of the original. CPU (2 cores): measured >= 0.85 x predicted.
-Writes ``benchmarks/results/runtime-<device>.md`` and ``.json``.
+Writes ``benchmarks/results/runtime-<cpu|cuda>-<model>-<size>.md`` and ``.json``.
 
-    python benchmarks/bench_runtime.py --device cuda [--model deeplabv3_resnet50] [--size 512]
+    python benchmarks/bench_runtime.py [--device cuda] [--model deeplabv3_resnet50] [--size 512]
         [--batch 1,8] [--dtype float32,bfloat16] [--images 64] [--mix 0.52,0.195,0,0,0.01,0.275]
+    (on a CPU the defaults are lraspp_mobilenet_v3_large at 128, float32: what 2 cores can run)
 """
 from __future__ import annotations
 
@@ -55,10 +56,10 @@ def _mix_policy(model: Any, images: torch.Tensor, mix: List[float]) -> Any:
     thresholds = []
     for i, share in enumerate(mix[:-1]):
         want = round(share * images.shape[0])
-        if want == 0:
+        s = scores[i][left].sort(descending=True).values
+        if want == 0 or len(s) == 0:
             thresholds.append(float("inf"))
             continue
-        s = scores[i][left].sort(descending=True).values
         k = min(want, len(s))
         t = float(s[k - 1]) if k == len(s) else float((s[k - 1] + s[k]) / 2)  # midway: no image on the threshold
         thresholds.append(t)
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     from mexify.tools.bench import bench
 
     dev = torch.device(args.device)
+    torch.manual_seed(0)  # the same random weights, hence the same exit points and scores, run to run
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         mexify.convert(f"torchvision.models.segmentation:{args.model}",
@@ -140,24 +142,28 @@ def write(rows: List[Dict[str, Any]], args: argparse.Namespace) -> Path:
         )
     lines += ["", "Observed exit rates (first row): " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in rows[0]["exit_rates"].items()), ""]
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"runtime-{tag}.md"
+    out = RESULTS / f"runtime-{tag}-{args.model}-{args.size}.md"
     out.write_text("\n".join(lines))
-    (RESULTS / f"runtime-{tag}.json").write_text(json.dumps({"args": vars(args), "device": dev, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "device": dev, "rows": rows}, indent=1))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default="deeplabv3_resnet50")
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--model", default=None, help="default: deeplabv3_resnet50 on CUDA, lraspp_mobilenet_v3_large on CPU")
+    ap.add_argument("--size", type=int, default=None, help="default: 512 on CUDA, 128 on CPU")
     ap.add_argument("--batch", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
-    ap.add_argument("--dtype", type=lambda s: s.split(","), default=["float32", "bfloat16"])
+    ap.add_argument("--dtype", type=lambda s: s.split(","), default=None, help="default: float32,bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--mix", type=lambda s: [float(v) for v in s.split(",")], default=[0.52, 0.195, 0.0, 0.0, 0.01, 0.275])
     args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.model = args.model or ("deeplabv3_resnet50" if cuda else "lraspp_mobilenet_v3_large")
+    args.size = args.size or (512 if cuda else 128)
+    args.dtype = args.dtype or (["float32", "bfloat16"] if cuda else ["float32"])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
