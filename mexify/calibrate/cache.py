@@ -174,7 +174,7 @@ class ExitCache:
         ``profile`` is one entry of a bundle's ``latency:`` table (milliseconds per batch of
         ``batch_size``); costs become milliseconds per image counted as the runtime spends them
         (:func:`mexify.runtime.exit_ms_per_image`: stages, active heads and decisions, masks), and
-        the original model costs its timed forward and masks.
+        the original model costs the same pieces with every exit off (:func:`mexify.runtime.original_ms_per_image`).
         """
         if len(profile["stage_ms"]) != self.num_exits:
             raise DataError(

@@ -6,6 +6,12 @@ samples still in the batch and asks ``policy.decide``; samples that exit leave t
 (``StageState.select``) and the rest go on, so later stages really run on fewer samples,
 and not at all once every sample has exited. Results are scattered back in input order.
 
+Execution is fixed when the runtime is made, never toggled per call: eager stage by stage, or on
+CUDA (the default there) each stage with its active exit's head, decision and masks replayed from a
+CUDA graph per batch bucket (:mod:`mexify.runtime.graphs`); optional autocast dtype and
+channels_last. Heads answer at their features' resolution and policies score there; an exit's
+output is resized to the input only for the images that leave there.
+
 Costs are counted in FLOPs at the bundle's profiling input size (1 multiply-add = 1 FLOP):
 the stages run plus the heads evaluated on the way. Heads of exits the policy can never
 take (a threshold of ``inf``) are not evaluated and not counted, so the figure can be
