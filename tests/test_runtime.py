@@ -323,3 +323,30 @@ def test_batch_buckets():
     from mexify.runtime.graphs import bucket_of
 
     assert [bucket_of(n) for n in (0, 1, 5, 8, 9, 16, 17, 33)] == [1, 1, 5, 8, 16, 16, 24, 40]
+
+
+def test_what_each_graph_holds_runs_on_the_cpu(model):
+    """The step a CUDA graph captures (stage, head, decision, every row's mask) gives the eager
+    runtime's decisions and masks; checked here without a GPU, on the eager step itself."""
+    x = _images(8)
+    pol = _spread_policy(model, x)
+    rt = EarlyExitRuntime(model, pol, final_confidence=True)
+    from mexify.runtime.graphs import GraphedExits
+
+    step = GraphedExits(model, rt.policy, rt.active, False, rt._autocast, rt.memory_format, True, rt._masks)
+    with torch.inference_mode():
+        state = model.start(x)
+        outs = []
+        for i in range(model.num_exits):
+            state, mask, decision = step._step(i, state)
+            outs.append((mask, decision))
+    assert outs[1] == (None, None)  # switched-off exit: its head and decision are not in the graph
+    first = torch.full((8,), model.num_exits - 1)
+    for i in reversed(range(model.num_exits - 1)):
+        if outs[i][1] is not None:
+            first[outs[i][1][0] > 0.5] = i
+    res = rt.predict_batch(x)
+    assert torch.equal(res.exit_index, first)
+    for r, e in enumerate(first.tolist()):
+        assert torch.equal(res.masks[r], outs[e][0][r])
+        assert res.confidence[r] == pytest.approx(float(outs[e][1][1][r]), abs=1e-6)

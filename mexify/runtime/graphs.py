@@ -68,6 +68,9 @@ class GraphedExits:
         needs_features: the policy also reads the exit-point features.
         autocast: a callable giving the autocast context (or a null context).
         memory_format: ``torch.channels_last`` or ``torch.contiguous_format`` for the inputs.
+        final_confidence: also score the final exit (inside its graph).
+        masks: ``masks(i, logits, features, size)``: the labels of every row at exit ``i`` (the
+            runtime's, so that both paths make the same masks).
     """
 
     def __init__(self, model: Any, policy: Any, active: List[int], needs_features: bool,
@@ -84,22 +87,22 @@ class GraphedExits:
         self.buckets: Dict[int, _Bucket] = {}
 
     # ------------------------------------------------------------------ capture
-    def _step(self, i: int, state: StageState) -> Tuple[StageState, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _step(self, i: int, state: StageState) -> Tuple[StageState, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Stage ``i`` and, when its exit is active, the head, the decision and every row's mask
         at the input size (what one graph holds: a mask costs less than the launches it saves)."""
         model = self.model
         out = model.run_stage(i, state)
         if i not in self.active:
-            return out, None, None, None
+            return out, None, None
         last = i == model.num_exits - 1
         feats = model.exit_features(i, out) if self.needs_features and not last else None
         logits = model.exit_logits(i, out)
         mask = self.masks(i, logits, feats, out.input_size)
         if last and not self.final_confidence:
-            return out, mask, None, None
+            return out, mask, None
         go, conf = self.policy.decide(i, logits, feats)
         # one (2, N) float tensor: the host reads both with a single copy
-        return out, mask, torch.stack([go.reshape(-1).float(), conf.reshape(-1).float()]), None
+        return out, mask, torch.stack([go.reshape(-1).float(), conf.reshape(-1).float()])
 
     def _eager_pass(self, x: torch.Tensor) -> None:
         state = self.model.start(x)
@@ -124,7 +127,7 @@ class GraphedExits:
         for i in range(self.model.num_exits):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=b.pool), self.autocast():
-                state, mask, decision, _ = self._step(i, state)
+                state, mask, decision = self._step(i, state)
             b.graphs.append(g)
             b.states.append(state)
             b.masks.append(mask)
