@@ -35,7 +35,7 @@ from mexify.config import BundleConfig, json_safe, parse_size
 from mexify.data import as_loader, build_dataset, check_classes, take
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
 from mexify.graph.placement import PlacementConfig
-from mexify.nn import MultiExitModel, module_device, resolve_device
+from mexify.nn import MultiExitModel, device_name, module_device, resolve_device
 from mexify.policies import Policy, available_policies
 from mexify.prepare import ConvertResult, TracedModel
 from mexify.prepare import convert as _convert
@@ -310,10 +310,8 @@ def calibrate(
     ds = _dataset(data, split, limit)
     check_classes(ds, model.num_classes)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
-    dev = module_device(model)
     table = getattr(getattr(model, "config", None), "latency", None)
-    here = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    latency = select_profile(table, profile, here)
+    latency = select_profile(table, profile, device_name(module_device(model)))
     report = fit_policy(
         model,
         lambda: as_loader(ds, batch_size),

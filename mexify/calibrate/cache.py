@@ -84,7 +84,7 @@ class ExitCache:
     source: str = "softmax"
     stage_flops: Optional[List[float]] = None
     head_flops: Optional[List[float]] = None
-    #: a latency profile (``key``, ``profile``, ``original_ms`` per image); see :meth:`with_latency`
+    #: a latency profile (``key`` and the ``profile`` entry itself); see :meth:`with_latency`
     latency: Optional[Dict[str, Any]] = None
     #: what the search minimises: ``"flops"`` or ``"latency"``
     cost: str = "flops"
@@ -182,8 +182,7 @@ class ExitCache:
                 "profile the bundle again: `mexify profile BUNDLE`",
             )
         keep = ("batch_size", "stage_ms", "head_ms", "policy_ms", "mask_ms", "mode", "original_ms")
-        latency = {"key": str(profile.get("key", "")), "profile": {k: profile.get(k) for k in keep},
-                   "original_ms": original_ms_per_image(profile)}
+        latency = {"key": str(profile.get("key", "")), "profile": {k: profile.get(k) for k in keep}}
         return dataclasses.replace(self, latency=latency, cost="latency")
 
     @property
@@ -193,7 +192,7 @@ class ExitCache:
     @property
     def original_cost(self) -> float:
         """The original model's cost per image in the search's unit."""
-        return float(self.latency["original_ms"]) if self.cost == "latency" else float(self.original_flops)
+        return original_ms_per_image(self.latency["profile"]) if self.cost == "latency" else float(self.original_flops)
 
     def exit_costs(self, thresholds: Optional[Sequence[float]] = None, kind: Optional[str] = None) -> np.ndarray:
         """Cost to leave at each exit, ``(E,)``, in FLOPs or ms per image (``kind``, default the
@@ -238,7 +237,7 @@ class ExitCache:
         }
         if self.latency is not None:
             ms = float(self.exit_costs(thresholds, "latency")[assignment].mean())
-            orig = float(self.latency["original_ms"])
+            orig = original_ms_per_image(self.latency["profile"])
             out.update(mean_ms=ms, original_ms=orig, predicted_speedup=orig / ms if ms > 0 else float("nan"),
                        latency_profile=self.latency["key"])
         out.update(exit_rates={n: float(r) for n, r in zip(self.exit_names, rates)}, labelled=self.labelled,

@@ -2,7 +2,7 @@
 
 No I/O, no runtime, no data: what a deployment needs to hold the network.
 """
-from mexify.nn.device import module_device, resolve_device
+from mexify.nn.device import device_name, module_device, resolve_device
 from mexify.nn.heads import ExitHead, build_head, parse_head_overrides, resize_logits
 from mexify.nn.model import ExitOutput, MultiExitModel, StageState
 
@@ -16,4 +16,5 @@ __all__ = [
     "resize_logits",
     "resolve_device",
     "module_device",
+    "device_name",
 ]

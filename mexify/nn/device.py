@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["resolve_device", "module_device"]
+__all__ = ["resolve_device", "module_device", "device_name"]
 
 
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -23,3 +23,9 @@ def module_device(module: nn.Module) -> torch.device:
     for b in module.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """What latency profiles are filed under: the GPU's name, or ``"cpu"``."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -49,7 +49,6 @@ class _Outputs:
     """The batch's results, filled in as images leave (device tensors, input order)."""
 
     def __init__(self, n: int, e: int, size: Tuple[int, int], dev: torch.device):
-        self.n = n
         self.masks = torch.empty((n, *size), dtype=torch.long, device=dev)  # every image leaves exactly once
         self.exit_index = torch.full((n,), e - 1, dtype=torch.long, device=dev)
         self.confidence = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
@@ -130,7 +129,7 @@ class EarlyExitRuntime:
     def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: torch.Tensor,
               feats: Optional[torch.Tensor], conf: Optional[torch.Tensor]) -> None:
         """Write the results of the rows ``leave`` (of the current batch) at their input rows."""
-        if int(leave.numel()) == out.n:  # the whole batch at once, in input order (nothing left before)
+        if int(leave.numel()) == out.exit_index.numel():  # the whole batch at once, in input order (nothing left before)
             out.masks = self._masks(i, logits, feats, tuple(out.masks.shape[-2:]))
             out.exit_index.fill_(i)
             if conf is not None:

@@ -30,7 +30,7 @@ from mexify.data import as_loader, unpadded
 from mexify.errors import ConfigError, DataError, MexifyError
 from mexify.graph.adapt import adapt_output
 from mexify.metrics import ConfusionMatrix
-from mexify.nn import module_device, resolve_device
+from mexify.nn import device_name, module_device, resolve_device
 from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, labels_of, original_ms_per_image
 from mexify.spec import ModelSpec, build_model
 from mexify.tools.profile import time_stages
@@ -168,7 +168,7 @@ def bench(
     if all(y is not None for _, y in batches):
         _exit_accuracy(model, batches, rows)
     return BenchReport(
-        device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        device=device_name(dev),
         batch_size=int(x0.shape[0]),
         image_size=(int(x0.shape[-2]), int(x0.shape[-1])),
         input_size=tuple(int(v) for v in model.input_size),

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
-from mexify.nn import module_device, resolve_device
+from mexify.nn import device_name, module_device, resolve_device
 from mexify.runtime import EarlyExitRuntime, active_exits, exit_ms_per_image, original_ms_per_image
 from mexify.tools.profile import select_profile
 
@@ -336,8 +336,7 @@ def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int)
     if not table:
         return {}
     want = (getattr(policy, "figures", None) or {}).get("latency_profile")
-    dev = module_device(model)
-    prof = select_profile(table, want if want in table else None, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")
+    prof = select_profile(table, want if want in table else None, device_name(module_device(model)))
     ms = exit_ms_per_image(prof, active_exits(policy, model.num_exits))
     mean = sum(c * m for c, m in zip(counts.tolist(), ms)) / max(done, 1)
     orig = original_ms_per_image(prof)

@@ -17,8 +17,8 @@ import torch
 
 from mexify.config import json_safe
 from mexify.errors import ConfigError
-from mexify.nn import resize_logits
-from mexify.runtime import capture, labels_of, resolve_policy
+from mexify.nn import device_name, resize_logits
+from mexify.runtime import capture, exit_ms_per_image, labels_of, resolve_policy
 from mexify.tools.timing import time_call
 
 __all__ = [
@@ -60,13 +60,9 @@ class LatencyProfile:
         return profile_key(self.device, self.batch_size, self.dtype, self.input_size, self.mode)
 
     def to_exit_ms(self) -> List[float]:
-        """Time to leave at each exit, every head (and policy step) on the way included."""
-        policy = self.policy_ms or [0.0] * len(self.head_ms)
-        out, total = [], 0.0
-        for i, stage in enumerate(self.stage_ms):
-            total += stage + (self.head_ms[i] + policy[i] if i < len(self.head_ms) else 0.0)
-            out.append(total)
-        return out
+        """Time per batch to leave at each exit, every head (and policy step) on the way, masks aside."""
+        pieces = {"batch_size": 1, "stage_ms": self.stage_ms, "head_ms": self.head_ms, "policy_ms": self.policy_ms}
+        return exit_ms_per_image(pieces, range(len(self.stage_ms)))
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -153,7 +149,7 @@ def profile_latency(
         policy = resolve_policy(model)
     except ConfigError:
         policy = None  # not calibrated yet: stages and heads only
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     h, w = (int(v) for v in model.input_size)
     out = []
     graphs = device.type == "cuda" if graphs is None else bool(graphs)
