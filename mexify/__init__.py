@@ -1,18 +1,30 @@
 """mexify: turn any PyTorch semantic-segmentation model into a multi-exit model.
 
 The Python API mirrors the CLI: every verb (``convert``, ``inspect``, ``load``, ``train``,
-``calibrate``, ``evaluate``, ``predict``, ``bench``) is in :mod:`mexify.api`. ``convert``,
-``inspect`` and ``load`` are re-exported here with the extension points for tracing, FLOP
-counting and policies (``train`` and ``calibrate`` are not: those names are subpackages).
+``calibrate``, ``evaluate``, ``predict``, ``bench``, ``export``) is in :mod:`mexify.api`.
+``convert``, ``inspect`` and ``load`` are re-exported here with the extension points for tracing,
+FLOP counting and policies (``train`` and ``calibrate`` are not: those names are subpackages).
+
+The names below are imported on first use (PEP 562), so that ``import mexify.deploy`` (the
+onnxruntime runner) does not import torch.
 """
+from importlib import import_module
+from typing import Any
+
 from mexify._version import __version__
-from mexify.api import convert, inspect, load
-from mexify.errors import MexifyError
-from mexify.graph.profile import register_flop_formula
-from mexify.graph.trace import register_autowrap_function, register_leaf_module
-from mexify.nn import MultiExitModel
-from mexify.policies import register_policy
-from mexify.prepare import ConvertResult
+
+_LAZY = {
+    "convert": "mexify.api",
+    "inspect": "mexify.api",
+    "load": "mexify.api",
+    "MexifyError": "mexify.errors",
+    "register_flop_formula": "mexify.graph.profile",
+    "register_autowrap_function": "mexify.graph.trace",
+    "register_leaf_module": "mexify.graph.trace",
+    "MultiExitModel": "mexify.nn",
+    "register_policy": "mexify.policies",
+    "ConvertResult": "mexify.prepare",
+}
 
 __all__ = [
     "__version__",
@@ -27,3 +39,15 @@ __all__ = [
     "register_flop_formula",
     "register_policy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mexify' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

@@ -22,10 +22,23 @@ from safetensors.torch import load_model, save_model
 
 from mexify.config import BundleConfig
 from mexify.errors import BundleError, ConfigError
+from mexify.graph.split import Stage
 from mexify.nn import MultiExitModel
+from mexify.nn.programs import ProgramHead, ProgramModule, load_program
 from mexify.prepare import rebuild
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "save_bundle", "load", "read_config", "update_bundle", "check_writable", "write_text_atomic"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "save_bundle",
+    "load",
+    "read_config",
+    "update_bundle",
+    "check_writable",
+    "write_text_atomic",
+    "config_text",
+    "replace_dir",
+]
 
 CONFIG_FILE = "config.yaml"
 _OPTIONAL_KEYS = ("num_batches_tracked",)
@@ -59,8 +72,13 @@ def write_text_atomic(path: Union[str, Path], text: str) -> None:
         raise
 
 
-def _config_text(config: BundleConfig) -> str:
-    header = "# mexify bundle: rebuilt by re-tracing `spec`; FLOPs count one multiply-add as one FLOP.\n"
+def config_text(config: BundleConfig, exported: bool = False) -> str:
+    """``config.yaml``'s text: a header comment and the config as plain YAML."""
+    if config.export is not None or exported:
+        header = (f"# mexify export ({config.export['format'] if config.export else ''}): the programs listed under `export`"
+                  " run without the model's code; FLOPs count one multiply-add as one FLOP.\n")
+    else:
+        header = "# mexify bundle: rebuilt by re-tracing `spec`; FLOPs count one multiply-add as one FLOP.\n"
     return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
@@ -89,16 +107,16 @@ def save_bundle(model: Any, out: Union[str, Path], config: Optional[BundleConfig
         raise BundleError("the model has no bundle config to save")
     check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _replace_dir(out, lambda tmp: _write_files(tmp, model, config))
+    replace_dir(out, lambda tmp: _write_files(tmp, model, config))
     return out
 
 
 def _write_files(directory: Path, model: Any, config: BundleConfig) -> None:
     _save_weights(model, directory / WEIGHTS_FILE)
-    write_text_atomic(directory / CONFIG_FILE, _config_text(config))
+    write_text_atomic(directory / CONFIG_FILE, config_text(config))
 
 
-def _replace_dir(out: Path, fill: Any, keep_from: Optional[Path] = None) -> None:
+def replace_dir(out: Path, fill: Any, keep_from: Optional[Path] = None) -> None:
     """Build a new directory with ``fill(tmp)`` and swap it in for ``out``.
 
     ``keep_from``: copy this directory's other files (e.g. ``calibration/``) into the new one
@@ -169,16 +187,22 @@ def read_config(path: Union[str, Path]) -> BundleConfig:
 def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False) -> MultiExitModel:
     """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` (eval mode).
 
+    A bundle written by ``mexify export --format pt2`` is rebuilt from its programs: neither the
+    model's package nor its code is imported, and nothing is unpickled.
+
     Args:
         path: the bundle directory.
         device: where to put the model (default: CPU).
-        trust_pickle: needed only for bundles converted from a pickled module.
+        trust_pickle: needed only for bundles converted from a pickled module (not for their pt2 export).
 
     Raises:
         BundleError: missing/invalid files, or weights that do not match the rebuilt model.
     """
     path = Path(path)
     config = read_config(path)
+    if config.export is not None:
+        model = _from_programs(path, config)
+        return model.to(device) if device is not None else model
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path} has no {WEIGHTS_FILE}", "the bundle is incomplete; convert again")
@@ -200,6 +224,33 @@ def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = No
     return model
 
 
+EXPORTED_TRAIN_ISSUE = "an exported bundle holds inference programs only; train the bundle it was exported from"
+
+
+def _from_programs(path: Path, config: BundleConfig) -> MultiExitModel:
+    """A :class:`MultiExitModel` over the programs of a pt2 export (eval mode, inference only)."""
+    manifest = config.export
+    if manifest.get("format") != "pt2":
+        raise BundleError(
+            f"{path} is an {manifest.get('format')} export: it runs with onnxruntime, not as a torch model",
+            "use mexify.deploy.Runner, or --engine onnxruntime on predict and bench",
+        )
+    stages = []
+    for i, entry in enumerate(manifest["stages"]):
+        module = ProgramModule(load_program(path, entry["program"], f"stage{i}"), f"stage{i}")
+        stages.append(Stage(module, list(entry["inputs"]), list(entry["outputs"]), entry.get("exit_value") or "",
+                            dict(entry.get("batch_dims") or {})))
+    heads = {e["exit"]: ProgramHead(load_program(path, e["program"], f"head{i}"), f"head{i}") for i, e in enumerate(manifest["heads"])}
+    model = MultiExitModel(
+        stages, heads, config.num_classes, tuple(config.trace.input_size), [e.stage_flops for e in config.exits] + [config.final_flops],
+        [e.head_flops for e in config.exits], config.original_flops,
+    )
+    model.static_size = tuple(manifest["static_size"]) if manifest.get("static_size") else None
+    model.train_issue = EXPORTED_TRAIN_ISSUE
+    model.config = config
+    return model.eval()
+
+
 def update_bundle(path: Union[str, Path], model: Any = None, **fields: Any) -> BundleConfig:
     """Rewrite a bundle's config fields (e.g. ``policy=...``) and, if given, its weights, in one atomic step.
 
@@ -217,9 +268,9 @@ def update_bundle(path: Union[str, Path], model: Any = None, **fields: Any) -> B
     def fill(tmp: Path) -> None:
         if model is not None:
             _save_weights(model, tmp / WEIGHTS_FILE)
-        write_text_atomic(tmp / CONFIG_FILE, _config_text(config))
+        write_text_atomic(tmp / CONFIG_FILE, config_text(config))
 
-    _replace_dir(path, fill, keep_from=path)
+    replace_dir(path, fill, keep_from=path)
     if model is not None and hasattr(model, "config"):
         model.config = config
     return config

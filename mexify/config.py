@@ -13,6 +13,7 @@ from mexify.errors import ConfigError, nearest
 
 __all__ = [
     "SCHEMA_VERSION",
+    "EXPORT_SCHEMA",
     "IGNORE_INDEX",
     "HeadConfig",
     "TraceConfig",
@@ -24,6 +25,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+EXPORT_SCHEMA = 1
+"""Version of an exported bundle's ``export:`` manifest (``mexify export``)."""
 
 IGNORE_INDEX = 255
 """Label value of unlabelled pixels, in every dataset, metric and loss."""
@@ -200,6 +203,7 @@ class BundleConfig(_Record):
     policy: Optional[dict] = None
     train_issue: Optional[str] = None  # why stage-1 training cannot run the model's train mode (None: it can)
     latency: Optional[dict] = None  # measured profiles (mexify profile), keyed "<device>|b<batch>|<dtype>|<H>x<W>"
+    export: Optional[dict] = None  # an exported bundle's manifest (mexify export): format, programs, their inputs and outputs
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -214,6 +218,12 @@ class BundleConfig(_Record):
             raise ConfigError(
                 f"bundle schema_version {version} is newer than this mexify supports ({SCHEMA_VERSION})",
                 "upgrade mexify",
+            )
+        export = data.get("export")
+        if isinstance(export, Mapping) and int(export.get("schema", 0)) > EXPORT_SCHEMA:
+            raise ConfigError(
+                f"this bundle was exported with export schema {export.get('schema')}, newer than this mexify reads ({EXPORT_SCHEMA})",
+                "upgrade mexify, or export the bundle again with this version",
             )
         data["trace"] = from_mapping(TraceConfig, data.get("trace", {}), "trace")
         data["exits"] = tuple(ExitConfig.from_dict(e) for e in data.get("exits", []))

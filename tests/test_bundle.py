@@ -49,7 +49,7 @@ def test_failed_update_leaves_the_old_bundle(bundle, monkeypatch, swap):
     def broken_config(config):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle_mod, "_config_text", broken_config)  # fails after the new weights are written
+    monkeypatch.setattr(bundle_mod, "config_text", broken_config)  # fails after the new weights are written
     with pytest.raises(OSError, match="disk full"):
         update_bundle(bundle, model=model, policy={"name": "maxprob"})
     assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
