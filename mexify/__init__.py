@@ -46,6 +46,11 @@ def __getattr__(name: str) -> Any:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    try:  # a subpackage (``mexify.api``, ``mexify.runtime``, ...), as an eager import would have bound it
+        return import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module 'mexify' has no attribute {name!r}")
 
 

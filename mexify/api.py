@@ -42,11 +42,17 @@ from mexify.prepare import convert as _convert
 from mexify.prepare import inspect as _inspect
 from mexify.runtime import EarlyExitRuntime
 from mexify.tools import (
+    ENGINES,
     BenchReport,
+    EngineReport,
+    ExportResult,
     EvalReport,
     LatencyProfile,
     PolicyResult,
     collect_images,
+    compare_engines,
+    export_bundle,
+    make_engine,
     predict_images,
     profile_latency,
     save_pareto,
@@ -69,6 +75,7 @@ __all__ = [
     "predict",
     "bench",
     "profile",
+    "export",
     # records and errors the CLI renders
     "ConvertResult",
     "TracedModel",
@@ -77,6 +84,9 @@ __all__ = [
     "EvalReport",
     "PolicyResult",
     "BenchReport",
+    "EngineReport",
+    "ExportResult",
+    "ENGINES",
     "LatencyProfile",
     "MexifyError",
     "ConfigError",
@@ -100,10 +110,10 @@ def load(path: PathLike, device: Optional[Union[str, torch.device]] = None, trus
     return _load_bundle(path, device=device, trust_pickle=trust_pickle)
 
 
-def _model(bundle: Model, device: Any = None) -> Tuple[MultiExitModel, Optional[Path]]:
+def _model(bundle: Model, device: Any = None, trust_pickle: bool = False) -> Tuple[MultiExitModel, Optional[Path]]:
     """A model and its bundle directory (None when given a model)."""
     if isinstance(bundle, (str, os.PathLike)):
-        return load(bundle, device=device), Path(bundle)
+        return load(bundle, device=device, trust_pickle=trust_pickle), Path(bundle)
     if device is not None:
         bundle.to(device)
     return bundle, None
@@ -216,6 +226,7 @@ def train(
     device: Optional[Union[str, torch.device]] = None,
     progress: Optional[Callable[[Any], None]] = None,
     run_dir: Optional[PathLike] = None,
+    trust_pickle: bool = False,
 ) -> TrainReport:
     """Train a bundle in two stages (``mexify train``) and write the trained bundle.
 
@@ -242,7 +253,7 @@ def train(
         raise ConfigError(f"recipe {rec.name!r} names no dataset and no --data was given",
                           "pass --data SPEC, or add `data: SPEC` to the recipe")
     bundle, out = Path(bundle), Path(out) if out is not None else Path(bundle)
-    model = load(bundle, device="cpu")
+    model = load(bundle, device="cpu", trust_pickle=trust_pickle)
     dataset = _dataset(data, "train", train=True, crop_size=rec.crop_hw, base_size=rec.base_size)
     data_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
 
@@ -279,6 +290,7 @@ def calibrate(
     progress: StageProgress = None,
     cost: Optional[str] = None,
     profile: Optional[str] = None,
+    trust_pickle: bool = False,
 ) -> CalibrationReport:
     """Fit an exit policy on a calibration split for a budget and write it into the bundle (``mexify calibrate``).
 
@@ -306,7 +318,7 @@ def calibrate(
         BudgetError: the budget is below the cheapest reachable cost (nothing is written).
         ConfigError: bad policy, budget or options.
     """
-    model, bundle_path = _model(bundle, device)
+    model, bundle_path = _model(bundle, device, trust_pickle=trust_pickle)
     ds = _dataset(data, split, limit)
     check_classes(ds, model.num_classes)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
@@ -349,6 +361,7 @@ def evaluate(
     device: Any = None,
     with_policy: bool = True,
     progress: StageProgress = None,
+    trust_pickle: bool = False,
 ) -> EvalReport:
     """Accuracy and cost of every exit on a dataset, plus the bundle's policy row when it has one (``mexify eval``).
 
@@ -363,7 +376,7 @@ def evaluate(
     Raises:
         DataError: no dataset anywhere, an empty dataset or classes that differ from the model's.
     """
-    model, _ = _model(bundle)
+    model, _ = _model(bundle, trust_pickle=trust_pickle)
     data = data if data is not None else _trained_on(model, bundle)
     ds = _dataset(data, split)
     report = _evaluate(model, ds, device=device, batch_size=batch_size, limit=limit, num_workers=workers,
@@ -394,9 +407,10 @@ def evaluate_policy(
     batch_size: int = 8,
     limit: Optional[int] = None,
     device: Any = None,
+    trust_pickle: bool = False,
 ) -> PolicyResult:
     """mIoU, mean FLOPs and exit rates of a policy (default: the bundle's) through the early-exit runtime."""
-    model, _ = _model(bundle)
+    model, _ = _model(bundle, trust_pickle=trust_pickle)
     ds = _dataset(data if data is not None else _trained_on(model, bundle), split)
     return _evaluate_policy(model, policy, ds, batch_size=batch_size, limit=limit, device=device)
 
@@ -413,6 +427,8 @@ def predict(
     device: Any = None,
     warn: Optional[Callable[[str], None]] = None,
     progress: StageProgress = None,
+    trust_pickle: bool = False,
+    engine: str = "torch",
 ) -> Dict[str, Any]:
     """Segment image files with early exits: a palette PNG per image and ``predictions.jsonl`` (``mexify predict``).
 
@@ -427,6 +443,8 @@ def predict(
         skip_bad: skip unreadable images with a warning instead of stopping.
         device: where to run (default: cuda if available).
         warn: receives warnings (default: the ``mexify`` logger).
+        engine: ``torch`` (a bundle or pt2 export) or ``onnxruntime`` (an ONNX export; CPU
+            unless onnxruntime has other providers; the final exit reports no confidence).
 
     Returns:
         a summary: images, exit counts, mean FLOPs and FLOPs speed-up, where the files are.
@@ -436,7 +454,17 @@ def predict(
     """
     warn = warn or (lambda m: None)
     files = collect_images([Path(p) for p in images], warn)
-    model, _ = _model(bundle, resolve_device(device))
+    if engine != "torch":
+        if not isinstance(bundle, (str, os.PathLike)):
+            raise ConfigError(f"--engine {engine} runs an exported directory, not a model object")
+        forced = int(exit) if isinstance(exit, str) and exit.lstrip("-").isdigit() else exit
+        if forced is None and read_config(bundle).policy is None:
+            warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
+            forced = -1
+        rt = make_engine(engine, bundle, exit=forced, device=device, trust_pickle=trust_pickle, final_confidence=True)
+        hw = tuple(rt.model.input_size) if not size else parse_size(size, "--size")
+        return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
+    model, _ = _model(bundle, resolve_device(device), trust_pickle=trust_pickle)
     forced: Union[int, str, None] = exit
     if isinstance(exit, str) and exit.lstrip("-").isdigit():
         forced = int(exit)
@@ -463,7 +491,9 @@ def bench(
     cuda_graphs: Optional[bool] = None,
     dtype: Optional[str] = None,
     channels_last: Optional[bool] = None,
-) -> BenchReport:
+    trust_pickle: bool = False,
+    engines: Sequence[str] = (),
+) -> Union[BenchReport, EngineReport]:
     """Per-exit latency and FLOPs, the original model's latency and the policy's measured speed-up (``mexify bench``).
 
     Args:
@@ -477,12 +507,22 @@ def bench(
         cuda_graphs, dtype, channels_last: how the runtime runs (see
             :class:`~mexify.runtime.EarlyExitRuntime`); the original model runs the same way.
 
+        engines: compare engines instead (``("torch", "onnxruntime")``, on the CPU): one row each
+            with measured speed-up, exit mix, mIoU and agreement with the first (an :class:`EngineReport`).
+            ``bundle`` is then an ONNX export (the torch engine runs the bundle it was exported from) or,
+            for ``torch`` alone, any bundle.
+
     Raises:
         DataError: no image. ConfigError: a policy fitted for another model.
     """
     if threads:
         torch.set_num_threads(int(threads))
-    model, _ = _model(bundle, device)
+    if engines and list(engines) != ["torch"]:
+        if not isinstance(bundle, (str, os.PathLike)):
+            raise ConfigError("--engine compares exported directories, not a model object")
+        return compare_engines(bundle, _dataset(data, split, limit), engines=engines, limit=limit, batch_size=batch_size,
+                               warmup=warmup, repeats=repeats, threads=threads, trust_pickle=trust_pickle, progress=progress)
+    model, _ = _model(bundle, device, trust_pickle=trust_pickle)
     ds = _dataset(data, split, limit)
     report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
                     device=device, progress=progress, cuda_graphs=cuda_graphs, dtype=dtype, channels_last=channels_last)
@@ -503,6 +543,7 @@ def profile(
     write: bool = True,
     progress: StageProgress = None,
     graphs: Optional[bool] = None,
+    trust_pickle: bool = False,
 ) -> list:
     """Measure each stage's, head's and policy step's latency on a device and keep it in the bundle (``mexify profile``).
 
@@ -527,10 +568,39 @@ def profile(
         raise ConfigError(f"batch sizes must be at least 1, got {list(batch_sizes)}", "e.g. --batch-size 1,8")
     if threads:
         torch.set_num_threads(int(threads))
-    model, bundle_path = _model(bundle)
+    model, bundle_path = _model(bundle, trust_pickle=trust_pickle)
     profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
     if write and bundle_path is not None:
         tables = dict(read_config(bundle_path).latency or {})
         tables.update({p.key: p.to_dict() for p in profiles})
         update_bundle(bundle_path, latency=tables)
     return profiles
+
+
+# =============================================================================== export
+def export(
+    bundle: PathLike,
+    out: PathLike,
+    format: str = "pt2",
+    opset: Optional[int] = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: StageProgress = None,
+) -> ExportResult:
+    """Write a self-contained export of a bundle (``mexify export``): every stage and head as a
+    ``torch.export`` program (``pt2``: :func:`load` reads it without the model's code) or an ONNX
+    graph with the policy's score (``onnx``: :class:`mexify.deploy.Runner` runs it without torch).
+
+    Args:
+        bundle: bundle directory.
+        out: the export directory (refused if it exists, unless ``overwrite``).
+        format: ``pt2`` or ``onnx``.
+        opset: ONNX opset (default 18).
+        trust_pickle: needed to load a bundle converted from a pickled module; its export is then
+            loadable without trust.
+
+    Raises:
+        BundleError: a stage or head that cannot be exported (named, with the operation).
+    """
+    return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust_pickle=trust_pickle,
+                         progress=progress)

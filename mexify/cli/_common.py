@@ -26,6 +26,10 @@ DataOpt = Annotated[
     str,
     typer.Option("--data", help="Dataset spec: synthetic:scenes[?k=v&...], voc:PATH, cityscapes:PATH, ade20k:PATH, folder:PATH."),
 ]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Allow unpickling: a .pt/.pth module, or a bundle converted from one (runs code from the file)."),
+]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
 
 

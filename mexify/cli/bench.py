@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -67,6 +67,27 @@ def render(report) -> None:
         console.print(f"[dim]note: {note}[/]")
 
 
+def render_engines(report) -> None:
+    """Print an :class:`~mexify.api.EngineReport`: one row per engine."""
+    h, w = report.image_size
+    t = Table(title=f"engines on {report.device}, batch {report.batch_size} at {h}x{w}, {report.images} images",
+              caption=f"ms/image: median of {report.repeats} passes; " + "; ".join(report.notes), title_justify="left",
+              caption_justify="left")
+    has_miou = all("miou" in r for r in report.rows)
+    for col in ["engine", "policy"] + (["mIoU"] if has_miou else []) + ["ms/image", "original ms/image", "speed-up",
+                                                                        "by FLOPs", "same exit", "same pixels"]:
+        t.add_column(col, justify="left" if col in ("engine", "policy") else "right", no_wrap=True)
+    for r in report.rows:
+        t.add_row(r["engine"], r["policy"], *([f"{r['miou']:.2f}"] if has_miou else []), f"{r['ms_per_image']:.2f}",
+                  f"{r['original_ms_per_image']:.2f}", f"{r['measured_speedup']:.2f}x",
+                  f"{r['flops_speedup']:.2f}x" if r["flops_speedup"] else "-", f"{100 * r['same_exit']:.1f}%",
+                  f"{100 * r['same_pixels']:.2f}%")
+    console.print(t)
+    for r in report.rows:
+        mix = ", ".join(f"{k} {v}" for k, v in r["exit_counts"].items() if v)
+        console.print(f"[dim]{r['engine']} exits: {mix}[/]")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
@@ -82,14 +103,22 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16 (GPU): autocast.")] = None,
         channels_last: Annotated[bool, typer.Option("--channels-last", help="Run convolutions in NHWC.")] = False,
         device: DeviceOpt = None,
+        engine: Annotated[
+            Optional[List[str]],
+            typer.Option("--engine", help="Compare engines on the CPU instead: torch, onnxruntime (repeatable; "
+                         "BUNDLE is then an ONNX export, and torch runs the bundle it came from)."),
+        ] = None,
+        trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Per-exit latency and FLOPs, the original model's latency, and the policy's speed-up on a dataset."""
         with stage_progress(not json_out) as cb:
             report = api.bench(bundle, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup,
                                repeats=repeats, threads=threads, device=device, progress=cb, cuda_graphs=graphs,
-                               dtype=dtype, channels_last=channels_last)
+                               dtype=dtype, channels_last=channels_last, trust_pickle=trust_pickle, engines=engine or ())
         if json_out:
             print_json(report.to_dict())
+        elif isinstance(report, api.EngineReport):
+            render_engines(report)
         else:
             render(report)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, console, parse_kv, print_json, stage_progress
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, parse_kv, print_json, stage_progress
 
 
 def _fmt_flops(v: float) -> str:
@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
         cost: Annotated[Optional[str], typer.Option("--cost", help="latency (measured, from `mexify profile`) or flops; default latency when the bundle has a profile.")] = None,
         profile: Annotated[Optional[str], typer.Option("--profile", help="Which latency profile: part of its key, e.g. 'cpu|b1' or 'H100|b8|bfloat16'.")] = None,
         device: DeviceOpt = None,
+        trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Fit exit thresholds on a calibration split for a budget and write them into the bundle."""
@@ -116,6 +117,7 @@ def register(app: typer.Typer) -> None:
                 progress=progress_cb,
                 cost=cost,
                 profile=profile,
+                trust_pickle=trust_pickle,
             )
         if json_out:
             print_json(api.json_safe(report.to_dict()))

@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, JsonOpt, console, parse_kv, print_json
+from mexify.cli._common import Annotated, JsonOpt, TrustOpt, console, parse_kv, print_json
 
 SpecArg = Annotated[str, typer.Argument(help="package.module:factory, file.py:factory, model.pt2, or model.pt (with --trust-pickle).")]
 ArgOpt = Annotated[Optional[List[str]], typer.Option("--arg", help="Factory argument key=value (YAML scalar); repeatable.")]
@@ -16,7 +16,6 @@ SizeOpt = Annotated[str, typer.Option("--input-size", help="HxW at which shapes 
 LeafOpt = Annotated[Optional[List[str]], typer.Option("--leaf-module", help="Module class or qualified name to keep untraced; repeatable.")]
 AutowrapOpt = Annotated[Optional[List[str]], typer.Option("--autowrap", help="Function (package.module.fn) to record as one call; repeatable.")]
 TraceOpt = Annotated[str, typer.Option("--trace", help="auto (torch.fx, then torch.export), fx, or export.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a .pt/.pth module (runs code from the file).")]
 
 
 def _fmt_flops(f: int) -> str:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -90,13 +90,14 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N images.")] = None,
         workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers (default: one per core).")] = None,
         device: DeviceOpt = None,
+        trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Run every exit of a bundle on a dataset: mIoU, pixel accuracy, FLOPs to reach each exit, and the
         bundle's exit policy (when calibrated): its mIoU, mean FLOPs and exit rates."""
         with stage_progress(not json_out) as progress:
             report = api.evaluate(bundle, data, split=split, batch_size=batch_size, limit=limit, workers=workers,
-                                  device=device, progress=progress)
+                                  device=device, progress=progress, trust_pickle=trust_pickle)
         if json_out:
             out = report.to_dict()
             out.update(bundle=str(bundle), data=report.data, split=split)

@@ -7,8 +7,8 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import JsonOpt, console, parse_kv, print_json
-from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, TrustOpt, WeightsOpt
+from mexify.cli._common import JsonOpt, TrustOpt, console, parse_kv, print_json
+from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, WeightsOpt
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,7 @@
 """What sits around the runtime: accuracy against labels, timing and benchmarks, image files, plots."""
 from mexify.tools.bench import BenchReport, bench, original_model
+from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine
+from mexify.tools.export import ExportResult, export_bundle
 from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
 from mexify.tools.images import collect_images, palette, predict_images, read_image, to_tensor
 from mexify.tools.plots import save_pareto
@@ -15,6 +17,13 @@ __all__ = [
     "bench",
     "BenchReport",
     "original_model",
+    "ENGINES",
+    "EngineReport",
+    "OnnxEngine",
+    "compare_engines",
+    "make_engine",
+    "ExportResult",
+    "export_bundle",
     "time_call",
     "synchronize",
     "collect_images",

@@ -89,6 +89,8 @@ def original_model(model: Any) -> Tuple[nn.Module, str]:
     dev = module_device(model)
     if cfg is None:
         return model, "converted model, all exits skipped (no bundle config to rebuild the original from)"
+    if cfg.export is not None:
+        return model, "exported programs, all exits skipped (an export does not rebuild the original model)"
     try:
         spec = ModelSpec.from_dict(cfg.spec)
         if spec.kind == "module":

@@ -18,14 +18,16 @@ Writing is atomic: the output directory appears complete or not at all.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import linecache
 import logging
 import re
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -240,9 +242,23 @@ def _kinds(values: Sequence[Any], names: Sequence[str], what: str, side: str) ->
     return kinds
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch.export and the ONNX exporter log warnings (0/1 specialisation) and print the partial
+    graph of a failed export on stderr; the error, if any, is ours to report in one line."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(module: nn.Module, args: Tuple[torch.Tensor, ...], kinds: Sequence[str], what: str) -> Any:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_torch():
             dims = dynamic_dims(args, kinds)
             # a CarrierModule takes *carriers: one spec for the varargs tuple; other modules, one per argument
             return torch.export.export(module, args, dynamic_shapes=(dims,) if isinstance(module, CarrierModule) else dims,
@@ -324,7 +340,7 @@ def _write_onnx(program: Any, piece: _Piece, path: Path, opset: int) -> str:
     import warnings
 
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_torch():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, piece.args, dynamo=True, opset_version=opset, verbose=False, optimize=True)
     except Exception as e:  # noqa: BLE001 - the exporter's errors name the unsupported aten operation
