@@ -458,7 +458,11 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
     try:
         model = build_model(spec, trust_pickle=trust_pickle)
     except MexifyError as e:
-        raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e
+        hint = e.hint
+        if spec.kind == "pickle" and not trust_pickle:
+            hint = ("pass --trust-pickle (trust_pickle=True) if you trust the file; `mexify export BUNDLE -o OUT --format pt2 "
+                    "--trust-pickle` once gives a bundle that loads without it")
+        raise BundleError(f"cannot rebuild the bundle's model: {e.message}", hint) from e
     trace_cfg = config.trace
     h, w = trace_cfg.input_size
     example = torch.zeros(1, 3, h, w)
