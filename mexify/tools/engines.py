@@ -21,6 +21,7 @@ import torch
 
 from mexify.bundle import load, read_config
 from mexify.config import json_safe
+from mexify.deploy import Runner
 from mexify.errors import BundleError, ConfigError
 from mexify.metrics import ConfusionMatrix
 from mexify.nn import device_name, resolve_device
@@ -43,8 +44,6 @@ class OnnxEngine:
     """
 
     def __init__(self, path: Union[str, Path], exit: Union[int, str, None] = None, threads: Optional[int] = None):
-        from mexify.deploy import Runner
-
         try:
             self.runner = Runner(path, exit=exit, threads=threads)
         except ImportError as e:
