@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-deploy clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	for b in convert calibrate train policies runtime zoo; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+
+bench-deploy: $(STAMP)
+	test -f out/demo/lraspp.mex/config.yaml || $(MAKE) demo
+	$(BIN)/python benchmarks/bench_deploy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

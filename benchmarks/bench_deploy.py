@@ -7,7 +7,7 @@ the stages back to back), the exit mix, mIoU on the split, and agreement with th
 the bundle (same exit, same mask pixel). Export times are reported too.
 
 Default: the demo bundle (``make demo`` writes ``out/demo/lraspp.mex``) on its test split.
-Writes ``benchmarks/results/deploy-cpu-<model>-<size>.md`` and ``.json``.
+Writes ``benchmarks/results/deploy-cpu-<model>-<size>-<policy>.md`` and ``.json``.
 
     python benchmarks/bench_deploy.py [--bundle out/demo/lraspp.mex] [--images 100] [--threads 2]
 """
@@ -112,7 +112,7 @@ def main() -> None:
         result["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    stem = RESULTS / f"deploy-cpu-{model_name}-{size.split('x')[0]}"
+    stem = RESULTS / f"deploy-cpu-{model_name}-{size.split('x')[0]}-{config.policy['name']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(_markdown(result))
     print(_markdown(result))

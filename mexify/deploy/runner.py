@@ -38,6 +38,9 @@ def _session(path: Path, providers: Optional[Sequence[str]], threads: Optional[i
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
+    # one session per stage and head run one after another: a session's threads must not spin-wait
+    # for more work after its run (the default), or they take the cores from the next session's
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
