@@ -254,6 +254,9 @@ def train(
                           "pass --data SPEC, or add `data: SPEC` to the recipe")
     bundle, out = Path(bundle), Path(out) if out is not None else Path(bundle)
     model = load(bundle, device="cpu", trust_pickle=trust_pickle)
+    if model.config is not None and model.config.export is not None:
+        raise ConfigError(f"{bundle} is an export: its programs run inference only",
+                          "train the bundle it was exported from, then export it again")
     dataset = _dataset(data, "train", train=True, crop_size=rec.crop_hw, base_size=rec.base_size)
     data_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
 

@@ -148,7 +148,9 @@ def test_pt2_export_runs_the_policy_with_shrinking_like_the_bundle(unet, tmp_pat
     out = tmp_path / "unet.pt2.mex"
     export_bundle(unet, out, "pt2")
     exported, source = mexify.load(out), mexify.load(unet)
-    assert exported.train_issue  # inference programs: stage-1 training is refused
+    assert exported.train_issue  # inference programs: training is refused
+    res = CliRunner().invoke(app, ["train", str(out), "--data", SCENES, "--set", "stage1_iters=0"])
+    assert res.exit_code == 1 and "is an export" in res.output
     x = _images()
     a, b = EarlyExitRuntime(exported).predict_batch(x), EarlyExitRuntime(source).predict_batch(x)
     assert len(set(b.exit_index.tolist())) >= 2  # the policy really splits the batch
@@ -199,6 +201,16 @@ def test_batch_dependent_live_values_export_and_shrink(tmp_path):
         with torch.no_grad():
             alone = model(x[[0, 3]])
         assert torch.allclose(model.exit_logits(model.num_exits - 1, state), alone, atol=1e-5)
+    # the onnxruntime runner shrinks the carriers too: same exits and masks as the torch runtime
+    from mexify.deploy import Runner
+
+    _calibrate_by_hand(src)
+    export_bundle(src, tmp_path / "bs.onnx", "onnx")
+    x = _images(split="val")  # the images the thresholds were set on (quantiles of their scores)
+    ref = EarlyExitRuntime(mexify.load(src)).predict_batch(x)
+    got = Runner(tmp_path / "bs.onnx").predict(x.numpy())
+    assert len(set(ref.exit_index.tolist())) >= 2
+    assert (got.exit_index == ref.exit_index.numpy()).all() and (got.masks == ref.masks.numpy()).mean() >= 0.999
 
 
 # ------------------------------------------------------------------------------- bad input
