@@ -114,6 +114,8 @@ def export_bundle(
     if format == "onnx":
         _require_onnx()
     out = Path(out)
+    if out.exists() and out.resolve() == Path(bundle).resolve():
+        raise BundleError(f"{out} is the bundle being exported", "write the export to another directory with -o")
     check_writable(out, overwrite)
     model = load(bundle, trust_pickle=trust_pickle)
     config = model.config
