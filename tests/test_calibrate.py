@@ -247,7 +247,8 @@ def test_switched_off_exits_cost_nothing_and_calibration_agrees_with_the_runtime
     assert list(run.exit_rates) == pytest.approx(list(rep.figures["exit_rates"].values()))
 
 
-@pytest.mark.parametrize("name,opts", [("mess", {}), ("mess", {"edge_weight": 0.3}), ("entropy", {}), ("maxprob", {}), ("cbt", {})])
+@pytest.mark.parametrize("name,opts", [("mess", {}), ("mess", {"edge_weight": 0.3}), ("entropy", {}), ("maxprob", {}), ("cbt", {}),
+                                       ("fft", {"band": 1}), ("fft", {"band": 5})])
 def test_scores_at_feature_resolution_equal_the_caches(tmp_path, name, opts):
     """On a converted model whose heads answer below the input resolution, the runtime's scores
     (taken on the heads' own maps) are the cache's, and the cache's masks are the runtime's."""

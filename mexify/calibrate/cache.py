@@ -10,7 +10,8 @@ with the labels at the labels' resolution, after the same resize the runtime app
 * ``class_hist`` ``(N, E, K, B)`` int32: pixels by predicted class and top-1 probability
   bin (``mexify.policies.PROB_EDGES``); ``edge_hist`` ``(N, E, B)``: the same for pixels
   on a predicted class boundary (mess); ``num_pixels`` ``(N, E)``: pixels of each map.
-* ``mean_maxprob``, ``mean_entropy`` ``(N, E)`` float64 (maxprob, entropy, class-means).
+* ``mean_maxprob``, ``mean_entropy`` ``(N, E)`` float64 (maxprob, entropy, class-means);
+  ``fft_energy`` ``(N, E, len(fft.BANDS))`` float64: mean FFT magnitude of the top-1 map per band (fft).
 * ``tp``, ``pred_count`` ``(N, E, K)`` and ``label_count`` ``(N, K)`` int64: per-image
   true positives, predictions on labelled pixels and labels per class. Summing them over
   any exit assignment gives the dataset confusion-matrix diagonal, column and row sums,
@@ -47,6 +48,7 @@ from mexify.runtime import exit_ms_per_image, original_ms_per_image
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
 from mexify.policies.entropy import mean_entropy
+from mexify.policies.fft import band_energy
 from mexify.policies.maxprob import MaxProbPolicy
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class ExitCache:
     latency: Optional[Dict[str, Any]] = None
     #: what the search minimises: ``"flops"`` or ``"latency"``
     cost: str = "flops"
+    fft_energy: Optional[np.ndarray] = None  # (N, E, bands); None in caches made before the fft policy
 
     # --------------------------------------------------------------- basics
     @property
@@ -398,6 +401,7 @@ class _Accumulator:
             "num_pixels": torch.full((n,), top1[0].numel(), dtype=torch.int64, device=p.device),
             "mean_maxprob": top1.flatten(1).double().mean(1),
             "mean_entropy": mean_entropy(p),
+            "fft_energy": band_energy(top1),
         }
 
     def arrays(self) -> Dict[str, np.ndarray]:

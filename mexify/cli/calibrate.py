@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
     def calibrate_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mexify convert` / `mexify train`).")],
         data: DataOpt,
-        policy: Annotated[str, typer.Option("--policy", help="mess, entropy, maxprob, cbt or class-means.")] = "mess",
+        policy: Annotated[str, typer.Option("--policy", help="mess, entropy, maxprob, cbt, class-means, fft or learned.")] = "mess",
         budget: Annotated[Optional[str], typer.Option("--budget", help="Mean speed-up (2x), mean cost share (40%) or mean latency per image (8ms): maximise mIoU within it.")] = None,
         max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fastest thresholds within this many mIoU points of the final exit (default 1.0).")] = None,
         split: Annotated[str, typer.Option("--split", help="Calibration split.")] = "calib",

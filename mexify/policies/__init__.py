@@ -17,6 +17,8 @@ from mexify.policies.base import (
 from mexify.policies.cbt import CBTPolicy, class_thresholds_from_means, pixel_level_flops
 from mexify.policies.class_means import ClassMeansPolicy
 from mexify.policies.entropy import EntropyPolicy, mean_entropy
+from mexify.policies.fft import FFTPolicy, band_energy
+from mexify.policies.learned import LearnedPolicy
 from mexify.policies.maxprob import MaxProbPolicy
 from mexify.policies.mess import MessPolicy
 from mexify.policies.oracle import OraclePolicy
@@ -33,7 +35,10 @@ __all__ = [
     "boundary_mask",
     "MessPolicy",
     "EntropyPolicy",
+    "FFTPolicy",
+    "band_energy",
     "MaxProbPolicy",
+    "LearnedPolicy",
     "CBTPolicy",
     "ClassMeansPolicy",
     "OraclePolicy",

@@ -171,7 +171,7 @@ def test_oracle_cannot_decide():
         build_policy("oracle").decide(0, _logits())
 
 
-@pytest.mark.parametrize("name", ["mess", "entropy", "maxprob", "cbt", "class-means", "oracle"])
+@pytest.mark.parametrize("name", ["mess", "entropy", "maxprob", "cbt", "class-means", "oracle", "fft", "learned"])
 def test_to_dict_from_dict_round_trip_through_yaml(name):
     pol = build_policy(name)
     if name == "cbt":
@@ -203,7 +203,8 @@ def toy_cache():
 
 
 @pytest.mark.parametrize("name,opts", [("mess", {"edge_radius": 1}), ("mess", {"edge_radius": 1, "edge_weight": 0.3}),
-                                       ("entropy", {}), ("maxprob", {}), ("cbt", {})])
+                                       ("entropy", {}), ("maxprob", {}), ("cbt", {}), ("fft", {"band": 2}),
+                                       ("fft", {"band": 3}), ("learned", {"tolerance": 5.0})])
 def test_cache_scores_equal_run_time_scores(toy_cache, name, opts):
     model, data, cache = toy_cache
     pol = build_policy(name, **opts)._fit_params(cache)
@@ -219,3 +220,91 @@ def test_prob_edges_are_ascending_and_fine_near_one():
     assert np.all(np.diff(PROB_EDGES) > 0)
     assert PROB_EDGES[0] == 0.0 and PROB_EDGES[-1] > 0.9999
     assert snap_to_edge(0.998)[0] <= 0.998
+
+
+# ------------------------------------------------------------------------------- fft
+def _ref_band_energy(top1, lo, hi):
+    """numpy reference: mean |rfft2| (orthonormal) of the mean-removed map over bins with lo <= r/Nyquist < hi."""
+    out = []
+    for c in top1:
+        c = c.astype(np.float64) - c.astype(np.float64).mean()
+        mag = np.abs(np.fft.rfft2(c, norm="ortho"))
+        fy, fx = np.fft.fftfreq(c.shape[0])[:, None], np.fft.rfftfreq(c.shape[1])[None, :]
+        r = np.sqrt(fy ** 2 + fx ** 2) / 0.5
+        sel = (r >= lo) & (r < hi)
+        out.append(mag[sel].mean() if sel.any() else 0.0)
+    return np.array(out)
+
+
+def test_fft_band_energy_matches_numpy_and_hand_cases():
+    from mexify.policies.fft import BANDS, band_energy
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(3, 12, 16, generator=g)
+    got = band_energy(maps).numpy()
+    for b, (lo, hi) in enumerate(BANDS):
+        assert np.allclose(got[:, b], _ref_band_energy(maps.numpy(), lo, hi), rtol=1e-12, atol=1e-15), b
+    # a flat map has no energy anywhere; a checkerboard only at the highest frequency (r = sqrt 2)
+    flat = torch.full((1, 8, 8), 0.7)
+    assert band_energy(flat).abs().max() < 1e-12
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float()[None]
+    e = band_energy(checker)[0]
+    assert e[0] == e[1] == e[2] == 0 and e[3] > 0 and e[5] > 0
+
+
+def test_fft_confidence_is_higher_for_a_smooth_prediction():
+    smooth = torch.zeros(1, 2, 16, 16)
+    smooth[:, 0, :, :8] = 4.0
+    smooth[:, 1, :, 8:] = 4.0  # two halves
+    speckled = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
+    pol = build_policy("fft", band=3).with_thresholds([0.0])
+    assert float(pol.scores(0, smooth)) > float(pol.scores(0, speckled))
+
+
+def test_fft_fit_keeps_the_band_that_reaches_the_budget_best(toy_cache):
+    _, _, cache = toy_cache
+    fitted = build_policy("fft").fit(cache, max_drop=2.0)
+    costs = [build_policy("fft", band=b).fit(cache, max_drop=2.0).figures["mean_cost"] for b in range(6)]
+    assert fitted.figures["mean_cost"] == min(costs) and costs[fitted.band] == min(costs)
+    assert fitted.figures["drop"] <= 2.0 + 1e-9
+
+
+# ------------------------------------------------------------------------------- learned
+def test_learned_features_match_a_reference_on_hand_made_logits():
+    from mexify.policies.learned import exit_features
+
+    logits = _logits(n=2, k=3, h=6, w=7)
+    probs = torch.softmax(logits, 1)
+    top1 = probs.max(1).values
+    from mexify.policies import band_energy, mean_entropy, prob_bins
+
+    bins = prob_bins(top1)
+    counts = torch.stack([torch.bincount(bins[i].flatten(), minlength=len(PROB_EDGES)) for i in range(2)])
+    feats = exit_features(counts, torch.full((2,), 42.0), top1.flatten(1).double().mean(1), mean_entropy(probs),
+                          band_energy(top1), 3).numpy()
+    t = top1.numpy().reshape(2, -1)
+    groups = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 2.0]
+    for i in range(2):
+        ref_share = [np.mean((t[i] >= np.float32(groups[g])) & (t[i] < np.float32(groups[g + 1]))) for g in range(8)]
+        ent = -(probs[i].double() * probs[i].double().log()).sum(0).mean() / math.log(3)
+        assert np.isclose(feats[i, 0], t[i].astype(np.float64).mean())
+        assert np.isclose(feats[i, 1], float(ent))
+        assert np.allclose(feats[i, 2:10], ref_share)
+    assert feats.shape == (2, 16) and np.isfinite(feats).all()
+
+
+def test_learned_policy_separates_good_from_bad_images_and_round_trips(toy_cache):
+    model, data, cache = toy_cache
+    pol = build_policy("learned").fit(cache, max_drop=2.0)
+    assert pol.tolerance == 2.0 and len(pol.nets) == cache.num_exits - 1
+    # its score ranks images whose exit is good enough above the others (AUC above chance on its own data)
+    scores = pol.cache_scores(cache)
+    per_image = cache.per_image_miou()
+    good = per_image[:, -1] - per_image[:, 0] <= 2.0
+    if good.any() and (~good).any():
+        s_good, s_bad = scores[good, 0], scores[~good, 0]
+        auc = (s_good[:, None] > s_bad[None, :]).mean() + 0.5 * (s_good[:, None] == s_bad[None, :]).mean()
+        assert auc > 0.7
+    back = policy_from_dict(yaml.safe_load(yaml.safe_dump(pol.to_dict())))
+    assert np.array_equal(back.cache_scores(cache), scores)
+    assert back.thresholds == pol.thresholds
