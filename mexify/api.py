@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from mexify._version import __version__
 from mexify.bundle import check_writable, read_config, save_bundle, update_bundle
 from mexify.bundle import load as _load_bundle
-from mexify.calibrate import CalibrationReport, fit_policy
+from mexify.calibrate import CalibrationReport, PolicyComparison, compare_policies, fit_policy
 from mexify.config import BundleConfig, json_safe, parse_size
 from mexify.data import as_loader, build_dataset, check_classes, take
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
@@ -55,8 +55,10 @@ from mexify.tools import (
     make_engine,
     predict_images,
     profile_latency,
+    save_comparison,
     save_pareto,
     select_profile,
+    time_policies,
 )
 from mexify.tools import bench as _bench
 from mexify.tools import evaluate as _evaluate
@@ -76,6 +78,7 @@ __all__ = [
     "bench",
     "profile",
     "export",
+    "compare",
     # records and errors the CLI renders
     "ConvertResult",
     "TracedModel",
@@ -85,6 +88,7 @@ __all__ = [
     "PolicyResult",
     "BenchReport",
     "EngineReport",
+    "PolicyComparison",
     "ExportResult",
     "ENGINES",
     "LatencyProfile",
@@ -607,3 +611,61 @@ def export(
     """
     return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust_pickle=trust_pickle,
                          progress=progress)
+
+
+# =============================================================================== compare
+def compare(
+    bundle: Model,
+    data: Data,
+    max_drop: Optional[float] = None,
+    budget: Optional[str] = None,
+    policies: Optional[Sequence[str]] = None,
+    fit_split: str = "calib",
+    eval_split: str = "test",
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    measure: bool = True,
+    repeats: int = 3,
+    out: Optional[PathLike] = None,
+    cost: Optional[str] = None,
+    profile: Optional[str] = None,
+    device: Any = None,
+    progress: StageProgress = None,
+    trust_pickle: bool = False,
+) -> PolicyComparison:
+    """Fit every policy for one budget on ``fit_split`` and judge it on ``eval_split`` (``mexify compare``).
+
+    One row per policy: mIoU and drop on the evaluation split, predicted speed-up (the bundle's
+    latency profile, else FLOPs), FLOPs speed-up, measured speed-up (``measure``: the runtime over
+    the evaluation images at batch 1 against every exit off), and the share of the oracle's saving
+    on the same split; the oracle's row. Writes ``compare.png`` / ``compare.csv`` to ``out``
+    (default ``BUNDLE/compare``). Nothing in the bundle changes.
+
+    Args:
+        policies: registry names (default: every policy but the oracle, which is always a row).
+        max_drop, budget: as for :func:`calibrate` (default ``max_drop=1.0``).
+        limit: images per split.
+
+    Raises:
+        ConfigError: bad policies or budget. DataError: datasets that do not fit the bundle.
+    """
+    model, bundle_path = _model(bundle, device, trust_pickle=trust_pickle)
+    fit_ds, eval_ds = _dataset(data, fit_split, limit), _dataset(data, eval_split, limit)
+    check_classes(fit_ds, model.num_classes)
+    table = getattr(getattr(model, "config", None), "latency", None)
+    latency = select_profile(table, profile, device_name(module_device(model)))
+    report = compare_policies(model, lambda: as_loader(fit_ds, batch_size), lambda: as_loader(eval_ds, batch_size), policies=policies,
+                              budget=budget, max_drop=max_drop, latency=latency, cost=cost, device=device, progress=progress)
+    if measure:
+        ms = time_policies(model, eval_ds, report.policies, limit=limit, repeats=repeats, progress=progress)
+        for row in report.rows:
+            row["eval"]["measured_ms"] = ms[row["policy"]]
+            row["eval"]["measured_speedup"] = ms["original"] / ms[row["policy"]]
+        report.notes.append(f"measured: the runtime over the {eval_split} images at batch 1 against every exit off "
+                            f"({ms['original']:.2f} ms/image), median of {repeats} passes")
+    out_dir = Path(out) if out is not None else (bundle_path / "compare" if bundle_path is not None else None)
+    if out_dir is not None:
+        points = {r["policy"]: r["eval"] for r in report.rows}
+        unit = "ms" if report.cost == "latency" else "flops"
+        report.files = save_comparison(report.curves, points, report.oracle_curve, out_dir, unit)
+    return report

@@ -3,10 +3,12 @@
 ``(model, batches) -> fitted Policy``: :mod:`~mexify.calibrate.cache` (one pass, per-image
 statistics), :mod:`~mexify.calibrate.search` (thresholds on the cache),
 :mod:`~mexify.calibrate.temperature`, :mod:`~mexify.calibrate.budget`, and
-:func:`~mexify.calibrate.fit.fit_policy`, which composes them.
+:func:`~mexify.calibrate.fit.fit_policy`, which composes them; :func:`~mexify.calibrate.compare.compare_policies`
+fits every policy on one split and judges it on another.
 """
 from mexify.calibrate.budget import budget_max_cost, parse_budget
 from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.compare import PolicyComparison, comparable_policies, compare_policies
 from mexify.calibrate.fit import CalibrationReport, fit_policy
 from mexify.calibrate.search import SearchResult, oracle_at, search_thresholds
 from mexify.calibrate.temperature import fit_temperatures
@@ -18,6 +20,9 @@ __all__ = [
     "collect_cache",
     "fit_temperatures",
     "fit_policy",
+    "compare_policies",
+    "comparable_policies",
+    "PolicyComparison",
     "parse_budget",
     "budget_max_cost",
     "search_thresholds",

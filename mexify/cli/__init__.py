@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 from mexify.api import MexifyError, __version__
 from mexify.cli._common import debug_enabled, err_console
 
-_COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench", "profile", "export")
+_COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench", "profile", "export", "compare")
 
 
 class _Group(TyperGroup):

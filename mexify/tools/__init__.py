@@ -1,10 +1,10 @@
 """What sits around the runtime: accuracy against labels, timing and benchmarks, image files, plots."""
 from mexify.tools.bench import BenchReport, bench, original_model
-from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine
+from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine, time_policies
 from mexify.tools.export import ExportResult, export_bundle
 from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
 from mexify.tools.images import collect_images, palette, predict_images, read_image, to_tensor
-from mexify.tools.plots import save_pareto
+from mexify.tools.plots import save_comparison, save_pareto
 from mexify.tools.profile import LatencyProfile, profile_key, profile_latency, select_profile
 from mexify.tools.timing import synchronize, time_call
 
@@ -32,6 +32,8 @@ __all__ = [
     "palette",
     "predict_images",
     "save_pareto",
+    "save_comparison",
+    "time_policies",
     "LatencyProfile",
     "profile_latency",
     "profile_key",

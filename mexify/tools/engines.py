@@ -29,7 +29,7 @@ from mexify.runtime import EarlyExitRuntime
 from mexify.runtime.results import BatchPrediction
 from mexify.tools.bench import _batches
 
-__all__ = ["ENGINES", "OnnxEngine", "EngineReport", "compare_engines", "make_engine"]
+__all__ = ["ENGINES", "OnnxEngine", "EngineReport", "compare_engines", "make_engine", "time_policies"]
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -207,3 +207,24 @@ def compare_engines(
     x0 = batches[0][0]
     return EngineReport(device_name(dev), n, int(x0.shape[0]), (int(x0.shape[-2]), int(x0.shape[-1])), int(repeats), rows, notes)
 
+
+
+def time_policies(model: Any, data: Any, policies: Dict[str, Any], limit: Optional[int] = None, batch_size: int = 1,
+                  warmup: int = 1, repeats: int = 3, progress: Optional[Callable[[str, int, int], None]] = None) -> Dict[str, float]:
+    """Milliseconds per image of the torch runtime over the first ``limit`` images of ``data`` for each
+    policy, and for ``"original"``: every exit off (the stages back to back, run the same way).
+    Median of ``repeats`` passes, each batch waited for."""
+    dev = next(iter(model.parameters())).device
+    batches = _batches(data, batch_size, limit, dev)
+    runtimes = {"original": EarlyExitRuntime(model, exit=-1)}
+    runtimes.update({name: EarlyExitRuntime(model, policy) for name, policy in policies.items()})
+    n = sum(int(x.shape[0]) for x, _ in batches)
+    out = {}
+    for k, (name, rt) in enumerate(runtimes.items()):
+        for x, _ in batches[: max(warmup, 0)]:
+            rt.predict_batch(x)
+        runs = [_timed_pass(rt.predict_batch, batches, dev)[0] for _ in range(max(repeats, 1))]
+        out[name] = 1000 * statistics.median(runs) / n
+        if progress is not None:
+            progress("timing", k + 1, len(runtimes))
+    return out

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_pareto"]
+__all__ = ["save_pareto", "save_comparison"]
 
 
 def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, title: str = "") -> Dict[str, str]:
@@ -57,3 +57,44 @@ def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[st
         log.warning("could not draw %s: %s", png_path, e)
         return {"pareto_csv": str(csv_path)}
     return {"pareto_csv": str(csv_path), "pareto_png": str(png_path)}
+
+
+def save_comparison(curves: Dict[str, List[Dict[str, Any]]], points: Dict[str, Dict[str, Any]], oracle_curve: List[Dict[str, Any]],
+                    out: Path, unit: str, title: str = "") -> Dict[str, str]:
+    """``compare.png`` (every policy's Pareto curve on the fitting split, its chosen point on the
+    evaluation split, the oracle's curve) and ``compare.csv`` (the same numbers)."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / "compare.csv", out / "compare.png"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["policy", "curve", "speedup", "miou"])
+        for name, curve in curves.items():
+            for p in curve:
+                w.writerow([name, "pareto (fit split)", f"{p['speedup']:.4f}", f"{p['miou']:.4f}"])
+        for p in oracle_curve:
+            w.writerow(["oracle", "tolerances (eval split)", f"{p['speedup']:.4f}", f"{p['miou']:.4f}"])
+        for name, p in points.items():
+            w.writerow([name, "chosen (eval split)", f"{p['speedup']:.4f}", f"{p['miou']:.4f}"])
+    try:
+        fig = Figure(figsize=(7, 4.5), dpi=120)
+        ax = fig.subplots()
+        for k, (name, curve) in enumerate(curves.items()):
+            c = sorted(curve, key=lambda p: p["speedup"])
+            ax.plot([p["speedup"] for p in c], [p["miou"] for p in c], "-", color=f"C{k % 10}", label=name)
+            if name in points:
+                ax.plot([points[name]["speedup"]], [points[name]["miou"]], "o", color=f"C{k % 10}", ms=6)
+        if oracle_curve:
+            oc = sorted(oracle_curve, key=lambda p: p["speedup"])
+            ax.plot([p["speedup"] for p in oc], [p["miou"] for p in oc], "--", color="k", label="oracle")
+        what = "measured latency" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
+        ax.set_xlabel(f"mean speed-up over the original ({what})")
+        ax.set_ylabel("mIoU (%)")
+        ax.set_title(title or "lines: Pareto curves on the fitting split; dots: chosen thresholds on the evaluation split", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(png_path)
+    except Exception as e:  # plotting must never fail a comparison
+        log.warning("could not draw %s: %s", png_path, e)
+        return {"compare_csv": str(csv_path)}
+    return {"compare_csv": str(csv_path), "compare_png": str(png_path)}

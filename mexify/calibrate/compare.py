@@ -1,0 +1,133 @@
+"""Every policy fitted for one budget on one split and judged on another (``mexify compare``).
+
+The exit caches are collected once per split (softmax policies share them; class-means, whose
+probabilities come from the features, gets its own), every policy is fitted on the fitting split's
+cache exactly as ``mexify calibrate`` fits it, and its thresholds are applied to the evaluation
+split's cache: mIoU, drop against the final exit, predicted cost (measured latency profile or FLOPs)
+and FLOPs, and the share of the oracle's saving on the same split at the same budget (the oracle
+reads the evaluation labels: the best any policy could do with these exits). Measured speed-ups
+are :mod:`mexify.api`'s business (it runs the runtime).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from mexify.calibrate.budget import budget_max_cost
+from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.fit import _budget, _cost_model, _fit_on_cache
+from mexify.calibrate.search import oracle_at
+from mexify.data import unpadded
+from mexify.errors import ConfigError
+from mexify.nn import module_device
+from mexify.policies import Policy, available_policies, build_policy
+
+__all__ = ["PolicyComparison", "compare_policies", "comparable_policies"]
+
+Batches = Callable[[], Iterable[Any]]
+_KEEP = ("miou", "final_miou", "drop", "mean_cost", "speedup", "mean_flops", "flops_speedup", "mean_ms", "predicted_speedup",
+         "exit_rates")
+
+
+def comparable_policies() -> List[str]:
+    """Every registered policy that can be deployed (all but the oracle)."""
+    return [p for p in available_policies() if p != "oracle"]
+
+
+@dataclasses.dataclass
+class PolicyComparison:
+    """One row per policy (fitted on ``fit_split``, judged on ``eval_split``) and the oracle's row."""
+
+    budget: Dict[str, Any]
+    cost: str
+    rows: List[Dict[str, Any]]
+    oracle: Optional[Dict[str, Any]]
+    policies: Dict[str, Policy] = dataclasses.field(repr=False, default_factory=dict)
+    curves: Dict[str, List[Dict[str, Any]]] = dataclasses.field(repr=False, default_factory=dict)
+    oracle_curve: List[Dict[str, Any]] = dataclasses.field(repr=False, default_factory=list)
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: List[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"budget": self.budget, "cost": self.cost, "rows": self.rows + ([self.oracle] if self.oracle else []),
+                "notes": self.notes, "files": self.files, "seconds": self.seconds}
+
+
+def _figures(f: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: f[k] for k in _KEEP if k in f}
+
+
+def _saving_share(fig: Dict[str, Any], oracle: Optional[Dict[str, Any]], original: float) -> Optional[float]:
+    """The policy's saving (1 - cost / original) as a share of the oracle's."""
+    if oracle is None:
+        return None
+    saved = 1.0 - oracle["mean_cost"] / original
+    return (1.0 - fig["mean_cost"] / original) / saved if saved > 1e-9 else None
+
+
+def compare_policies(
+    model: Any,
+    fit_batches: Batches,
+    eval_batches: Batches,
+    policies: Optional[Sequence[str]] = None,
+    budget: Optional[str] = None,
+    max_drop: Optional[float] = None,
+    latency: Optional[Dict[str, Any]] = None,
+    cost: Optional[str] = None,
+    device: Any = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> PolicyComparison:
+    """Fit ``policies`` (default: every deployable one) on ``fit_batches`` for the budget, judge them on ``eval_batches``.
+
+    Raises:
+        ConfigError: an unknown policy or a bad budget. BudgetError: a budget no policy can reach.
+    """
+    t0 = time.perf_counter()
+    names = list(policies or comparable_policies())
+    if "oracle" in names:
+        raise ConfigError("the oracle is always compared (it reads labels); leave it out of --policies")
+    pols = [build_policy(n) for n in names]
+    bud, max_drop = _budget(budget, max_drop)
+    dev = device if device is not None else module_device(model)
+    notes: List[str] = []
+
+    def caches(source: Optional[Policy]) -> List[ExitCache]:
+        return [_cost_model(collect_cache(model, b(), source=source, device=dev), latency, cost, notes) for b in (fit_batches, eval_batches)]
+
+    shared = caches(None)
+    rows, fitted, curves = [], {}, {}
+    for k, pol in enumerate(pols):
+        if progress is not None:
+            progress("compare", k, len(pols))
+        fit_cache, eval_cache = shared
+        if pol.needs_features:
+            pol = pol.collect_means(model, unpadded(fit_batches()), model.num_classes, device=dev)
+            fit_cache, eval_cache = caches(pol)
+        report = _fit_on_cache(pol, fit_cache, bud, max_drop, None, {}, [], None)
+        p = report.policy
+        assignment = eval_cache.assign(p.cache_scores(eval_cache), p.thresholds)
+        rows.append({"policy": p.name, "fit": _figures(report.figures), "eval": _figures(eval_cache.figures(assignment, p.thresholds))})
+        fitted[p.name], curves[p.name] = p, report.pareto
+    if progress is not None:
+        progress("compare", len(pols), len(pols))
+    oracle, oracle_curve = _oracle(shared[1], bud, max_drop)
+    for row in rows:
+        row["oracle_share"] = _saving_share(row["eval"], oracle["eval"] if oracle else None, shared[1].original_cost)
+    budget_rec = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
+    notes = list(dict.fromkeys(notes))
+    return PolicyComparison(budget_rec, shared[0].cost, rows, oracle, fitted, curves, oracle_curve, {}, notes, time.perf_counter() - t0)
+
+
+def _oracle(cache: ExitCache, bud: Optional[Dict[str, Any]], max_drop: Optional[float]) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+    """The oracle on the evaluation split at the same budget, and its curve (None, [] without labels)."""
+    if not cache.labelled:
+        return None, []
+    if bud is not None:
+        fig, curve = oracle_at(cache, max_cost=budget_max_cost(bud, cache.original_cost, cache.cost_unit))
+    else:
+        fig, curve = oracle_at(cache, min_miou=cache.final_miou - float(max_drop))
+    if fig is None:
+        return None, curve
+    return {"policy": "oracle", "fit": None, "eval": _figures(fig), "oracle_share": 1.0, "tolerance": fig["tolerance"]}, curve

@@ -1,0 +1,72 @@
+"""`mexify compare`: every policy fitted for one budget on one split and judged on another, in one table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mexify import api
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
+
+
+def _x(v: Optional[float]) -> str:
+    return f"{v:.2f}x" if v is not None else "-"
+
+
+def render(report) -> None:
+    """Print a :class:`~mexify.api.PolicyComparison`: one row per policy, the oracle last."""
+    rows = report.rows + ([report.oracle] if report.oracle else [])
+    measured = any("measured_speedup" in r["eval"] for r in rows)
+    t = Table(title=f"policies at {report.budget['text']}: fitted on the fitting split, judged on the evaluation split",
+              caption="predicted: " + ("the bundle's measured latency profile" if report.cost == "latency" else "FLOPs")
+              + " x the exit mix; oracle share: the policy's saving over the oracle's at the same budget",
+              title_justify="left", caption_justify="left")
+    for col in ["policy", "mIoU", "drop"] + (["measured"] if measured else []) + ["predicted", "by FLOPs", "oracle share", "fit drop"]:
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+    for r in rows:
+        e, f = r["eval"], r.get("fit") or {}
+        predicted = e.get("predicted_speedup", e.get("speedup"))
+        share = r.get("oracle_share")
+        t.add_row(r["policy"], f"{e['miou']:.2f}", f"{e['drop']:.2f}", *([_x(e.get("measured_speedup"))] if measured else []),
+                  _x(predicted), _x(e.get("flops_speedup")), f"{100 * share:.0f}%" if share is not None else "-",
+                  f"{f['drop']:.2f}" if f else "-", style="dim" if r["policy"] == "oracle" else None)
+    console.print(t)
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+    for k, v in report.files.items():
+        console.print(f"{k}: {v}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare_cmd(
+        bundle: Annotated[Path, typer.Argument(help="Bundle directory (trained).")],
+        data: DataOpt,
+        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fastest thresholds within this many mIoU points (default 1.0).")] = None,
+        budget: Annotated[Optional[str], typer.Option("--budget", help="Best mIoU within a cost: 2x, 40% or 8ms.")] = None,
+        policies: Annotated[Optional[str], typer.Option("--policies", help="Comma-separated policies (default: every registered one).")] = None,
+        fit_split: Annotated[str, typer.Option("--fit-split", help="Split the policies are fitted on.")] = "calib",
+        eval_split: Annotated[str, typer.Option("--eval-split", help="Split they are judged on.")] = "test",
+        limit: Annotated[Optional[int], typer.Option("--limit", help="Images per split.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass while collecting.")] = 8,
+        no_measure: Annotated[bool, typer.Option("--no-measure", help="Skip the measured speed-ups (runtime timing).")] = False,
+        repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per policy; the median is reported.")] = 3,
+        cost: Annotated[Optional[str], typer.Option("--cost", help="latency (default with a profile) or flops.")] = None,
+        profile: Annotated[Optional[str], typer.Option("--profile", help="Latency profile key (part of it), as for calibrate.")] = None,
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for compare.png / compare.csv (default BUNDLE/compare).")] = None,
+        device: DeviceOpt = None,
+        trust_pickle: TrustOpt = False,
+        json_out: JsonOpt = False,
+    ) -> None:
+        """Fit every policy for one budget on one split, judge it on another: one table, one Pareto plot."""
+        names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+        with stage_progress(not json_out) as progress:
+            report = api.compare(bundle, data, max_drop=max_drop, budget=budget, policies=names, fit_split=fit_split,
+                                 eval_split=eval_split, limit=limit, batch_size=batch_size, measure=not no_measure, repeats=repeats,
+                                 out=out, cost=cost, profile=profile, device=device, progress=progress, trust_pickle=trust_pickle)
+        if json_out:
+            print_json(api.json_safe(report.to_dict()))
+        else:
+            render(report)
