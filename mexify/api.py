@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+import yaml
 from torch.utils.data import Dataset
 
 from mexify._version import __version__
@@ -35,7 +36,7 @@ from mexify.config import BundleConfig, json_safe, parse_size
 from mexify.data import as_loader, build_dataset, check_classes, take
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
 from mexify.graph.placement import PlacementConfig
-from mexify.nn import MultiExitModel, device_name, module_device, resolve_device
+from mexify.nn import MultiExitModel, device_name, head_space, module_device, resolve_device
 from mexify.policies import Policy, available_policies
 from mexify.prepare import ConvertResult, TracedModel
 from mexify.prepare import convert as _convert
@@ -139,6 +140,22 @@ def _trained_on(model: MultiExitModel, bundle: Any) -> str:
 
 
 # =============================================================================== convert / inspect
+def _head_space(heads: Union[str, PathLike, Sequence[Mapping[str, Any]]]) -> tuple:
+    """Head candidates from a space name, a YAML file (a list of head settings, or ``candidates:`` holding one) or a list."""
+    if isinstance(heads, (str, os.PathLike)) and (str(heads).endswith((".yaml", ".yml")) or Path(heads).is_file()):
+        path = Path(heads)
+        if not path.is_file():
+            raise ConfigError(f"head space file not found: {path}", "give a YAML file listing head settings, or a space name")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        heads = data.get("candidates") if isinstance(data, dict) else data
+        if not isinstance(heads, list):
+            raise ConfigError(f"{path} lists no head candidates", "write a list: - {template: mess, blocks: 1}")
+    return head_space(heads if not isinstance(heads, os.PathLike) else str(heads))
+
+
 def _input_size(size: Union[Tuple[int, int], str]) -> Tuple[int, int]:
     h, w = parse_size(size, "--input-size")
     if h < 32 or w < 32:
@@ -164,6 +181,7 @@ def convert(
     trust_pickle: bool = False,
     placement: PlacementConfig = PlacementConfig(),
     check: bool = True,
+    heads: Union[None, str, PathLike, Sequence[Mapping[str, Any]]] = None,
 ) -> ConvertResult:
     """Convert a segmentation model into a multi-exit model (``mexify convert``) and write a bundle to ``out``.
 
@@ -184,6 +202,8 @@ def convert(
         placement: the placement strategy.
         check: verify at every cut that dropping rows there gives each kept image the output it
             gets alone (a few forward passes at a small size); refuse the conversion otherwise.
+        heads: head candidates per exit instead of one head: a space name (``mess``, ``mess-fcn``),
+            a YAML file listing head settings, or such a list (``calibrate --search`` keeps one).
 
     Raises:
         MexifyError: any user-facing problem, with a hint; nothing is written then.
@@ -194,7 +214,7 @@ def convert(
     result = _convert(
         spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust_pickle=trust_pickle,
-        placement=placement, check=check,
+        placement=placement, check=check, heads=_head_space(heads) if heads is not None else None,
     )
     if out is not None:
         save_bundle(result.model, out, overwrite=overwrite)

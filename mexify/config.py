@@ -179,11 +179,19 @@ class ExitConfig(_Record):
     # values alive after this exit -> how each follows the batch (none, dim:k, int, size:k);
     # None in bundles written before mexify recorded it: then tensors are sliced along dim 0
     batch_dims: Optional[dict] = None
+    # head candidates (``convert --heads``) until ``calibrate --search`` keeps one: their configs and
+    # FLOPs; ``head`` is candidate ``chosen``
+    candidates: Optional[Tuple[HeadConfig, ...]] = None
+    candidate_flops: Optional[Tuple[int, ...]] = None
+    chosen: int = 0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExitConfig":
         data = dict(data)
         data["head"] = HeadConfig.from_dict(data.get("head", {}))
+        if data.get("candidates") is not None:
+            data["candidates"] = tuple(HeadConfig.from_dict(c) for c in data["candidates"])
+            data["candidate_flops"] = tuple(int(f) for f in data.get("candidate_flops") or ())
         return from_mapping(cls, data, "exit")
 
 

@@ -29,7 +29,7 @@ from mexify.graph.trace import EXPORT_SHAPES_KEY, TRACER_KEY, registered_autowra
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 
-__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_spec"]
+__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_spec", "build_exit_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +324,7 @@ def convert(
     trust_pickle: bool = False,
     placement: PlacementConfig = PlacementConfig(),
     check: bool = True,
+    heads: Optional[Sequence[HeadConfig]] = None,
 ) -> ConvertResult:
     """Turn a segmentation model into a :class:`MultiExitModel` with its bundle config (in memory).
 
@@ -339,6 +340,8 @@ def convert(
         leaf_modules, autowrap_functions: passed to the tracer.
         trace: ``auto`` (fx, then torch.export), ``fx`` or ``export``.
         check: run :func:`check_shrinking` (every cut, a few small forward passes).
+        heads: head candidates for every exit (a space, :func:`~mexify.nn.head_space`) instead of one
+            head: stage 2 trains them all and ``calibrate --search`` keeps one per exit.
 
     Raises:
         MexifyError: any user-facing problem, with a hint.
@@ -355,7 +358,8 @@ def convert(
     traced = trace_spec(model, trace_cfg, placement)
     trace_cfg = dataclasses.replace(trace_cfg, export_shapes=traced.graph_module.meta.get(EXPORT_SHAPES_KEY, ""))
     chosen = select_exit_points(traced.candidates, exits, at, placement)
-    result = _assemble(traced, chosen, [head_cfg] * len(chosen), model_spec, trace_cfg)
+    space = tuple(heads) if heads else (head_cfg,)
+    result = _assemble(traced, chosen, [space] * len(chosen), model_spec, trace_cfg)
     if check:
         check_shrinking(result.model, trace_cfg.input_size)
     if not result.model.train_issue:
@@ -374,24 +378,33 @@ def _trace_config(input_size: Sequence[int], leaf_modules: Sequence[str], autowr
 
 
 def _assemble(
-    traced: TracedModel, chosen: Sequence[ExitPoint], head_cfgs: Sequence[HeadConfig], spec: ModelSpec, trace_cfg: TraceConfig
+    traced: TracedModel, chosen: Sequence[ExitPoint], spaces: Sequence[Sequence[HeadConfig]], spec: ModelSpec, trace_cfg: TraceConfig
 ) -> ConvertResult:
+    """The model and config from the trace, the exit points and each exit's head candidates (one: no candidates)."""
     names = [c.name for c in chosen]
     gm = traced.graph_module
     stages, train_issue = _stages(gm, traced.train_graph_module, names, traced.train_issue)
     stage_flops = _stage_flops(gm, names, traced.total_flops)
-    h, w = traced.input_size
-    heads, head_flops, exit_cfgs = {}, [], []
-    for point, cfg, sf, stage in zip(chosen, head_cfgs, stage_flops, stages):
+    heads, head_flops, exit_cfgs, candidates = {}, [], [], {}
+    for point, space, sf, stage in zip(chosen, spaces, stage_flops, stages):
         feats = torch.zeros(1, point.channels, point.height, point.width)
-        if cfg.template == "mess" and cfg.width == 0:
-            cfg = _auto_width(cfg, point.channels, traced.num_classes, feats, (h, w), traced.total_flops)
-        head = build_head(cfg, point.channels, traced.num_classes)
-        hf = count_flops(head, feats, (h, w))
-        heads[point.name] = head
-        head_flops.append(hf)
-        exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfg, int(sf), int(hf), dict(stage.batch_dims) or None))
-    model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops)
+        cfgs, modules, flops = [], [], []
+        for cfg in space:
+            if cfg.template == "mess" and cfg.width == 0:
+                cfg = _auto_width(cfg, point.channels, traced.num_classes, feats, traced.input_size, traced.total_flops)
+            head = build_head(cfg, point.channels, traced.num_classes)
+            cfgs.append(cfg)
+            modules.append(head)
+            flops.append(int(count_flops(head, feats, traced.input_size)))
+        heads[point.name] = modules[0]
+        head_flops.append(flops[0])
+        many = len(space) > 1
+        if many:
+            candidates[point.name] = modules
+        exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfgs[0], int(sf), flops[0], dict(stage.batch_dims) or None,
+                                    candidates=tuple(cfgs) if many else None, candidate_flops=tuple(flops) if many else None))
+    model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops,
+                           candidates=candidates or None)
     model.train_issue = train_issue
     model.static_size = _static_size(trace_cfg)
     model.eval()
@@ -483,13 +496,27 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
             f"the model no longer has the bundle's exit points: {e.message}",
             "the spec's code changed since conversion; convert again",
         ) from e
-    heads = {e.name: build_head(e.head, e.in_channels, config.num_classes) for e in config.exits}
+    heads, candidates = build_exit_heads(config)
     stage_flops = [e.stage_flops for e in config.exits] + [config.final_flops]
     model = MultiExitModel(
         stages, heads, config.num_classes, tuple(h_w for h_w in trace_cfg.input_size), stage_flops,
         [e.head_flops for e in config.exits], config.original_flops, [e.batch_dims for e in config.exits],
+        candidates=candidates or None,
     )
     model.train_issue = train_issue
     model.static_size = _static_size(trace_cfg)
     model.config = config
     return model
+
+
+def build_exit_heads(config: BundleConfig) -> Tuple[dict, dict]:
+    """Each exit's head and, where the config lists candidates, all of them (the head is candidate ``chosen``)."""
+    heads, candidates = {}, {}
+    for e in config.exits:
+        if e.candidates:
+            modules = [build_head(c, e.in_channels, config.num_classes) for c in e.candidates]
+            candidates[e.name] = modules
+            heads[e.name] = modules[e.chosen]
+        else:
+            heads[e.name] = build_head(e.head, e.in_channels, config.num_classes)
+    return heads, candidates

@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
         at: Annotated[Optional[str], typer.Option("--at", help="Comma-separated exit node names (overrides --exits).")] = None,
         head: Annotated[str, typer.Option("--head", help="Head template: mess or fcn.")] = "mess",
         head_set: Annotated[Optional[List[str]], typer.Option("--head-set", help="Head overrides, e.g. width=128,blocks=2,aspp_rates=6:12.")] = None,
+        heads: Annotated[Optional[str], typer.Option("--heads", help="Head candidates per exit instead of one head: a space "
+                                                     "(mess, mess-fcn) or a YAML file listing head settings; calibrate --search keeps one.")] = None,
         input_size: SizeOpt = "512x512",
         leaf_module: LeafOpt = None,
         autowrap: AutowrapOpt = None,
@@ -64,7 +66,7 @@ def register(app: typer.Typer) -> None:
             at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
             head=head, head_set=parse_kv(head_items, "--head-set"), input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
-            trust_pickle=trust_pickle, out=out, overwrite=overwrite, check=not no_check,
+            trust_pickle=trust_pickle, out=out, overwrite=overwrite, check=not no_check, heads=heads,
         )
         if json_out:
             print_json({"bundle": out, "seconds": round(result.seconds, 3), "num_classes": result.model.num_classes,

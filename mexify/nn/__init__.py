@@ -3,7 +3,7 @@
 No I/O, no runtime, no data: what a deployment needs to hold the network.
 """
 from mexify.nn.device import device_name, module_device, resolve_device
-from mexify.nn.heads import ExitHead, build_head, parse_head_overrides, resize_logits
+from mexify.nn.heads import HEAD_SPACES, ExitHead, build_head, head_space, parse_head_overrides, resize_logits
 from mexify.nn.model import ExitOutput, MultiExitModel, StageState
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "ExitHead",
     "build_head",
     "parse_head_overrides",
+    "head_space",
+    "HEAD_SPACES",
     "resize_logits",
     "resolve_device",
     "module_device",

@@ -7,7 +7,7 @@ resolution: policies score there, and only the images that leave are upsampled t
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +16,55 @@ from torch import nn
 from mexify.config import HeadConfig
 from mexify.errors import ConfigError, nearest
 
-__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "resize_logits", "HEAD_TEMPLATES"]
+__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "resize_logits", "HEAD_TEMPLATES", "HEAD_SPACES",
+           "head_space"]
 
 HEAD_TEMPLATES: Dict[str, HeadConfig] = {
     # width 0: the widest head within 3% of the model's FLOPs (resolved at conversion)
     "mess": HeadConfig(template="mess", width=0, blocks=1, dilation=1),
     "fcn": HeadConfig(template="fcn", width=0, blocks=1, dropout=0.1),
 }
+
+
+# Head candidates per exit (``convert --heads NAME``), MESS's over-provisioning: trained together in
+# stage 2, one kept per exit by ``calibrate --search``. width 0: the widest within 3% of the model's FLOPs.
+HEAD_SPACES: Dict[str, Tuple[HeadConfig, ...]] = {
+    "mess": (
+        HeadConfig(template="mess", width=0, blocks=0),
+        HeadConfig(template="mess", width=0, blocks=1),
+        HeadConfig(template="mess", width=0, blocks=2, dilation=2),
+        HeadConfig(template="mess", width=0, blocks=1, aspp_rates=(6, 12)),
+    ),
+    "mess-fcn": (
+        HeadConfig(template="fcn", width=0, blocks=1, dropout=0.1),
+        HeadConfig(template="mess", width=0, blocks=1),
+    ),
+}
+
+
+def head_space(space: Union[str, Sequence[Mapping[str, object]]]) -> Tuple[HeadConfig, ...]:
+    """Head candidates from a space name (:data:`HEAD_SPACES`) or a list of head settings
+    (``{"template": "mess", "blocks": 2, ...}``, e.g. read from a YAML file).
+
+    Raises:
+        ConfigError: unknown space, template or field, or an empty list.
+    """
+    if isinstance(space, str):
+        if space not in HEAD_SPACES:
+            close = nearest(space, HEAD_SPACES, n=1)
+            raise ConfigError(f"unknown head space {space!r}", f"choose one of {', '.join(HEAD_SPACES)}, or give a YAML file"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        return HEAD_SPACES[space]
+    entries = list(space)
+    if not entries:
+        raise ConfigError("the head space lists no candidate", "list head settings, e.g. - {template: mess, blocks: 1}")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"a head candidate must be a mapping of head settings, got {entry!r}", "e.g. {template: mess, blocks: 1}")
+        entry = dict(entry)
+        out.append(parse_head_overrides(str(entry.pop("template", "mess")), entry))
+    return tuple(out)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:

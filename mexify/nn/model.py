@@ -71,12 +71,18 @@ class MultiExitModel(nn.Module):
         head_flops: Sequence[int],
         original_flops: int,
         batch_dims: Optional[Sequence[Optional[Dict[str, str]]]] = None,
+        candidates: Optional[Dict[str, Sequence[nn.Module]]] = None,
     ):
         super().__init__()
         if len(heads) != len(stages) - 1:
             raise ValueError(f"{len(stages)} stages need {len(stages) - 1} heads, got {len(heads)}")
         self.stages = nn.ModuleList([s.module for s in stages])
         self.heads = nn.ModuleDict(heads)
+        # head candidates per exit (convert --heads): each exit's head is one of its candidates (the
+        # same module), stage 2 trains them all, calibrate --search keeps one
+        self.candidates: Optional[nn.ModuleDict] = (
+            nn.ModuleDict({k: nn.ModuleList(v) for k, v in candidates.items()}) if candidates else None
+        )
         self._io = [(list(s.inputs), list(s.outputs), s.exit_value) for s in stages]
         # train-mode (inputs, outputs) of stages that carry a train-mode graph (see DualGraphModule)
         self._train_io = [s.train_io for s in stages]
@@ -200,7 +206,13 @@ class MultiExitModel(nn.Module):
         return self.stages.parameters()
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        return self.heads.parameters()
+        """The early heads' parameters, every head candidate's included (each once)."""
+        seen = set()
+        for module in (self.heads, self.candidates):
+            for p in module.parameters() if module is not None else ():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
 
     def freeze_backbone(self, frozen: bool = True) -> "MultiExitModel":
         """Freeze (or unfreeze) the stages: no gradients, BatchNorm statistics kept in eval mode."""

@@ -25,7 +25,7 @@ from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -189,21 +189,38 @@ class _StageForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         m = self.model
-        if self.stage == 1:
+        candidates = getattr(m, "candidates", None)
+        if self.stage == 1 and candidates is None:
             return list(m.forward_all(x))
         n = len(m.exit_names)
+        backbone = nullcontext if self.stage == 1 else torch.no_grad
         outs = []
-        with torch.no_grad():
+        with backbone():
             state = m.start(x)
         for i in range(n):
-            with torch.no_grad():
+            with backbone():
                 state = m.run_stage(i, state)
-            if i < n - 1:
-                outs.append(m.exit_logits(i, state, state.input_size))
-            else:
-                with torch.no_grad():
+            if i == n - 1:
+                with backbone():
                     outs.append(m.exit_logits(i, state))
+            elif candidates is None:
+                outs.append(m.exit_logits(i, state, state.input_size))
+            else:  # every candidate on the same features: the backbone ran once
+                features = m.exit_features(i, state)
+                features = features.clone() if features.requires_grad else features
+                outs.extend(head(features, state.input_size) for head in candidates[m.exit_names[i]])
         return outs
+
+
+def loss_names(model: nn.Module) -> Tuple[List[str], List[int]]:
+    """One name per training output (``exit#k`` for head candidates, ``final`` last) and the exit each belongs to."""
+    names, owner = [], []
+    candidates = getattr(model, "candidates", None)
+    for i, name in enumerate(model.exit_names[:-1]):
+        k = len(candidates[name]) if candidates is not None and name in candidates else 1
+        names += [f"{name}#{j}" for j in range(k)] if k > 1 else [name]
+        owner += [i] * k
+    return names + ["final"], owner + [len(model.exit_names) - 1]
 
 
 def _set_stage_modes(model: nn.Module, stage: int) -> None:
@@ -310,7 +327,8 @@ class _Trainer:
         self.data_name = data_name
         self.save = save
         self.model = model.to("cpu")
-        self.exit_names = list(self.model.exit_names)
+        # one loss per output: an exit's head, or each of its candidates (their exit in loss_owner)
+        self.exit_names, self.loss_owner = loss_names(self.model)
         check_classes(dataset, self.model.num_classes)
         self.dataset = dataset
         self.ckpt_path = self.run_dir / ckpt_mod.CHECKPOINT_NAME
@@ -468,7 +486,7 @@ class _Trainer:
 
     def _stage_net(self, stage: int) -> nn.Module:
         """What an iteration runs (DDP-wrapped under torchrun); checks the recipe's exit weights first."""
-        weights, names = self.recipe.exit_weights, self.exit_names
+        weights, names = self.recipe.exit_weights, list(self.model.exit_names)
         if weights is not None and len(weights) != len(names):
             raise ConfigError(
                 f"exit_weights has {len(weights)} entries but the model has {len(names)} exits ({', '.join(names)})",
@@ -492,7 +510,8 @@ class _Trainer:
             outs = net(x)
         kds: List[torch.Tensor] = []
         if stage == 1:
-            weights = list(r.exit_weights) if r.exit_weights is not None else [r.early_weight] * (len(outs) - 1) + [1.0]
+            weights = ([r.exit_weights[o] for o in self.loss_owner] if r.exit_weights is not None
+                       else [r.early_weight] * (len(outs) - 1) + [1.0])
             loss, ces = multi_exit_ce(outs, y, weights, IGNORE_INDEX)
         else:
             teacher = outs[-1]
