@@ -31,7 +31,15 @@ from torch.utils.data import Dataset
 from mexify._version import __version__
 from mexify.bundle import check_writable, read_config, save_bundle, update_bundle
 from mexify.bundle import load as _load_bundle
-from mexify.calibrate import CalibrationReport, PolicyComparison, compare_policies, fit_policy
+from mexify.calibrate import (
+    CalibrationReport,
+    ConfigurationReport,
+    PolicyComparison,
+    apply_configuration,
+    compare_policies,
+    fit_policy,
+    search_configuration,
+)
 from mexify.config import BundleConfig, json_safe, parse_size
 from mexify.data import as_loader, build_dataset, check_classes, take
 from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
@@ -90,6 +98,7 @@ __all__ = [
     "BenchReport",
     "EngineReport",
     "PolicyComparison",
+    "ConfigurationReport",
     "ExportResult",
     "ENGINES",
     "LatencyProfile",
@@ -318,8 +327,14 @@ def calibrate(
     cost: Optional[str] = None,
     profile: Optional[str] = None,
     trust_pickle: bool = False,
-) -> CalibrationReport:
+    search: bool = False,
+    keep_candidates: bool = False,
+) -> Union[CalibrationReport, ConfigurationReport]:
     """Fit an exit policy on a calibration split for a budget and write it into the bundle (``mexify calibrate``).
+
+    With ``search`` (a bundle converted with head candidates), choose per exit off or one candidate
+    and the thresholds (:func:`mexify.calibrate.search_configuration`), write the chosen heads and
+    drop the others (unless ``keep_candidates``); returns a :class:`ConfigurationReport`.
 
     Args:
         bundle: bundle directory (updated in place) or a ``MultiExitModel`` (only ``out`` is written).
@@ -348,6 +363,11 @@ def calibrate(
     model, bundle_path = _model(bundle, device, trust_pickle=trust_pickle)
     ds = _dataset(data, split, limit)
     check_classes(ds, model.num_classes)
+    if search:
+        if temperature:
+            raise ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
+        return _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write,
+                                 keep_candidates, progress, out, split)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
     table = getattr(getattr(model, "config", None), "latency", None)
     latency = select_profile(table, profile, device_name(module_device(model)))
@@ -374,6 +394,29 @@ def calibrate(
         seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
         update_bundle(bundle_path, policy={**report.policy.to_dict(), "calibrated_on": seen})
         report.files["config"] = str(bundle_path / "config.yaml")
+    return report
+
+
+def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write, keep,
+                      progress, out, split) -> ConfigurationReport:
+    """``calibrate --search``: the configuration, its plot against the uniform-FCN configuration, the bundle rewritten."""
+    name = policy if isinstance(policy, str) else policy.name
+    report = search_configuration(model, lambda: as_loader(ds, batch_size), name, budget=budget, max_drop=max_drop,
+                                  policy_options=policy_options, device=device, progress=progress)
+    out_dir = Path(out) if out is not None else (bundle_path / "calibration" if bundle_path is not None else None)
+    if out_dir is not None:
+        curves, points = {"searched": report.pareto}, {"searched": report.figures}
+        if report.baseline is not None:
+            curves["uniform fcn"], points["uniform fcn"] = report.baseline_pareto, report.baseline
+        report.files = save_comparison(curves, points, [], out_dir, "flops", title=f"{name} on {split}: searched heads vs uniform FCN",
+                                       stem="search")
+    if write and bundle_path is not None:
+        profiled = bool(model.config.latency)
+        apply_configuration(model, report.choice, keep_candidates=keep)
+        update_bundle(bundle_path, model=model, exits=model.config.exits, latency=None, policy=report.policy.to_dict())
+        report.files["config"] = str(bundle_path / "config.yaml")
+        if profiled:
+            report.notes.append("the heads changed: the bundle's latency profiles were dropped; run `mexify profile` again")
     return report
 
 

@@ -8,6 +8,7 @@ fits every policy on one split and judges it on another.
 """
 from mexify.calibrate.budget import budget_max_cost, parse_budget
 from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.configure import ConfigurationReport, apply_configuration, search_configuration
 from mexify.calibrate.compare import PolicyComparison, comparable_policies, compare_policies
 from mexify.calibrate.fit import CalibrationReport, fit_policy
 from mexify.calibrate.search import SearchResult, oracle_at, search_thresholds
@@ -21,6 +22,9 @@ __all__ = [
     "fit_temperatures",
     "fit_policy",
     "compare_policies",
+    "search_configuration",
+    "apply_configuration",
+    "ConfigurationReport",
     "comparable_policies",
     "PolicyComparison",
     "parse_budget",

@@ -78,6 +78,30 @@ def _render(report) -> None:
         console.print(f"[dim]{what}: {path}[/]")
 
 
+def _render_search(report) -> None:
+    """The chosen configuration (exit, head, threshold, exit rate) and the searched vs uniform-FCN figures."""
+    t = Table(title=f"searched configuration ({report.policy.name}, {report.evaluations} configurations in {report.seconds:.1f}s)",
+              title_justify="left")
+    for col in ("exit", "head", "head GFLOPs", "threshold", "exit rate"):
+        t.add_column(col, justify="left" if col in ("exit", "head") else "right", no_wrap=True)
+    for r in report.rows:
+        th = "never" if r["candidate"] is None or r["threshold"] == float("inf") else f"{r['threshold']:.4f}"
+        t.add_row(r["exit"], r["head"], f"{r['head_flops'] / 1e9:.3f}" if r["head_flops"] else "-", th, f"{100 * r['exit_rate']:.1f}%")
+    t.add_row("final", "(the model)", "-", "always", f"{100 * report.figures['exit_rates']['final']:.1f}%")
+    console.print(t)
+    s = Table(title="on the calibration split (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
+    for col in ("configuration", "mIoU", "drop", "speed-up (FLOPs)"):
+        s.add_column(col, justify="left" if col == "configuration" else "right")
+    for name, f in (("searched", report.figures), ("uniform fcn", report.baseline)):
+        if f is not None:
+            s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x")
+    console.print(s)
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+    for k, v in report.files.items():
+        console.print(f"{k}: {v}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate_cmd(
@@ -94,6 +118,9 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 4,
         cost: Annotated[Optional[str], typer.Option("--cost", help="latency (measured, from `mexify profile`) or flops; default latency when the bundle has a profile.")] = None,
         profile: Annotated[Optional[str], typer.Option("--profile", help="Which latency profile: part of its key, e.g. 'cpu|b1' or 'H100|b8|bfloat16'.")] = None,
+        search: Annotated[bool, typer.Option("--search", help="Choose per exit off or one head candidate, and the thresholds "
+                                             "(a bundle converted with --heads).")] = False,
+        keep_candidates: Annotated[bool, typer.Option("--keep-candidates", help="With --search: keep the unchosen candidates in the bundle.")] = False,
         device: DeviceOpt = None,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
@@ -118,9 +145,13 @@ def register(app: typer.Typer) -> None:
                 cost=cost,
                 profile=profile,
                 trust_pickle=trust_pickle,
+                search=search,
+                keep_candidates=keep_candidates,
             )
         if json_out:
             print_json(api.json_safe(report.to_dict()))
+        elif isinstance(report, api.ConfigurationReport):
+            _render_search(report)
         else:
             _render(report)
 

@@ -60,11 +60,11 @@ def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[st
 
 
 def save_comparison(curves: Dict[str, List[Dict[str, Any]]], points: Dict[str, Dict[str, Any]], oracle_curve: List[Dict[str, Any]],
-                    out: Path, unit: str, title: str = "") -> Dict[str, str]:
-    """``compare.png`` (every policy's Pareto curve on the fitting split, its chosen point on the
-    evaluation split, the oracle's curve) and ``compare.csv`` (the same numbers)."""
+                    out: Path, unit: str, title: str = "", stem: str = "compare") -> Dict[str, str]:
+    """``<stem>.png`` (every curve, e.g. each policy's Pareto curve on the fitting split, its chosen point
+    on the evaluation split, the oracle's curve) and ``<stem>.csv`` (the same numbers)."""
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "compare.csv", out / "compare.png"
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["policy", "curve", "speedup", "miou"])
@@ -96,5 +96,5 @@ def save_comparison(curves: Dict[str, List[Dict[str, Any]]], points: Dict[str, D
         fig.savefig(png_path)
     except Exception as e:  # plotting must never fail a comparison
         log.warning("could not draw %s: %s", png_path, e)
-        return {"compare_csv": str(csv_path)}
-    return {"compare_csv": str(csv_path), "compare_png": str(png_path)}
+        return {f"{stem}_csv": str(csv_path)}
+    return {f"{stem}_csv": str(csv_path), f"{stem}_png": str(png_path)}

@@ -1,0 +1,261 @@
+"""The MESS configuration search: per exit, off or one head candidate, and the thresholds (``calibrate --search``).
+
+One pass over the calibration split caches every candidate's statistics as a *virtual* exit
+(``exit#k``; the backbone runs once, every candidate reads the same features). A configuration
+(off or candidate ``k`` per exit) is a view of that cache: the chosen columns and the final exit,
+stage costs merged across switched-off exits, the chosen heads' costs. The policy's thresholds are
+fitted on each view exactly as ``mexify calibrate`` fits them, and a coordinate search over the
+exits (start: every exit on with its most accurate candidate; then, exit by exit, every option,
+kept when the budget is met better; repeated until nothing changes) picks the configuration. Pure
+arithmetic on the cache. Costs are FLOPs: a latency profile times one head per exit, not the
+candidates.
+
+Policies whose fitted parameters are per exit (``learned``, ``class-means``) and temperatures are
+not searched (their parameters would have to follow the configuration).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mexify.calibrate.budget import budget_max_cost
+from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.fit import _budget
+from mexify.errors import BudgetError, ConfigError
+from mexify.nn import module_device
+from mexify.policies import Policy, build_policy
+
+__all__ = ["CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "SEARCHABLE"]
+
+SEARCHABLE = ("mess", "entropy", "maxprob", "cbt", "fft")
+_EXIT_AXIS_1 = ("class_hist", "edge_hist", "mean_maxprob", "mean_entropy", "tp", "pred_count", "agree_tp", "agree_pred_count",
+                "thumb_bins", "thumb_pred", "fft_energy")
+_EXIT_AXIS_0 = ("label_prob_sum", "agree_prob_sum")
+
+
+class CandidateView:
+    """A :class:`~mexify.nn.MultiExitModel` seen with every head candidate as its own exit (what the cache collects)."""
+
+    def __init__(self, model: Any):
+        if getattr(model, "candidates", None) is None:
+            raise ConfigError("this bundle has one head per exit: there is nothing to search",
+                              "convert with --heads SPACE (e.g. --heads mess), train, then calibrate --search")
+        self.model = model
+        cfg = model.config
+        self.columns: List[Tuple[int, int]] = []
+        stage, heads = [], []
+        for i, e in enumerate(cfg.exits):
+            for k, flops in enumerate(e.candidate_flops or (e.head_flops,)):
+                self.columns.append((i, k))
+                stage.append(float(model.stage_flops[i]) if k == 0 else 0.0)
+                heads.append(float(flops))
+        self.exit_names = [f"{cfg.exits[i].name}#{k}" for i, k in self.columns] + ["final"]
+        self.stage_flops = stage + [float(model.stage_flops[-1])]
+        self.head_flops = heads
+        self.num_classes = model.num_classes
+        self.original_flops = model.original_flops
+        self.training = False
+
+    def eval(self) -> "CandidateView":
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "CandidateView":
+        self.model.train(mode)
+        return self
+
+    def cost_to_exit(self, j: int) -> float:
+        j = j % len(self.exit_names)
+        return float(sum(self.stage_flops[: j + 1]) + sum(self.head_flops[: min(j + 1, len(self.head_flops))]))
+
+    def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Every candidate's logits at its own resolution (the backbone once), then the final logits."""
+        m = self.model
+        state, outs = m.start(x), []
+        for i in range(m.num_exits):
+            state = m.run_stage(i, state)
+            if i < m.num_exits - 1:
+                features = m.exit_features(i, state)
+                outs.extend(head(features) for head in m.candidates[m.exit_names[i]])
+        outs.append(m.exit_logits(m.num_exits - 1, state))
+        return outs
+
+
+def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float], head_flops: Sequence[float]) -> ExitCache:
+    """The cache restricted to ``columns`` (virtual exits, ascending) and the final exit, stage costs merged."""
+    keep = list(columns) + [cache.num_exits - 1]
+    fields: Dict[str, Any] = {}
+    for name in _EXIT_AXIS_1:
+        a = getattr(cache, name)
+        fields[name] = a[:, keep] if a is not None else None
+    for name in _EXIT_AXIS_0:
+        fields[name] = getattr(cache, name)[keep]
+    px = cache.num_pixels
+    fields["num_pixels"] = px[:, keep] if px.ndim == 2 else px
+    bounds = [-1] + list(keep)
+    stages = [float(sum(stage_flops[a + 1: b + 1])) for a, b in zip(bounds[:-1], bounds[1:])]
+    heads = [float(head_flops[c]) for c in columns]
+    costs = np.cumsum(np.asarray(stages)) + np.cumsum(np.asarray(heads + [0.0]))
+    return dataclasses.replace(cache, exit_names=[cache.exit_names[c] for c in keep], costs=costs, stage_flops=stages,
+                               head_flops=heads, latency=None, cost="flops", **fields)
+
+
+@dataclasses.dataclass
+class ConfigurationReport:
+    """The chosen configuration: per exit ``None`` (off) or a candidate index, the fitted policy over
+    the real exits, its figures, and the uniform-FCN configuration's (when the space has an fcn head)."""
+
+    choice: List[Optional[int]]
+    policy: Policy
+    figures: Dict[str, Any]
+    rows: List[Dict[str, Any]]
+    pareto: List[Dict[str, Any]]
+    baseline: Optional[Dict[str, Any]]
+    baseline_pareto: List[Dict[str, Any]]
+    evaluations: int
+    seconds: float
+    notes: List[str]
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        pol = self.policy.to_dict()
+        return {"choice": self.choice, "policy": pol, "figures": self.figures, "exits": self.rows, "uniform_fcn": self.baseline,
+                "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes, "files": self.files}
+
+
+def search_configuration(
+    model: Any,
+    batches: Callable[[], Iterable[Any]],
+    policy: str = "mess",
+    budget: Optional[str] = None,
+    max_drop: Optional[float] = None,
+    policy_options: Optional[Dict[str, Any]] = None,
+    device: Any = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    rounds: int = 3,
+) -> ConfigurationReport:
+    """Choose, per exit, off or one head candidate, and the policy's thresholds, for a budget (see the module docstring).
+
+    Raises:
+        ConfigError: a bundle without candidates, or a policy that cannot be searched.
+        BudgetError: a budget below every configuration's cheapest cost.
+    """
+    t0 = time.perf_counter()
+    if policy not in SEARCHABLE:
+        raise ConfigError(f"--search fits {', '.join(SEARCHABLE)}; {policy!r} has per-exit parameters",
+                          "search with one of those, then calibrate the chosen bundle with any policy")
+    cand = CandidateView(model)
+    bud, max_drop = _budget(budget, max_drop)
+    cache = collect_cache(cand, batches(), device=device if device is not None else module_device(model), progress=progress)
+    cache = dataclasses.replace(cache, cost="flops")
+    max_cost = budget_max_cost(bud, cache.original_cost, "flops") if bud is not None else None
+    search = {"max_cost": max_cost, "max_drop": None if bud is not None else max_drop}
+    base = build_policy(policy, **(policy_options or {}))
+    per_exit: List[List[int]] = [[j for j, (i, _) in enumerate(cand.columns) if i == e] for e in range(model.num_exits - 1)]
+    tried: Dict[Tuple, Any] = {}
+
+    def evaluate(choice: Tuple[Optional[int], ...]) -> Optional[Tuple[Tuple[float, float], Policy]]:
+        if choice not in tried:
+            cols = [per_exit[e][k] for e, k in enumerate(choice) if k is not None]
+            tried[choice] = None
+            if cols:
+                try:
+                    fitted = base.fit(view(cache, cols, cand.stage_flops, cand.head_flops), **search)
+                except BudgetError:  # this configuration's cheapest exit costs more than the budget
+                    return None
+                f = fitted.figures
+                key = (f["miou"], -f["mean_cost"]) if max_cost is not None else (-f["mean_cost"], f["miou"])
+                tried[choice] = (key, fitted)
+        return tried[choice]
+
+    best = tuple(int(np.argmax([cache.exit_miou(j) for j in cols])) for cols in per_exit)
+    best_val = evaluate(best)
+    for _ in range(rounds):
+        changed = False
+        for e in range(len(per_exit)):
+            for option in [None] + list(range(len(per_exit[e]))):
+                trial = best[:e] + (option,) + best[e + 1:]
+                val = evaluate(trial)
+                if val is not None and (best_val is None or val[0] > best_val[0]):
+                    best, best_val, changed = trial, val, True
+        if not changed:
+            break
+    if best_val is None:
+        cheapest = min(cand.stage_flops[0] + f for f in cand.head_flops[: len(per_exit[0])])
+        raise BudgetError(f"no configuration reaches {bud['text'] if bud else 'the budget'}: the cheapest, every image at the "
+                          f"first exit with its cheapest head, is {cache.original_cost / cheapest:.2f}x",
+                          "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
+    fitted = best_val[1]
+    report = _report(model, cand, cache, best, fitted, per_exit)
+    report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
+    report.baseline, report.baseline_pareto = _uniform_fcn(model, per_exit, evaluate)
+    if report.baseline is None:
+        report.notes.append("the head space has no fcn candidate: no uniform-FCN configuration to compare with")
+    report.notes.append("cost model: FLOPs (1 multiply-add = 1 FLOP); a latency profile times one head per exit, not the candidates")
+    return report
+
+
+def _report(model: Any, cand: CandidateView, cache: ExitCache, choice: Tuple[Optional[int], ...], fitted: Policy,
+            per_exit: List[List[int]]) -> ConfigurationReport:
+    """The view's thresholds mapped back to the real exits (off: ``inf``), and one row per exit."""
+    names = list(model.exit_names)
+    it = iter(fitted.thresholds)
+    thresholds = [next(it) if k is not None else float("inf") for k in choice]
+    policy = fitted.with_thresholds(thresholds)
+    policy.exit_names = names
+    f = dict(fitted.figures)
+    rates = list(f["exit_rates"].values())
+    f["exit_rates"] = {}
+    rows, r = [], iter(rates[:-1])
+    for e, k in enumerate(choice):
+        rate = next(r) if k is not None else 0.0
+        f["exit_rates"][names[e]] = rate
+        head = model.config.exits[e].candidates[k] if k is not None else None
+        rows.append({"exit": names[e], "candidate": k, "head": _describe(head) if head else "off",
+                     "head_flops": model.config.exits[e].candidate_flops[k] if k is not None else 0,
+                     "threshold": thresholds[e], "exit_rate": rate})
+    f["exit_rates"]["final"] = rates[-1]
+    policy.figures = f
+    return ConfigurationReport(list(choice), policy, f, rows, fitted._search_result.pareto, None, [], 0, 0.0, [])
+
+
+def _uniform_fcn(model: Any, per_exit: List[List[int]], evaluate: Callable) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Every exit on with its fcn candidate (MESS's uniform baseline), when the space has one."""
+    choice = []
+    for e in range(len(per_exit)):
+        fcn = [k for k, c in enumerate(model.config.exits[e].candidates) if c.template == "fcn"]
+        if not fcn:
+            return None, []
+        choice.append(fcn[0])
+    val = evaluate(tuple(choice))
+    return (dict(val[1].figures), val[1]._search_result.pareto) if val is not None else (None, [])
+
+
+def _describe(head: Any) -> str:
+    text = f"{head.template} w{head.width}"
+    if head.template == "mess":
+        text += f" b{head.blocks}" + (f" d{head.dilation}" if head.dilation > 1 else "")
+        text += f" aspp{':'.join(map(str, head.aspp_rates))}" if head.aspp_rates else ""
+    return text
+
+
+def apply_configuration(model: Any, choice: Sequence[Optional[int]], keep_candidates: bool = False) -> Any:
+    """Make each exit's head the chosen candidate (an exit switched off keeps its current head, never run);
+    without ``keep_candidates`` the other candidates leave the model and its config. Returns the new config."""
+    config = model.config
+    exits = []
+    for e, (cfg, k) in enumerate(zip(config.exits, choice)):
+        keep = cfg.chosen if k is None else int(k)
+        exits.append(dataclasses.replace(cfg, head=cfg.candidates[keep], head_flops=int(cfg.candidate_flops[keep]), chosen=keep,
+                                         candidates=cfg.candidates if keep_candidates else None,
+                                         candidate_flops=cfg.candidate_flops if keep_candidates else None))
+        model.heads[cfg.name] = model.candidates[cfg.name][keep]
+        model.head_flops[e] = int(cfg.candidate_flops[keep])
+    if not keep_candidates:
+        model.candidates = None
+    model.config = dataclasses.replace(config, exits=tuple(exits), latency=None)
+    return model.config

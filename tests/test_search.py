@@ -1,0 +1,96 @@
+"""`calibrate --search`: per exit off or one head candidate, and the thresholds, for a budget; the
+written bundle keeps and runs only the chosen heads."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import mexify
+from mexify.api import calibrate, evaluate_policy
+from mexify.bundle import update_bundle
+from mexify.calibrate import search_configuration
+from mexify.data import as_loader, build_dataset
+from mexify.errors import ConfigError
+from mexify.runtime import EarlyExitRuntime
+
+FIXTURES = Path(__file__).parent / "fixture_models.py"
+SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=40"
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """TinyUNet with the mess-fcn space (an fcn and a mess candidate per exit), heads sharpened so that
+    their confidences spread as trained ones do."""
+    out = tmp_path / "cand.mex"
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out), heads="mess-fcn")
+    model = mexify.load(out)
+    with torch.no_grad():
+        for cands in model.candidates.values():
+            for j, head in enumerate(cands):
+                [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.mul_(20.0 + 20 * j)
+    update_bundle(out, model=model)
+    return out
+
+
+@pytest.mark.parametrize("budget", ["1.5x", "2x"])
+def test_search_meets_the_budget_on_the_cache_and_the_bundle_runs_only_the_chosen_heads(bundle, budget):
+    before = mexify.load(bundle)
+    cand_state = {k: v.clone() for k, v in before.state_dict().items() if k.startswith("candidates.")}
+    report = calibrate(bundle, SCENES, policy="maxprob", budget=budget, search=True)
+    original = before.original_flops
+    assert report.figures["mean_cost"] <= original / float(budget[:-1]) * (1 + 1e-12)
+    assert report.figures["mean_flops"] == pytest.approx(report.figures["mean_cost"])
+    assert report.baseline is not None and report.baseline["mean_cost"] <= original / float(budget[:-1]) * (1 + 1e-12)
+    assert report.figures["miou"] >= report.baseline["miou"] - 1e-9  # uniform fcn is one of the configurations tried
+
+    model = mexify.load(bundle)
+    assert model.candidates is None and not any(e.candidates for e in model.config.exits)
+    thresholds = report.policy.thresholds
+    for e, (name, k) in enumerate(zip(model.exit_names[:-1], report.choice)):
+        head = model.heads[name]
+        keep = model.config.exits[e].chosen
+        assert k is None or keep == k
+        for key, value in head.state_dict().items():
+            assert torch.equal(value, cand_state[f"candidates.{name}.{keep}.{key}"])
+    calls = {}
+    for name, head in model.heads.items():
+        head.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    ds = build_dataset(SCENES, split="calib")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    EarlyExitRuntime(model).predict_batch(x)
+    ran = {name for name, t in zip(model.exit_names[:-1], thresholds) if t != float("inf")}
+    assert set(calls) <= ran and (not ran or calls)
+    # the search's figures (cache arithmetic) are what the runtime gives on the same split
+    run = evaluate_policy(bundle, None, SCENES, split="calib")
+    assert 100 * run.miou == pytest.approx(report.figures["miou"], abs=1e-6)
+    assert run.mean_flops == pytest.approx(report.figures["mean_flops"], rel=1e-9)
+
+
+def test_search_keeps_candidates_when_asked_and_refuses_what_it_cannot_search(bundle, tmp_path):
+    report = calibrate(bundle, SCENES, policy="entropy", max_drop=50.0, search=True, keep_candidates=True)
+    model = mexify.load(bundle)
+    assert model.candidates is not None and [e.chosen for e in model.config.exits] == [
+        k if k is not None else 0 for k in report.choice]
+    assert report.figures["drop"] <= 50.0
+    with pytest.raises(ConfigError, match="per-exit"):
+        calibrate(bundle, SCENES, policy="learned", search=True)
+    from mexify.errors import BudgetError
+
+    with pytest.raises(BudgetError, match="no configuration reaches 20x"):
+        calibrate(bundle, SCENES, policy="maxprob", budget="20x", search=True, keep_candidates=True)
+    plain = tmp_path / "plain.mex"
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=2, out=str(plain))
+    with pytest.raises(ConfigError, match="--heads"):
+        calibrate(plain, SCENES, search=True)
+
+
+@pytest.mark.slow
+def test_search_at_the_issue_scale_6_exits_x_4_candidates_x_500_images(tmp_path):
+    """6 exits x 4 candidates x 500+ images: one collection pass, then arithmetic (timed in bench_calibrate)."""
+    out = tmp_path / "big.mex"
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=6, out=str(out), heads="mess")
+    model = mexify.load(out)
+    ds = build_dataset("synthetic:scenes?size=32&classes=4&n=16&n_eval=1000", split="calib")
+    report = search_configuration(model, lambda: as_loader(ds, 50), "maxprob", budget="1.5x")
+    assert len(ds) >= 500 and len(report.choice) == 6 and report.evaluations > 6
+    assert report.figures["mean_cost"] <= model.original_flops / 1.5 * (1 + 1e-12)
