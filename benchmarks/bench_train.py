@@ -131,6 +131,8 @@ def main(argv=None) -> int:
             bundle = os.path.join(tmp, f"{name}-{size}.mex")
             mexify.convert(spec, args={"num_classes": 21, "weights": None, "weights_backbone": None},
                            input_size=(size, size), out=bundle)
+            if name == "lraspp_mobilenet_v3_large" and "cpu" in devs:
+                rows.append(_candidates_row(args, spec, tmp, name, size, batch))
             for dev in devs:
                 res = {s: _run_worker(args, bundle, dev, s, batch, size) for s in (1, 2)}
                 for s in (1, 2):
@@ -143,6 +145,23 @@ def main(argv=None) -> int:
                           f"peak {r['peak_mib']:.0f} MiB", file=sys.stderr)
     _write(rows, args)
     return 0
+
+
+def _candidates_row(args, spec: str, tmp: str, name: str, size: int, batch: int) -> dict:
+    """Stage 2 with the mess-fcn head space (5 candidates per exit) against one head per exit, same model:
+    the frozen backbone runs once per batch, so the difference should be the extra heads' cost."""
+    import mexify
+
+    rows = {}
+    for label, heads in (("1 head", None), ("5 candidates", "mess-fcn")):
+        bundle = os.path.join(tmp, f"{name}-{size}-{label.replace(' ', '')}.mex")
+        res = mexify.api.convert(spec, args={"num_classes": 21, "weights": None, "weights_backbone": None},
+                                 input_size=(size, size), out=bundle, heads=heads)
+        head_flops = sum(sum(e.candidate_flops or (e.head_flops,)) for e in res.config.exits)
+        rows[label] = dict(_run_worker(args, bundle, "cpu", 2, batch, size), head_gflops=head_flops / 1e9,
+                           backbone_gflops=res.model.original_flops / 1e9)
+        print(f"{name} cpu stage 2, {label}: {rows[label]['ms_per_it']:.0f} ms/it", file=sys.stderr)
+    return {"candidates": rows, "model": name, "input": f"{size}x{size}", "batch": batch}
 
 
 def _write(rows, args) -> None:
@@ -161,11 +180,24 @@ def _write(rows, args) -> None:
         "| model | input | batch | device | threads | amp | stage | it/s | ms/it | peak MiB | stage 2 vs 1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cand = [r for r in rows if "candidates" in r]
+    rows = [r for r in rows if "candidates" not in r]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['input']} | {r['batch']} | {r['device']} ({r['device_name']}) | "
             f"{r['threads'] or '-'} | {r['amp']} | {r['stage']} | {r['it_per_s']:.2f} | {r['ms_per_it']:.0f} | "
             f"{r['peak_mib']:.0f} | {'%.2fx faster' % r['speedup'] if r['speedup'] else ''} |")
+    for c in cand:
+        one, many = c["candidates"]["1 head"], c["candidates"]["5 candidates"]
+        lines += ["", f"Stage 2 with head candidates ({c['model']} {c['input']}, batch {c['batch']}, CPU): the frozen backbone "
+                  "runs once per batch and every candidate trains on its features (CE + PFD each).", "",
+                  "| heads per exit | head GFLOPs per image (all exits, forward) | model GFLOPs | ms/it | it/s | peak MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, r in (("1 (mess template)", one), ("5 (mess-fcn space)", many)):
+            lines.append(f"| {label} | {r['head_gflops']:.3f} | {r['backbone_gflops']:.3f} | {r['ms_per_it']:.0f} | "
+                         f"{r['it_per_s']:.2f} | {r['peak_mib']:.0f} |")
+        lines.append(f"\n+{many['ms_per_it'] - one['ms_per_it']:.0f} ms/it for {many['head_gflops'] / one['head_gflops']:.1f}x "
+                     "the head FLOPs; the backbone's share does not change.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

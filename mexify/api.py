@@ -408,6 +408,8 @@ def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_si
         curves, points = {"searched": report.pareto}, {"searched": report.figures}
         if report.baseline is not None:
             curves["uniform fcn"], points["uniform fcn"] = report.baseline_pareto, report.baseline
+        if report.default is not None:
+            curves["uniform mess b1"], points["uniform mess b1"] = report.default_pareto, report.default
         report.files = save_comparison(curves, points, [], out_dir, "flops", title=f"{name} on {split}: searched heads vs uniform FCN",
                                        stem="search")
     if write and bundle_path is not None:

@@ -107,7 +107,7 @@ def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float],
 @dataclasses.dataclass
 class ConfigurationReport:
     """The chosen configuration: per exit ``None`` (off) or a candidate index, the fitted policy over
-    the real exits, its figures, and the uniform-FCN configuration's (when the space has an fcn head)."""
+    the real exits, its figures, and the uniform-FCN and uniform default-head configurations' (when in the space)."""
 
     choice: List[Optional[int]]
     policy: Policy
@@ -120,11 +120,14 @@ class ConfigurationReport:
     seconds: float
     notes: List[str]
     files: Dict[str, str] = dataclasses.field(default_factory=dict)
+    default: Optional[Dict[str, Any]] = None  # every exit with the default mess head (one 3x3 block), when in the space
+    default_pareto: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         pol = self.policy.to_dict()
         return {"choice": self.choice, "policy": pol, "figures": self.figures, "exits": self.rows, "uniform_fcn": self.baseline,
-                "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes, "files": self.files}
+                "uniform_default": self.default, "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes,
+                "files": self.files}
 
 
 def search_configuration(
@@ -192,7 +195,8 @@ def search_configuration(
     fitted = best_val[1]
     report = _report(model, cand, cache, best, fitted, per_exit)
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
-    report.baseline, report.baseline_pareto = _uniform_fcn(model, per_exit, evaluate)
+    report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
+    report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)
     if report.baseline is None:
         report.notes.append("the head space has no fcn candidate: no uniform-FCN configuration to compare with")
     report.notes.append("cost model: FLOPs (1 multiply-add = 1 FLOP); a latency profile times one head per exit, not the candidates")
@@ -223,14 +227,17 @@ def _report(model: Any, cand: CandidateView, cache: ExitCache, choice: Tuple[Opt
     return ConfigurationReport(list(choice), policy, f, rows, fitted._search_result.pareto, None, [], 0, 0.0, [])
 
 
-def _uniform_fcn(model: Any, per_exit: List[List[int]], evaluate: Callable) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Every exit on with its fcn candidate (MESS's uniform baseline), when the space has one."""
+def _uniform(model: Any, per_exit: List[List[int]], evaluate: Callable, template: str, blocks: Optional[int] = None
+             ) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Every exit on with its first candidate of ``template`` (and ``blocks``), when the space has one at every exit:
+    MESS's uniform FCN baseline, or the default mess head everywhere."""
     choice = []
     for e in range(len(per_exit)):
-        fcn = [k for k, c in enumerate(model.config.exits[e].candidates) if c.template == "fcn"]
-        if not fcn:
+        ks = [k for k, c in enumerate(model.config.exits[e].candidates)
+              if c.template == template and (blocks is None or (c.blocks == blocks and not c.aspp_rates and c.dilation == 1))]
+        if not ks:
             return None, []
-        choice.append(fcn[0])
+        choice.append(ks[0])
     val = evaluate(tuple(choice))
     return (dict(val[1].figures), val[1]._search_result.pareto) if val is not None else (None, [])
 

@@ -92,7 +92,7 @@ def _render_search(report) -> None:
     s = Table(title="on the calibration split (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
     for col in ("configuration", "mIoU", "drop", "speed-up (FLOPs)"):
         s.add_column(col, justify="left" if col == "configuration" else "right")
-    for name, f in (("searched", report.figures), ("uniform fcn", report.baseline)):
+    for name, f in (("searched", report.figures), ("uniform fcn", report.baseline), ("uniform mess b1", report.default)):
         if f is not None:
             s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x")
     console.print(s)

@@ -35,9 +35,13 @@ HEAD_SPACES: Dict[str, Tuple[HeadConfig, ...]] = {
         HeadConfig(template="mess", width=0, blocks=2, dilation=2),
         HeadConfig(template="mess", width=0, blocks=1, aspp_rates=(6, 12)),
     ),
+    # the uniform FCN baseline beside the mess candidates (what the search is compared with)
     "mess-fcn": (
         HeadConfig(template="fcn", width=0, blocks=1, dropout=0.1),
+        HeadConfig(template="mess", width=0, blocks=0),
         HeadConfig(template="mess", width=0, blocks=1),
+        HeadConfig(template="mess", width=0, blocks=2, dilation=2),
+        HeadConfig(template="mess", width=0, blocks=1, aspp_rates=(6, 12)),
     ),
 }
 
