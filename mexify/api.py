@@ -366,8 +366,9 @@ def calibrate(
     if search:
         if temperature:
             raise ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
+        seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
         return _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write,
-                                 keep_candidates, progress, out, split)
+                                 keep_candidates, progress, out, split, seen)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
     table = getattr(getattr(model, "config", None), "latency", None)
     latency = select_profile(table, profile, device_name(module_device(model)))
@@ -398,7 +399,7 @@ def calibrate(
 
 
 def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write, keep,
-                      progress, out, split) -> ConfigurationReport:
+                      progress, out, split, seen) -> ConfigurationReport:
     """``calibrate --search``: the configuration, its plot against the uniform-FCN configuration, the bundle rewritten."""
     name = policy if isinstance(policy, str) else policy.name
     report = search_configuration(model, lambda: as_loader(ds, batch_size), name, budget=budget, max_drop=max_drop,
@@ -415,7 +416,8 @@ def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_si
     if write and bundle_path is not None:
         profiled = bool(model.config.latency)
         apply_configuration(model, report.choice, keep_candidates=keep)
-        update_bundle(bundle_path, model=model, exits=model.config.exits, latency=None, policy=report.policy.to_dict())
+        update_bundle(bundle_path, model=model, exits=model.config.exits, latency=None,
+                      policy={**report.policy.to_dict(), "calibrated_on": seen})
         report.files["config"] = str(bundle_path / "config.yaml")
         if profiled:
             report.notes.append("the heads changed: the bundle's latency profiles were dropped; run `mexify profile` again")

@@ -194,6 +194,7 @@ def search_configuration(
                           "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
     fitted = best_val[1]
     report = _report(model, cand, cache, best, fitted, per_exit)
+    report.policy.budget = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
     report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
     report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)

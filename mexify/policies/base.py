@@ -8,6 +8,7 @@ bins, boundary mask) are what keeps the two in step.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
@@ -28,6 +29,8 @@ __all__ = [
     "prob_bins",
     "snap_to_edge",
     "boundary_mask",
+    "encode_array",
+    "decode_array",
 ]
 
 _REGISTRY: Dict[str, Type["Policy"]] = {}
@@ -86,6 +89,19 @@ def boundary_mask(pred: torch.Tensor, radius: int) -> torch.Tensor:
     hi = F.max_pool2d(p, k, stride=1, padding=radius)
     lo = -F.max_pool2d(-p, k, stride=1, padding=radius)
     return (hi != lo).squeeze(1)
+
+
+def encode_array(a: np.ndarray) -> Dict[str, Any]:
+    """A float32 array as plain YAML (shape and base64 bytes): how policies store fitted arrays."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"shape": list(a.shape), "dtype": "float32", "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(d: Any) -> np.ndarray:
+    """Inverse of :func:`encode_array` (a plain list is accepted too)."""
+    if isinstance(d, dict):
+        return np.frombuffer(base64.b64decode(d["data"]), dtype="<f4").reshape(d["shape"]).copy()
+    return np.asarray(d, dtype=np.float32)
 
 
 def register_policy(name: str) -> Callable[[Type["Policy"]], Type["Policy"]]:

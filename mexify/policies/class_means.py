@@ -16,7 +16,6 @@ The final exit is the model's own output.
 """
 from __future__ import annotations
 
-import base64
 import logging
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -25,21 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from mexify.errors import ConfigError, DataError
-from mexify.policies.base import Policy, register_policy
+from mexify.policies.base import Policy, decode_array, encode_array, register_policy
 
 log = logging.getLogger(__name__)
 
-
-
-def _encode(a: np.ndarray) -> Dict[str, Any]:
-    a = np.ascontiguousarray(a, dtype="<f4")
-    return {"shape": list(a.shape), "dtype": "float32", "data": base64.b64encode(a.tobytes()).decode("ascii")}
-
-
-def _decode(d: Any) -> np.ndarray:
-    if isinstance(d, dict):
-        return np.frombuffer(base64.b64decode(d["data"]), dtype="<f4").reshape(d["shape"]).copy()
-    return np.asarray(d, dtype=np.float32)
 
 
 @register_policy("class-means")
@@ -176,14 +164,14 @@ class ClassMeansPolicy(Policy):
     def to_dict(self) -> Dict[str, Any]:
         d = super().to_dict()
         if self.means is not None:
-            d["means"] = [_encode(m) for m in self.means]
-            d["scales"] = [_encode(s) for s in self.scales]
+            d["means"] = [encode_array(m) for m in self.means]
+            d["scales"] = [encode_array(s) for s in self.scales]
         return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ClassMeansPolicy":
         p = super().from_dict(d)
         if d.get("means") is not None:
-            p.means = [_decode(m) for m in d["means"]]
-            p.scales = [_decode(s) for s in d["scales"]]
+            p.means = [decode_array(m) for m in d["means"]]
+            p.scales = [decode_array(s) for s in d["scales"]]
         return p

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from mexify.errors import ConfigError
-from mexify.policies.base import NUM_BINS, PROB_EDGES, Policy, prob_bins, register_policy
-from mexify.policies.class_means import _decode, _encode
+from mexify.policies.base import NUM_BINS, PROB_EDGES, Policy, decode_array, encode_array, prob_bins, register_policy
 from mexify.policies.entropy import mean_entropy
 from mexify.policies.fft import BANDS, band_energy
 
@@ -87,7 +86,7 @@ class LearnedPolicy(Policy):
         self.tolerance = None if tolerance is None else float(tolerance)
         self.nets: Optional[List[Dict[str, np.ndarray]]] = None
         if nets is not None:
-            self.nets = [{k: _decode(v) for k, v in n.items()} for n in nets]
+            self.nets = [{k: decode_array(v) for k, v in n.items()} for n in nets]
 
     # ------------------------------------------------------------------ fitting
     def fit(self, cache: Any, **search: Any) -> "LearnedPolicy":
@@ -150,7 +149,7 @@ class LearnedPolicy(Policy):
     def to_dict(self) -> Dict[str, Any]:
         d = super().to_dict()
         if self.nets is not None:
-            d["nets"] = [{k: _encode(v) for k, v in n.items()} for n in self.nets]
+            d["nets"] = [{k: encode_array(v) for k, v in n.items()} for n in self.nets]
         return d
 
     @classmethod
