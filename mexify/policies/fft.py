@@ -41,8 +41,10 @@ BANDS: Tuple[Tuple[float, float], ...] = (
 
 def _band_masks(h: int, w: int, device: torch.device) -> torch.Tensor:
     """``(len(BANDS), h, w // 2 + 1)`` float64 masks of rfft2 bins per band, each normalised to mean 1 over its bins."""
-    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
-    fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
+    # fftfreq / rfftfreq written out (ONNX has no op for them): cycles per pixel of each rfft2 bin
+    iy = torch.arange(h, device=device, dtype=torch.float64)
+    fy = (torch.where(iy < (h + 1) // 2, iy, iy - h) / h)[:, None]
+    fx = (torch.arange(w // 2 + 1, device=device, dtype=torch.float64) / w)[None, :]
     r = torch.sqrt(fy * fy + fx * fx) / 0.5
     masks = torch.stack([((r >= lo) & (r < hi)).to(torch.float64) for lo, hi in BANDS])
     count = masks.flatten(1).sum(1).clamp_min(1.0)

@@ -134,8 +134,9 @@ class LearnedPolicy(Policy):
         top1 = probs.max(dim=1).values
         n = top1.shape[0]
         bins = prob_bins(top1).flatten(1)
-        off = (torch.arange(n, device=bins.device) * NUM_BINS)[:, None]
-        counts = torch.bincount((off + bins).flatten(), minlength=n * NUM_BINS).view(n, NUM_BINS)
+        # pixels per bin (exact integers; scatter_add rather than bincount, which ONNX lacks)
+        counts = torch.zeros(n, NUM_BINS, dtype=torch.float64, device=bins.device).scatter_add_(
+            1, bins, torch.ones(bins.shape, dtype=torch.float64, device=bins.device))
         pixels = torch.full((n,), float(top1[0].numel()), dtype=torch.float64, device=top1.device)
         feats = exit_features(counts, pixels, top1.flatten(1).double().mean(1), mean_entropy(probs), band_energy(top1), probs.shape[1])
         return self._score(exit_index, feats).float()

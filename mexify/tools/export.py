@@ -274,7 +274,7 @@ def _export(module: nn.Module, args: Tuple[torch.Tensor, ...], kinds: Sequence[s
 def _where(e: BaseException) -> str:
     """The error's first line and the operation it arose in: the generated stage code's line
     (which node) and the deepest frame of the model's own code."""
-    text = str(e).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # the ONNX exporter colours its messages
     message = next((line for line in text if line.strip()), type(e).__name__)[:300]
     frames = traceback.extract_tb(e.__traceback__)
     graph_line = user = None
