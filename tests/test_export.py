@@ -255,7 +255,8 @@ def test_onnx_exits_match_torch_within_1e_4(unet, unet_onnx):
         assert np.abs(o - r.numpy()).max() <= 1e-4
 
 
-@pytest.mark.parametrize("policy, options", [("maxprob", {}), ("entropy", {}), ("mess", {"pixel_threshold": 0.3, "edge_weight": 0.5})])
+@pytest.mark.parametrize("policy, options", [("maxprob", {}), ("entropy", {}), ("mess", {"pixel_threshold": 0.3, "edge_weight": 0.5}),
+                                             ("fft", {"band": 2})])
 def test_onnxruntime_runner_agrees_with_the_torch_runtime(unet, policy, options, tmp_path):
     from mexify.deploy import Runner
 
