@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-deploy clean
+.PHONY: install test test-fast demo bench bench-deploy bench-search clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 bench-deploy: $(STAMP)
 	test -f out/demo/lraspp.mex/config.yaml || $(MAKE) demo
 	$(BIN)/python benchmarks/bench_deploy.py
+
+bench-search: $(STAMP)
+	test -f out/demo/lraspp.mex/config.yaml || $(MAKE) demo
+	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_search.py --layout folder
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -11,9 +11,13 @@ backbone, then stage 2 trains all 30 candidates on the frozen backbone. Then:
 2. ``mexify compare`` on the searched bundle: every policy fitted on ``calib`` for 1 point, judged
    on ``test`` (measured and predicted speed-ups, share of the oracle's saving).
 
-Writes ``benchmarks/results/search-synthetic.md`` and ``.json``.
+``--layout folder`` runs the same on another dataset layout: 400 train and 600 validation scenes of
+another seed and a harder mix, written as PNG files in the ``folder:`` layout (``train/`` and
+``val/``, each ``images/`` + ``masks/``; calib and test are the reader's halves of ``val``).
 
-    python benchmarks/bench_search.py [--bundle out/demo/lraspp.mex] [--stage2-iters 150]
+Writes ``benchmarks/results/search-<synthetic|folder>.md`` and ``.json``.
+
+    python benchmarks/bench_search.py [--bundle out/demo/lraspp.mex] [--stage2-iters 150] [--layout folder]
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ def main() -> None:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--stage2-iters", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layout", choices=("synthetic", "folder"), default="synthetic")
     args = ap.parse_args()
+    name = f"search-{args.layout}"
 
     import torch
 
@@ -48,8 +54,10 @@ def main() -> None:
         sys.exit(f"{src} not found: run `make demo` first (or pass --bundle with a trained bundle)")
     torch.set_num_threads(args.threads)
     cfg = read_config(src)
-    out: dict = {"bundle": str(src), "data": args.data}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.layout == "folder":
+            args.data = _write_folder(Path(tmp) / "folder")
+        out: dict = {"bundle": str(src), "data": args.data, "layout": args.layout}
         cand = Path(tmp) / "cand.mex"
         t0 = time.perf_counter()
         mexify.api.convert(cfg.spec["target"], args=cfg.spec.get("args") or {}, input_size=tuple(cfg.trace.input_size),
@@ -76,10 +84,29 @@ def main() -> None:
         chosen = Path(tmp) / "search-max-drop1.mex"
         cmp = compare(chosen, args.data, max_drop=1.0, limit=None, repeats=3, out=Path(tmp) / "cmp")
         out["compare"] = cmp.to_dict()
-        shutil.copy(Path(tmp) / "cmp" / "compare.png", RESULTS / "search-synthetic-compare.png")
-    (RESULTS / "search-synthetic.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    (RESULTS / "search-synthetic.md").write_text(_markdown(out))
-    print(_markdown(out))
+        shutil.copy(Path(tmp) / "cmp" / "compare.png", RESULTS / f"{name}-compare.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text(_markdown(out, name))
+    print(_markdown(out, name))
+
+
+def _write_folder(root: Path) -> str:
+    """Scenes of another seed and a harder mix as PNG files in the folder layout; returns the dataset spec."""
+    import numpy as np
+    from PIL import Image
+
+    from mexify.data.synthetic import SceneConfig, SyntheticScenes
+
+    cfg = SceneConfig(classes=8, size=128, n=400, n_eval=600, seed=11, mix="hard")
+    for split in ("train", "val"):
+        ds = SyntheticScenes(cfg, split=split)
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(len(ds)):
+            img, mask = ds.render(i)
+            Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(root / split / "images" / f"{i:04d}.png")
+            Image.fromarray(mask.astype(np.uint8)).save(root / split / "masks" / f"{i:04d}.png")
+    return f"folder:{root}"
 
 
 def _fig(f):
@@ -88,12 +115,13 @@ def _fig(f):
     return f"| {f['miou']:.2f} | {f['drop']:.2f} | {f['flops_speedup']:.2f}x |"
 
 
-def _markdown(r: dict) -> str:
-    lines = ["# Head search and exit strategies on synthetic scenes (`benchmarks/bench_search.py`)", "",
+def _markdown(r: dict, name: str) -> str:
+    what = "synthetic scenes" if r["layout"] == "synthetic" else "a folder-layout dataset (harder scenes of another seed, PNG files)"
+    lines = [f"# Head search and exit strategies on {what} (`benchmarks/bench_search.py`)", "",
              f"Trained backbone from `{r['bundle']}` (lraspp_mobilenet_v3_large at 128x128, 8 classes), the `mess-fcn` head "
              f"space (fcn + 4 mess candidates at each of the 6 exits), stage 2 for {r['stage2_iters']} iterations on 2 CPU "
              f"cores ({r['stage2_seconds']:.0f} s with the conversion). Search: maxprob, FLOPs (1 multiply-add = 1 FLOP), on "
-             "the calibration split (300 images).", ""]
+             f"the calibration split of `{r['data'].split('?')[0] if r['layout'] == 'folder' else r['data']}`.", ""]
     for label, s in r["search"].items():
         lines += [f"## `calibrate --search --{label.replace(' ', ' ')}` ({s['evaluations']} configurations, {s['seconds']:.1f} s)", "",
                   "| configuration | mIoU | drop | speed-up (FLOPs) |", "|---|---:|---:|---:|"]
@@ -114,7 +142,7 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {row['policy']} | {e['miou']:.2f} | {e['drop']:.2f} | {f'{measured:.2f}x' if measured else '-'} | "
                      f"{e.get('predicted_speedup', e['speedup']):.2f}x | {e['flops_speedup']:.2f}x | "
                      f"{f'{100 * share:.0f}%' if share is not None else '-'} |")
-    lines += ["", "Notes: " + "; ".join(c["notes"]), "", "![policies](search-synthetic-compare.png)", ""]
+    lines += ["", "Notes: " + "; ".join(c["notes"]), "", f"![policies]({name}-compare.png)", ""]
     return "\n".join(lines)
 
 
