@@ -121,7 +121,7 @@ def _markdown(r: dict, name: str) -> str:
              f"Trained backbone from `{r['bundle']}` (lraspp_mobilenet_v3_large at 128x128, 8 classes), the `mess-fcn` head "
              f"space (fcn + 4 mess candidates at each of the 6 exits), stage 2 for {r['stage2_iters']} iterations on 2 CPU "
              f"cores ({r['stage2_seconds']:.0f} s with the conversion). Search: maxprob, FLOPs (1 multiply-add = 1 FLOP), on "
-             ("the calibration split (the reader's half of `val/`, 300 images)." if r["layout"] == "folder"
+             + ("the calibration split (the reader's half of `val/`, 300 images)." if r["layout"] == "folder"
               else f"the calibration split of `{r['data']}`."), ""]
     for label, s in r["search"].items():
         lines += [f"## `calibrate --search --{label.replace(' ', ' ')}` ({s['evaluations']} configurations, {s['seconds']:.1f} s)", "",
