@@ -368,7 +368,7 @@ def calibrate(
             raise ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
         seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
         return _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write,
-                                 keep_candidates, progress, out, split, seen)
+                                 keep_candidates, progress, out, split, seen, cost, profile)
     means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
     table = getattr(getattr(model, "config", None), "latency", None)
     latency = select_profile(table, profile, device_name(module_device(model)))
@@ -399,11 +399,13 @@ def calibrate(
 
 
 def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write, keep,
-                      progress, out, split, seen) -> ConfigurationReport:
+                      progress, out, split, seen, cost, profile) -> ConfigurationReport:
     """``calibrate --search``: the configuration, its plot against the uniform-FCN configuration, the bundle rewritten."""
     name = policy if isinstance(policy, str) else policy.name
+    table = getattr(model.config, "latency", None)
+    latency = select_profile(table, profile, device_name(module_device(model)))
     report = search_configuration(model, lambda: as_loader(ds, batch_size), name, budget=budget, max_drop=max_drop,
-                                  policy_options=policy_options, device=device, progress=progress)
+                                  policy_options=policy_options, device=device, progress=progress, latency=latency, cost=cost)
     out_dir = Path(out) if out is not None else (bundle_path / "calibration" if bundle_path is not None else None)
     if out_dir is not None:
         curves, points = {"searched": report.pareto}, {"searched": report.figures}
@@ -411,17 +413,36 @@ def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_si
             curves["uniform fcn"], points["uniform fcn"] = report.baseline_pareto, report.baseline
         if report.default is not None:
             curves["uniform mess b1"], points["uniform mess b1"] = report.default_pareto, report.default
-        report.files = save_comparison(curves, points, [], out_dir, "flops", title=f"{name} on {split}: searched heads vs uniform FCN",
+        unit = "ms" if any("measured latency" in n for n in report.notes) else "flops"
+        report.files = save_comparison(curves, points, [], out_dir, unit, title=f"{name} on {split}: searched heads vs uniform FCN",
                                        stem="search")
     if write and bundle_path is not None:
-        profiled = bool(model.config.latency)
+        tables = dict(model.config.latency or {})
         apply_configuration(model, report.choice, keep_candidates=keep)
-        update_bundle(bundle_path, model=model, exits=model.config.exits, latency=None,
+        kept, dropped = _chosen_profiles(tables, model.config.exits, keep)
+        update_bundle(bundle_path, model=model, exits=model.config.exits, latency=kept or None,
                       policy={**report.policy.to_dict(), "calibrated_on": seen})
         report.files["config"] = str(bundle_path / "config.yaml")
-        if profiled:
-            report.notes.append("the heads changed: the bundle's latency profiles were dropped; run `mexify profile` again")
+        if dropped:
+            report.notes.append(f"the heads changed: latency profiles without every candidate's time were dropped "
+                                f"({', '.join(dropped)}); run `mexify profile` again")
     return report
+
+
+def _chosen_profiles(tables: Dict[str, Any], exits: Sequence[Any], keep: bool) -> Tuple[Dict[str, Any], List[str]]:
+    """The bundle's latency profiles for the chosen heads: profiles that timed every candidate take the chosen
+    ones' times; the others no longer describe the model and are dropped."""
+    kept, dropped = {}, []
+    for key, entry in tables.items():
+        cand = entry.get("candidate_head_ms")
+        if not cand:
+            dropped.append(key)
+            continue
+        entry = dict(entry, head_ms=[float(cand[e.name][e.chosen]) for e in exits])
+        if not keep:
+            entry.pop("candidate_head_ms")
+        kept[key] = entry
+    return kept, dropped
 
 
 # =============================================================================== evaluate

@@ -7,8 +7,9 @@ stage costs merged across switched-off exits, the chosen heads' costs. The polic
 fitted on each view exactly as ``mexify calibrate`` fits them, and a coordinate search over the
 exits (start: every exit on with its most accurate candidate; then, exit by exit, every option,
 kept when the budget is met better; repeated until nothing changes) picks the configuration. Pure
-arithmetic on the cache. Costs are FLOPs: a latency profile times one head per exit, not the
-candidates.
+arithmetic on the cache. Costs are measured latency when the bundle has a profile that timed every
+candidate (``mexify profile`` on the bundle with its candidates: stages, each candidate, decisions and
+masks, combined per configuration as the runtime spends them), else FLOPs.
 
 Policies whose fitted parameters are per exit (``learned``, ``class-means``) and temperatures are
 not searched (their parameters would have to follow the configuration).
@@ -29,7 +30,7 @@ from mexify.errors import BudgetError, ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, build_policy
 
-__all__ = ["CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "SEARCHABLE"]
+__all__ = ["CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
 
 SEARCHABLE = ("mess", "entropy", "maxprob", "cbt", "fft")
 _EXIT_AXIS_1 = ("class_hist", "edge_hist", "mean_maxprob", "mean_entropy", "tp", "pred_count", "agree_tp", "agree_pred_count",
@@ -85,8 +86,27 @@ class CandidateView:
         return outs
 
 
-def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float], head_flops: Sequence[float]) -> ExitCache:
-    """The cache restricted to ``columns`` (virtual exits, ascending) and the final exit, stage costs merged."""
+def view_profile(profile: Dict[str, Any], cand: "CandidateView", columns: Sequence[int]) -> Dict[str, Any]:
+    """A latency profile of the configuration ``columns``: stages merged across switched-off exits, the chosen
+    candidates' times, their exits' decisions and masks (a profile entry with ``candidate_head_ms``)."""
+    p = profile["profile"] if "profile" in profile else profile
+    exits = [cand.columns[c] for c in columns]
+    names = cand.exit_names
+    stage = [float(v) for v in p["stage_ms"]]
+    bounds = [-1] + [i for i, _ in exits] + [len(stage) - 1]
+    out = {k: p.get(k) for k in ("batch_size", "mode", "original_ms")}
+    out["stage_ms"] = [sum(stage[a + 1: b + 1]) for a, b in zip(bounds[:-1], bounds[1:])]
+    out["head_ms"] = [float(p["candidate_head_ms"][names[c].rsplit("#", 1)[0]][k]) for c, (_, k) in zip(columns, exits)]
+    out["policy_ms"] = [float(p["policy_ms"][i]) for i, _ in exits] if p.get("policy_ms") else None
+    out["mask_ms"] = [float(p["mask_ms"][i]) for i, _ in exits] + [float(p["mask_ms"][-1])] if p.get("mask_ms") else None
+    out["key"] = profile.get("key", "")
+    return out
+
+
+def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float], head_flops: Sequence[float],
+         latency: Optional[Dict[str, Any]] = None) -> ExitCache:
+    """The cache restricted to ``columns`` (virtual exits, ascending) and the final exit, stage costs merged;
+    costed by ``latency`` (a :func:`view_profile`) when given, else FLOPs."""
     keep = list(columns) + [cache.num_exits - 1]
     fields: Dict[str, Any] = {}
     for name in _EXIT_AXIS_1:
@@ -100,8 +120,9 @@ def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float],
     stages = [float(sum(stage_flops[a + 1: b + 1])) for a, b in zip(bounds[:-1], bounds[1:])]
     heads = [float(head_flops[c]) for c in columns]
     costs = np.cumsum(np.asarray(stages)) + np.cumsum(np.asarray(heads + [0.0]))
-    return dataclasses.replace(cache, exit_names=[cache.exit_names[c] for c in keep], costs=costs, stage_flops=stages,
-                               head_flops=heads, latency=None, cost="flops", **fields)
+    out = dataclasses.replace(cache, exit_names=[cache.exit_names[c] for c in keep], costs=costs, stage_flops=stages,
+                              head_flops=heads, latency=None, cost="flops", **fields)
+    return out.with_latency(latency) if latency is not None else out
 
 
 @dataclasses.dataclass
@@ -140,6 +161,8 @@ def search_configuration(
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
     rounds: int = 3,
+    latency: Optional[Dict[str, Any]] = None,
+    cost: Optional[str] = None,
 ) -> ConfigurationReport:
     """Choose, per exit, off or one head candidate, and the policy's thresholds, for a budget (see the module docstring).
 
@@ -155,7 +178,16 @@ def search_configuration(
     bud, max_drop = _budget(budget, max_drop)
     cache = collect_cache(cand, batches(), device=device if device is not None else module_device(model), progress=progress)
     cache = dataclasses.replace(cache, cost="flops")
-    max_cost = budget_max_cost(bud, cache.original_cost, "flops") if bud is not None else None
+    timed = latency is not None and bool((latency.get("profile") or latency).get("candidate_head_ms")) and cost != "flops"
+    if cost == "latency" and not timed:
+        raise ConfigError("--cost latency for --search needs a latency profile that timed every head candidate",
+                          "run `mexify profile BUNDLE` on the bundle with its candidates first, or use --cost flops")
+
+    def costed(cols: Sequence[int]) -> ExitCache:
+        return view(cache, cols, cand.stage_flops, cand.head_flops, view_profile(latency, cand, cols) if timed else None)
+
+    unit = "ms" if timed else "flops"
+    max_cost = budget_max_cost(bud, costed([0]).original_cost, unit) if bud is not None else None
     search = {"max_cost": max_cost, "max_drop": None if bud is not None else max_drop}
     base = build_policy(policy, **(policy_options or {}))
     per_exit: List[List[int]] = [[j for j, (i, _) in enumerate(cand.columns) if i == e] for e in range(model.num_exits - 1)]
@@ -167,7 +199,7 @@ def search_configuration(
             tried[choice] = None
             if cols:
                 try:
-                    fitted = base.fit(view(cache, cols, cand.stage_flops, cand.head_flops), **search)
+                    fitted = base.fit(costed(cols), **search)
                 except BudgetError:  # this configuration's cheapest exit costs more than the budget
                     return None
                 f = fitted.figures
@@ -175,22 +207,12 @@ def search_configuration(
                 tried[choice] = (key, fitted)
         return tried[choice]
 
-    best = tuple(int(np.argmax([cache.exit_miou(j) for j in cols])) for cols in per_exit)
-    best_val = evaluate(best)
-    for _ in range(rounds):
-        changed = False
-        for e in range(len(per_exit)):
-            for option in [None] + list(range(len(per_exit[e]))):
-                trial = best[:e] + (option,) + best[e + 1:]
-                val = evaluate(trial)
-                if val is not None and (best_val is None or val[0] > best_val[0]):
-                    best, best_val, changed = trial, val, True
-        if not changed:
-            break
+    start = tuple(int(np.argmax([cache.exit_miou(j) for j in cols])) for cols in per_exit)
+    best, best_val = _coordinate_search(start, [len(cols) for cols in per_exit], evaluate, rounds)
     if best_val is None:
-        cheapest = min(cand.stage_flops[0] + f for f in cand.head_flops[: len(per_exit[0])])
+        cheapest = min(float(costed([j]).exit_costs()[0]) for j in per_exit[0])
         raise BudgetError(f"no configuration reaches {bud['text'] if bud else 'the budget'}: the cheapest, every image at the "
-                          f"first exit with its cheapest head, is {cache.original_cost / cheapest:.2f}x",
+                          f"first exit with its cheapest head, is {costed([0]).original_cost / cheapest:.2f}x",
                           "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
     fitted = best_val[1]
     report = _report(model, cand, cache, best, fitted, per_exit)
@@ -200,8 +222,25 @@ def search_configuration(
     report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)
     if report.baseline is None:
         report.notes.append("the head space has no fcn candidate: no uniform-FCN configuration to compare with")
-    report.notes.append("cost model: FLOPs (1 multiply-add = 1 FLOP); a latency profile times one head per exit, not the candidates")
+    report.notes.append(f"cost model: measured latency, profile {latency.get('key', '')} (every candidate timed)" if timed else
+                        "cost model: FLOPs (1 multiply-add = 1 FLOP); no latency profile that timed every candidate")
     return report
+
+
+def _coordinate_search(start: Tuple[Optional[int], ...], sizes: Sequence[int], evaluate: Callable, rounds: int) -> Tuple[Tuple, Any]:
+    """From ``start``, exit by exit, every option (off or candidate k), kept when it scores better; until nothing changes."""
+    best, best_val = start, evaluate(start)
+    for _ in range(rounds):
+        changed = False
+        for e, k in enumerate(sizes):
+            for option in [None] + list(range(k)):
+                trial = best[:e] + (option,) + best[e + 1:]
+                val = evaluate(trial)
+                if val is not None and (best_val is None or val[0] > best_val[0]):
+                    best, best_val, changed = trial, val, True
+        if not changed:
+            break
+    return best, best_val
 
 
 def _report(model: Any, cand: CandidateView, cache: ExitCache, choice: Tuple[Optional[int], ...], fitted: Policy,

@@ -89,12 +89,14 @@ def _render_search(report) -> None:
         t.add_row(r["exit"], r["head"], f"{r['head_flops'] / 1e9:.3f}" if r["head_flops"] else "-", th, f"{100 * r['exit_rate']:.1f}%")
     t.add_row("final", "(the model)", "-", "always", f"{100 * report.figures['exit_rates']['final']:.1f}%")
     console.print(t)
+    timed = "predicted_speedup" in report.figures
     s = Table(title="on the calibration split (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
-    for col in ("configuration", "mIoU", "drop", "speed-up (FLOPs)"):
+    for col in ("configuration", "mIoU", "drop", "speed-up (FLOPs)") + (("speed-up (measured latency)",) if timed else ()):
         s.add_column(col, justify="left" if col == "configuration" else "right")
     for name, f in (("searched", report.figures), ("uniform fcn", report.baseline), ("uniform mess b1", report.default)):
         if f is not None:
-            s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x")
+            s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x",
+                      *((f"{f['predicted_speedup']:.2f}x",) if timed else ()))
     console.print(s)
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")

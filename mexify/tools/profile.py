@@ -54,6 +54,8 @@ class LatencyProfile:
     original_ms: Optional[float] = None  # the model's plain forward and its masks: every stage, no head
     mask_ms: Optional[List[float]] = None  # masks of the batch at each exit (resize to the input, argmax)
     mode: str = "eager"  # or "graphs": each stage, head and decision replayed from a CUDA graph
+    # bundles with head candidates (convert --heads): every candidate's time, by exit name (calibrate --search)
+    candidate_head_ms: Optional[Dict[str, List[float]]] = None
 
     @property
     def key(self) -> str:
@@ -98,7 +100,8 @@ def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, 
     (eagerly, or each replayed from its own CUDA graph with ``graphs``).
 
     Returns:
-        ``{"stage": [E], "head": [E-1], "policy": [E-1] or None, "mask": [E]}``.
+        ``{"stage": [E], "head": [E-1], "policy": [E-1] or None, "mask": [E]}``, and for a model with
+        head candidates ``"candidate_head": {exit name: [K]}``.
     """
     e = model.num_exits
     size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -118,6 +121,12 @@ def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, 
         out["mask"].append(timed(lambda i=i: labels_of(resize_logits(logits[i], size))))
         if progress is not None:
             progress("stages", i + 1, e)
+    candidates = getattr(model, "candidates", None)
+    if candidates is not None:  # each candidate on its exit's features, timed like the head
+        out["candidate_head"] = {
+            name: [timed(lambda h=h, i=i: h(model.exit_features(i, states[i + 1]))) for h in candidates[name]]
+            for i, name in enumerate(model.exit_names[:-1]) if name in candidates
+        }
     return out
 
 
@@ -169,6 +178,7 @@ def profile_latency(
             flops_to_exit=[int(model.cost_to_exit(i)) for i in range(model.num_exits)],
             original_flops=int(model.original_flops), original_ms=1000 * original_s,
             mode="graphs" if graphs else "eager",
+            candidate_head_ms={k: [1000 * s for s in v] for k, v in t["candidate_head"].items()} if "candidate_head" in t else None,
         ))
     return out
 
