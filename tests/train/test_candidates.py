@@ -76,3 +76,15 @@ def test_unknown_head_space_and_bad_yaml_are_refused(tmp_path):
     result = mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, input_size=(48, 48), heads=str(good))
     assert [c.template for c in result.config.exits[0].candidates] == ["fcn", "mess"]
     assert result.config.exits[0].candidates[1].width == 16
+
+
+def test_stage1_trains_every_candidate_end_to_end(candidates_bundle, quick, tmp_path):
+    before = mexify.load(candidates_bundle).state_dict()
+    report = train(candidates_bundle, TINY_DATA, overrides=quick(stage1_iters=2, stage2_iters=0, precise_bn_iters=0),
+                   out=tmp_path / "s1.mex", device="cpu", run_dir=tmp_path / "run")
+    assert report.stages[0].stage == 1
+    assert sum(1 for k in report.stages[0].final_losses if k.startswith("ce/") and "#" in k) == 12
+    after = mexify.load(tmp_path / "s1.mex").state_dict()
+    changed = [k for k in before if k.endswith("classifier.weight") and k.startswith("candidates.") and not torch.equal(before[k], after[k])]
+    assert len(changed) == 12  # every candidate, not just the active heads
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("stages."))  # the backbone trains too
