@@ -4,9 +4,10 @@ The exit caches are collected once per split (softmax policies share them; class
 probabilities come from the features, gets its own), every policy is fitted on the fitting split's
 cache exactly as ``mexify calibrate`` fits it, and its thresholds are applied to the evaluation
 split's cache: mIoU, drop against the final exit, predicted cost (measured latency profile or FLOPs)
-and FLOPs, and the share of the oracle's saving on the same split at the same budget (the oracle
-reads the evaluation labels: the best any policy could do with these exits). Measured speed-ups
-are :mod:`mexify.api`'s business (it runs the runtime).
+and FLOPs, and the share of the oracle's saving on the same split at the same budget (the per-image
+oracle reads the evaluation labels and sends each image to the earliest exit within a tolerance of its
+own final-exit mIoU; dataset mIoU is not a mean of per-image mIoUs, so a policy can beat it, and a
+share above 100% says so). Measured speed-ups are :mod:`mexify.api`'s business (it runs the runtime).
 """
 from __future__ import annotations
 
