@@ -549,26 +549,21 @@ def predict(
     """
     warn = warn or (lambda m: None)
     files = collect_images([Path(p) for p in images], warn)
-    if engine != "torch":
-        if not isinstance(bundle, (str, os.PathLike)):
-            raise ConfigError(f"--engine {engine} runs an exported directory, not a model object")
-        forced = int(exit) if isinstance(exit, str) and exit.lstrip("-").isdigit() else exit
-        if forced is None and read_config(bundle).policy is None:
-            warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
-            forced = -1
-        rt = make_engine(engine, bundle, exit=forced, device=device, trust_pickle=trust_pickle, final_confidence=True)
-        hw = tuple(rt.model.input_size) if not size else parse_size(size, "--size")
-        return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
-    model, _ = _model(bundle, resolve_device(device), trust_pickle=trust_pickle)
-    forced: Union[int, str, None] = exit
-    if isinstance(exit, str) and exit.lstrip("-").isdigit():
-        forced = int(exit)
-    elif exit is None and (model.config is None or model.config.policy is None):
+    forced: Union[int, str, None] = int(exit) if isinstance(exit, str) and exit.lstrip("-").isdigit() else exit
+    if engine == "torch":
+        model, _ = _model(bundle, resolve_device(device), trust_pickle=trust_pickle)
+        config = model.config
+    elif not isinstance(bundle, (str, os.PathLike)):
+        raise ConfigError(f"--engine {engine} runs an exported directory, not a model object")
+    else:
+        config = read_config(bundle)
+    if forced is None and (config is None or config.policy is None):
         warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
         forced = -1
-    hw = tuple(model.input_size) if not size else parse_size(size, "--size")
-    return predict_images(EarlyExitRuntime(model, exit=forced, final_confidence=True), files, Path(out), hw, batch_size=batch_size,
-                          skip_bad=skip_bad, warn=warn, progress=progress)
+    rt = (EarlyExitRuntime(model, exit=forced, final_confidence=True) if engine == "torch"
+          else make_engine(engine, bundle, exit=forced, device=device, trust_pickle=trust_pickle, final_confidence=True))
+    hw = tuple(rt.model.input_size) if not size else parse_size(size, "--size")
+    return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
 
 
 def bench(

@@ -72,10 +72,10 @@ def write_text_atomic(path: Union[str, Path], text: str) -> None:
         raise
 
 
-def config_text(config: BundleConfig, exported: bool = False) -> str:
+def config_text(config: BundleConfig) -> str:
     """``config.yaml``'s text: a header comment and the config as plain YAML."""
-    if config.export is not None or exported:
-        header = (f"# mexify export ({config.export['format'] if config.export else ''}): the programs listed under `export`"
+    if config.export is not None:
+        header = (f"# mexify export ({config.export['format']}): the programs listed under `export`"
                   " run without the model's code; FLOPs count one multiply-add as one FLOP.\n")
     else:
         header = "# mexify bundle: rebuilt by re-tracing `spec`; FLOPs count one multiply-add as one FLOP.\n"

@@ -215,7 +215,7 @@ def search_configuration(
                           f"first exit with its cheapest head, is {costed([0]).original_cost / cheapest:.2f}x",
                           "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
     fitted = best_val[1]
-    report = _report(model, cand, cache, best, fitted, per_exit)
+    report = _report(model, best, fitted)
     report.policy.budget = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
     report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
@@ -243,8 +243,7 @@ def _coordinate_search(start: Tuple[Optional[int], ...], sizes: Sequence[int], e
     return best, best_val
 
 
-def _report(model: Any, cand: CandidateView, cache: ExitCache, choice: Tuple[Optional[int], ...], fitted: Policy,
-            per_exit: List[List[int]]) -> ConfigurationReport:
+def _report(model: Any, choice: Tuple[Optional[int], ...], fitted: Policy) -> ConfigurationReport:
     """The view's thresholds mapped back to the real exits (off: ``inf``), and one row per exit."""
     names = list(model.exit_names)
     it = iter(fitted.thresholds)

@@ -30,6 +30,15 @@ TrustOpt = Annotated[
     bool,
     typer.Option("--trust-pickle", help="Allow unpickling: a .pt/.pth module, or a bundle converted from one (runs code from the file)."),
 ]
+# the budget and cost model of calibrate and compare
+BudgetOpt = Annotated[Optional[str], typer.Option(
+    "--budget", help="Mean speed-up (2x), mean cost share (40%) or mean latency per image (8ms): maximise mIoU within it.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option(
+    "--max-drop", help="Fastest thresholds within this many mIoU points of the final exit (default 1.0).")]
+CostOpt = Annotated[Optional[str], typer.Option(
+    "--cost", help="latency (measured, from `mexify profile`) or flops; default latency when the bundle has a profile.")]
+ProfileOpt = Annotated[Optional[str], typer.Option(
+    "--profile", help="Which latency profile: part of its key, e.g. 'cpu|b1' or 'H100|b8|bfloat16'.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
 
 

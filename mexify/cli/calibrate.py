@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, parse_kv, print_json, stage_progress
+from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, parse_kv, print_json, stage_progress
 
 
 def _fmt_flops(v: float) -> str:
@@ -110,16 +110,16 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mexify convert` / `mexify train`).")],
         data: DataOpt,
         policy: Annotated[str, typer.Option("--policy", help="mess, entropy, maxprob, cbt, class-means, fft or learned.")] = "mess",
-        budget: Annotated[Optional[str], typer.Option("--budget", help="Mean speed-up (2x), mean cost share (40%) or mean latency per image (8ms): maximise mIoU within it.")] = None,
-        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fastest thresholds within this many mIoU points of the final exit (default 1.0).")] = None,
+        budget: BudgetOpt = None,
+        max_drop: MaxDropOpt = None,
         split: Annotated[str, typer.Option("--split", help="Calibration split.")] = "calib",
         limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N images.")] = None,
         temperature: Annotated[bool, typer.Option("--temperature", help="Fit a temperature per exit first (needs labels).")] = False,
         option: Annotated[Optional[List[str]], typer.Option("--option", help="Policy option key=value, e.g. pixel_threshold=0.95 (repeatable).")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", help="Where pareto.csv/png go (default BUNDLE/calibration).")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 4,
-        cost: Annotated[Optional[str], typer.Option("--cost", help="latency (measured, from `mexify profile`) or flops; default latency when the bundle has a profile.")] = None,
-        profile: Annotated[Optional[str], typer.Option("--profile", help="Which latency profile: part of its key, e.g. 'cpu|b1' or 'H100|b8|bfloat16'.")] = None,
+        cost: CostOpt = None,
+        profile: ProfileOpt = None,
         search: Annotated[bool, typer.Option("--search", help="Choose per exit off or one head candidate, and the thresholds "
                                              "(a bundle converted with --heads).")] = False,
         keep_candidates: Annotated[bool, typer.Option("--keep-candidates", help="With --search: keep the unchosen candidates in the bundle.")] = False,

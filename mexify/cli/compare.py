@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, print_json, stage_progress
 
 
 def _x(v: Optional[float]) -> str:
@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
     def compare_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (trained).")],
         data: DataOpt,
-        max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Fastest thresholds within this many mIoU points (default 1.0).")] = None,
-        budget: Annotated[Optional[str], typer.Option("--budget", help="Best mIoU within a cost: 2x, 40% or 8ms.")] = None,
+        max_drop: MaxDropOpt = None,
+        budget: BudgetOpt = None,
         policies: Annotated[Optional[str], typer.Option("--policies", help="Comma-separated policies (default: every registered one).")] = None,
         fit_split: Annotated[str, typer.Option("--fit-split", help="Split the policies are fitted on.")] = "calib",
         eval_split: Annotated[str, typer.Option("--eval-split", help="Split they are judged on.")] = "test",
@@ -53,8 +53,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass while collecting.")] = 8,
         no_measure: Annotated[bool, typer.Option("--no-measure", help="Skip the measured speed-ups (runtime timing).")] = False,
         repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per policy; the median is reported.")] = 3,
-        cost: Annotated[Optional[str], typer.Option("--cost", help="latency (default with a profile) or flops.")] = None,
-        profile: Annotated[Optional[str], typer.Option("--profile", help="Latency profile key (part of it), as for calibrate.")] = None,
+        cost: CostOpt = None,
+        profile: ProfileOpt = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for compare.png / compare.csv (default BUNDLE/compare).")] = None,
         device: DeviceOpt = None,
         trust_pickle: TrustOpt = False,

@@ -208,11 +208,6 @@ def load_program(directory: Path, entry: Dict[str, Any], name: str) -> Any:
         ) from e
 
 
-def kinds_of(values: Sequence[Any]) -> List[str]:
-    """:func:`value_kind` of each value."""
-    return [value_kind(v) for v in values]
-
-
 def dynamic_dims(carriers: Sequence[torch.Tensor], kinds: Sequence[str]) -> Tuple[Dict[int, Any], ...]:
     """``torch.export`` dynamic shapes for program inputs: every dimension left to export to decide
     (``Dim.AUTO``), except a carrier's leading 0."""

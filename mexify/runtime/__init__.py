@@ -2,7 +2,7 @@
 
 Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
 """
-from mexify.runtime.costs import exit_ms_per_image, original_ms_per_image
+from mexify.runtime.costs import exit_flops, exit_ms_per_image, original_ms_per_image
 from mexify.runtime.engine import EarlyExitRuntime, labels_of, predict
 from mexify.runtime.graphs import GraphedCall, capture
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
@@ -19,6 +19,7 @@ __all__ = [
     "labels_of",
     "exit_ms_per_image",
     "original_ms_per_image",
+    "exit_flops",
     "GraphedCall",
     "capture",
 ]

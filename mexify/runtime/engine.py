@@ -27,6 +27,7 @@ import torch
 
 from mexify.errors import ConfigError, DataError
 from mexify.nn import module_device, resize_logits
+from mexify.runtime.costs import exit_flops
 from mexify.runtime.graphs import GraphedExits, bucket_of
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
@@ -85,9 +86,7 @@ class EarlyExitRuntime:
         e = model.num_exits
         self.active = active_exits(self.policy, e)
         self.needs_features = bool(getattr(self.policy, "needs_features", False))
-        # FLOPs to leave at exit i: stages 0..i plus the heads evaluated on the way
-        heads = [model.head_flops[j] if j in self.active else 0 for j in range(e - 1)] + [0]
-        self.exit_flops = [int(sum(model.stage_flops[: i + 1]) + sum(heads[: i + 1])) for i in range(e)]
+        self.exit_flops = exit_flops(model.stage_flops, model.head_flops, self.active)
         self._set_execution(cuda_graphs, dtype, channels_last)
 
     def _set_execution(self, cuda_graphs: Optional[bool], dtype: Optional[str], channels_last: Optional[bool]) -> None:

@@ -24,8 +24,8 @@ from mexify.config import json_safe
 from mexify.deploy import Runner
 from mexify.errors import BundleError, ConfigError
 from mexify.metrics import ConfusionMatrix
-from mexify.nn import device_name, resolve_device
-from mexify.runtime import EarlyExitRuntime
+from mexify.nn import device_name, module_device, resolve_device
+from mexify.runtime import EarlyExitRuntime, exit_flops
 from mexify.runtime.results import BatchPrediction
 from mexify.tools.bench import _batches
 
@@ -56,9 +56,8 @@ class OnnxEngine:
         )
         self.policy = types.SimpleNamespace(name=self.runner.policy if self.runner.exit is None else "fixed-exit")
         self.active = list(self.runner.active)
-        stage_flops = [x.stage_flops for x in config.exits] + [config.final_flops]
-        heads = [x.head_flops if j in self.active else 0 for j, x in enumerate(config.exits)] + [0]
-        self.exit_flops = [int(sum(stage_flops[: i + 1]) + sum(heads[: i + 1])) for i in range(e)]
+        self.exit_flops = exit_flops([x.stage_flops for x in config.exits] + [config.final_flops],
+                                     [x.head_flops for x in config.exits], self.active)
         self.exit_names = list(config.exit_names)
 
     def predict_batch(self, x: torch.Tensor) -> BatchPrediction:
@@ -136,6 +135,17 @@ def _timed_pass(predict: Callable[[torch.Tensor], Any], batches: Sequence[Any], 
     return total, outs
 
 
+def _median_pass(rt: Any, batches: Sequence[Any], dev: torch.device, warmup: int, repeats: int) -> tuple:
+    """Median seconds of ``repeats`` timed passes after ``warmup`` untimed batches, and the last pass's predictions."""
+    for x, _ in batches[: max(warmup, 0)]:
+        rt.predict_batch(x)
+    runs, outs = [], []
+    for _ in range(max(repeats, 1)):
+        seconds, outs = _timed_pass(rt.predict_batch, batches, dev)
+        runs.append(seconds)
+    return statistics.median(runs), outs
+
+
 def compare_engines(
     path: Union[str, Path],
     data: Any,
@@ -167,13 +177,7 @@ def compare_engines(
         times: Dict[str, float] = {}
         preds = None
         for what, rt in runtimes.items():
-            for x, _ in batches[: max(warmup, 0)]:
-                rt.predict_batch(x)
-            runs = []
-            for _ in range(max(repeats, 1)):
-                seconds, outs = _timed_pass(rt.predict_batch, batches, dev)
-                runs.append(seconds)
-            times[what] = statistics.median(runs)
+            times[what], outs = _median_pass(rt, batches, dev, warmup, repeats)
             if what == "policy":
                 preds = outs
             if progress is not None:
@@ -208,23 +212,19 @@ def compare_engines(
     return EngineReport(device_name(dev), n, int(x0.shape[0]), (int(x0.shape[-2]), int(x0.shape[-1])), int(repeats), rows, notes)
 
 
-
 def time_policies(model: Any, data: Any, policies: Dict[str, Any], limit: Optional[int] = None, batch_size: int = 1,
                   warmup: int = 1, repeats: int = 3, progress: Optional[Callable[[str, int, int], None]] = None) -> Dict[str, float]:
     """Milliseconds per image of the torch runtime over the first ``limit`` images of ``data`` for each
     policy, and for ``"original"``: every exit off (the stages back to back, run the same way).
     Median of ``repeats`` passes, each batch waited for."""
-    dev = next(iter(model.parameters())).device
+    dev = module_device(model)
     batches = _batches(data, batch_size, limit, dev)
     runtimes = {"original": EarlyExitRuntime(model, exit=-1)}
     runtimes.update({name: EarlyExitRuntime(model, policy) for name, policy in policies.items()})
     n = sum(int(x.shape[0]) for x, _ in batches)
     out = {}
     for k, (name, rt) in enumerate(runtimes.items()):
-        for x, _ in batches[: max(warmup, 0)]:
-            rt.predict_batch(x)
-        runs = [_timed_pass(rt.predict_batch, batches, dev)[0] for _ in range(max(repeats, 1))]
-        out[name] = 1000 * statistics.median(runs) / n
+        out[name] = 1000 * _median_pass(rt, batches, dev, warmup, repeats)[0] / n
         if progress is not None:
             progress("timing", k + 1, len(runtimes))
     return out

@@ -35,6 +35,7 @@ from torch import nn
 
 from mexify.bundle import CONFIG_FILE, check_writable, config_text, load, replace_dir
 from mexify.config import EXPORT_SCHEMA, BundleConfig
+from mexify.data import IMAGENET_MEAN, IMAGENET_STD
 from mexify.errors import BundleError, ConfigError
 from mexify.nn import MultiExitModel
 from mexify.nn.programs import TENSOR, CarrierModule, carrier_batch_dim, dynamic_dims, save_program, to_carrier, value_kind
@@ -46,8 +47,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("pt2", "onnx")
 DEFAULT_OPSET = 18
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _TOLERANCE = 1e-4  # max |exported - source| relative to the source's largest value, per piece
 
 
@@ -154,11 +153,9 @@ def export_bundle(
             manifest["policy"] = getattr(policy, "name", None)
         manifest["max_abs_diff"] = dict(diffs)
         exported = dataclasses.replace(config, export=manifest)
-        (tmp / CONFIG_FILE).write_text(config_text(exported, exported=True))
+        (tmp / CONFIG_FILE).write_text(config_text(exported))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
     replace_dir(out, fill)
     files = sorted(p.name for p in out.iterdir())
     return ExportResult(out, format, files, diffs, dynamic, time.perf_counter() - t0)

@@ -9,13 +9,25 @@ import csv
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
 __all__ = ["save_pareto", "save_comparison"]
+
+
+def _finish(fig: Figure, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int,
+            title_size: Optional[int] = None) -> None:
+    """Labels, grid and legend of a speed-up / mIoU plot, then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({"fontsize": title_size} if title_size else {}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, title: str = "") -> Dict[str, str]:
@@ -46,13 +58,8 @@ def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[st
             ax.plot([p["speedup"] for p in oc], [p["miou"] for p in oc], "--", color="C2", label="oracle")
         ax.plot([chosen["speedup"]], [chosen["miou"]], "*", ms=12, color="C3", label="chosen")
         what = f"measured latency, {result.cache.latency['key']}" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
-        ax.set_xlabel(f"mean speed-up over the original\n({what})")
-        ax.set_ylabel("mIoU (%)" if result.cache.labelled else "agreement mIoU with final exit (%)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(png_path)
+        _finish(fig, ax, png_path, f"mean speed-up over the original\n({what})",
+                "mIoU (%)" if result.cache.labelled else "agreement mIoU with final exit (%)", title, legend_size=8)
     except Exception as e:  # plotting must never fail a calibration
         log.warning("could not draw %s: %s", png_path, e)
         return {"pareto_csv": str(csv_path)}
@@ -87,13 +94,9 @@ def save_comparison(curves: Dict[str, List[Dict[str, Any]]], points: Dict[str, D
             oc = sorted(oracle_curve, key=lambda p: p["speedup"])
             ax.plot([p["speedup"] for p in oc], [p["miou"] for p in oc], "--", color="k", label="oracle")
         what = "measured latency" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
-        ax.set_xlabel(f"mean speed-up over the original ({what})")
-        ax.set_ylabel("mIoU (%)")
-        ax.set_title(title or "lines: Pareto curves on the fitting split; dots: chosen thresholds on the evaluation split", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(png_path)
+        _finish(fig, ax, png_path, f"mean speed-up over the original ({what})", "mIoU (%)",
+                title or "lines: Pareto curves on the fitting split; dots: chosen thresholds on the evaluation split",
+                legend_size=7, title_size=8)
     except Exception as e:  # plotting must never fail a comparison
         log.warning("could not draw %s: %s", png_path, e)
         return {f"{stem}_csv": str(csv_path)}
