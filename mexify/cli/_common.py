@@ -71,6 +71,14 @@ def stage_progress(enabled: bool, transient: bool = True):
         yield callback
 
 
+def print_notes(notes: List[str], files: Optional[dict] = None) -> None:
+    """A report's notes (dim) and the files it wrote, one per line, after its tables."""
+    for note in notes:
+        console.print(f"[dim]note: {note}[/]")
+    for k, v in (files or {}).items():
+        console.print(f"{k}: {v}")
+
+
 def print_json(obj: Any) -> None:
     """Write ``obj`` as JSON on stdout (no rich markup, safe for pipes)."""
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, print_json, print_notes, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -63,8 +63,7 @@ def render(report) -> None:
     if p:
         console.print(f"policy over {p['images']} images: {p['ms_per_image']:.2f} ms/image vs "
                       f"{p['original_ms_per_image']:.2f} for the original (per-exit rows: first batch)")
-    for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
+    print_notes(report.notes)
 
 
 def render_engines(report) -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, parse_kv, print_json, stage_progress
+from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, parse_kv, print_json, print_notes, stage_progress
 
 
 def _fmt_flops(v: float) -> str:
@@ -98,10 +98,7 @@ def _render_search(report) -> None:
             s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x",
                       *((f"{f['predicted_speedup']:.2f}x",) if timed else ()))
     console.print(s)
-    for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
-    for k, v in report.files.items():
-        console.print(f"{k}: {v}")
+    print_notes(report.notes, report.files)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, print_json, print_notes, stage_progress
 
 
 def _x(v: Optional[float]) -> str:
@@ -33,10 +33,7 @@ def render(report) -> None:
                   _x(predicted), _x(e.get("flops_speedup")), f"{100 * share:.0f}%" if share is not None else "-",
                   f"{f['drop']:.2f}" if f else "-", style="dim" if r["policy"] == "oracle" else None)
     console.print(t)
-    for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
-    for k, v in report.files.items():
-        console.print(f"{k}: {v}")
+    print_notes(report.notes, report.files)
 
 
 def register(app: typer.Typer) -> None:
