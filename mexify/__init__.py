@@ -24,6 +24,8 @@ _LAZY = {
     "MultiExitModel": "mexify.nn",
     "register_policy": "mexify.policies",
     "ConvertResult": "mexify.prepare",
+    "Trust": "mexify.trust",
+    "register_builder": "mexify.trust",
 }
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "register_autowrap_function",
     "register_flop_formula",
     "register_policy",
+    "register_builder",
+    "Trust",
 ]
 
 

@@ -73,6 +73,7 @@ from mexify.tools import bench as _bench
 from mexify.tools import evaluate as _evaluate
 from mexify.tools import evaluate_policy as _evaluate_policy
 from mexify.train import TrainReport, default_run_dir, load_recipe, train_model
+from mexify.trust import Trust, register_builder
 
 __all__ = [
     "convert",
@@ -107,6 +108,8 @@ __all__ = [
     "DataError",
     "BudgetError",
     "available_policies",
+    "Trust",
+    "register_builder",
     "json_safe",
     "parse_size",
     "__version__",
@@ -119,15 +122,15 @@ StageProgress = Optional[Callable[[str, int, int], None]]
 
 
 # =============================================================================== helpers
-def load(path: PathLike, device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False) -> MultiExitModel:
+def load(path: PathLike, device: Optional[Union[str, torch.device]] = None, trust: Trust = Trust()) -> MultiExitModel:
     """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` in eval mode (``mexify.load``; see :func:`mexify.bundle.load`)."""
-    return _load_bundle(path, device=device, trust_pickle=trust_pickle)
+    return _load_bundle(path, device=device, trust=trust)
 
 
-def _model(bundle: Model, device: Any = None, trust_pickle: bool = False) -> Tuple[MultiExitModel, Optional[Path]]:
+def _model(bundle: Model, device: Any = None, trust: Trust = Trust()) -> Tuple[MultiExitModel, Optional[Path]]:
     """A model and its bundle directory (None when given a model)."""
     if isinstance(bundle, (str, os.PathLike)):
-        return load(bundle, device=device, trust_pickle=trust_pickle), Path(bundle)
+        return load(bundle, device=device, trust=trust), Path(bundle)
     if device is not None:
         bundle.to(device)
     return bundle, None
@@ -187,7 +190,7 @@ def convert(
     leaf_modules: Sequence[str] = (),
     autowrap_functions: Sequence[str] = (),
     trace: str = "auto",
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     placement: PlacementConfig = PlacementConfig(),
     check: bool = True,
     heads: Union[None, str, PathLike, Sequence[Mapping[str, Any]]] = None,
@@ -196,7 +199,7 @@ def convert(
 
     Args:
         spec: ``package.module:factory``, ``file.py:factory``, a ``.pt2`` archive, a pickled
-            module (with ``trust_pickle``), or an ``nn.Module`` (converted, but not reloadable).
+            module (with ``trust=Trust(pickle=True)``), or an ``nn.Module`` (converted, but not reloadable).
         out: bundle directory to write atomically (None: nothing is written).
         overwrite: replace an existing bundle at ``out``.
         args: keyword arguments of a factory spec.
@@ -222,7 +225,7 @@ def convert(
     size = _input_size(input_size)
     result = _convert(
         spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust_pickle=trust_pickle,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust=trust,
         placement=placement, check=check, heads=_head_space(heads) if heads is not None else None,
     )
     if out is not None:
@@ -239,12 +242,12 @@ def inspect(
     leaf_modules: Sequence[str] = (),
     autowrap_functions: Sequence[str] = (),
     trace: str = "auto",
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> TracedModel:
     """Trace and profile a model and list its candidate exit points, converting nothing (``mexify inspect``)."""
     size = _input_size(input_size)
     return _inspect(spec, args=args, weights=weights, input_size=size, leaf_modules=leaf_modules,
-                    autowrap_functions=autowrap_functions, trace=trace, trust_pickle=trust_pickle)
+                    autowrap_functions=autowrap_functions, trace=trace, trust=trust)
 
 
 # =============================================================================== train
@@ -259,7 +262,7 @@ def train(
     device: Optional[Union[str, torch.device]] = None,
     progress: Optional[Callable[[Any], None]] = None,
     run_dir: Optional[PathLike] = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> TrainReport:
     """Train a bundle in two stages (``mexify train``) and write the trained bundle.
 
@@ -286,7 +289,7 @@ def train(
         raise ConfigError(f"recipe {rec.name!r} names no dataset and no --data was given",
                           "pass --data SPEC, or add `data: SPEC` to the recipe")
     bundle, out = Path(bundle), Path(out) if out is not None else Path(bundle)
-    model = load(bundle, device="cpu", trust_pickle=trust_pickle)
+    model = load(bundle, device="cpu", trust=trust)
     if model.config is not None and model.config.export is not None:
         raise ConfigError(f"{bundle} is an export: its programs run inference only",
                           "train the bundle it was exported from, then export it again")
@@ -326,7 +329,7 @@ def calibrate(
     progress: StageProgress = None,
     cost: Optional[str] = None,
     profile: Optional[str] = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     search: bool = False,
     keep_candidates: bool = False,
 ) -> Union[CalibrationReport, ConfigurationReport]:
@@ -360,7 +363,7 @@ def calibrate(
         BudgetError: the budget is below the cheapest reachable cost (nothing is written).
         ConfigError: bad policy, budget or options.
     """
-    model, bundle_path = _model(bundle, device, trust_pickle=trust_pickle)
+    model, bundle_path = _model(bundle, device, trust=trust)
     ds = _dataset(data, split, limit)
     check_classes(ds, model.num_classes)
     if search:
@@ -456,7 +459,7 @@ def evaluate(
     device: Any = None,
     with_policy: bool = True,
     progress: StageProgress = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> EvalReport:
     """Accuracy and cost of every exit on a dataset, plus the bundle's policy row when it has one (``mexify eval``).
 
@@ -471,7 +474,7 @@ def evaluate(
     Raises:
         DataError: no dataset anywhere, an empty dataset or classes that differ from the model's.
     """
-    model, _ = _model(bundle, trust_pickle=trust_pickle)
+    model, _ = _model(bundle, trust=trust)
     data = data if data is not None else _trained_on(model, bundle)
     ds = _dataset(data, split)
     report = _evaluate(model, ds, device=device, batch_size=batch_size, limit=limit, num_workers=workers,
@@ -502,10 +505,10 @@ def evaluate_policy(
     batch_size: int = 8,
     limit: Optional[int] = None,
     device: Any = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> PolicyResult:
     """mIoU, mean FLOPs and exit rates of a policy (default: the bundle's) through the early-exit runtime."""
-    model, _ = _model(bundle, trust_pickle=trust_pickle)
+    model, _ = _model(bundle, trust=trust)
     ds = _dataset(data if data is not None else _trained_on(model, bundle), split)
     return _evaluate_policy(model, policy, ds, batch_size=batch_size, limit=limit, device=device)
 
@@ -522,7 +525,7 @@ def predict(
     device: Any = None,
     warn: Optional[Callable[[str], None]] = None,
     progress: StageProgress = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     engine: str = "torch",
 ) -> Dict[str, Any]:
     """Segment image files with early exits: a palette PNG per image and ``predictions.jsonl`` (``mexify predict``).
@@ -551,7 +554,7 @@ def predict(
     files = collect_images([Path(p) for p in images], warn)
     forced: Union[int, str, None] = int(exit) if isinstance(exit, str) and exit.lstrip("-").isdigit() else exit
     if engine == "torch":
-        model, _ = _model(bundle, resolve_device(device), trust_pickle=trust_pickle)
+        model, _ = _model(bundle, resolve_device(device), trust=trust)
         config = model.config
     elif not isinstance(bundle, (str, os.PathLike)):
         raise ConfigError(f"--engine {engine} runs an exported directory, not a model object")
@@ -561,7 +564,7 @@ def predict(
         warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
         forced = -1
     rt = (EarlyExitRuntime(model, exit=forced, final_confidence=True) if engine == "torch"
-          else make_engine(engine, bundle, exit=forced, device=device, trust_pickle=trust_pickle, final_confidence=True))
+          else make_engine(engine, bundle, exit=forced, device=device, trust=trust, final_confidence=True))
     hw = tuple(rt.model.input_size) if not size else parse_size(size, "--size")
     return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
 
@@ -581,7 +584,7 @@ def bench(
     cuda_graphs: Optional[bool] = None,
     dtype: Optional[str] = None,
     channels_last: Optional[bool] = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     engines: Sequence[str] = (),
 ) -> Union[BenchReport, EngineReport]:
     """Per-exit latency and FLOPs, the original model's latency and the policy's measured speed-up (``mexify bench``).
@@ -611,8 +614,8 @@ def bench(
         if not isinstance(bundle, (str, os.PathLike)):
             raise ConfigError("--engine compares exported directories, not a model object")
         return compare_engines(bundle, _dataset(data, split, limit), engines=engines, limit=limit, batch_size=batch_size,
-                               warmup=warmup, repeats=repeats, threads=threads, trust_pickle=trust_pickle, progress=progress)
-    model, _ = _model(bundle, device, trust_pickle=trust_pickle)
+                               warmup=warmup, repeats=repeats, threads=threads, trust=trust, progress=progress)
+    model, _ = _model(bundle, device, trust=trust)
     ds = _dataset(data, split, limit)
     report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
                     device=device, progress=progress, cuda_graphs=cuda_graphs, dtype=dtype, channels_last=channels_last)
@@ -633,7 +636,7 @@ def profile(
     write: bool = True,
     progress: StageProgress = None,
     graphs: Optional[bool] = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> list:
     """Measure each stage's, head's and policy step's latency on a device and keep it in the bundle (``mexify profile``).
 
@@ -658,7 +661,7 @@ def profile(
         raise ConfigError(f"batch sizes must be at least 1, got {list(batch_sizes)}", "e.g. --batch-size 1,8")
     if threads:
         torch.set_num_threads(int(threads))
-    model, bundle_path = _model(bundle, trust_pickle=trust_pickle)
+    model, bundle_path = _model(bundle, trust=trust)
     profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
     if write and bundle_path is not None:
         tables = dict(read_config(bundle_path).latency or {})
@@ -674,7 +677,7 @@ def export(
     format: str = "pt2",
     opset: Optional[int] = None,
     overwrite: bool = False,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     progress: StageProgress = None,
 ) -> ExportResult:
     """Write a self-contained export of a bundle (``mexify export``): every stage and head as a
@@ -686,13 +689,13 @@ def export(
         out: the export directory (refused if it exists, unless ``overwrite``).
         format: ``pt2`` or ``onnx``.
         opset: ONNX opset (default 18).
-        trust_pickle: needed to load a bundle converted from a pickled module; its export is then
-            loadable without trust.
+        trust: what the bundle may run (:class:`~mexify.trust.Trust`); a bundle converted from a pickled
+            module needs ``Trust(pickle=True)``, its export then loads without trust.
 
     Raises:
         BundleError: a stage or head that cannot be exported (named, with the operation).
     """
-    return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust_pickle=trust_pickle,
+    return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust=trust,
                          progress=progress)
 
 
@@ -714,7 +717,7 @@ def compare(
     profile: Optional[str] = None,
     device: Any = None,
     progress: StageProgress = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> PolicyComparison:
     """Fit every policy for one budget on ``fit_split`` and judge it on ``eval_split`` (``mexify compare``).
 
@@ -732,7 +735,7 @@ def compare(
     Raises:
         ConfigError: bad policies or budget. DataError: datasets that do not fit the bundle.
     """
-    model, bundle_path = _model(bundle, device, trust_pickle=trust_pickle)
+    model, bundle_path = _model(bundle, device, trust=trust)
     fit_ds, eval_ds = _dataset(data, fit_split, limit), _dataset(data, eval_split, limit)
     check_classes(fit_ds, model.num_classes)
     table = getattr(getattr(model, "config", None), "latency", None)

@@ -26,6 +26,7 @@ from mexify.graph.split import Stage
 from mexify.nn import MultiExitModel
 from mexify.nn.programs import ProgramHead, ProgramModule, load_program
 from mexify.prepare import rebuild
+from mexify.trust import Trust
 
 __all__ = [
     "CONFIG_FILE",
@@ -184,7 +185,7 @@ def read_config(path: Union[str, Path]) -> BundleConfig:
         raise BundleError(f"{cfg_file} is incomplete or malformed: {e}") from e
 
 
-def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust_pickle: bool = False) -> MultiExitModel:
+def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust: Trust = Trust()) -> MultiExitModel:
     """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` (eval mode).
 
     A bundle written by ``mexify export --format pt2`` is rebuilt from its programs: neither the
@@ -193,7 +194,9 @@ def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = No
     Args:
         path: the bundle directory.
         device: where to put the model (default: CPU).
-        trust_pickle: needed only for bundles converted from a pickled module (not for their pt2 export).
+        trust: what the bundle may run (:class:`~mexify.trust.Trust`): ``code`` for a factory that is not
+            a known or registered model builder, ``pickle`` for a bundle converted from a pickled module
+            (not for its pt2 export).
 
     Raises:
         BundleError: missing/invalid files, or weights that do not match the rebuilt model.
@@ -206,7 +209,7 @@ def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = No
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path} has no {WEIGHTS_FILE}", "the bundle is incomplete; convert again")
-    model = rebuild(config, trust_pickle=trust_pickle)
+    model = rebuild(config, trust, where=f"{path}/{CONFIG_FILE}")
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # noqa: BLE001 - safetensors raises RuntimeError on shape mismatches

@@ -28,6 +28,7 @@ from mexify.graph.split import pair_stages, split_stages
 from mexify.graph.trace import EXPORT_SHAPES_KEY, TRACER_KEY, registered_autowrap_functions, registered_leaf_modules, trace_model
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
+from mexify.trust import Trust, check_import
 
 __all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_spec", "build_exit_heads"]
 
@@ -321,7 +322,7 @@ def convert(
     leaf_modules: Sequence[str] = (),
     autowrap_functions: Sequence[str] = (),
     trace: str = "auto",
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     placement: PlacementConfig = PlacementConfig(),
     check: bool = True,
     heads: Optional[Sequence[HeadConfig]] = None,
@@ -330,7 +331,7 @@ def convert(
 
     Args:
         spec: ``package.module:factory``, ``file.py:factory``, a ``.pt2`` archive, a pickled
-            module (with ``trust_pickle``), or an ``nn.Module`` (not re-loadable as a bundle).
+            module (with ``Trust(pickle=True)``), or an ``nn.Module`` (not re-loadable as a bundle).
         args: keyword arguments for a factory spec.
         weights: a state_dict or ``.safetensors`` file to load into the model first.
         exits: number of early exits placed by FLOPs (ignored when ``at`` is given).
@@ -354,7 +355,7 @@ def convert(
         model = spec
     else:
         model_spec = _as_spec(spec, args, weights)
-        model = build_model(model_spec, trust_pickle=trust_pickle)
+        model = build_model(model_spec, trust)
     traced = trace_spec(model, trace_cfg, placement)
     trace_cfg = dataclasses.replace(trace_cfg, export_shapes=traced.graph_module.meta.get(EXPORT_SHAPES_KEY, ""))
     chosen = select_exit_points(traced.candidates, exits, at, placement)
@@ -444,22 +445,26 @@ def inspect(
     leaf_modules: Sequence[str] = (),
     autowrap_functions: Sequence[str] = (),
     trace: str = "auto",
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
 ) -> TracedModel:
     """Trace and profile a model and list its candidate exit points (no conversion)."""
     trace_cfg = _trace_config(input_size, leaf_modules, autowrap_functions, trace)
     if isinstance(spec, nn.Module):
         model = spec
     else:
-        model = build_model(_as_spec(spec, args, weights), trust_pickle=trust_pickle)
+        model = build_model(_as_spec(spec, args, weights), trust)
     return trace_spec(model, trace_cfg)
 
 
-def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
+def rebuild(config: BundleConfig, trust: Trust = Trust(), where: str = "the bundle's spec") -> MultiExitModel:
     """Rebuild a converted model from its config by re-tracing the spec (no profiling run).
 
+    The config may come from anyone: its factory and autowrap functions are checked against
+    ``trust`` (:mod:`mexify.trust`) before anything is imported.
+
     Raises:
-        BundleError: the spec can no longer be rebuilt or no longer has the recorded exit nodes.
+        BundleError: refused by the trust policy, or the spec can no longer be rebuilt or no longer
+            has the recorded exit nodes.
     """
     spec = ModelSpec.from_dict(config.spec)
     if spec.kind == "module":
@@ -468,15 +473,14 @@ def rebuild(config: BundleConfig, trust_pickle: bool = False) -> MultiExitModel:
             "convert from a spec (package.module:factory, file.py:factory or .pt2) to get a loadable bundle",
         )
     spec = dataclasses.replace(spec, weights=None)  # the bundle's own weights are loaded afterwards
-    try:
-        model = build_model(spec, trust_pickle=trust_pickle)
-    except MexifyError as e:
-        hint = e.hint
-        if spec.kind == "pickle" and not trust_pickle:
-            hint = ("pass --trust-pickle (trust_pickle=True) if you trust the file; `mexify export BUNDLE -o OUT --format pt2 "
-                    "--trust-pickle` once gives a bundle that loads without it")
-        raise BundleError(f"cannot rebuild the bundle's model: {e.message}", hint) from e
     trace_cfg = config.trace
+    try:
+        for name in trace_cfg.autowrap_functions:  # importing a function's module runs it: decide first
+            if name not in registered_autowrap_functions():
+                check_import(name, trust, where=f"the bundle's autowrap function")
+        model = build_model(spec, trust, named_by=where)
+    except MexifyError as e:
+        raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e
     h, w = trace_cfg.input_size
     example = torch.zeros(1, 3, h, w)
     _set_eval(model)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mexify.errors import SpecError, nearest
+from mexify.trust import Trust, check_factory
 
 __all__ = ["ModelSpec", "parse_spec", "build_model", "load_state_dict_file", "load_weights"]
 
@@ -98,34 +99,56 @@ def _existing(path: str) -> Path:
     return p.resolve()
 
 
-def build_model(spec: ModelSpec, trust_pickle: bool = False) -> nn.Module:
+def build_model(spec: ModelSpec, trust: Trust = Trust(), *, named_by: Optional[str] = None) -> nn.Module:
     """Build the model a spec names (random init unless the spec carries weights).
 
+    Args:
+        spec: the spec.
+        trust: what may run: pickles need ``trust.pickle``; factories a file names need
+            ``trust.code`` unless they are known model builders (:mod:`mexify.trust`).
+        named_by: the file the spec was read from (a bundle's config): its factory is checked
+            against the trust policy before anything is imported. ``None``: the caller named the
+            spec itself (``convert``), which is its own choice of code to run.
+
     Raises:
-        SpecError: import/factory failure, untrusted pickle, or weights that do not fit.
+        SpecError: refused by the trust policy, import/factory failure, or weights that do not fit.
     """
+    if named_by is not None:
+        check_factory(spec.kind, spec.target, spec.args, trust, where=named_by)
     if spec.kind == "factory":
         module_name, _, factory_name = spec.target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise SpecError(f"cannot import {module_name!r} for spec {spec.target!r}: {e}", "is the package installed?") from e
+        module = _import_module(module_name, spec.target)
         model = _call_factory(module, factory_name, spec)
     elif spec.kind == "file":
         file, _, factory_name = spec.target.rpartition(":")
         module = _import_file(file)
         model = _call_factory(module, factory_name, spec)
     elif spec.kind == "export":
-        model = _load_export(spec.target)
+        model = _load_export(spec.target, trust.pickle)
     elif spec.kind == "pickle":
-        model = _load_pickle(spec.target, trust_pickle)
+        model = _load_pickle(spec.target, trust.pickle)
     else:
-        raise SpecError(f"unknown spec kind {spec.kind!r}")
+        raise SpecError(f"unknown spec kind {spec.kind!r}", "the bundle's spec.kind must be factory, file, export or pickle")
     if not isinstance(model, nn.Module):
         raise SpecError(f"spec {spec.target!r} gave a {type(model).__name__}, not a torch.nn.Module")
     if spec.weights:
         load_weights(model, spec.weights)
     return model
+
+
+def _import_module(module_name: str, target: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise SpecError(f"cannot import {module_name!r} for spec {target!r}: {e}", "is the package installed?") from e
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a user package can raise anything (or exit) at import
+        raise SpecError(f"importing {module_name!r} for spec {target!r} failed: {_one_line(e)}",
+                        "fix the package so that it imports cleanly") from e
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _call_factory(module: Any, name: str, spec: ModelSpec) -> Any:
@@ -138,33 +161,40 @@ def _call_factory(module: Any, name: str, spec: ModelSpec) -> Any:
             f"did you mean {', '.join(close)}?" if close else None,
         )
     try:
+        if _is_pretrained_class(factory):  # transformers: a model class built from its config (random init)
+            return factory(factory.config_class(**dict(spec.args)))
         return factory(**dict(spec.args))
     except TypeError as e:
         raise SpecError(f"{spec.target} rejected its arguments {dict(spec.args)}: {e}", "check the --arg names") from e
-    except Exception as e:  # noqa: BLE001 - user code can raise anything; report it in one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can raise anything; report it in one line
         hint = None
         text = f"{type(e).__name__}: {e}"
         if "download" in text.lower() or "urlopen" in text.lower() or "url" in type(e).__name__.lower():
             hint = "no weights can be downloaded; pass --arg weights=null --arg weights_backbone=null"
-        raise SpecError(f"building {spec.target} failed: {text.splitlines()[0] if text else text}", hint) from e
+        raise SpecError(f"building {spec.target} failed: {_one_line(e)}", hint) from e
+
+
+def _is_pretrained_class(factory: Any) -> bool:
+    """A transformers ``PreTrainedModel`` class: ``--arg`` values are its config's fields."""
+    return isinstance(factory, type) and getattr(factory, "config_class", None) is not None and hasattr(factory, "from_pretrained")
 
 
 def _import_file(file: str) -> Any:
     name = "mexify_user_" + Path(file).stem
     module_spec = importlib.util.spec_from_file_location(name, file)
     if module_spec is None or module_spec.loader is None:
-        raise SpecError(f"cannot import {file}")
+        raise SpecError(f"cannot import {file}", "give a Python file (file.py:factory)")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - user code can raise anything (or exit) at import
         sys.modules.pop(name, None)
-        raise SpecError(f"importing {file} failed: {type(e).__name__}: {e}") from e
+        raise SpecError(f"importing {file} failed: {_one_line(e)}", "fix the file so that it imports cleanly") from e
     return module
 
 
-def _load_export(path: str) -> nn.Module:
+def _load_export(path: str, trust_pickle: bool = False) -> nn.Module:
     try:
         program = torch.export.load(path)
     except Exception as e:  # noqa: BLE001

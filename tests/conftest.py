@@ -5,6 +5,9 @@ import pytest
 import torch
 
 os.environ.setdefault("MEXIFY_NO_PROGRESS", "1")
+# the suite trusts its own model files (tests/*.py), as a user trusts their own package; the trust
+# tests clear this to see what a stranger's bundle may do
+os.environ.setdefault("MEXIFY_TRUSTED_CODE", os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -189,7 +189,7 @@ def test_pickle_needs_trust(tmp_path):
     torch.save(mexify.spec.build_model(mexify.spec.parse_spec(f"{FIXTURES}:TinyUNet")), path)
     with pytest.raises(SpecError, match="arbitrary code"):
         mexify.convert(str(path), input_size=(64, 64))
-    result = mexify.convert(str(path), input_size=(64, 64), exits=2, trust_pickle=True)
+    result = mexify.convert(str(path), input_size=(64, 64), exits=2, trust=mexify.Trust(pickle=True))
     assert result.model.num_classes == 4
 
 

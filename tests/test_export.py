@@ -114,13 +114,14 @@ def test_pt2_export_of_a_user_file_loads_after_the_file_is_deleted_and_unpickles
     shutil.copy(FIXTURES, code)
     src, out = tmp_path / "user.mex", tmp_path / "user.pt2.mex"
     mexify.api.convert(f"{code}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(src))
-    export_bundle(src, out, "pt2")
+    own = mexify.Trust(code=True)  # the user's own file, outside the suite's trusted folder
+    export_bundle(src, out, "pt2", trust=own)
     x = _images(6)
     with torch.no_grad():
-        ref = mexify.load(src).forward_all(x, upsample=False)
+        ref = mexify.load(src, trust=own).forward_all(x, upsample=False)
     code.unlink()
     with pytest.raises(BundleError):
-        mexify.load(src)  # the source bundle needs the file
+        mexify.load(src, trust=own)  # the source bundle needs the file
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     _run(f"""
         import pickle, sys, torch
@@ -164,7 +165,7 @@ def test_a_pickled_model_bundle_needs_trust_and_its_export_does_not(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(mexify.spec.build_model(mexify.spec.parse_spec(f"{FIXTURES}:TinyUNet")), path)
     src, out = tmp_path / "pickled.mex", tmp_path / "pickled.pt2.mex"
-    mexify.api.convert(str(path), input_size=(64, 64), exits=2, trust_pickle=True, out=str(src))
+    mexify.api.convert(str(path), input_size=(64, 64), exits=2, trust=mexify.Trust(pickle=True), out=str(src))
     with pytest.raises(BundleError, match="--trust-pickle") as e:
         mexify.load(src)
     assert "mexify export" in e.value.hint

@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mexify.api import ConfigError
+from mexify.api import ConfigError, Trust
 
 # Piped output (CI logs, `| tee`) gets 120 columns instead of rich's 80, so tables are not truncated.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
@@ -28,7 +28,11 @@ DataOpt = Annotated[
 ]
 TrustOpt = Annotated[
     bool,
-    typer.Option("--trust-pickle", help="Allow unpickling: a .pt/.pth module, or a bundle converted from one (runs code from the file)."),
+    typer.Option("--trust-pickle", help="Allow unpickling: a .pt/.pth module, pickled entries of a .pt2 archive, or a bundle converted from a pickled module (runs code from the file)."),
+]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option("--trust-code", help="Import and call any factory or file.py the bundle names, not only known model builders (runs code the bundle names)."),
 ]
 # the budget and cost model of calibrate and compare
 BudgetOpt = Annotated[Optional[str], typer.Option(
@@ -108,3 +112,8 @@ def parse_kv(items: Optional[List[str]], what: str = "--arg") -> dict:
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value) if value != "" else ""
     return out
+
+
+def trust_of(trust_code: bool, trust_pickle: bool) -> Trust:
+    """The trust the command-line flags give (both off by default)."""
+    return Trust(code=trust_code, pickle=trust_pickle)

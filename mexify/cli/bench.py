@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustOpt, console, print_json, print_notes, stage_progress
+from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, print_notes, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -107,6 +107,7 @@ def register(app: typer.Typer) -> None:
             typer.Option("--engine", help="Compare engines on the CPU instead: torch, onnxruntime (repeatable; "
                          "BUNDLE is then an ONNX export, and torch runs the bundle it came from)."),
         ] = None,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -114,7 +115,7 @@ def register(app: typer.Typer) -> None:
         with stage_progress(not json_out) as cb:
             report = api.bench(bundle, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup,
                                repeats=repeats, threads=threads, device=device, progress=cb, cuda_graphs=graphs,
-                               dtype=dtype, channels_last=channels_last, trust_pickle=trust_pickle, engines=engine or ())
+                               dtype=dtype, channels_last=channels_last, trust=trust_of(trust_code, trust_pickle), engines=engine or ())
         if json_out:
             print_json(report.to_dict())
         elif isinstance(report, api.EngineReport):

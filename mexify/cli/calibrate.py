@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, parse_kv, print_json, print_notes, stage_progress
+from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustCodeOpt, TrustOpt, trust_of, console, parse_kv, print_json, print_notes, stage_progress
 
 
 def _fmt_flops(v: float) -> str:
@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
                                              "(a bundle converted with --heads).")] = False,
         keep_candidates: Annotated[bool, typer.Option("--keep-candidates", help="With --search: keep the unchosen candidates in the bundle.")] = False,
         device: DeviceOpt = None,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -143,7 +144,7 @@ def register(app: typer.Typer) -> None:
                 progress=progress_cb,
                 cost=cost,
                 profile=profile,
-                trust_pickle=trust_pickle,
+                trust=trust_of(trust_code, trust_pickle),
                 search=search,
                 keep_candidates=keep_candidates,
             )

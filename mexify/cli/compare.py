@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustOpt, console, print_json, print_notes, stage_progress
+from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, print_notes, stage_progress
 
 
 def _x(v: Optional[float]) -> str:
@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
         profile: ProfileOpt = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for compare.png / compare.csv (default BUNDLE/compare).")] = None,
         device: DeviceOpt = None,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -62,7 +63,7 @@ def register(app: typer.Typer) -> None:
         with stage_progress(not json_out) as progress:
             report = api.compare(bundle, data, max_drop=max_drop, budget=budget, policies=names, fit_split=fit_split,
                                  eval_split=eval_split, limit=limit, batch_size=batch_size, measure=not no_measure, repeats=repeats,
-                                 out=out, cost=cost, profile=profile, device=device, progress=progress, trust_pickle=trust_pickle)
+                                 out=out, cost=cost, profile=profile, device=device, progress=progress, trust=trust_of(trust_code, trust_pickle))
         if json_out:
             print_json(api.json_safe(report.to_dict()))
         else:

@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, JsonOpt, TrustOpt, console, parse_kv, print_json
+from mexify.cli._common import Annotated, JsonOpt, TrustOpt, trust_of, console, parse_kv, print_json
 
 SpecArg = Annotated[str, typer.Argument(help="package.module:factory, file.py:factory, model.pt2, or model.pt (with --trust-pickle).")]
 ArgOpt = Annotated[Optional[List[str]], typer.Option("--arg", help="Factory argument key=value (YAML scalar); repeatable.")]
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
             head=head, head_set=parse_kv(head_items, "--head-set"), input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
-            trust_pickle=trust_pickle, out=out, overwrite=overwrite, check=not no_check, heads=heads,
+            trust=trust_of(False, trust_pickle), out=out, overwrite=overwrite, check=not no_check, heads=heads,
         )
         if json_out:
             print_json({"bundle": out, "seconds": round(result.seconds, 3), "num_classes": result.model.num_classes,

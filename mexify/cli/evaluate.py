@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, stage_progress
 
 
 def _gflops(v: float) -> str:
@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N images.")] = None,
         workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers (default: one per core).")] = None,
         device: DeviceOpt = None,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -97,7 +98,7 @@ def register(app: typer.Typer) -> None:
         bundle's exit policy (when calibrated): its mIoU, mean FLOPs and exit rates."""
         with stage_progress(not json_out) as progress:
             report = api.evaluate(bundle, data, split=split, batch_size=batch_size, limit=limit, workers=workers,
-                                  device=device, progress=progress, trust_pickle=trust_pickle)
+                                  device=device, progress=progress, trust=trust_of(trust_code, trust_pickle))
         if json_out:
             out = report.to_dict()
             out.update(bundle=str(bundle), data=report.data, split=split)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from mexify import api
-from mexify.cli._common import Annotated, JsonOpt, TrustOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, stage_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -19,12 +19,13 @@ def register(app: typer.Typer) -> None:
                                             "(run by mexify.deploy with onnxruntime).")] = "pt2",
         opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default 18).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export at --out.")] = False,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Export every stage and head as a program that runs without the model's code (pt2) or without torch (onnx)."""
         with stage_progress(not json_out) as progress:
-            result = api.export(bundle, out, format=format, opset=opset, overwrite=overwrite, trust_pickle=trust_pickle,
+            result = api.export(bundle, out, format=format, opset=opset, overwrite=overwrite, trust=trust_of(trust_code, trust_pickle),
                                 progress=progress)
         if json_out:
             print_json(result.to_dict())

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustOpt, console, err_console, print_json, stage_progress
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, err_console, print_json, stage_progress
 
 
 def _warn(message: str) -> None:
@@ -31,13 +31,14 @@ def register(app: typer.Typer) -> None:
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images with a warning instead of stopping.")] = False,
         device: DeviceOpt = None,
         engine: Annotated[str, typer.Option("--engine", help="torch (a bundle or pt2 export) or onnxruntime (an ONNX export).")] = "torch",
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Segment images with early exits: a palette PNG mask per image plus predictions.jsonl."""
         with stage_progress(not json_out) as progress:
             summary = api.predict(bundle, images, out, exit=exit_, size=size, batch_size=batch_size, skip_bad=skip_bad,
-                                  device=device, warn=_warn, progress=progress, trust_pickle=trust_pickle,
+                                  device=device, warn=_warn, progress=progress, trust=trust_of(trust_code, trust_pickle),
                                   engine=engine)
         if json_out:
             print_json(summary)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustOpt, console, print_json, stage_progress
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, stage_progress
 
 
 def _batch_sizes(text: str) -> list:
@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
         graphs: Annotated[Optional[bool], typer.Option("--graphs/--no-graphs", help="Time each piece replayed from a CUDA graph, as the runtime runs it (default: on CUDA).")] = None,
         device: DeviceOpt = None,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
         with stage_progress(not json_out) as progress:
             profiles = api.profile(bundle, device=device, batch_sizes=_batch_sizes(batch_size), dtype=dtype,
                                    warmup=warmup, repeats=repeats, threads=threads, progress=progress, graphs=graphs,
-                                   trust_pickle=trust_pickle)
+                                   trust=trust_of(trust_code, trust_pickle))
         if json_out:
             print_json({"bundle": str(bundle), "profiles": [p.to_dict() for p in profiles]})
             return

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mexify import api
 
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustOpt, console, err_console, parse_kv, print_json, stage_progress
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, err_console, parse_kv, print_json, stage_progress
 
 
 def _progress_adapter(callback):
@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the trained bundle here (default: update BUNDLE in place).")] = None,
         run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints and logs (default: OUT.train next to the bundle).")] = None,
         device: DeviceOpt = None,
+        trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_: JsonOpt = False,
     ) -> None:
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
             with stage_progress(not quiet, transient=False) as callback:
                 report = api.train(bundle, data, recipe=recipe, out=out, overrides=overrides, weights=weights,
                                    resume=resume, device=device, progress=_progress_adapter(callback) if callback else None,
-                                   run_dir=run_dir, trust_pickle=trust_pickle)
+                                   run_dir=run_dir, trust=trust_of(trust_code, trust_pickle))
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted:[/] the last checkpoint is intact; continue with --resume")
             raise typer.Exit(130)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from mexify.trust import Trust
 from mexify.bundle import load, read_config
 from mexify.config import json_safe
 from mexify.deploy import Runner
@@ -77,7 +78,7 @@ def is_onnx_export(path: Union[str, Path]) -> bool:
 
 
 def make_engine(engine: str, path: Union[str, Path], exit: Union[int, str, None] = None, device: Any = None,
-                trust_pickle: bool = False, threads: Optional[int] = None, final_confidence: bool = False) -> Any:
+                trust: Trust = Trust(), threads: Optional[int] = None, final_confidence: bool = False) -> Any:
     """The runtime of ``engine`` over ``path``: a bundle or pt2 export for ``torch``, an ONNX export for ``onnxruntime``.
 
     For ``torch`` on an ONNX export, the bundle it was exported from (recorded in it) is used.
@@ -98,7 +99,7 @@ def make_engine(engine: str, path: Union[str, Path], exit: Union[int, str, None]
             raise BundleError(f"{path} is an ONNX export and the bundle it was exported from ({source}) is not here",
                               "pass the bundle (or a pt2 export) for --engine torch")
         path = source
-    model = load(path, device=resolve_device(device), trust_pickle=trust_pickle)
+    model = load(path, device=resolve_device(device), trust=trust)
     forced = exit
     if exit is None and (model.config is None or model.config.policy is None):
         forced = -1
@@ -155,7 +156,7 @@ def compare_engines(
     warmup: int = 2,
     repeats: int = 5,
     threads: Optional[int] = None,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> EngineReport:
     """Run the same images through each engine (CPU): latency with the policy and with every exit off,
@@ -172,8 +173,8 @@ def compare_engines(
     notes = ["original: every exit off, the stages run back to back by the same engine",
              "agreement: with the first engine's exit and mask for each image"]
     for k, engine in enumerate(engines):
-        runtimes = {"policy": make_engine(engine, path, trust_pickle=trust_pickle, threads=threads),
-                    "original": make_engine(engine, path, exit=-1, trust_pickle=trust_pickle, threads=threads)}
+        runtimes = {"policy": make_engine(engine, path, trust=trust, threads=threads),
+                    "original": make_engine(engine, path, exit=-1, trust=trust, threads=threads)}
         times: Dict[str, float] = {}
         preds = None
         for what, rt in runtimes.items():

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mexify.trust import Trust
 from mexify.bundle import CONFIG_FILE, check_writable, config_text, load, replace_dir
 from mexify.config import EXPORT_SCHEMA, BundleConfig
 from mexify.data import IMAGENET_MEAN, IMAGENET_STD
@@ -95,7 +96,7 @@ def export_bundle(
     format: str = "pt2",
     opset: Optional[int] = None,
     overwrite: bool = False,
-    trust_pickle: bool = False,
+    trust: Trust = Trust(),
     progress: Any = None,
 ) -> ExportResult:
     """Export ``bundle`` to ``out`` as per-stage and per-head programs (see the module docstring).
@@ -116,7 +117,7 @@ def export_bundle(
     if out.exists() and out.resolve() == Path(bundle).resolve():
         raise BundleError(f"{out} is the bundle being exported", "write the export to another directory with -o")
     check_writable(out, overwrite)
-    model = load(bundle, trust_pickle=trust_pickle)
+    model = load(bundle, trust=trust)
     config = model.config
     policy = _policy(model) if format == "onnx" else None
     pieces = _pieces(model, policy, format == "onnx")
