@@ -170,3 +170,9 @@ def test_a_torchvision_bundle_loads_from_a_stranger_without_flags(tmp_path, stra
 def test_a_transformers_class_builds_from_its_config(stranger):
     model = build_model(parse_spec("transformers:SegformerForSemanticSegmentation", {"num_labels": 3}), named_by="config.yaml")
     assert model.config.num_labels == 3
+
+
+@pytest.mark.parametrize("cmd", ["train", "calibrate", "compare", "eval", "predict", "bench", "profile", "export"])
+def test_every_command_that_loads_a_bundle_offers_both_trust_flags(cmd):
+    text = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).output
+    assert "--trust-code" in text and "--trust-pickle" in text, cmd
