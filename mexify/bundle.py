@@ -3,18 +3,15 @@
 Loading re-traces the recorded spec (:func:`mexify.prepare.rebuild`) and loads the weights;
 nothing is unpickled. Every write builds a complete new bundle directory next to the old one
 and swaps it into place, so a reader sees the old bundle or the new one, never a mix of a new
-config with old weights, and a failure leaves the old bundle as it was.
+config with old weights, and a failure leaves the old bundle as it was. The mechanisms (output
+checks, atomic writes, the directory swap, the bundle lock) live in :mod:`mexify.files`; this
+module re-exports ``check_writable``, ``write_text_atomic`` and ``replace_dir`` from there.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import os
-import sys
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
@@ -22,6 +19,7 @@ from safetensors.torch import load_model, save_model
 
 from mexify.config import BundleConfig
 from mexify.errors import BundleError, ConfigError
+from mexify.files import atomic_path, bundle_lock, check_writable, replace_dir, write_text_atomic
 from mexify.graph.split import Stage
 from mexify.nn import MultiExitModel
 from mexify.nn.programs import ProgramHead, ProgramModule, load_program
@@ -46,33 +44,6 @@ _OPTIONAL_KEYS = ("num_batches_tracked",)
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def check_writable(out: Union[str, Path], overwrite: bool = False) -> None:
-    """Refuse to write over an existing non-bundle path, or over a bundle without ``overwrite``."""
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise BundleError(f"{out} exists and is not a directory", "choose another output path with -o")
-    if any(out.iterdir()) and not overwrite:
-        raise BundleError(f"{out} already exists and is not empty", "pass --overwrite to replace it, or choose another -o")
-    if any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        raise BundleError(f"{out} is a non-empty directory that is not a bundle; refusing to replace it")
-
-
-def write_text_atomic(path: Union[str, Path], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def config_text(config: BundleConfig) -> str:
     """``config.yaml``'s text: a header comment and the config as plain YAML."""
     if config.export is not None:
@@ -85,15 +56,8 @@ def config_text(config: BundleConfig) -> str:
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     state_model = model.module if hasattr(model, "module") else model
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_model(state_model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_model(state_model, str(tmp))
 
 
 def save_bundle(model: Any, out: Union[str, Path], config: Optional[BundleConfig] = None, overwrite: bool = False) -> Path:
@@ -108,7 +72,9 @@ def save_bundle(model: Any, out: Union[str, Path], config: Optional[BundleConfig
         raise BundleError("the model has no bundle config to save")
     check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    replace_dir(out, lambda tmp: _write_files(tmp, model, config))
+    with bundle_lock(out):
+        check_writable(out, overwrite)  # again, now that no other mexify process can write it
+        replace_dir(out, lambda tmp: _write_files(tmp, model, config))
     return out
 
 
@@ -117,49 +83,7 @@ def _write_files(directory: Path, model: Any, config: BundleConfig) -> None:
     write_text_atomic(directory / CONFIG_FILE, config_text(config))
 
 
-def replace_dir(out: Path, fill: Any, keep_from: Optional[Path] = None) -> None:
-    """Build a new directory with ``fill(tmp)`` and swap it in for ``out``.
-
-    ``keep_from``: copy this directory's other files (e.g. ``calibration/``) into the new one
-    first. The swap is one ``renameat2(RENAME_EXCHANGE)`` where the platform has it; elsewhere
-    two renames, and a failure between them puts the old directory back.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
-    try:
-        if keep_from is not None:
-            shutil.copytree(keep_from, tmp, dirs_exist_ok=True)
-        fill(tmp)
-        if not out.exists():
-            os.rename(tmp, out)
-            return
-        if _exchange(tmp, out):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old bundle
-            return
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; False if unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return rc == 0
+DAMAGED = "the bundle is damaged; convert again"
 
 
 def read_config(path: Union[str, Path]) -> BundleConfig:
@@ -178,11 +102,16 @@ def read_config(path: Union[str, Path]) -> BundleConfig:
         data = yaml.safe_load(cfg_file.read_text())
         return BundleConfig.from_dict(data or {})
     except yaml.YAMLError as e:
-        raise BundleError(f"{cfg_file} is not valid YAML: {e}") from e
-    except ConfigError as e:
-        raise BundleError(f"{cfg_file}: {e.message}", e.hint) from e
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{cfg_file} is incomplete or malformed: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BundleError(f"{cfg_file} is not valid YAML ({where}{problem})", DAMAGED) from None
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{cfg_file} is not text ({e.reason} at byte {e.start})", DAMAGED) from None
+    except ConfigError as e:  # a field missing, unknown or of the wrong type; or a newer schema (keeps its hint)
+        raise BundleError(f"{cfg_file}: {e.message}", e.hint if "schema" in e.message else DAMAGED) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{cfg_file} is malformed: {e}", DAMAGED) from None
 
 
 def load(path: Union[str, Path], device: Optional[Union[str, torch.device]] = None, trust: Trust = Trust()) -> MultiExitModel:
@@ -254,26 +183,35 @@ def _from_programs(path: Path, config: BundleConfig) -> MultiExitModel:
     return model.eval()
 
 
-def update_bundle(path: Union[str, Path], model: Any = None, **fields: Any) -> BundleConfig:
+def update_bundle(path: Union[str, Path], model: Any = None, extra: Optional[Callable[[Path], Any]] = None,
+                  **fields: Any) -> BundleConfig:
     """Rewrite a bundle's config fields (e.g. ``policy=...``) and, if given, its weights, in one atomic step.
 
     A complete new bundle directory (the other files copied over) is written beside the old
-    one and swapped in, so config and weights always belong together.
+    one and swapped in, so config and weights always belong together; the bundle's lock
+    (:func:`mexify.files.bundle_lock`) is held from reading the config to the swap.
+
+    Args:
+        extra: ``extra(new_dir)`` writes further files (e.g. ``calibration/`` plots) into the new
+            directory before the swap, so they change together with the config.
     """
     path = Path(path)
-    config = read_config(path)
-    if fields:
-        unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(BundleConfig)}]
-        if unknown:
-            raise ConfigError(f"unknown bundle config field(s): {', '.join(unknown)}")
-        config = dataclasses.replace(config, **fields)
+    with bundle_lock(path):
+        config = read_config(path)
+        if fields:
+            unknown = [k for k in fields if k not in {f.name for f in dataclasses.fields(BundleConfig)}]
+            if unknown:
+                raise ConfigError(f"unknown bundle config field(s): {', '.join(unknown)}")
+            config = dataclasses.replace(config, **fields)
 
-    def fill(tmp: Path) -> None:
-        if model is not None:
-            _save_weights(model, tmp / WEIGHTS_FILE)
-        write_text_atomic(tmp / CONFIG_FILE, config_text(config))
+        def fill(tmp: Path) -> None:
+            if model is not None:
+                _save_weights(model, tmp / WEIGHTS_FILE)
+            write_text_atomic(tmp / CONFIG_FILE, config_text(config))
+            if extra is not None:
+                extra(tmp)
 
-    replace_dir(path, fill, keep_from=path)
+        replace_dir(path, fill, keep_from=path)
     if model is not None and hasattr(model, "config"):
         model.config = config
     return config

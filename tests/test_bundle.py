@@ -7,6 +7,7 @@ import yaml
 
 import mexify
 from mexify import bundle as bundle_mod
+from mexify import files as files_mod
 from mexify.bundle import read_config, update_bundle
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"
@@ -42,7 +43,7 @@ def test_update_writes_config_and_weights_together_and_keeps_other_files(bundle)
 @pytest.mark.parametrize("swap", ["exchange", "two renames"])
 def test_failed_update_leaves_the_old_bundle(bundle, monkeypatch, swap):
     if swap == "two renames":
-        monkeypatch.setattr(bundle_mod, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files_mod, "_exchange", lambda a, b: False)
     before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
     model = _perturbed(mexify.load(bundle))
 
@@ -57,7 +58,7 @@ def test_failed_update_leaves_the_old_bundle(bundle, monkeypatch, swap):
 
 
 def test_update_without_exchange_swaps_by_renames(bundle, monkeypatch):
-    monkeypatch.setattr(bundle_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(files_mod, "_exchange", lambda a, b: False)
     update_bundle(bundle, training={"note": "y"})
     assert yaml.safe_load((bundle / "config.yaml").read_text())["training"] == {"note": "y"}
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["b.mex"]

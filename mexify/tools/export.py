@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mexify.trust import Trust
-from mexify.bundle import CONFIG_FILE, check_writable, config_text, load, replace_dir
+from mexify.bundle import CONFIG_FILE, config_text, load
 from mexify.config import EXPORT_SCHEMA, BundleConfig
 from mexify.data import IMAGENET_MEAN, IMAGENET_STD
 from mexify.errors import BundleError, ConfigError
+from mexify.files import check_writable, replace_dir, write_text_atomic
 from mexify.nn import MultiExitModel
 from mexify.nn.programs import TENSOR, CarrierModule, carrier_batch_dim, dynamic_dims, save_program, to_carrier, value_kind
 from mexify.runtime.policy import active_exits, resolve_policy
@@ -154,7 +155,7 @@ def export_bundle(
             manifest["policy"] = getattr(policy, "name", None)
         manifest["max_abs_diff"] = dict(diffs)
         exported = dataclasses.replace(config, export=manifest)
-        (tmp / CONFIG_FILE).write_text(config_text(exported))
+        write_text_atomic(tmp / CONFIG_FILE, config_text(exported))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_dir(out, fill)
