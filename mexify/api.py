@@ -18,9 +18,11 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,27 +31,48 @@ import yaml
 from torch.utils.data import Dataset
 
 from mexify._version import __version__
-from mexify.bundle import check_writable, read_config, save_bundle, update_bundle
+from mexify.bundle import read_config, save_bundle, update_bundle
 from mexify.bundle import load as _load_bundle
 from mexify.calibrate import (
+    COST_MODELS,
     CalibrationReport,
     ConfigurationReport,
     PolicyComparison,
     apply_configuration,
     compare_policies,
     fit_policy,
+    parse_budget,
+    parse_cost,
+    parse_max_drop,
     search_configuration,
+    small_set_note,
 )
-from mexify.config import BundleConfig, json_safe, parse_size
-from mexify.data import as_loader, build_dataset, check_classes, take
-from mexify.errors import BudgetError, ConfigError, DataError, MexifyError
+from mexify.config import (
+    TRACE_METHODS,
+    BundleConfig,
+    json_safe,
+    parse_assignment,
+    parse_choice,
+    parse_count,
+    parse_counts,
+    parse_head_settings,
+    parse_image_size,
+    parse_input_size,
+    parse_size,
+    parse_trace_method,
+    parse_yaml_assignment,
+)
+from mexify.data import as_loader, build_dataset, check_classes, parse_dataset_spec, take
+from mexify.errors import BudgetError, ConfigError, DataError, Interrupted, MexifyError
+from mexify.files import check_dir_writable, updating, writing
 from mexify.graph.placement import PlacementConfig
-from mexify.nn import MultiExitModel, device_name, head_space, module_device, resolve_device
-from mexify.policies import Policy, available_policies
+from mexify.nn import HEAD_SPACES, MultiExitModel, device_name, head_space, module_device, parse_device, resolve_device
+from mexify.nn.heads import HEAD_TEMPLATES, parse_head_template
+from mexify.policies import Policy, available_policies, policy_options
 from mexify.prepare import ConvertResult, TracedModel
 from mexify.prepare import convert as _convert
 from mexify.prepare import inspect as _inspect
-from mexify.runtime import EarlyExitRuntime
+from mexify.runtime import DTYPES, EarlyExitRuntime, parse_dtype
 from mexify.tools import (
     ENGINES,
     BenchReport,
@@ -60,6 +83,7 @@ from mexify.tools import (
     PolicyResult,
     collect_images,
     compare_engines,
+    predictions_out,
     export_bundle,
     make_engine,
     predict_images,
@@ -72,7 +96,9 @@ from mexify.tools import (
 from mexify.tools import bench as _bench
 from mexify.tools import evaluate as _evaluate
 from mexify.tools import evaluate_policy as _evaluate_policy
-from mexify.train import TrainReport, default_run_dir, load_recipe, train_model
+from mexify.tools.export import FORMATS
+from mexify.train import Recipe, TrainReport, default_run_dir, load_recipe, train_model
+from mexify.train.checkpoint import CHECKPOINT_NAME
 from mexify.trust import Trust, register_builder
 
 __all__ = [
@@ -111,7 +137,34 @@ __all__ = [
     "Trust",
     "register_builder",
     "json_safe",
+    "Interrupted",
+    # the parsers of every value a user types: the CLI's option types call these, the functions above check with them
     "parse_size",
+    "parse_input_size",
+    "parse_image_size",
+    "parse_count",
+    "parse_counts",
+    "parse_assignment",
+    "parse_yaml_assignment",
+    "parse_head_settings",
+    "parse_head_template",
+    "parse_head_space",
+    "parse_trace_method",
+    "parse_choice",
+    "parse_budget",
+    "parse_max_drop",
+    "parse_cost",
+    "parse_device",
+    "parse_dtype",
+    "parse_dataset_spec",
+    "parse_recipe_override",
+    "parse_policy",
+    "policy_options",
+    "TRACE_METHODS",
+    "COST_MODELS",
+    "DTYPES",
+    "FORMATS",
+    "HEAD_TEMPLATES",
     "__version__",
 ]
 
@@ -119,6 +172,7 @@ PathLike = Union[str, os.PathLike]
 Model = Union[PathLike, MultiExitModel]
 Data = Union[str, Dataset, Any]
 StageProgress = Optional[Callable[[str, int, int], None]]
+MIN_OPSET = 18  # the torch.export -> ONNX exporter's own opset; older ones go through a lossy converter
 
 
 # =============================================================================== helpers
@@ -151,6 +205,75 @@ def _trained_on(model: MultiExitModel, bundle: Any) -> str:
     return str(data)
 
 
+def _bundle_dir(bundle: Model) -> Optional[Path]:
+    return Path(bundle) if isinstance(bundle, (str, os.PathLike)) else None
+
+
+def _plots_at(out: Optional[PathLike], bundle_path: Optional[Path], default: str) -> Tuple[Optional[Path], Optional[str]]:
+    """Where a command's plots go: ``(a folder outside the bundle, checked now, before any work, None)``
+    or ``(None, a folder inside the bundle, relative)``, written into the bundle's new directory before its swap."""
+    if out is None:
+        return None, (default if bundle_path is not None else None)
+    if bundle_path is not None:
+        with contextlib.suppress(ValueError):
+            return None, str(Path(out).resolve().relative_to(bundle_path.resolve()))
+    check_dir_writable(out)
+    return Path(out), None
+
+
+def _write_outputs(bundle_path: Optional[Path], outside: Optional[Path], inside: Optional[str],
+                   draw: Callable[[Path], Dict[str, str]], fields: Dict[str, Any], model: Any = None) -> Dict[str, str]:
+    """Plots outside the bundle first; then the plots inside it, the config ``fields`` and the ``model``'s
+    weights, in one swap of the bundle's directory (:func:`mexify.bundle.update_bundle`). Returns the plot files."""
+    files = draw(outside) if outside is not None else {}
+    if bundle_path is None or not (fields or inside is not None or model is not None):
+        return files
+
+    def extra(tmp: Path) -> None:
+        if inside is not None:
+            files.update({k: str(bundle_path / inside / Path(v).name) for k, v in draw(tmp / inside).items()})
+
+    update_bundle(bundle_path, model=model, extra=extra, **fields)
+    return files
+
+
+# =============================================================================== parsers
+def parse_head_space(text: Union[str, PathLike]) -> str:
+    """``--heads``: a head space name (:data:`~mexify.nn.HEAD_SPACES`) or a YAML file of head settings
+    (read by :func:`convert`); a name is checked here.
+
+    Raises:
+        ConfigError: an unknown space name that is no file either.
+    """
+    text = os.fspath(text)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return text
+    head_space(text)
+    return text
+
+
+def parse_recipe_override(text: str) -> Tuple[str, str]:
+    """``--set key=value``: a recipe field and a value it takes (:meth:`~mexify.train.Recipe.parse_override`)."""
+    return Recipe.parse_override(text)
+
+
+def parse_policy(name: str) -> str:
+    """A registered policy name (``--policy``)."""
+    return parse_choice(str(name).replace("_", "-"), available_policies(), "policy")
+
+
+def _device(device: Any) -> Any:
+    """``device`` checked to exist here (:func:`~mexify.nn.parse_device`); None stays None (the default)."""
+    return None if device is None else parse_device(device)
+
+
+def _counts(**values: Optional[int]) -> None:
+    """Check integer arguments by name: ``limit`` (>= 1, or None), ``warmup`` (>= 0), the others >= 1."""
+    for name, value in values.items():
+        if value is not None:
+            parse_count(value, f"--{name.replace('_', '-')}", lo=0 if name in ("warmup", "workers") else 1)
+
+
 # =============================================================================== convert / inspect
 def _head_space(heads: Union[str, PathLike, Sequence[Mapping[str, Any]]]) -> tuple:
     """Head candidates from a space name, a YAML file (a list of head settings, or ``candidates:`` holding one) or a list."""
@@ -169,10 +292,7 @@ def _head_space(heads: Union[str, PathLike, Sequence[Mapping[str, Any]]]) -> tup
 
 
 def _input_size(size: Union[Tuple[int, int], str]) -> Tuple[int, int]:
-    h, w = parse_size(size, "--input-size")
-    if h < 32 or w < 32:
-        raise ConfigError(f"--input-size {size} is too small", "use at least 32x32")
-    return (h, w)
+    return parse_input_size(size, "--input-size")
 
 
 def convert(
@@ -220,16 +340,18 @@ def convert(
     Raises:
         MexifyError: any user-facing problem, with a hint; nothing is written then.
     """
-    if out is not None:
-        check_writable(out, overwrite)
-    size = _input_size(input_size)
-    result = _convert(
-        spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust=trust,
-        placement=placement, check=check, heads=_head_space(heads) if heads is not None else None,
-    )
-    if out is not None:
-        save_bundle(result.model, out, overwrite=overwrite)
+    size = _input_size(input_size)  # the values first, then the output place, then the work
+    parse_trace_method(trace)
+    parse_head_template(head)
+    parse_head_settings(head_set)
+    with writing(out, overwrite) if out is not None else contextlib.nullcontext():  # checked before any work, held
+        result = _convert(
+            spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
+            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust=trust,
+            placement=placement, check=check, heads=_head_space(heads) if heads is not None else None,
+        )
+        if out is not None:
+            save_bundle(result.model, out, overwrite=overwrite)
     return result
 
 
@@ -246,6 +368,7 @@ def inspect(
 ) -> TracedModel:
     """Trace and profile a model and list its candidate exit points, converting nothing (``mexify inspect``)."""
     size = _input_size(input_size)
+    parse_trace_method(trace)
     return _inspect(spec, args=args, weights=weights, input_size=size, leaf_modules=leaf_modules,
                     autowrap_functions=autowrap_functions, trace=trace, trust=trust)
 
@@ -263,6 +386,7 @@ def train(
     progress: Optional[Callable[[Any], None]] = None,
     run_dir: Optional[PathLike] = None,
     trust: Trust = Trust(),
+    overwrite: bool = False,
 ) -> TrainReport:
     """Train a bundle in two stages (``mexify train``) and write the trained bundle.
 
@@ -278,34 +402,61 @@ def train(
         progress: called with a :class:`~mexify.train.TrainEvent` at stage start, every
             iteration and stage end.
         run_dir: checkpoints and logs (default ``<out>.train`` beside the bundle).
+        overwrite: replace an existing bundle at ``out`` (another than ``bundle``; with ``resume``,
+            the bundle the run being resumed wrote may be replaced without it).
+
+    Before any work, ``out`` (or ``bundle``, trained in place) and ``run_dir`` are checked to be
+    writable and ``out`` is locked against other mexify processes until the bundle is written.
 
     Raises:
         ConfigError: bad recipe, or no dataset anywhere. DataError: dataset does not fit.
-        TrainingError: non-finite loss or unreadable checkpoint.
+        TrainingError: non-finite loss or unreadable checkpoint. BundleError: ``out`` may not be written.
     """
     rec = load_recipe(recipe, overrides)
     data = data if data is not None else rec.data
     if data is None:
         raise ConfigError(f"recipe {rec.name!r} names no dataset and no --data was given",
                           "pass --data SPEC, or add `data: SPEC` to the recipe")
+    if isinstance(data, str):
+        parse_dataset_spec(data)
+    device = _device(device)
     bundle, out = Path(bundle), Path(out) if out is not None else Path(bundle)
-    model = load(bundle, device="cpu", trust=trust)
-    if model.config is not None and model.config.export is not None:
-        raise ConfigError(f"{bundle} is an export: its programs run inference only",
-                          "train the bundle it was exported from, then export it again")
-    dataset = _dataset(data, "train", train=True, crop_size=rec.crop_hw, base_size=rec.base_size)
-    data_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+    in_place = out.resolve() == bundle.resolve()
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(out)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
+    claim = updating(bundle, "train it in place") if in_place else writing(out, overwrite or resume)
+    with claim if main else contextlib.nullcontext():
+        if main:
+            check_dir_writable(run_dir, "--run-dir")
+        model = load(bundle, device="cpu", trust=trust)
+        if model.config is not None and model.config.export is not None:
+            raise ConfigError(f"{bundle} is an export: its programs run inference only",
+                              "train the bundle it was exported from, then export it again")
+        dataset = _dataset(data, "train", train=True, crop_size=rec.crop_hw, base_size=rec.base_size)
+        data_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
 
-    def save(trained: MultiExitModel, record: Dict[str, Any]) -> None:
-        if out.resolve() == bundle.resolve():
-            update_bundle(out, model=trained, training=record)
-        else:
-            cfg = dataclasses.replace(trained.config or read_config(bundle), training=record)
-            save_bundle(trained, out, config=cfg, overwrite=True)
+        def save(trained: MultiExitModel, record: Dict[str, Any]) -> None:
+            if in_place:
+                update_bundle(out, model=trained, training=record)
+            else:
+                cfg = dataclasses.replace(trained.config or read_config(bundle), training=record)
+                save_bundle(trained, out, config=cfg, overwrite=True)
 
-    report = train_model(model, dataset, rec, run_dir if run_dir is not None else default_run_dir(out),
-                         weights=weights, resume=resume, device=device, progress=progress, save=save, data_name=data_name)
+        started = time.time()
+        try:
+            report = train_model(model, dataset, rec, run_dir, weights=weights, resume=resume, device=device,
+                                 progress=progress, save=save, data_name=data_name)
+        except KeyboardInterrupt as e:
+            raise Interrupted(_checkpoint_after(run_dir, None if resume else started)) from e
     return dataclasses.replace(report, bundle=str(bundle), out=str(out))
+
+
+def _checkpoint_after(run_dir: Path, since: Optional[float]) -> Optional[str]:
+    """The run's checkpoint, when there is one (written after ``since``, when given): what ``--resume`` reads."""
+    ckpt = Path(run_dir) / CHECKPOINT_NAME
+    if ckpt.is_file() and (since is None or ckpt.stat().st_mtime >= since - 1.0):
+        return str(ckpt)
+    return None
 
 
 # =============================================================================== calibrate
@@ -332,6 +483,7 @@ def calibrate(
     trust: Trust = Trust(),
     search: bool = False,
     keep_candidates: bool = False,
+    warn: Optional[Callable[[str], None]] = None,
 ) -> Union[CalibrationReport, ConfigurationReport]:
     """Fit an exit policy on a calibration split for a budget and write it into the bundle (``mexify calibrate``).
 
@@ -358,77 +510,111 @@ def calibrate(
             bundle has a latency profile, else FLOPs).
         profile: part of a latency-profile key (``"cpu|b1"``, ``"H100|b8|bfloat16"``); default the
             profile of the calibration device at batch 1, float32 where there is one.
+        warn: receives a warning when the calibration set is small (fewer than 50 images; the
+            report's notes say it too).
+
+    The dataset's ``means_split`` is read only for policies that need class means (class-means):
+    the others calibrate from ``split`` alone (a held-out folder is enough).
 
     Raises:
         BudgetError: the budget is below the cheapest reachable cost (nothing is written).
         ConfigError: bad policy, budget or options.
     """
-    model, bundle_path = _model(bundle, device, trust=trust)
-    ds = _dataset(data, split, limit)
-    check_classes(ds, model.num_classes)
-    if search:
-        if temperature:
-            raise ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
+    _check_fit_args(policy, budget, max_drop, cost, policy_options, data)
+    _counts(batch_size=batch_size, limit=limit)
+    device = _device(device)
+    bundle_path = _bundle_dir(bundle)
+    outside, inside = _plots_at(out, bundle_path, "calibration")  # checked before any work
+    with updating(bundle_path if write or inside is not None else None, "write the calibration into it"):
+        model, _ = _model(bundle, device, trust=trust)
+        ds = _dataset(data, split, limit)
+        check_classes(ds, model.num_classes)
+        small = small_set_note(len(ds)) if hasattr(ds, "__len__") else None
+        if small and warn is not None:
+            warn(small)
         seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
-        return _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write,
-                                 keep_candidates, progress, out, split, seen, cost, profile)
-    means = _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
-    table = getattr(getattr(model, "config", None), "latency", None)
-    latency = select_profile(table, profile, device_name(module_device(model)))
-    report = fit_policy(
-        model,
-        lambda: as_loader(ds, batch_size),
-        policy=policy,
-        budget=budget,
-        max_drop=max_drop,
-        temperature=temperature,
-        means_batches=lambda: as_loader(means, batch_size),
-        policy_options=policy_options,
-        edge_radius=edge_radius,
-        device=device,
-        total=math.ceil(len(ds) / batch_size) if hasattr(ds, "__len__") else None,
-        progress=progress,
-        latency=latency,
-        cost=cost,
-    )
-    out_dir = Path(out) if out is not None else (bundle_path / "calibration" if bundle_path is not None else None)
-    if out_dir is not None:
-        report.files = save_pareto(report.search, report.oracle_curve, report.figures, out_dir, title=f"{report.policy.name} on {split}")
-    if write and bundle_path is not None:
-        seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
-        update_bundle(bundle_path, policy={**report.policy.to_dict(), "calibrated_on": seen})
-        report.files["config"] = str(bundle_path / "config.yaml")
+        if search:
+            if temperature:
+                raise ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
+            return _noted(_calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options,
+                                            write, keep_candidates, progress, (outside, inside), split, seen, cost, profile), small)
+
+        def means() -> Any:  # read only by policies that need class means
+            return _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
+        table = getattr(getattr(model, "config", None), "latency", None)
+        latency = select_profile(table, profile, device_name(module_device(model)))
+        report = fit_policy(
+            model,
+            lambda: as_loader(ds, batch_size),
+            policy=policy,
+            budget=budget,
+            max_drop=max_drop,
+            temperature=temperature,
+            means_batches=lambda: as_loader(means(), batch_size),
+            policy_options=policy_options,
+            edge_radius=edge_radius,
+            device=device,
+            total=math.ceil(len(ds) / batch_size) if hasattr(ds, "__len__") else None,
+            progress=progress,
+            latency=latency,
+            cost=cost,
+        )
+        fields = {"policy": {**report.policy.to_dict(), "calibrated_on": seen}} if write and bundle_path is not None else {}
+        report.files = _write_outputs(bundle_path, outside, inside, lambda d: save_pareto(
+            report.search, report.oracle_curve, report.figures, d, title=f"{report.policy.name} on {split}"), fields)
+        if fields:
+            report.files["config"] = str(bundle_path / "config.yaml")
+        return _noted(report, small)
+
+
+def _check_fit_args(policy: Any, budget: Optional[str], max_drop: Optional[float], cost: Optional[str],
+                    options: Optional[Mapping[str, Any]], data: Any) -> None:
+    """The values of a calibration checked before any work (each is checked again where it is used)."""
+    parse_budget(budget)
+    parse_max_drop(max_drop)
+    parse_cost(cost)
+    if isinstance(policy, str):
+        policy_options(policy, options)
+    if isinstance(data, str):
+        parse_dataset_spec(data)
+
+
+def _noted(report: Any, note: Optional[str]) -> Any:
+    """``report`` with ``note`` first among its notes (when there is one)."""
+    if note:
+        report.notes.insert(0, note)
     return report
 
 
 def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write, keep,
-                      progress, out, split, seen, cost, profile) -> ConfigurationReport:
-    """``calibrate --search``: the configuration, its plot against the uniform-FCN configuration, the bundle rewritten."""
+                      progress, plots, split, seen, cost, profile) -> ConfigurationReport:
+    """``calibrate --search``: the configuration, its plot against the uniform-FCN configuration, the bundle rewritten
+    (``plots``: where the plot goes, as :func:`_plots_at` says)."""
     name = policy if isinstance(policy, str) else policy.name
     table = getattr(model.config, "latency", None)
     latency = select_profile(table, profile, device_name(module_device(model)))
     report = search_configuration(model, lambda: as_loader(ds, batch_size), name, budget=budget, max_drop=max_drop,
                                   policy_options=policy_options, device=device, progress=progress, latency=latency, cost=cost)
-    out_dir = Path(out) if out is not None else (bundle_path / "calibration" if bundle_path is not None else None)
-    if out_dir is not None:
-        curves, points = {"searched": report.pareto}, {"searched": report.figures}
-        if report.baseline is not None:
-            curves["uniform fcn"], points["uniform fcn"] = report.baseline_pareto, report.baseline
-        if report.default is not None:
-            curves["uniform mess b1"], points["uniform mess b1"] = report.default_pareto, report.default
-        unit = "ms" if any("measured latency" in n for n in report.notes) else "flops"
-        report.files = save_comparison(curves, points, [], out_dir, unit, title=f"{name} on {split}: searched heads vs uniform FCN",
-                                       stem="search")
+    curves, points = {"searched": report.pareto}, {"searched": report.figures}
+    if report.baseline is not None:
+        curves["uniform fcn"], points["uniform fcn"] = report.baseline_pareto, report.baseline
+    if report.default is not None:
+        curves["uniform mess b1"], points["uniform mess b1"] = report.default_pareto, report.default
+    unit = "ms" if any("measured latency" in n for n in report.notes) else "flops"
+    fields: Dict[str, Any] = {}
     if write and bundle_path is not None:
         tables = dict(model.config.latency or {})
         apply_configuration(model, report.choice, keep_candidates=keep)
         kept, dropped = _chosen_profiles(tables, model.config.exits, keep)
-        update_bundle(bundle_path, model=model, exits=model.config.exits, latency=kept or None,
-                      policy={**report.policy.to_dict(), "calibrated_on": seen})
-        report.files["config"] = str(bundle_path / "config.yaml")
+        fields = {"exits": model.config.exits, "latency": kept or None, "policy": {**report.policy.to_dict(), "calibrated_on": seen}}
         if dropped:
             report.notes.append(f"the heads changed: latency profiles without every candidate's time were dropped "
                                 f"({', '.join(dropped)}); run `mexify profile` again")
+    report.files = _write_outputs(bundle_path, *plots, lambda d: save_comparison(
+        curves, points, [], d, unit, title=f"{name} on {split}: searched heads vs uniform FCN", stem="search"),
+        fields, model=model if fields else None)
+    if fields:
+        report.files["config"] = str(bundle_path / "config.yaml")
     return report
 
 
@@ -474,6 +660,10 @@ def evaluate(
     Raises:
         DataError: no dataset anywhere, an empty dataset or classes that differ from the model's.
     """
+    _counts(batch_size=batch_size, limit=limit, workers=workers)
+    device = _device(device)
+    if isinstance(data, str):
+        parse_dataset_spec(data)
     model, _ = _model(bundle, trust=trust)
     data = data if data is not None else _trained_on(model, bundle)
     ds = _dataset(data, split)
@@ -508,6 +698,8 @@ def evaluate_policy(
     trust: Trust = Trust(),
 ) -> PolicyResult:
     """mIoU, mean FLOPs and exit rates of a policy (default: the bundle's) through the early-exit runtime."""
+    _counts(batch_size=batch_size, limit=limit)
+    device = _device(device)
     model, _ = _model(bundle, trust=trust)
     ds = _dataset(data if data is not None else _trained_on(model, bundle), split)
     return _evaluate_policy(model, policy, ds, batch_size=batch_size, limit=limit, device=device)
@@ -551,22 +743,27 @@ def predict(
         DataError: missing paths, no image, or an unreadable image without ``skip_bad``.
     """
     warn = warn or (lambda m: None)
-    files = collect_images([Path(p) for p in images], warn)
-    forced: Union[int, str, None] = int(exit) if isinstance(exit, str) and exit.lstrip("-").isdigit() else exit
-    if engine == "torch":
-        model, _ = _model(bundle, resolve_device(device), trust=trust)
-        config = model.config
-    elif not isinstance(bundle, (str, os.PathLike)):
-        raise ConfigError(f"--engine {engine} runs an exported directory, not a model object")
-    else:
-        config = read_config(bundle)
-    if forced is None and (config is None or config.policy is None):
-        warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
-        forced = -1
-    rt = (EarlyExitRuntime(model, exit=forced, final_confidence=True) if engine == "torch"
-          else make_engine(engine, bundle, exit=forced, device=device, trust=trust, final_confidence=True))
-    hw = tuple(rt.model.input_size) if not size else parse_size(size, "--size")
-    return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
+    _counts(batch_size=batch_size)
+    device = _device(device)
+    parse_choice(engine, ENGINES, "engine")
+    size = parse_image_size(size, "--size") if size else None
+    with predictions_out(Path(out)):  # checked before any work, held until the new folder is swapped in
+        files = collect_images([Path(p) for p in images], warn)
+        forced: Union[int, str, None] = int(exit) if isinstance(exit, str) and exit.lstrip("-").isdigit() else exit
+        if engine == "torch":
+            model, _ = _model(bundle, resolve_device(device), trust=trust)
+            config = model.config
+        elif not isinstance(bundle, (str, os.PathLike)):
+            raise ConfigError(f"--engine {engine} runs an exported directory, not a model object")
+        else:
+            config = read_config(bundle)
+        if forced is None and (config is None or config.policy is None):
+            warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
+            forced = -1
+        rt = (EarlyExitRuntime(model, exit=forced, final_confidence=True) if engine == "torch"
+              else make_engine(engine, bundle, exit=forced, device=device, trust=trust, final_confidence=True))
+        hw = tuple(rt.model.input_size) if not size else size
+        return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
 
 
 def bench(
@@ -608,6 +805,13 @@ def bench(
     Raises:
         DataError: no image. ConfigError: a policy fitted for another model.
     """
+    _counts(limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats, threads=threads)
+    device = _device(device)
+    parse_dtype(dtype)
+    for engine in engines:
+        parse_choice(engine, ENGINES, "engine")
+    if isinstance(data, str):
+        parse_dataset_spec(data)
     if threads:
         torch.set_num_threads(int(threads))
     if engines and list(engines) != ["torch"]:
@@ -657,16 +861,19 @@ def profile(
     Raises:
         ConfigError: an unknown dtype or batch size below 1.
     """
-    if any(int(b) < 1 for b in batch_sizes):
-        raise ConfigError(f"batch sizes must be at least 1, got {list(batch_sizes)}", "e.g. --batch-size 1,8")
+    batch_sizes = parse_counts(batch_sizes, "--batch-size")
+    _counts(warmup=warmup, repeats=repeats, threads=threads)
+    device = _device(device)
+    dtype = parse_dtype(dtype)
     if threads:
         torch.set_num_threads(int(threads))
-    model, bundle_path = _model(bundle, trust=trust)
-    profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
-    if write and bundle_path is not None:
-        tables = dict(read_config(bundle_path).latency or {})
-        tables.update({p.key: p.to_dict() for p in profiles})
-        update_bundle(bundle_path, latency=tables)
+    with updating(_bundle_dir(bundle) if write else None, "store the latency profile in it"):  # before any work
+        model, bundle_path = _model(bundle, trust=trust)
+        profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
+        if write and bundle_path is not None:
+            tables = dict(read_config(bundle_path).latency or {})
+            tables.update({p.key: p.to_dict() for p in profiles})
+            update_bundle(bundle_path, latency=tables)
     return profiles
 
 
@@ -695,8 +902,13 @@ def export(
     Raises:
         BundleError: a stage or head that cannot be exported (named, with the operation).
     """
-    return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust=trust,
-                         progress=progress)
+    parse_choice(format, FORMATS, "export format")
+    if opset is not None:
+        parse_count(opset, "--opset", lo=MIN_OPSET)
+    same = Path(out).resolve() == Path(bundle).resolve()  # export_bundle refuses it, saying why
+    with writing(out, overwrite) if not same else contextlib.nullcontext():  # checked before any work, held
+        return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust=trust,
+                             progress=progress)
 
 
 # =============================================================================== compare
@@ -725,7 +937,8 @@ def compare(
     latency profile, else FLOPs), FLOPs speed-up, measured speed-up (``measure``: the runtime over
     the evaluation images at batch 1 against every exit off), and the share of the oracle's saving
     on the same split; the oracle's row. Writes ``compare.png`` / ``compare.csv`` to ``out``
-    (default ``BUNDLE/compare``). Nothing in the bundle changes.
+    (checked before any work), by default ``BUNDLE/compare``, added through the bundle's atomic
+    swap with its lock held; nothing else in the bundle changes.
 
     Args:
         policies: registry names (default: every policy but the oracle, which is always a row).
@@ -735,23 +948,30 @@ def compare(
     Raises:
         ConfigError: bad policies or budget. DataError: datasets that do not fit the bundle.
     """
-    model, bundle_path = _model(bundle, device, trust=trust)
-    fit_ds, eval_ds = _dataset(data, fit_split, limit), _dataset(data, eval_split, limit)
-    check_classes(fit_ds, model.num_classes)
-    table = getattr(getattr(model, "config", None), "latency", None)
-    latency = select_profile(table, profile, device_name(module_device(model)))
-    report = compare_policies(model, lambda: as_loader(fit_ds, batch_size), lambda: as_loader(eval_ds, batch_size), policies=policies,
-                              budget=budget, max_drop=max_drop, latency=latency, cost=cost, device=device, progress=progress)
-    if measure:
-        ms = time_policies(model, eval_ds, report.policies, limit=limit, repeats=repeats, progress=progress)
-        for row in report.rows:
-            row["eval"]["measured_ms"] = ms[row["policy"]]
-            row["eval"]["measured_speedup"] = ms["original"] / ms[row["policy"]]
-        report.notes.append(f"measured: the runtime over the {eval_split} images at batch 1 against every exit off "
-                            f"({ms['original']:.2f} ms/image), median of {repeats} passes")
-    out_dir = Path(out) if out is not None else (bundle_path / "compare" if bundle_path is not None else None)
-    if out_dir is not None:
+    _check_fit_args(None, budget, max_drop, cost, None, data)
+    for name in policies or ():
+        parse_policy(name)
+    _counts(limit=limit, batch_size=batch_size, repeats=repeats)
+    device = _device(device)
+    bundle_path = _bundle_dir(bundle)
+    outside, inside = _plots_at(out, bundle_path, "compare")  # checked before any work
+    with updating(bundle_path if inside is not None else None, "write the comparison into it"):
+        model, _ = _model(bundle, device, trust=trust)
+        fit_ds, eval_ds = _dataset(data, fit_split, limit), _dataset(data, eval_split, limit)
+        check_classes(fit_ds, model.num_classes)
+        table = getattr(getattr(model, "config", None), "latency", None)
+        latency = select_profile(table, profile, device_name(module_device(model)))
+        report = compare_policies(model, lambda: as_loader(fit_ds, batch_size), lambda: as_loader(eval_ds, batch_size), policies=policies,
+                                  budget=budget, max_drop=max_drop, latency=latency, cost=cost, device=device, progress=progress)
+        if measure:
+            ms = time_policies(model, eval_ds, report.policies, limit=limit, repeats=repeats, progress=progress)
+            for row in report.rows:
+                row["eval"]["measured_ms"] = ms[row["policy"]]
+                row["eval"]["measured_speedup"] = ms["original"] / ms[row["policy"]]
+            report.notes.append(f"measured: the runtime over the {eval_split} images at batch 1 against every exit off "
+                                f"({ms['original']:.2f} ms/image), median of {repeats} passes")
         points = {r["policy"]: r["eval"] for r in report.rows}
         unit = "ms" if report.cost == "latency" else "flops"
-        report.files = save_comparison(report.curves, points, report.oracle_curve, out_dir, unit)
-    return report
+        report.files = _write_outputs(bundle_path, outside, inside,
+                                      lambda d: save_comparison(report.curves, points, report.oracle_curve, d, unit), {})
+        return report

@@ -43,6 +43,7 @@ from mexify.calibrate.search import SearchResult, search_thresholds
 from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
+from mexify.files import atomic_file
 from mexify.nn import resize_logits
 from mexify.runtime import exit_ms_per_image, original_ms_per_image
 from mexify.policies import Policy, boundary_mask, prob_bins
@@ -275,10 +276,12 @@ class ExitCache:
 
     # --------------------------------------------------------------- persistence
     def save(self, path: Union[str, Path]) -> None:
-        """Write the cache as one ``.npz`` (arrays) with its metadata."""
+        """Write the cache as one ``.npz`` (arrays) with its metadata, atomically (``.npz`` appended if missing)."""
         arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
         meta = {k: v for k, v in vars(self).items() if not isinstance(v, np.ndarray)}
-        np.savez_compressed(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+        path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+        with atomic_file(path, "wb") as fh:
+            np.savez_compressed(fh, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ExitCache":

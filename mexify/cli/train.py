@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
 
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, err_console, parse_kv, print_json, stage_progress
+from mexify.cli._common import (Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, console, data_option, err_console, lib_parser, merged,
+                                print_json, stage_progress, trust_of)
 
 
 def _progress_adapter(callback):
@@ -35,30 +36,35 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory made by `mexify convert`.")],
         data: Annotated[
-            Optional[str],
-            typer.Option("--data", help="Dataset spec (synthetic:scenes?..., voc:PATH, ...); default: the recipe's `data`."),
+            Optional[str], data_option("Dataset spec (synthetic:scenes?..., voc:PATH, ...); default: the recipe's `data`."),
         ] = None,
         recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (quick-synthetic, voc-deeplabv3-resnet50, ...) or YAML path.")] = "quick-synthetic",
-        set_: Annotated[Optional[List[str]], typer.Option("--set", help="Override a recipe field: --set lr=0.01 (repeatable).")] = None,
+        set_: Annotated[Optional[List[Any]], typer.Option("--set", parser=lib_parser(api.parse_recipe_override), metavar="KEY=VALUE",
+                                                          help="Override a recipe field: --set lr=0.01 (repeatable).")] = None,
         weights: Annotated[Optional[Path], typer.Option("--weights", help="Trained weights of the original model (state_dict or .safetensors) for the backbone.")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of this run.")] = False,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the trained bundle here (default: update BUNDLE in place).")] = None,
         run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Checkpoints and logs (default: OUT.train next to the bundle).")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
         device: DeviceOpt = None,
         trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_: JsonOpt = False,
     ) -> None:
         """Train a multi-exit bundle in two stages: end-to-end, then frozen backbone with distillation."""
-        overrides = parse_kv(set_, "--set")
+        overrides = merged(set_)
         quiet = json_ or int(os.environ.get("RANK", "0")) != 0
         try:
             with stage_progress(not quiet, transient=False) as callback:
                 report = api.train(bundle, data, recipe=recipe, out=out, overrides=overrides, weights=weights,
                                    resume=resume, device=device, progress=_progress_adapter(callback) if callback else None,
-                                   run_dir=run_dir, trust=trust_of(trust_code, trust_pickle))
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted:[/] the last checkpoint is intact; continue with --resume")
+                                   run_dir=run_dir, trust=trust_of(trust_code, trust_pickle), overwrite=overwrite)
+        except KeyboardInterrupt as e:
+            ckpt = getattr(e, "checkpoint", None)
+            if ckpt:
+                err_console.print(f"[yellow]interrupted:[/] the last checkpoint ({ckpt}) is intact; continue with --resume")
+            else:
+                err_console.print("[yellow]interrupted[/] before the first checkpoint: nothing to resume; run again without --resume")
             raise typer.Exit(130)
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports

@@ -4,20 +4,24 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mexify.data.readers import read_rgb
 from mexify.data.transforms import SegTransform
 from mexify.errors import DataError
+from mexify.files import check_writable, replace_dir, writing
 from mexify.runtime import EarlyExitRuntime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "palette", "collect_images", "read_image", "to_tensor", "predict_images"]
+__all__ = ["IMAGE_SUFFIXES", "PREDICTIONS_FILE", "palette", "collect_images", "read_image", "to_tensor",
+           "predict_images", "predictions_out"]
 
+PREDICTIONS_FILE = "predictions.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 Warn = Callable[[str], None]
@@ -61,16 +65,12 @@ def collect_images(paths: Sequence[Path], warn: Warn = log.warning) -> List[Path
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open an image as RGB.
+    """Open an image as 8-bit RGB (:func:`mexify.data.readers.read_rgb`: 16-bit images scaled, bombs refused).
 
     Raises:
-        DataError: the file is not a readable image.
+        DataError: the file is not a readable image, or too large to decode safely.
     """
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}", "check that it is a PNG/JPEG image, or pass --skip-bad") from e
+    return read_rgb(path, "check that it is a PNG/JPEG image, or pass --skip-bad")
 
 
 def to_tensor(image: Image.Image, size: Tuple[int, int]) -> torch.Tensor:
@@ -112,6 +112,20 @@ def _save_mask(mask: torch.Tensor, image: Image.Image, pal: List[int], path: Pat
     out.save(path)
 
 
+_OUT = {"overwrite": True, "marker": PREDICTIONS_FILE, "what": f"predictions folder (it has no {PREDICTIONS_FILE})"}
+
+
+def predictions_out(out: Path) -> ContextManager[Path]:
+    """Claim ``out`` for a whole prediction run, before any work (:func:`mexify.files.writing`): it must be
+    new, empty or an earlier predictions folder, which the run replaces as a whole; held locked.
+
+    Raises:
+        BundleError: a file, a non-empty folder without ``predictions.jsonl``, an unwritable place, or
+        another mexify process writing it.
+    """
+    return writing(out, **_OUT)
+
+
 def predict_images(
     runtime: EarlyExitRuntime,
     files: Sequence[Path],
@@ -124,10 +138,14 @@ def predict_images(
 ) -> Dict[str, Any]:
     """Segment image files with early exits: a palette PNG mask per image plus ``predictions.jsonl`` in ``out``.
 
+    The masks and ``predictions.jsonl`` are written into a new folder beside ``out`` that replaces
+    ``out`` as a whole once every image is done (:func:`mexify.files.replace_dir`): a failed or
+    interrupted run leaves an earlier run's results as they were.
+
     Args:
         runtime: the early-exit runtime (model and policy).
         files: image files (see :func:`collect_images`).
-        out: output directory (created).
+        out: output directory: new, empty or an earlier predictions folder (see :func:`predictions_out`).
         size: (H, W) the images are resized to before the model; masks are resized back.
         batch_size: images per forward pass.
         skip_bad: skip unreadable images (with ``warn``) instead of raising.
@@ -137,15 +155,24 @@ def predict_images(
         a summary: images, exit counts, mean FLOPs and the FLOPs speed-up.
 
     Raises:
-        DataError: an unreadable image without ``skip_bad``.
+        DataError: an unreadable image without ``skip_bad``. BundleError: ``out`` may not be replaced.
     """
+    out = Path(out)
+    check_writable(out, **_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary: Dict[str, Any] = {}
+    replace_dir(out, lambda tmp: summary.update(_predict_into(runtime, files, tmp, size, batch_size, skip_bad, warn, progress)))
+    return {"images": summary.pop("images"), "out": str(out), "predictions": str(out / PREDICTIONS_FILE), **summary}
+
+
+def _predict_into(runtime: EarlyExitRuntime, files: Sequence[Path], out: Path, size: Tuple[int, int], batch_size: int,
+                  skip_bad: bool, warn: Warn, progress: Optional[Callable[[str, int, int], None]]) -> Dict[str, Any]:
+    """:func:`predict_images` into the new folder ``out``."""
     model = runtime.model
-    out.mkdir(parents=True, exist_ok=True)
     pal, used = palette(), {}
     counts = [0] * model.num_exits
     total_flops, done = 0, 0
-    lines_path = out / "predictions.jsonl"
-    with open(lines_path, "w") as lines:
+    with open(out / PREDICTIONS_FILE, "w") as lines:
         for batch in _batches(files, max(1, batch_size), skip_bad, warn):
             res = runtime.predict_batch(torch.stack([to_tensor(im, size) for _, im in batch]))
             masks = res.masks.to("cpu", torch.uint8 if model.num_classes <= 256 else torch.int32)
@@ -162,8 +189,6 @@ def predict_images(
                 progress("predict", done, len(files))
     return {
         "images": done,
-        "out": str(out),
-        "predictions": str(lines_path),
         "policy": getattr(runtime.policy, "name", type(runtime.policy).__name__),
         "exit_counts": dict(zip(model.exit_names, counts)),
         "mean_flops": total_flops / done if done else None,

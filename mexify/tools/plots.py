@@ -1,4 +1,4 @@
-"""Plots and CSV files of calibration curves.
+"""Plots and CSV files of calibration curves, each written atomically (:func:`mexify.files.atomic_file`).
 
 Figures are drawn with matplotlib's object API (``Figure``), not pyplot, so importing mexify
 never changes the caller's matplotlib backend.
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from matplotlib.figure import Figure
+
+from mexify.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ def _finish(fig: Figure, ax: Any, path: Path, xlabel: str, ylabel: str, title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png")
 
 
 def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[str, Any], out: Path, title: str = "") -> Dict[str, str]:
@@ -36,7 +39,7 @@ def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[st
     orig = float(result.cache.original_cost)
     unit = result.cache.cost_unit
     csv_path, png_path = out / "pareto.csv", out / "pareto.png"
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_file(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["curve", f"mean_{unit}", "speedup", "miou", "parameter"])
         for p in result.pareto:
@@ -72,7 +75,7 @@ def save_comparison(curves: Dict[str, List[Dict[str, Any]]], points: Dict[str, D
     on the evaluation split, the oracle's curve) and ``<stem>.csv`` (the same numbers)."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_file(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["policy", "curve", "speedup", "miou"])
         for name, curve in curves.items():

@@ -1,8 +1,8 @@
 """Atomic training checkpoints and RNG state capture.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk and then
-moved over the old one with ``os.replace``, so an interrupt or crash at any moment leaves either
-the previous checkpoint or the new one, never a torn file. Checkpoints hold only tensors and
+moved over the old one with ``os.replace`` (:func:`mexify.files.atomic_file`), so an interrupt
+or crash at any moment leaves either the previous checkpoint or the new one, never a torn file. Checkpoints hold only tensors and
 plain Python values and load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from mexify.errors import TrainingError
+from mexify.files import atomic_file
 
 __all__ = ["CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -42,17 +43,9 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, os.PathLike]) -> Pat
     """Write ``state`` to ``path`` atomically (temp file, fsync, ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {"checkpoint_version": CHECKPOINT_VERSION, **state}
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, "wb", fsync=True) as fh:
+        torch.save(state, fh)
     _fsync_dir(path.parent)
     log.debug("checkpoint written: %s (stage %s, iteration %s)", path, state.get("stage"), state.get("iteration"))
     return path

@@ -35,6 +35,7 @@ from mexify._version import __version__
 from mexify.config import IGNORE_INDEX
 from mexify.data import check_classes
 from mexify.errors import ConfigError, TrainingError
+from mexify.files import atomic_file
 from mexify.nn import MultiExitModel, resolve_device
 from mexify.spec import load_state_dict_file
 from mexify.train import checkpoint as ckpt_mod
@@ -283,11 +284,12 @@ class _CsvLog:
                     if pos <= keep_until:
                         rows.append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "w", newline="")
+        with atomic_file(self.path, "w", newline="") as fh:  # a kill now keeps the old log
+            head = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
+            head.writeheader()
+            head.writerows(rows)
+        self._fh = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
-        self._writer.writeheader()
-        self._writer.writerows(rows)
-        self._fh.flush()
 
     def write(self, row: Mapping[str, Any]) -> None:
         if self._writer is not None:
