@@ -195,11 +195,17 @@ def _import_file(file: str) -> Any:
 
 
 def _load_export(path: str, trust_pickle: bool = False) -> nn.Module:
+    """The module of a ``.pt2`` archive, read without running code from it (:func:`mexify.graph.serde.load_pt2`):
+    a pickled entry needs ``trust_pickle``."""
+    from mexify.graph.serde import load_pt2
+
+    program = load_pt2(path, trust_pickle)
     try:
-        program = torch.export.load(path)
-    except Exception as e:  # noqa: BLE001
-        raise SpecError(f"cannot load torch.export archive {path}: {type(e).__name__}: {e}", "re-save it with torch.export.save") from e
-    return program.module()
+        return program.module()
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a program it cannot rebuild
+        text = str(e).strip().splitlines()
+        raise SpecError(f"cannot rebuild the module of torch.export archive {path}: {type(e).__name__}: {text[0] if text else ''}",
+                        "re-save it with torch.export.save") from None
 
 
 def _peek(path: str) -> str:

@@ -11,6 +11,7 @@ import yaml
 
 from mexify.config import EXPORT_SCHEMA
 from mexify.errors import BundleError, ConfigError, DataError
+from mexify.files import inside
 
 __all__ = ["Runner", "Result"]
 
@@ -30,18 +31,26 @@ class Result:
         return {n: int(c) for n, c in zip(self.exit_names, counts)}
 
 
-def _session(path: Path, providers: Optional[Sequence[str]], threads: Optional[int]) -> Any:
+def _session(root: Path, name: object, what: str, providers: Optional[Sequence[str]], threads: Optional[int]) -> Any:
+    """An onnxruntime session over the graph file ``name`` of the export ``root`` (refused unless inside it)."""
     import onnxruntime as ort
 
+    path = inside(root, name, what)
     if not path.is_file():
-        raise BundleError(f"{path.parent} is incomplete: {path.name} is missing", "export the bundle again")
+        raise BundleError(f"{root} is incomplete: {path.name} is missing", "export the bundle again")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
     # one session per stage and head run one after another: a session's threads must not spin-wait
     # for more work after its run (the default), or they take the cores from the next session's
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail) for a bad file
+        lines = str(e).strip().splitlines()
+        text = lines[0] if lines else type(e).__name__
+        raise BundleError(f"cannot read the ONNX graph {path}: {text if len(text) <= 200 else text[:197] + '...'}",
+                          "the file is truncated or damaged; export the bundle again") from None
 
 
 class Runner:
@@ -71,10 +80,10 @@ class Runner:
         self.static_size = tuple(manifest["static_size"]) if manifest.get("static_size") else None
         self.mean = np.asarray(manifest["normalize"]["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(manifest["normalize"]["std"], dtype=np.float32).reshape(1, 3, 1, 1)
-        self._stages = [_session(self.path / s["onnx"], providers, threads) for s in manifest["stages"]]
-        self._heads = [_session(self.path / h["onnx"], providers, threads) for h in manifest["heads"]]
+        self._stages = [_session(self.path, s["onnx"], f"stage{i} onnx", providers, threads) for i, s in enumerate(manifest["stages"])]
+        self._heads = [_session(self.path, h["onnx"], f"head{i} onnx", providers, threads) for i, h in enumerate(manifest["heads"])]
         self._scored = bool(manifest["heads"]) and "score" in manifest["heads"][0]["outputs"]
-        self._mask = _session(self.path / manifest["mask"]["onnx"], providers, threads)
+        self._mask = _session(self.path, manifest["mask"]["onnx"], "mask onnx", providers, threads)
         self.policy = manifest.get("policy")
         self.exit = None if exit is None else self._exit_index(exit)
         if self.exit is None and not self._scored:

@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mexify.errors import BundleError
+from mexify.errors import BundleError, MexifyError
+from mexify.files import inside
+from mexify.graph.serde import deserialize_program
 from mexify.nn.heads import resize_logits
 
 __all__ = [
@@ -181,31 +183,45 @@ def save_program(program: Any, directory: Path, name: str) -> Dict[str, Any]:
 
 
 def load_program(directory: Path, entry: Dict[str, Any], name: str) -> Any:
-    """Rebuild an ``ExportedProgram`` written by :func:`save_program` (nothing is unpickled).
+    """Rebuild an ``ExportedProgram`` written by :func:`save_program` (nothing is unpickled, nothing
+    in the graph runs: :func:`mexify.graph.serde.check_program_json` checks it first).
 
     Raises:
-        BundleError: missing files, or a graph this torch cannot read (written by a newer one).
+        BundleError: missing, truncated or altered files, a file name that leaves ``directory``,
+            or a graph this torch cannot read (written by a newer one); one line each.
     """
-    serde = _serde()
-    graph, weights = directory / entry["graph"], directory / entry["weights"]
+    if not isinstance(entry, dict):
+        raise BundleError(f"{directory}: the manifest entry of program {name!r} is not a mapping", "the file was altered; export the bundle again")
+    graph = inside(directory, entry.get("graph"), f"{name} graph")
+    weights = inside(directory, entry.get("weights"), f"{name} weights")
     for f in (graph, weights):
         if not f.is_file():
             raise BundleError(f"{directory} is incomplete: {f.name} is missing", "export the bundle again")
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a truncated or garbled file
+        raise BundleError(f"cannot read {weights}: {_first_line(e)}", "the file is truncated or damaged; export the bundle again") from None
     params = set(entry.get("parameters", ()))
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
     state = {k: nn.Parameter(v, requires_grad=False) if k in params else v for k, v in state.items()}
     constants = {k[len("const."):]: v for k, v in tensors.items() if k.startswith("const.")}
-    artifact = serde.SerializedArtifact(graph.read_bytes(), state, constants, b"")
     try:
-        return serde.deserialize(artifact)
+        return deserialize_program(graph.read_bytes(), state, constants, str(graph), BundleError)
+    except MexifyError:
+        raise
     except Exception as e:  # noqa: BLE001 - the deserialiser raises several types for a graph it cannot read
-        major = entry.get("schema", [None])[0]
+        major = (entry.get("schema") or [None])[0]
         raise BundleError(
-            f"cannot read program {name!r} ({graph.name}, torch.export schema {major}) with torch {torch.__version__}: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            f"cannot read program {name!r} ({graph.name}, torch.export schema {major}) with torch {torch.__version__}: {_first_line(e)}",
             "load it with the torch version that exported it (see config.yaml: export.torch) or export the bundle again",
-        ) from e
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return text or type(e).__name__
 
 
 def dynamic_dims(carriers: Sequence[torch.Tensor], kinds: Sequence[str]) -> Tuple[Dict[int, Any], ...]:
