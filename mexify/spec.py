@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mexify.errors import SpecError, nearest
+from mexify.graph.serde import load_pt2
 from mexify.trust import Trust, check_factory
 
 __all__ = ["ModelSpec", "parse_spec", "build_model", "load_state_dict_file", "load_weights"]
@@ -197,8 +198,6 @@ def _import_file(file: str) -> Any:
 def _load_export(path: str, trust_pickle: bool = False) -> nn.Module:
     """The module of a ``.pt2`` archive, read without running code from it (:func:`mexify.graph.serde.load_pt2`):
     a pickled entry needs ``trust_pickle``."""
-    from mexify.graph.serde import load_pt2
-
     program = load_pt2(path, trust_pickle)
     try:
         return program.module()

@@ -525,43 +525,15 @@ def load_pt2(path: Any, trust_pickle: bool = False) -> Any:
     path = os.fspath(path)
     try:
         from torch._export.serde import schema
-        from torch._export.serde.serialize import (
-            _dict_to_dataclass, deserialize_size, deserialize_storage_offset, deserialize_stride,
-        )
+        from torch._export.serde.serialize import _dict_to_dataclass
         from torch.export.pt2_archive import constants as names
-        from torch.export.pt2_archive._package import PT2ArchiveReader, _build_file_map
+        from torch.export.pt2_archive._package import PT2ArchiveReader
     except ImportError:
         return _untrusted_reader_missing(path, trust_pickle)
-
-    try:
-        reader = PT2ArchiveReader(path)
-    except Exception as e:  # noqa: BLE001 - torch's zip reader raises RuntimeError/AssertionError for a bad file
-        if _old_zip_format(path):
-            if trust_pickle:
-                return _torch_load(path)
-            raise SpecError(
-                f"{path} is a torch.export archive in the old zip format, whose weights are pickles; refusing to unpickle them",
-                f"re-save it with torch.export.save on a current torch, or pass {TRUST_FLAG} if you trust the file",
-            ) from None
-        raise _unreadable(path, e) from None
-
-    try:
-        version = reader.read_string(names.ARCHIVE_VERSION_PATH).strip()
-    except Exception as e:  # noqa: BLE001
-        raise _unreadable(path, e, "it has no archive version") from None
-    if version != names.ARCHIVE_VERSION_VALUE:
-        raise SpecError(
-            f"cannot read torch.export archive {path}: archive version {version[:20]!r}, this torch reads {names.ARCHIVE_VERSION_VALUE!r}",
-            "re-save it with torch.export.save on this torch version",
-        )
-    try:
-        files = list(reader.get_file_names())
-    except Exception as e:  # noqa: BLE001
-        raise _unreadable(path, e) from None
-    model_file = names.MODELS_FILENAME_FORMAT.format("model")
-    if model_file not in files:
-        raise SpecError(f"cannot read torch.export archive {path}: it has no {model_file}", "re-save the model with torch.export.save")
-
+    reader = _open_archive(path, trust_pickle, PT2ArchiveReader)
+    if not hasattr(reader, "read_bytes"):  # the old zip format, read by torch with trust
+        return reader
+    files, model_file = _archive_files(path, reader, names)
     try:
         model_json = reader.read_bytes(model_file)
         for f in files:
@@ -581,28 +553,72 @@ def load_pt2(path: Any, trust_pickle: bool = False) -> Any:
             f"refusing to unpickle {path}: its entry {entry!r} is {why}{more}, and unpickling runs arbitrary code from the file",
             f"pass {TRUST_FLAG} if you trust the file, or re-save the model so that its weights are plain tensors",
         )
-
     try:
-        tensors = []
-        for config_format, base in ((names.WEIGHTS_CONFIG_FILENAME_FORMAT, names.WEIGHTS_DIR),
-                                    (names.CONSTANTS_CONFIG_FILENAME_FORMAT, names.CONSTANTS_DIR)):
-            config = _payload_config(reader, config_format.format("model"), files, schema, _dict_to_dataclass)
-            found: Dict[str, Any] = {}
-            if config is not None:
-                flat = _build_file_map(reader, config, base)
-                for fqn, meta in config.config.items():
-                    t = meta.tensor_meta
-                    value = torch.as_strided(flat[meta.path_name], size=deserialize_size(t.sizes),
-                                             stride=deserialize_stride(t.strides), storage_offset=deserialize_storage_offset(t.storage_offset))
-                    if base == names.WEIGHTS_DIR and meta.is_param:
-                        value = torch.nn.Parameter(value, requires_grad=t.requires_grad)
-                    found[fqn] = value
-            tensors.append(found)
-        return deserialize_program(model_json, tensors[0], tensors[1], f"{path}:{model_file}", SpecError)
+        weights, constants = (_raw_tensors(reader, files, names, schema, _dict_to_dataclass, config_format, base)
+                              for config_format, base in ((names.WEIGHTS_CONFIG_FILENAME_FORMAT, names.WEIGHTS_DIR),
+                                                          (names.CONSTANTS_CONFIG_FILENAME_FORMAT, names.CONSTANTS_DIR)))
+        return deserialize_program(model_json, weights, constants, f"{path}:{model_file}", SpecError)
     except MexifyError:
         raise
     except Exception as e:  # noqa: BLE001 - the deserialiser raises several types for a graph it cannot read
         raise _unreadable(path, e) from None
+
+
+def _open_archive(path: str, trust_pickle: bool, reader_class: Any) -> Any:
+    """Torch's zip reader over ``path``; an old-format archive is read by torch itself with trust, refused without."""
+    try:
+        return reader_class(path)
+    except Exception as e:  # noqa: BLE001 - torch's zip reader raises RuntimeError/AssertionError for a bad file
+        if _old_zip_format(path):
+            if trust_pickle:
+                return _torch_load(path)
+            raise SpecError(
+                f"{path} is a torch.export archive in the old zip format, whose weights are pickles; refusing to unpickle them",
+                f"re-save it with torch.export.save on a current torch, or pass {TRUST_FLAG} if you trust the file",
+            ) from None
+        raise _unreadable(path, e) from None
+
+
+def _archive_files(path: str, reader: Any, names: Any) -> Tuple[List[str], str]:
+    """The archive's file names and its model's JSON, after checking the archive version."""
+    try:
+        version = reader.read_string(names.ARCHIVE_VERSION_PATH).strip()
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e, "it has no archive version") from None
+    if version != names.ARCHIVE_VERSION_VALUE:
+        raise SpecError(
+            f"cannot read torch.export archive {path}: archive version {version[:20]!r}, this torch reads {names.ARCHIVE_VERSION_VALUE!r}",
+            "re-save it with torch.export.save on this torch version",
+        )
+    try:
+        files = list(reader.get_file_names())
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e) from None
+    model_file = names.MODELS_FILENAME_FORMAT.format("model")
+    if model_file not in files:
+        raise SpecError(f"cannot read torch.export archive {path}: it has no {model_file}", "re-save the model with torch.export.save")
+    return files, model_file
+
+
+def _raw_tensors(reader: Any, files: List[str], names: Any, schema: Any, to_dataclass: Any, config_format: str,
+                 base: str) -> Dict[str, Any]:
+    """Weights or tensor constants rebuilt from raw bytes (the caller checked that none is pickled)."""
+    from torch._export.serde.serialize import deserialize_size, deserialize_storage_offset, deserialize_stride
+    from torch.export.pt2_archive._package import _build_file_map
+
+    config = _payload_config(reader, config_format.format("model"), files, schema, to_dataclass)
+    found: Dict[str, Any] = {}
+    if config is None:
+        return found
+    flat = _build_file_map(reader, config, base)
+    for fqn, meta in config.config.items():
+        t = meta.tensor_meta
+        value = torch.as_strided(flat[meta.path_name], size=deserialize_size(t.sizes),
+                                 stride=deserialize_stride(t.strides), storage_offset=deserialize_storage_offset(t.storage_offset))
+        if base == names.WEIGHTS_DIR and meta.is_param:
+            value = torch.nn.Parameter(value, requires_grad=t.requires_grad)
+        found[fqn] = value
+    return found
 
 
 def _pickled_entries(reader: Any, files: List[str], names: Any, schema: Any, to_dataclass: Any) -> List[Tuple[str, str]]:
