@@ -28,7 +28,7 @@ import torch
 from mexify.errors import ConfigError, DataError
 from mexify.nn import module_device, resize_logits
 from mexify.runtime.costs import exit_flops
-from mexify.runtime.graphs import GraphedExits, bucket_of
+from mexify.runtime.graphs import GraphCaptureError, GraphedExits, bucket_of
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
@@ -165,7 +165,7 @@ class EarlyExitRuntime:
         if graphs and self._graphs is not None and x.shape[0] > 0:
             try:
                 return self._run_graphed(x)
-            except RuntimeError as e:  # a stage that cannot be captured: eager from now on
+            except GraphCaptureError as e:  # a stage that cannot be captured: eager from now on (other errors propagate)
                 log.warning("CUDA graphs unavailable for this model (%s); running eagerly", str(e).splitlines()[0])
                 self._graphs = None
                 self.cuda_graphs = False

@@ -3,8 +3,9 @@
 Eager PyTorch pays a kernel launch and some Python per operator; at batch 1 on a GPU that is
 most of a segmentation network's time, and the early exits (short stages, small heads) pay it in
 full. Here each stage ``i`` together with, when its exit is active, the head and the policy's
-``decide`` is captured once per *batch bucket* (every size up to 8, then multiples of 8) as one
-``torch.cuda.CUDAGraph``:
+``decide`` is captured once per *bucket* as one ``torch.cuda.CUDAGraph``. A bucket is a batch bucket
+(every size up to 8, then multiples of 8) at one input shape and dtype (:class:`BucketKey`): static
+buffers take only the shape they were captured at, so each input resolution gets its own graphs.
 
 * the graphs of one bucket are captured in stage order, each reading the previous one's static
   outputs, so a batch that does not shrink runs graph after graph with no copy at all;
@@ -17,14 +18,15 @@ full. Here each stage ``i`` together with, when its exit is active, the head and
   the final exit costs no sync at all.
 
 Capture happens on first use of a bucket (after two eager warm-up passes on a side stream); a
-model whose stages cannot be captured (a host sync inside, a CPU tensor, ...) falls back to eager
-with one warning. Autocast runs inside the graphs with its weight cache off, as CUDA graphs
-require.
+model whose stages cannot be captured (a host sync inside, a CPU tensor, ...) raises
+:class:`GraphCaptureError`, on which the runtime falls back to eager with one warning; any other
+error (the model failing on this input in the warm-up, out of memory) is raised as it is. Autocast
+runs inside the graphs with its weight cache off, as CUDA graphs require.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -32,7 +34,7 @@ from mexify.nn.model import StageState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphedExits", "GraphedCall", "bucket_of", "capture"]
+__all__ = ["GraphedExits", "GraphedCall", "GraphCaptureError", "BucketKey", "BucketTable", "bucket_of", "capture"]
 
 
 def bucket_of(n: int) -> int:
@@ -45,8 +47,54 @@ def bucket_of(n: int) -> int:
     return n if n <= 8 else -(-n // 8) * 8
 
 
+class GraphCaptureError(RuntimeError):
+    """A stage could not be captured as a CUDA graph: the runtime runs eagerly from then on."""
+
+
+class BucketKey(NamedTuple):
+    """What one set of captured graphs serves: a batch bucket at one input shape and dtype."""
+
+    size: int  # the batch bucket (:func:`bucket_of`)
+    image: Tuple[int, ...]  # one input's shape, (C, H, W)
+    dtype: torch.dtype
+
+
+class BucketTable:
+    """The captured buckets, by :class:`BucketKey`: which bucket a batch runs in, and whether it must
+    be captured first.
+
+    ``make(key, like)`` captures a bucket; it is called once per key, on first use. Whatever it
+    raises propagates and nothing is recorded, so a later call tries again.
+    """
+
+    def __init__(self, make: Callable[[BucketKey, torch.Tensor], Any]):
+        self._make = make
+        self._buckets: Dict[BucketKey, Any] = {}
+
+    @staticmethod
+    def key(n: int, like: torch.Tensor) -> BucketKey:
+        """The bucket of ``n`` rows shaped and typed like the rows of ``like``."""
+        return BucketKey(bucket_of(n), tuple(int(s) for s in like.shape[1:]), like.dtype)
+
+    def get(self, n: int, like: torch.Tensor) -> Any:
+        """The bucket for ``n`` rows like ``like``'s, made now if this is its first use."""
+        key = self.key(n, like)
+        if key not in self._buckets:
+            self._buckets[key] = self._make(key, like)
+        return self._buckets[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
+
+    def __iter__(self) -> Iterator[BucketKey]:
+        return iter(self._buckets)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 class _Bucket:
-    """Static buffers and graphs of every stage at one batch size."""
+    """Static buffers and graphs of every stage at one batch size and input shape."""
 
     def __init__(self, size: int):
         self.size = size
@@ -84,7 +132,7 @@ class GraphedExits:
         self.memory_format = memory_format
         self.final_confidence = final_confidence
         self.masks = masks
-        self.buckets: Dict[int, _Bucket] = {}
+        self.buckets = BucketTable(self._capture_bucket)  # BucketKey -> _Bucket
 
     # ------------------------------------------------------------------ capture
     def _step(self, i: int, state: StageState) -> Tuple[StageState, Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -110,11 +158,17 @@ class GraphedExits:
             state = self._step(i, state)[0]
 
     def bucket(self, size: int, like: torch.Tensor) -> _Bucket:
-        """The graphs for batch ``size`` (captured now if this is the bucket's first use)."""
-        if size in self.buckets:
-            return self.buckets[size]
-        b = _Bucket(size)
-        b.x = torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device).contiguous(memory_format=self.memory_format)
+        """The graphs for ``size`` rows shaped like ``like``'s (captured now if this is the bucket's first use).
+
+        Raises:
+            GraphCaptureError: a stage cannot be captured. Errors of the warm-up passes (the model
+                on this input) are raised as they are.
+        """
+        return self.buckets.get(size, like)
+
+    def _capture_bucket(self, key: BucketKey, like: torch.Tensor) -> _Bucket:
+        b = _Bucket(key.size)
+        b.x = torch.zeros((key.size, *key.image), dtype=key.dtype, device=like.device).contiguous(memory_format=self.memory_format)
         b.x.copy_(like[:1].expand_as(b.x))
         side = torch.cuda.Stream(device=like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
@@ -126,13 +180,18 @@ class GraphedExits:
         state = self.model.start(b.x)
         for i in range(self.model.num_exits):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=b.pool), self.autocast():
-                state, mask, decision = self._step(i, state)
+            try:
+                with torch.cuda.graph(g, pool=b.pool), self.autocast():
+                    state, mask, decision = self._step(i, state)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # a host sync, a CPU tensor, a data-dependent shape inside the stage
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise GraphCaptureError(f"stage {i} cannot be captured: {first}") from e
             b.graphs.append(g)
             b.states.append(state)
             b.masks.append(mask)
             b.decision.append(decision)
-        self.buckets[size] = b
         return b
 
     # ------------------------------------------------------------------ run
