@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "TrainingError",
     "BudgetError",
+    "Interrupted",
     "nearest",
 ]
 
@@ -80,6 +81,15 @@ class BudgetError(MexifyError):
     """Calibration finished but the requested budget cannot be met."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a long command (training); ``checkpoint`` is where ``--resume`` continues
+    from, or None when no checkpoint was written yet (nothing to resume)."""
+
+    def __init__(self, checkpoint: Optional[str] = None):
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted; checkpoint {checkpoint}" if checkpoint else "interrupted before the first checkpoint")
 
 
 def nearest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -58,6 +58,7 @@ class ConvertResult:
     config: BundleConfig
     exits: list  # ExitPoint per early exit
     seconds: float
+    notes: list = dataclasses.field(default_factory=list)  # warnings about the conversion (heads that cost too much)
 
     def table(self) -> list:
         """One row per exit (final last): node, stride, channels, FLOPs figures."""
@@ -367,8 +368,26 @@ def convert(
         result.model.train_issue = check_train_mode(result.model, trace_cfg.input_size)
     if result.model.train_issue:
         result.config = result.model.config = dataclasses.replace(result.config, train_issue=result.model.train_issue)
+    result.notes.extend(_head_cost_notes(result.model))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+HEADS_COST_LIMIT = 1.0
+"""When the exit heads together cost more than this share of the original model, convert warns."""
+
+
+def _head_cost_notes(model: MultiExitModel) -> list:
+    """A warning when the early heads together cost more than the original model: an image that reaches the
+    final exit then costs more than twice the original (calibration can still switch exits off)."""
+    original = model.original_flops or 0
+    heads = sum(model.head_flops)
+    if not original or heads <= HEADS_COST_LIMIT * original:
+        return []
+    final = model.cost_to_exit(model.num_exits - 1)
+    return [f"the {len(model.head_flops)} exit heads together cost {100 * heads / original:.0f}% of the original model's "
+            f"FLOPs: an image that reaches the final exit costs {100 * final / original:.0f}% of the original; "
+            "use fewer exits (--exits) or lighter heads (--head-set width=..., blocks=0)"]
 
 
 def _trace_config(input_size: Sequence[int], leaf_modules: Sequence[str], autowrap_functions: Sequence[str], method: str) -> TraceConfig:

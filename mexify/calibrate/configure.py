@@ -29,6 +29,7 @@ from mexify.calibrate.fit import _budget
 from mexify.errors import BudgetError, ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, build_policy
+from mexify.policies import policy_options as policy_options_of
 
 __all__ = ["CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
 
@@ -189,7 +190,7 @@ def search_configuration(
     unit = "ms" if timed else "flops"
     max_cost = budget_max_cost(bud, costed([0]).original_cost, unit) if bud is not None else None
     search = {"max_cost": max_cost, "max_drop": None if bud is not None else max_drop}
-    base = build_policy(policy, **(policy_options or {}))
+    base = build_policy(policy, **policy_options_of(policy, policy_options))
     per_exit: List[List[int]] = [[j for j, (i, _) in enumerate(cand.columns) if i == e] for e in range(model.num_exits - 1)]
     tried: Dict[Tuple, Any] = {}
 

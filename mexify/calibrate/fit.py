@@ -10,7 +10,7 @@ import math
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
-from mexify.calibrate.budget import budget_max_cost, parse_budget
+from mexify.calibrate.budget import budget_max_cost, parse_budget, parse_cost, parse_max_drop
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.search import SearchResult, oracle_at
 from mexify.calibrate.temperature import fit_temperatures
@@ -18,6 +18,7 @@ from mexify.data import unpadded
 from mexify.errors import ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, build_policy, pixel_level_flops
+from mexify.policies import policy_options as policy_options_of
 
 __all__ = ["CalibrationReport", "fit_policy"]
 
@@ -120,7 +121,7 @@ def fit_policy(
     bud, max_drop = _budget(budget, max_drop)
     if bud is not None and bud["kind"] == "latency_ms" and (latency is None or cost == "flops"):
         budget_max_cost(bud, 0.0, "flops")  # raises: a budget in ms needs measured latencies
-    pol = policy if isinstance(policy, Policy) else build_policy(policy, **(policy_options or {}))
+    pol = policy if isinstance(policy, Policy) else build_policy(policy, **policy_options_of(policy, policy_options))
     if pol.name == "oracle":
         raise ConfigError("the oracle reads labels and cannot be deployed", "calibrate a policy such as mess; its report includes the oracle")
     radius = int(edge_radius if edge_radius is not None else getattr(pol, "edge_radius", 1))
@@ -149,8 +150,7 @@ def fit_policy(
 
 def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optional[str], notes: List[str]) -> ExitCache:
     """The cache costed as asked: measured latency when there is a profile (or asked), else FLOPs."""
-    if cost not in (None, "latency", "flops"):
-        raise ConfigError(f"unknown cost model {cost!r}", "use --cost latency or --cost flops")
+    cost = parse_cost(cost)
     if cost == "latency" and latency is None:
         raise ConfigError("--cost latency needs a latency profile in the bundle", "run `mexify profile BUNDLE --device DEV` first, or use --cost flops")
     if latency is not None:
@@ -165,7 +165,7 @@ def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optio
 
 
 def _budget(budget: Optional[str], max_drop: Optional[float]):
-    bud = parse_budget(budget)
+    bud, max_drop = parse_budget(budget), parse_max_drop(max_drop)
     if bud is not None and max_drop is not None:
         raise ConfigError("give either --budget or --max-drop, not both", "e.g. --budget 2x or --max-drop 1.0")
     if bud is None and max_drop is None:

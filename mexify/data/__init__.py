@@ -9,7 +9,7 @@ with :data:`IGNORE_INDEX` (255) on pixels that carry no label.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple, Union
 
 from mexify.config import IGNORE_INDEX
 from mexify.data import readers
@@ -43,6 +43,7 @@ __all__ = [
     "pad_collate",
     "available_schemes",
     "parse_spec",
+    "parse_dataset_spec",
 ]
 
 _SCENE_OPTIONS = (
@@ -51,7 +52,8 @@ _SCENE_OPTIONS = (
 )
 
 
-def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base_size) -> SegDataset:
+def _scene_config(spec: DatasetSpec) -> Tuple[OptionReader, SceneConfig]:
+    """The synthetic scenes' options, checked: the reader and the :class:`SceneConfig` they give."""
     if spec.target not in ("scenes", ""):
         raise DataError(f"unknown synthetic dataset {spec.target!r} in {str(spec)!r}", "the built-in one is synthetic:scenes")
     o = OptionReader(spec, _SCENE_OPTIONS)
@@ -72,6 +74,13 @@ def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base
         clutter=o.float("clutter", d.clutter, 0.0),
         cache=o.bool("cache", d.cache),
     )
+    o.size("base_size", None)
+    o.size("crop_size", None)
+    return o, cfg
+
+
+def _build_synthetic(spec: DatasetSpec, split: str, train: bool, crop_size, base_size) -> SegDataset:
+    o, cfg = _scene_config(spec)
     split = o.get("split", split)
     base_size = o.size("base_size", base_size)
     crop_size = o.size("crop_size", crop_size)
@@ -90,6 +99,20 @@ def _readers() -> Dict[str, Callable]:
 def available_schemes() -> List[str]:
     """The dataset spec schemes :func:`build_dataset` understands."""
     return ["synthetic", *_readers().keys()]
+
+
+def parse_dataset_spec(spec: Union[str, DatasetSpec]) -> DatasetSpec:
+    """A dataset spec, checked without reading the disk: scheme, option names and their values.
+
+    Raises:
+        DataError: what is wrong (the valid schemes or options are named).
+    """
+    parsed = spec if isinstance(spec, DatasetSpec) else parse_spec(spec, available_schemes())
+    if parsed.scheme == "synthetic":
+        _scene_config(parsed)
+    else:
+        readers.check_options(parsed)
+    return parsed
 
 
 def build_dataset(
@@ -116,10 +139,7 @@ def build_dataset(
     Raises:
         DataError: unknown scheme (the valid ones are listed), bad options, missing files.
     """
-    if isinstance(spec, DatasetSpec):
-        parsed = spec
-    else:
-        parsed = parse_spec(spec, ["synthetic", "voc", "cityscapes", "ade20k", "folder"])
+    parsed = parse_dataset_spec(spec)
     if parsed.scheme == "synthetic":
         ds = _build_synthetic(parsed, split, train, crop_size, base_size)
     else:

@@ -23,6 +23,7 @@ turns these into a logged warning and the sample is skipped.
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,7 +45,10 @@ __all__ = [
     "VOC_CLASSES",
     "CITYSCAPES_CLASSES",
     "CITYSCAPES_ID_TO_TRAIN_ID",
+    "OPTIONS",
+    "check_options",
     "read_image",
+    "read_rgb",
     "read_mask",
 ]
 
@@ -71,22 +75,66 @@ CITYSCAPES_ID_TO_TRAIN_ID = {
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Read an RGB image as float32 ``(3, H, W)`` in [0, 1].
+    """Read an RGB image as float32 ``(3, H, W)`` in [0, 1] (see :func:`read_rgb`).
 
     Raises:
-        DataError: missing or unreadable file (the path is named).
+        DataError: missing or unreadable file, or one too large to decode safely (the path is named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file {path} does not exist", "check the dataset root and its list files")
+    arr = np.asarray(read_rgb(path), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+_BAD_FILE = "the file is corrupt or not an image; re-export it or pass skip_bad=1"
+
+
+def read_rgb(path: Path, hint: str = _BAD_FILE) -> "Image.Image":
+    """Open an image file as 8-bit RGB.
+
+    16-bit and 32-bit grayscale (``I;16``, ``I``) and float (``F``) images are scaled from their
+    type's range (0..65535, or 0..1 for float) to 0..255, not clipped to white; values outside
+    that range are scaled from the image's own minimum and maximum. An image with more pixels
+    than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is refused.
+
+    Raises:
+        DataError: an unreadable file or a decompression bomb, naming the file (``hint`` says what to do).
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image file {path} does not exist", "check the dataset root and its list files")
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return _eight_bit(im) if im.mode in _WIDE_MODES else im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {path} is too large to decode safely ({e})",
+                        f"resize it below {Image.MAX_IMAGE_PIXELS} pixels; or, if you trust the file, raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS in Python") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}", "the file is corrupt or not an image; re-export it or pass skip_bad=1") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        raise DataError(f"cannot read image {path}: {e}", hint) from e
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _eight_bit(im: "Image.Image") -> "Image.Image":
+    """A 16/32-bit integer or float grayscale image as 8-bit RGB, scaled from its value range."""
+    from PIL import Image
+
+    arr = np.asarray(im, dtype=np.float64)
+    top = 1.0 if im.mode == "F" else 65535.0
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, top)
+    if lo < 0 or hi > top or not np.isfinite(arr).all():
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo if hi > lo else 1.0)
+    else:
+        arr = arr / top
+    gray = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -103,7 +151,10 @@ def read_mask(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"mask file {path} does not exist", "every image needs a mask with the same stem; or pass skip_bad=1")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             mode = im.mode
             if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "HSV"):
                 raise DataError(
@@ -113,8 +164,10 @@ def read_mask(path: Path) -> np.ndarray:
             arr = np.asarray(im, dtype=np.int64)
     except DataError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"mask {path} is too large to decode safely ({e})", "resize it with its image") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read mask {path}: {e}", "the file is corrupt or not an image; re-export it or pass skip_bad=1") from e
+        raise DataError(f"cannot read mask {path}: {e}", _BAD_FILE) from e
     if arr.ndim != 2:
         raise DataError(f"mask {path} has shape {arr.shape}, expected (H, W)", "save masks as single-channel PNGs")
     return arr
@@ -194,6 +247,31 @@ class FileSegDataset(SegDataset):
 
 _COMMON = ("split", "skip_bad", "base_size", "crop_size", "calib_fraction")
 HELD_OUT = ("calib", "test")  # disjoint halves of the validation split
+OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "voc": _COMMON + ("list", "masks"),
+    "cityscapes": _COMMON,
+    "ade20k": _COMMON,
+    "folder": _COMMON + ("classes", "reduce_zero"),
+}
+"""The options each reader's spec takes (``voc:PATH?list=...``)."""
+
+
+def check_options(spec: DatasetSpec) -> None:
+    """Check a reader's spec without reading the disk: a path, known options, values of the right type.
+
+    Raises:
+        DataError: what is wrong, naming the option and the spec.
+    """
+    if not spec.target:
+        raise DataError(f"dataset spec {str(spec)!r} has no path", f"write it as {spec.scheme}:/path/to/dataset")
+    o = OptionReader(spec, OPTIONS[spec.scheme])
+    o.bool("skip_bad", False)
+    o.size("base_size", None)
+    o.size("crop_size", None)
+    o.float("calib_fraction", 0.5, lo=0.0, hi=1.0)
+    if spec.scheme == "folder":
+        o.int("classes", None, lo=1)
+        o.bool("reduce_zero", False)
 
 
 def _held_out(pairs: List[Tuple[Path, Path]], split: str, o: OptionReader) -> List[Tuple[Path, Path]]:
@@ -265,7 +343,7 @@ def _voc_split(split: str) -> str:
 
 def build_voc(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
     """Pascal VOC 2012 / SBD-style lists (``?list=PATH`` or ``split=train_aug``; ``?masks=DIR``)."""
-    o = OptionReader(spec, _COMMON + ("list", "masks"))
+    o = OptionReader(spec, OPTIONS["voc"])
     root = _voc_root(_root(spec))
     requested = o.get("split", split)
     split = _voc_split(requested)
@@ -383,7 +461,7 @@ def _folder_dirs(root: Path, split: str) -> Tuple[Path, Path]:
 
 def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
     """Generic ``images/`` + ``masks/`` folder (``?classes=N``, ``?reduce_zero=1`` to ignore 0)."""
-    o = OptionReader(spec, _COMMON + ("classes", "reduce_zero"))
+    o = OptionReader(spec, OPTIONS["folder"])
     root = _root(spec)
     split = o.get("split", split)
     skip_bad = o.bool("skip_bad", False)

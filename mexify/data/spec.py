@@ -6,6 +6,7 @@ Examples: ``synthetic:scenes?classes=8&size=128``, ``voc:/data/VOCdevkit/VOC2012
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 from urllib.parse import parse_qsl
@@ -97,9 +98,10 @@ class OptionReader:
         try:
             return conv(raw)
         except (TypeError, ValueError, ConfigError) as e:
+            what = getattr(conv, "__name__", "value")
             raise DataError(
-                f"option {key}={raw!r} in dataset spec {str(self.spec)!r} is not a valid {getattr(conv, '__name__', 'value')}",
-                f"e.g. {key}={default}",
+                f"option {key}={raw!r} in dataset spec {str(self.spec)!r} is not a valid {what}",
+                f"e.g. {key}={default}" if default is not None else f"give {key} a valid {what}",
             ) from e
 
     def size(self, key: str, default: Any) -> Any:
@@ -109,11 +111,11 @@ class OptionReader:
     def int(self, key: str, default: Optional[int], lo: Optional[int] = None) -> Optional[int]:
         v = self.get(key, default, int)
         if v is not None and lo is not None and v < lo:
-            raise DataError(f"option {key}={v} in dataset spec {str(self.spec)!r} must be >= {lo}", f"e.g. {key}={default}")
+            raise DataError(f"option {key}={v} in dataset spec {str(self.spec)!r} must be >= {lo}", f"e.g. {key}={default if default is not None else lo}")
         return v
 
     def float(self, key: str, default: float, lo: float = float("-inf"), hi: float = float("inf")) -> float:
-        v = self.get(key, default, float)
+        v = self.get(key, default, _finite)
         if not lo <= v <= hi:
             raise DataError(f"option {key}={v} in dataset spec {str(self.spec)!r} must lie in [{lo}, {hi}]", f"e.g. {key}={default}")
         return v
@@ -134,6 +136,16 @@ class OptionReader:
         if v not in choices:
             raise DataError(f"option {key}={v!r} in dataset spec {str(self.spec)!r} is not one of {', '.join(choices)}", f"e.g. {key}={default}")
         return v
+
+
+def _finite(raw: str) -> float:
+    v = float(raw)
+    if not math.isfinite(v):
+        raise ValueError(raw)
+    return v
+
+
+_finite.__name__ = "number"
 
 
 def _size(raw: str) -> Any:

@@ -2,7 +2,7 @@
 
 No I/O, no runtime, no data: what a deployment needs to hold the network.
 """
-from mexify.nn.device import device_name, module_device, resolve_device
+from mexify.nn.device import device_name, module_device, parse_device, resolve_device
 from mexify.nn.heads import HEAD_SPACES, ExitHead, build_head, head_space, parse_head_overrides, resize_logits
 from mexify.nn.model import ExitOutput, MultiExitModel, StageState
 
@@ -17,6 +17,7 @@ __all__ = [
     "HEAD_SPACES",
     "resize_logits",
     "resolve_device",
+    "parse_device",
     "module_device",
     "device_name",
 ]

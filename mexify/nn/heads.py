@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mexify.config import HeadConfig
+from mexify.config import HeadConfig, parse_head_settings
 from mexify.errors import ConfigError, nearest
 
-__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "resize_logits", "HEAD_TEMPLATES", "HEAD_SPACES",
+__all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "parse_head_template", "resize_logits", "HEAD_TEMPLATES", "HEAD_SPACES",
            "head_space"]
 
 HEAD_TEMPLATES: Dict[str, HeadConfig] = {
@@ -139,27 +139,19 @@ def build_head(config: HeadConfig, in_channels: int, num_classes: int) -> ExitHe
     return ExitHead(config, in_channels, num_classes)
 
 
-def parse_head_overrides(template: str, overrides: Optional[Mapping[str, object]] = None) -> HeadConfig:
-    """The head config for ``--head TEMPLATE --head-set k=v,...``.
+def parse_head_overrides(template: str, overrides: Union[str, Mapping[str, object], None] = None) -> HeadConfig:
+    """The head config for ``--head TEMPLATE --head-set k=v,...`` (settings checked by
+    :func:`mexify.config.parse_head_settings`).
 
     Raises:
-        ConfigError: unknown template or field.
+        ConfigError: unknown template or setting, or a value of the wrong type or out of range.
     """
-    if template not in HEAD_TEMPLATES:
-        raise ConfigError(f"unknown head template {template!r}", f"choose one of {', '.join(HEAD_TEMPLATES)}")
-    base = HEAD_TEMPLATES[template]
-    fields = {f.name for f in dataclasses.fields(HeadConfig)} - {"template"}
-    changes = {}
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            close = nearest(key, fields, n=1)
-            raise ConfigError(f"unknown head setting {key!r}", f"did you mean {close[0]!r}?" if close else None)
-        if key == "aspp_rates":
-            if isinstance(value, (int, float)):
-                value = (int(value),)
-            elif isinstance(value, str):
-                value = tuple(int(v) for v in value.replace("/", ":").split(":") if v)
-            else:
-                value = tuple(int(v) for v in value)
-        changes[key] = value
-    return dataclasses.replace(base, **changes)
+    template = parse_head_template(template)
+    return dataclasses.replace(HEAD_TEMPLATES[template], **parse_head_settings(overrides))
+
+
+def parse_head_template(text: object) -> str:
+    """``mess`` or ``fcn`` (:data:`HEAD_TEMPLATES`)."""
+    if text not in HEAD_TEMPLATES:
+        raise ConfigError(f"unknown head template {text!r}", f"choose one of {', '.join(HEAD_TEMPLATES)}")
+    return str(text)

@@ -11,18 +11,22 @@ from __future__ import annotations
 import base64
 import copy
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+import typing
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mexify.config import coerce, parse_assignment
 from mexify.errors import ConfigError, nearest
 
 __all__ = [
     "Policy",
     "register_policy",
     "build_policy",
+    "policy_class",
+    "policy_options",
     "available_policies",
     "policy_from_dict",
     "PROB_EDGES",
@@ -122,23 +126,78 @@ def available_policies() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build_policy(name: str, **kwargs: Any) -> "Policy":
-    """Build an unfitted policy by registry name.
+def policy_class(name: str) -> Type["Policy"]:
+    """The registered policy class of ``name`` (``_`` reads as ``-``).
 
     Raises:
-        ConfigError: unknown name (the nearest names are suggested) or bad options.
+        ConfigError: unknown name (the nearest names are suggested).
     """
-    key = name.replace("_", "-")
+    key = str(name).replace("_", "-")
     if key not in _REGISTRY:
         near = nearest(key, _REGISTRY)
         raise ConfigError(
             f"unknown policy {name!r}",
             f"choose one of {', '.join(available_policies())}" + (f"; did you mean {near[0]!r}?" if near else ""),
         )
+    return _REGISTRY[key]
+
+
+def policy_options(name: str, options: Union[Mapping[str, Any], Sequence[str], None]) -> Dict[str, Any]:
+    """A policy's options (``--option k=v``), typed by its constructor and checked by building it.
+
+    Args:
+        name: the policy's registry name.
+        options: ``{"pixel_threshold": 0.95}`` or ``["pixel_threshold=0.95", ...]``.
+
+    Returns:
+        option -> value of the option's type.
+
+    Raises:
+        ConfigError: an option the policy does not have (the nearest is named), a value of the
+            wrong type or out of range.
+    """
+    cls = policy_class(name)
+    if options is None:
+        return {}
+    pairs = list(options.items()) if isinstance(options, Mapping) else [parse_assignment(o, "--option") for o in options]
+    types = cls.option_types()
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key not in types:
+            close = nearest(str(key), types, n=1) if types else []
+            raise ConfigError(
+                f"policy {cls.name!r} has no option {key!r}",
+                (f"did you mean {close[0]!r}? its options: {', '.join(types)}" if close else f"its options: {', '.join(types)}")
+                if types else f"{cls.name} takes no options",
+            )
+        try:
+            out[key] = coerce(value, types[key], f"policy option {key}")
+        except ConfigError as e:
+            raise ConfigError(e.message, f"e.g. --option {key}={_example(types[key])}") from None
+    cls(**out)  # range checks
+    return out
+
+
+def _example(tp: Any) -> str:
+    for kind, text in ((float, "0.9"), (int, "1"), (bool, "true")):
+        if tp is kind or kind in typing.get_args(tp):
+            return text
+    return "VALUE"
+
+
+def build_policy(name: str, **kwargs: Any) -> "Policy":
+    """Build an unfitted policy by registry name; its options (:meth:`Policy.option_types`) are typed first.
+
+    Raises:
+        ConfigError: unknown name (the nearest names are suggested) or bad options.
+    """
+    cls = policy_class(name)
+    types = cls.option_types()
     try:
-        return _REGISTRY[key](**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad options for policy {key!r}: {e}", "see docs/calibrate.md for each policy's options") from e
+        kwargs = {k: coerce(v, types[k], f"policy option {k}") if k in types else v for k, v in kwargs.items()}
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad options for policy {cls.name!r}: {e}", "see docs/calibrate.md for each policy's options") from e
 
 
 def policy_from_dict(d: Dict[str, Any]) -> "Policy":
@@ -176,6 +235,22 @@ class Policy:
     needs_features: bool = False
     #: constructor options written to / read from ``to_dict``
     _params: Tuple[str, ...] = ()
+    #: the options a user sets (``--option k=v``); None: every ``_params`` entry
+    options: Optional[Tuple[str, ...]] = None
+
+    @classmethod
+    def option_types(cls) -> Dict[str, Any]:
+        """Option -> type (from the constructor's annotations; untyped options take any value)."""
+        hints: Dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                try:
+                    hints.update(typing.get_type_hints(init))
+                except Exception:  # an annotation that does not resolve: that option is untyped
+                    pass
+        names = cls.options if cls.options is not None else cls._params
+        return {n: hints.get(n, Any) for n in names}
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class CBTPolicy(Policy):
     """Settled-pixel share with per-class pixel thresholds in ``[alpha, beta]``."""
 
     _params = ("alpha", "beta", "class_thresholds")
+    options = ("alpha", "beta")
 
     def __init__(self, alpha: float = 0.9, beta: float = 0.998, class_thresholds: Optional[Sequence[float]] = None, **kw: Any):
         super().__init__(**kw)

@@ -34,7 +34,7 @@ from mexify.runtime.results import BatchPrediction, Prediction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EarlyExitRuntime", "predict", "labels_of"]
+__all__ = ["EarlyExitRuntime", "predict", "labels_of", "parse_dtype", "DTYPES"]
 
 
 def labels_of(scores: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,19 @@ def labels_of(scores: torch.Tensor) -> torch.Tensor:
 
 
 _DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = tuple(_DTYPES)
+
+
+def parse_dtype(dtype: Any) -> str:
+    """``float32`` (None), ``bfloat16`` or ``float16`` (a ``torch.dtype`` too): the runtime's autocast dtype.
+
+    Raises:
+        ConfigError: any other name.
+    """
+    name = "float32" if dtype is None else str(dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    return name
 
 
 class _Outputs:
@@ -93,9 +106,7 @@ class EarlyExitRuntime:
         """Device, autocast, memory format and CUDA graphs, fixed once (nothing is toggled per call)."""
         dev = module_device(self.model)
         self.device = dev
-        name = "float32" if dtype is None else str(dtype).replace("torch.", "")
-        if name not in _DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+        name = parse_dtype(dtype)
         if name == "float16" and dev.type != "cuda":
             raise ConfigError("float16 is for GPUs", "run the CPU with dtype float32 or bfloat16")
         self.dtype = name

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import yaml
 
-from mexify.config import parse_size
+from mexify.config import parse_assignment, parse_size
 from mexify.errors import ConfigError, nearest
 
 __all__ = ["Recipe", "load_recipe", "available_recipes", "recipe_dirs", "shipped_recipes_dir", "DISTILL_MODES", "AMP_MODES"]
@@ -218,6 +218,20 @@ class Recipe:
             raise ConfigError(f"{source}: recipe schema_version {version!r} is not supported",
                               f"this mexify reads schema_version {RECIPE_SCHEMA_VERSION}")
         return cls()._with(d, source)
+
+    @classmethod
+    def parse_override(cls, text: str, source: str = "--set") -> Tuple[str, str]:
+        """``"key=value"`` for :meth:`with_overrides`, checked: a recipe field and a value it takes.
+
+        Returns:
+            ``(key, value)``, the value as text (parsed again when applied).
+
+        Raises:
+            ConfigError: not key=value, an unknown field (the nearest is named) or a bad value.
+        """
+        key, value = parse_assignment(text, source)
+        cls()._with({key: value}, source)
+        return key, value
 
     def with_overrides(self, overrides: Optional[Mapping[str, Any]], source: str = "--set") -> "Recipe":
         """Return a copy with ``overrides`` (field -> value; strings are parsed) applied."""
