@@ -2,7 +2,8 @@
 
 Each command module defines ``register(app)``; errors derived from
 :class:`~mexify.errors.MexifyError` become one red line and an exit code
-(set ``MEXIFY_DEBUG=1`` for a traceback).
+(set ``MEXIFY_DEBUG=1`` for a traceback). Usage errors (an unknown option, a missing argument, a
+value an option's type refuses) become one line too, with exit code 2.
 """
 from __future__ import annotations
 
@@ -11,16 +12,24 @@ import logging
 
 import typer
 from rich.markup import escape
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer 0.29 vendors click
 from typer.core import TyperGroup
 
 from mexify.api import MexifyError, __version__
-from mexify.cli._common import debug_enabled, err_console
+from mexify.cli._common import debug_enabled, err_console, error_text
 
 _COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench", "profile", "export", "compare")
 
 
 class _Group(TyperGroup):
-    """Runs a command; a MexifyError becomes one red line and the error's exit code."""
+    """Runs a command; a MexifyError becomes one red line and the error's exit code, a usage error one line
+    and exit code 2 (instead of typer's boxed panel)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            _usage_error(exc)
 
     def invoke(self, ctx):
         try:
@@ -28,10 +37,26 @@ class _Group(TyperGroup):
         except MexifyError as exc:
             if debug_enabled():
                 raise
-            msg = exc.message + (f" Hint: {exc.hint}" if exc.hint else "")
-            err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(error_text(exc))}", soft_wrap=True)
             err_console.print("[dim](set MEXIFY_DEBUG=1 for a traceback)[/]")
             raise typer.Exit(exc.exit_code) from None
+        except UsageError as exc:
+            _usage_error(exc)
+
+
+def _usage_error(exc: UsageError) -> None:
+    """``error: <what is wrong> (see `mexify CMD --help`)`` on one line, exit code 2; a bare ``mexify`` still prints the help."""
+    if isinstance(exc, NoArgsIsHelpError) or debug_enabled():
+        raise exc
+    where = exc.ctx.command_path if exc.ctx is not None else "mexify"
+    err_console.print(f"[bold red]error:[/] {escape(exc.format_message())} [dim](see `{escape(where)} --help`)[/]", soft_wrap=True)
+    raise typer.Exit(exc.exit_code) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit(0)
 
 
 app = typer.Typer(
@@ -46,15 +71,13 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Print the mexify version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, expose_value=True,
+                                 help="Print the mexify version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what each step does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # operators without a FLOPs formula are expected (fvcore skips them too)
         logging.getLogger("mexify.graph.profile").setLevel(logging.ERROR)
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit(0)
 
 
 for _name in _COMMANDS:

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DataOpt, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, print_notes, stage_progress
+from mexify.cli._common import (Annotated, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ThreadsOpt, TrustCodeOpt, TrustOpt, WarmupOpt, choice, console,
+                                count, print_json, print_notes, stage_progress, trust_of)
 
 
 def _gflops(v: float) -> str:
@@ -93,18 +94,19 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
         data: DataOpt,
         split: Annotated[str, typer.Option("--split", help="Dataset split to measure on.")] = "val",
-        limit: Annotated[int, typer.Option("--limit", help="Images for the policy's measured speed-up.")] = 32,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1,
-        warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 2,
-        repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.")] = 5,
-        threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
+        limit: Annotated[int, typer.Option("--limit", parser=count("--limit"), metavar="N", help="Images for the policy's measured speed-up.")] = 32,
+        batch_size: Annotated[int, typer.Option("--batch-size", parser=count("--batch-size"), metavar="N", help="Images per forward pass.")] = 1,
+        warmup: WarmupOpt = 2,
+        repeats: Annotated[int, typer.Option("--repeats", parser=count("--repeats"), metavar="N", help="Timed runs; the median is reported.")] = 5,
+        threads: ThreadsOpt = None,
         graphs: Annotated[Optional[bool], typer.Option("--graphs/--no-graphs", help="Replay stages as CUDA graphs (default: on CUDA).")] = None,
-        dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 (default), bfloat16 or float16 (GPU): autocast.")] = None,
+        dtype: DtypeOpt = None,
         channels_last: Annotated[bool, typer.Option("--channels-last", help="Run convolutions in NHWC.")] = False,
         device: DeviceOpt = None,
         engine: Annotated[
             Optional[List[str]],
-            typer.Option("--engine", help="Compare engines on the CPU instead: torch, onnxruntime (repeatable; "
+            typer.Option("--engine", parser=choice(api.ENGINES, "engine"), metavar="ENGINE",
+                         help="Compare engines on the CPU instead: torch, onnxruntime (repeatable; "
                          "BUNDLE is then an ONNX export, and torch runs the bundle it came from)."),
         ] = None,
         trust_code: TrustCodeOpt = False,

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustCodeOpt, TrustOpt, trust_of, console, parse_kv, print_json, print_notes, stage_progress
+from mexify.cli._common import (Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, PolicyOpt, ProfileOpt, TrustCodeOpt,
+                                TrustOpt, checked, console, count, lib_parser, merged, print_json, print_notes, stage_progress, trust_of, warn)
 
 
 def _fmt_flops(v: float) -> str:
@@ -106,15 +107,17 @@ def register(app: typer.Typer) -> None:
     def calibrate_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mexify convert` / `mexify train`).")],
         data: DataOpt,
-        policy: Annotated[str, typer.Option("--policy", help="mess, entropy, maxprob, cbt, class-means, fft or learned.")] = "mess",
+        policy: PolicyOpt = "mess",
         budget: BudgetOpt = None,
         max_drop: MaxDropOpt = None,
         split: Annotated[str, typer.Option("--split", help="Calibration split.")] = "calib",
-        limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N images.")] = None,
+        limit: Annotated[Optional[int], typer.Option("--limit", parser=count("--limit"), metavar="N", help="Use only the first N images.")] = None,
         temperature: Annotated[bool, typer.Option("--temperature", help="Fit a temperature per exit first (needs labels).")] = False,
-        option: Annotated[Optional[List[str]], typer.Option("--option", help="Policy option key=value, e.g. pixel_threshold=0.95 (repeatable).")] = None,
+        option: Annotated[Optional[List[Any]], typer.Option(
+            "--option", parser=lib_parser(lambda text: api.parse_assignment(text, "--option")), metavar="KEY=VALUE",
+            help="Policy option key=value, e.g. pixel_threshold=0.95 (repeatable).")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", help="Where pareto.csv/png go (default BUNDLE/calibration).")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 4,
+        batch_size: Annotated[int, typer.Option("--batch-size", parser=count("--batch-size"), metavar="N", help="Images per forward pass.")] = 4,
         cost: CostOpt = None,
         profile: ProfileOpt = None,
         search: Annotated[bool, typer.Option("--search", help="Choose per exit off or one head candidate, and the thresholds "
@@ -126,7 +129,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Fit exit thresholds on a calibration split for a budget and write them into the bundle."""
-        opts = parse_kv(option, "--option")
+        opts = checked(api.policy_options, policy, merged(option), param="--option")
         with stage_progress(not json_out) as progress_cb:
             report = api.calibrate(
                 str(bundle),
@@ -147,6 +150,7 @@ def register(app: typer.Typer) -> None:
                 trust=trust_of(trust_code, trust_pickle),
                 search=search,
                 keep_candidates=keep_candidates,
+                warn=warn,
             )
         if json_out:
             print_json(api.json_safe(report.to_dict()))

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, print_notes, stage_progress
+from mexify.cli._common import (Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, ProfileOpt, TrustCodeOpt, TrustOpt,
+                                console, count, lib_parser, print_json, print_notes, stage_progress, trust_of)
 
 
 def _x(v: Optional[float]) -> str:
@@ -43,13 +44,17 @@ def register(app: typer.Typer) -> None:
         data: DataOpt,
         max_drop: MaxDropOpt = None,
         budget: BudgetOpt = None,
-        policies: Annotated[Optional[str], typer.Option("--policies", help="Comma-separated policies (default: every registered one).")] = None,
+        policies: Annotated[Optional[Any], typer.Option(
+            "--policies", parser=lib_parser(lambda text: [api.parse_policy(p.strip()) for p in text.split(",") if p.strip()]),
+            metavar="A,B", help="Comma-separated policies (default: every registered one).")] = None,
         fit_split: Annotated[str, typer.Option("--fit-split", help="Split the policies are fitted on.")] = "calib",
         eval_split: Annotated[str, typer.Option("--eval-split", help="Split they are judged on.")] = "test",
-        limit: Annotated[Optional[int], typer.Option("--limit", help="Images per split.")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass while collecting.")] = 8,
+        limit: Annotated[Optional[int], typer.Option("--limit", parser=count("--limit"), metavar="N", help="Images per split.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", parser=count("--batch-size"), metavar="N",
+                                                help="Images per forward pass while collecting.")] = 8,
         no_measure: Annotated[bool, typer.Option("--no-measure", help="Skip the measured speed-ups (runtime timing).")] = False,
-        repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per policy; the median is reported.")] = 3,
+        repeats: Annotated[int, typer.Option("--repeats", parser=count("--repeats"), metavar="N",
+                                             help="Timed passes per policy; the median is reported.")] = 3,
         cost: CostOpt = None,
         profile: ProfileOpt = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for compare.png / compare.csv (default BUNDLE/compare).")] = None,
@@ -59,7 +64,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Fit every policy for one budget on one split, judge it on another: one table, one Pareto plot."""
-        names = [p.strip() for p in policies.split(",") if p.strip()] if policies else None
+        names = policies or None
         with stage_progress(not json_out) as progress:
             report = api.compare(bundle, data, max_drop=max_drop, budget=budget, policies=names, fit_split=fit_split,
                                  eval_split=eval_split, limit=limit, batch_size=batch_size, measure=not no_measure, repeats=repeats,

@@ -1,21 +1,24 @@
 """`mexify convert`: a segmentation model becomes a multi-exit bundle."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, JsonOpt, TrustOpt, trust_of, console, parse_kv, print_json
+from mexify.cli._common import Annotated, JsonOpt, TrustOpt, count, console, lib_parser, merged, print_json, trust_of, warn
 
 SpecArg = Annotated[str, typer.Argument(help="package.module:factory, file.py:factory, model.pt2, or model.pt (with --trust-pickle).")]
-ArgOpt = Annotated[Optional[List[str]], typer.Option("--arg", help="Factory argument key=value (YAML scalar); repeatable.")]
+ArgOpt = Annotated[Optional[List[Any]], typer.Option("--arg", parser=lib_parser(api.parse_yaml_assignment), metavar="KEY=VALUE",
+                                                     help="Factory argument key=value (YAML scalar); repeatable.")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="State dict (.pt/.pth, loaded weights_only) or .safetensors.")]
-SizeOpt = Annotated[str, typer.Option("--input-size", help="HxW at which shapes and FLOPs are profiled.")]
+SizeOpt = Annotated[Any, typer.Option("--input-size", parser=lib_parser(api.parse_input_size), metavar="HxW",
+                                      help="HxW (or N) at which shapes and FLOPs are profiled; sides from 32 to 16384.")]
 LeafOpt = Annotated[Optional[List[str]], typer.Option("--leaf-module", help="Module class or qualified name to keep untraced; repeatable.")]
 AutowrapOpt = Annotated[Optional[List[str]], typer.Option("--autowrap", help="Function (package.module.fn) to record as one call; repeatable.")]
-TraceOpt = Annotated[str, typer.Option("--trace", help="auto (torch.fx, then torch.export), fx, or export.")]
+TraceOpt = Annotated[str, typer.Option("--trace", parser=lib_parser(api.parse_trace_method), metavar="auto|fx|export",
+                                       help="auto (torch.fx, then torch.export), fx, or export.")]
 
 
 def _fmt_flops(f: int) -> str:
@@ -44,11 +47,14 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[str], typer.Option("-o", "--out", help="Bundle directory to write.")] = None,
         arg: ArgOpt = None,
         weights: WeightsOpt = None,
-        exits: Annotated[int, typer.Option("--exits", help="Number of early exits placed by FLOPs.")] = 6,
+        exits: Annotated[int, typer.Option("--exits", parser=count("--exits"), metavar="N", help="Number of early exits placed by FLOPs.")] = 6,
         at: Annotated[Optional[str], typer.Option("--at", help="Comma-separated exit node names (overrides --exits).")] = None,
-        head: Annotated[str, typer.Option("--head", help="Head template: mess or fcn.")] = "mess",
-        head_set: Annotated[Optional[List[str]], typer.Option("--head-set", help="Head overrides, e.g. width=128,blocks=2,aspp_rates=6:12.")] = None,
-        heads: Annotated[Optional[str], typer.Option("--heads", help="Head candidates per exit instead of one head: a space "
+        head: Annotated[str, typer.Option("--head", parser=lib_parser(api.parse_head_template), metavar="mess|fcn",
+                                          help="Head template: mess or fcn.")] = "mess",
+        head_set: Annotated[Optional[List[Any]], typer.Option("--head-set", parser=lib_parser(api.parse_head_settings), metavar="K=V,...",
+                                                              help="Head overrides, e.g. width=128,blocks=2,aspp_rates=6:12.")] = None,
+        heads: Annotated[Optional[str], typer.Option("--heads", parser=lib_parser(api.parse_head_space), metavar="SPACE|FILE.yaml",
+                                                     help="Head candidates per exit instead of one head: a space "
                                                      "(mess, mess-fcn) or a YAML file listing head settings; calibrate --search keeps one.")] = None,
         input_size: SizeOpt = "512x512",
         leaf_module: LeafOpt = None,
@@ -60,19 +66,20 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Convert a segmentation model into a multi-exit model and write a bundle."""
-        head_items = [kv for item in (head_set or []) for kv in item.split(",") if kv]
         result = api.convert(
-            spec, args=parse_kv(arg), weights=weights, exits=exits,
+            spec, args=merged(arg), weights=weights, exits=exits,
             at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
-            head=head, head_set=parse_kv(head_items, "--head-set"), input_size=input_size,
+            head=head, head_set=merged(head_set), input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
             trust=trust_of(False, trust_pickle), out=out, overwrite=overwrite, check=not no_check, heads=heads,
         )
+        for note in result.notes:
+            warn(note)
         if json_out:
             print_json({"bundle": out, "seconds": round(result.seconds, 3), "num_classes": result.model.num_classes,
                         "tracer": "export" if result.config.trace.export_shapes else "fx",
                         "export_shapes": result.config.trace.export_shapes or None,
-                        "train_mode": not result.model.train_issue,
+                        "train_mode": not result.model.train_issue, "notes": result.notes,
                         "original_flops": result.model.original_flops, "exits": result.table()})
             return
         console.print(exit_table(result))

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, stage_progress
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, console, count, data_option, print_json, stage_progress, trust_of
 
 
 def _gflops(v: float) -> str:
@@ -79,16 +79,14 @@ def register(app: typer.Typer) -> None:
         bundle: Annotated[Path, typer.Argument(help="Bundle directory (from `mexify convert` / `mexify train`).")],
         data: Annotated[
             Optional[str],
-            typer.Option(
-                "--data",
-                help="Dataset spec: synthetic:scenes[?k=v&...], voc:PATH, cityscapes:PATH, ade20k:PATH, folder:PATH "
-                "(default: the dataset the bundle was trained on).",
-            ),
+            data_option("Dataset spec: synthetic:scenes[?k=v&...], voc:PATH, cityscapes:PATH, ade20k:PATH, folder:PATH "
+                        "(default: the dataset the bundle was trained on)."),
         ] = None,
         split: Annotated[str, typer.Option("--split", help="Split to evaluate on.")] = "val",
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
-        limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N images.")] = None,
-        workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers (default: one per core).")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", parser=count("--batch-size"), metavar="N", help="Images per forward pass.")] = 8,
+        limit: Annotated[Optional[int], typer.Option("--limit", parser=count("--limit"), metavar="N", help="Evaluate only the first N images.")] = None,
+        workers: Annotated[Optional[int], typer.Option("--workers", parser=count("--workers", lo=0), metavar="N",
+                                                       help="DataLoader workers (default: one per core).")] = None,
         device: DeviceOpt = None,
         trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,

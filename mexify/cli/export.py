@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from mexify import api
-from mexify.cli._common import Annotated, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, stage_progress
+from mexify.cli._common import Annotated, JsonOpt, TrustCodeOpt, TrustOpt, choice, console, count, print_json, stage_progress, trust_of
 
 
 def register(app: typer.Typer) -> None:
@@ -15,9 +15,11 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Export directory to write.")],
-        format: Annotated[str, typer.Option("--format", "-f", help="pt2 (torch.export programs, loaded by mexify.load) or onnx "
+        format: Annotated[str, typer.Option("--format", "-f", parser=choice(api.FORMATS, "export format"), metavar="pt2|onnx",
+                                            help="pt2 (torch.export programs, loaded by mexify.load) or onnx "
                                             "(run by mexify.deploy with onnxruntime).")] = "pt2",
-        opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default 18).")] = None,
+        opset: Annotated[Optional[int], typer.Option("--opset", parser=count("--opset", lo=api.MIN_OPSET), metavar="N",
+                                                     help="ONNX opset, 18 or above (default 18).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export at --out.")] = False,
         trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,

@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import JsonOpt, TrustOpt, trust_of, console, parse_kv, print_json
+from mexify.cli._common import JsonOpt, TrustOpt, trust_of, console, merged, print_json
 from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, WeightsOpt
 
 
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List candidate exit points: node, shape, stride, cumulative FLOPs %."""
         traced = api.inspect(
-            spec, args=parse_kv(arg), weights=weights, input_size=input_size,
+            spec, args=merged(arg), weights=weights, input_size=input_size,
             leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace, trust=trust_of(False, trust_pickle),
         )
         rows = [c.to_dict() for c in traced.candidates]

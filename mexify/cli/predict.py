@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, err_console, print_json, stage_progress
-
-
-def _warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}")
+from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, choice, console, count, lib_parser, print_json, stage_progress, trust_of, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -25,12 +21,14 @@ def register(app: typer.Typer) -> None:
             Optional[str], typer.Option("--exit", help="Force every image to this exit (index, negative from the end, or name).")
         ] = None,
         size: Annotated[
-            Optional[str], typer.Option("--size", help="Resize images to HxW (or N) before the model (default: the bundle's input size).")
+            Optional[Any], typer.Option("--size", parser=lib_parser(api.parse_image_size), metavar="HxW",
+                                        help="Resize images to HxW (or N) before the model (default: the bundle's input size).")
         ] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 4,
+        batch_size: Annotated[int, typer.Option("--batch-size", parser=count("--batch-size"), metavar="N", help="Images per forward pass.")] = 4,
         skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images with a warning instead of stopping.")] = False,
         device: DeviceOpt = None,
-        engine: Annotated[str, typer.Option("--engine", help="torch (a bundle or pt2 export) or onnxruntime (an ONNX export).")] = "torch",
+        engine: Annotated[str, typer.Option("--engine", parser=choice(api.ENGINES, "engine"), metavar="ENGINE",
+                                            help="torch (a bundle or pt2 export) or onnxruntime (an ONNX export).")] = "torch",
         trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
         json_out: JsonOpt = False,
@@ -38,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Segment images with early exits: a palette PNG mask per image plus predictions.jsonl."""
         with stage_progress(not json_out) as progress:
             summary = api.predict(bundle, images, out, exit=exit_, size=size, batch_size=batch_size, skip_bad=skip_bad,
-                                  device=device, warn=_warn, progress=progress, trust=trust_of(trust_code, trust_pickle),
+                                  device=device, warn=warn, progress=progress, trust=trust_of(trust_code, trust_pickle),
                                   engine=engine)
         if json_out:
             print_json(summary)

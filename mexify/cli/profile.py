@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, trust_of, console, print_json, stage_progress
-
-
-def _batch_sizes(text: str) -> list:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise api.ConfigError(f"--batch-size {text!r} is not a comma-separated list of integers", "e.g. --batch-size 1,8") from None
+from mexify.cli._common import (Annotated, DeviceOpt, JsonOpt, ThreadsOpt, TrustCodeOpt, TrustOpt, WarmupOpt, console, count, lib_parser,
+                                print_json, stage_progress, trust_of)
 
 
 def render(profiles: list) -> None:
@@ -42,11 +36,13 @@ def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile_cmd(
         bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-        batch_size: Annotated[str, typer.Option("--batch-size", help="Batch sizes to profile, comma-separated.")] = "1",
-        dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (GPU), run under autocast.")] = "float32",
-        warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
-        repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is kept.")] = 10,
-        threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
+        batch_size: Annotated[Any, typer.Option("--batch-size", parser=lib_parser(lambda text: api.parse_counts(text, "--batch-size")),
+                                                metavar="N,N", help="Batch sizes to profile, comma-separated.")] = "1",
+        dtype: Annotated[str, typer.Option("--dtype", parser=lib_parser(api.parse_dtype), metavar="DTYPE",
+                                           help="float32, bfloat16 or float16 (GPU), run under autocast.")] = "float32",
+        warmup: WarmupOpt = 3,
+        repeats: Annotated[int, typer.Option("--repeats", parser=count("--repeats"), metavar="N", help="Timed runs; the median is kept.")] = 10,
+        threads: ThreadsOpt = None,
         graphs: Annotated[Optional[bool], typer.Option("--graphs/--no-graphs", help="Time each piece replayed from a CUDA graph, as the runtime runs it (default: on CUDA).")] = None,
         device: DeviceOpt = None,
         trust_code: TrustCodeOpt = False,
@@ -55,7 +51,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure each stage's, head's and policy step's latency on this device and keep the tables in the bundle."""
         with stage_progress(not json_out) as progress:
-            profiles = api.profile(bundle, device=device, batch_sizes=_batch_sizes(batch_size), dtype=dtype,
+            profiles = api.profile(bundle, device=device, batch_sizes=batch_size, dtype=dtype,
                                    warmup=warmup, repeats=repeats, threads=threads, progress=progress, graphs=graphs,
                                    trust=trust_of(trust_code, trust_pickle))
         if json_out:
