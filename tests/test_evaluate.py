@@ -90,7 +90,7 @@ def test_cli_eval_errors(bundle, tmp_path):
     res = runner.invoke(_app(), ["eval", str(bundle)])
     assert res.exit_code == 1 and "--data" in res.output
     res = runner.invoke(_app(), ["eval", str(bundle), "--data", "nope:/x"])
-    assert res.exit_code == 1 and "synthetic:" in res.output
+    assert res.exit_code == 2 and "synthetic:" in res.output  # a bad --data value: a usage error
 
 
 def test_eval_reports_the_bundles_policy_row(bundle, tmp_path):

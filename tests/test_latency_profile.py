@@ -50,11 +50,11 @@ def test_profile_cli(bundle):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["profiles"][0]["batch_size"] == 1
     res = CliRunner().invoke(app, ["profile", str(bundle), "--dtype", "float8"])
-    assert res.exit_code == 1 and "unknown dtype 'float8'" in res.output
+    assert res.exit_code == 2 and "unknown dtype 'float8'" in res.output  # a bad option value: a usage error
     res = CliRunner().invoke(app, ["profile", str(bundle), "--dtype", "float16", "--device", "cpu"])
     assert res.exit_code == 1 and "float16 is for GPUs" in res.output
     res = CliRunner().invoke(app, ["profile", str(bundle), "--batch-size", "1,x"])
-    assert res.exit_code == 1 and "--batch-size" in res.output
+    assert res.exit_code == 2 and "--batch-size" in res.output
 
 
 SCENES = "synthetic:scenes?size=64&classes=4&n=24&n_eval=12"
