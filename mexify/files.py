@@ -146,16 +146,17 @@ def check_updatable(path: PathLike, what: str = "update it") -> None:
     Raises:
         BundleError: the bundle or its directory is read-only.
     """
-    path = Path(os.path.abspath(path))
+    path = Path(path)
     if not path.is_dir():
         return
-    why = _probe(path, path.name)
+    why = _probe(path, Path(os.path.abspath(path)).name)
     if why:
         raise BundleError(f"{path} is read-only: cannot {what} ({why})",
                           f"make it writable (chmod -R u+w {path}) or work on a copy")
-    why = _probe(path.parent, path.name)
+    parent = Path(os.path.abspath(path)).parent
+    why = _probe(parent, Path(os.path.abspath(path)).name)
     if why:
-        raise BundleError(f"cannot {what}: {path} is in a read-only directory, {path.parent} ({why})",
+        raise BundleError(f"cannot {what}: {path} is in a read-only directory, {parent} ({why})",
                           "a bundle is rewritten beside itself; copy it somewhere writable")
 
 
@@ -182,8 +183,8 @@ def writing(out: PathLike, overwrite: bool = False, *, marker: str = MARKER, wha
     Parent directories are created first (the lock file lives there); those created here are
     removed again if the command leaves them empty (it failed).
     """
-    out = Path(os.path.abspath(out))
-    check_writable(out, overwrite, marker=marker, what=what, flag=flag)
+    given, out = Path(out), Path(os.path.abspath(out))
+    check_writable(given, overwrite, marker=marker, what=what, flag=flag)
     made: List[Path] = []
     parent = out.parent
     while not parent.exists():
@@ -191,8 +192,8 @@ def writing(out: PathLike, overwrite: bool = False, *, marker: str = MARKER, wha
         parent = parent.parent
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with bundle_lock(out):
-            check_writable(out, overwrite, marker=marker, what=what, flag=flag)  # again, now that it is ours
+        with bundle_lock(given):
+            check_writable(given, overwrite, marker=marker, what=what, flag=flag)  # again, now that it is ours
             yield out
     finally:
         for d in made:
@@ -281,8 +282,7 @@ def bundle_lock(path: PathLike) -> Iterator[Path]:
     Raises:
         BundleError: another process (or thread) holds it: one line naming the bundle.
     """
-    path = Path(os.path.abspath(path))
-    lock = lock_path(path)
+    path, lock = Path(path), lock_path(path)
     key, pid, thread = str(lock), os.getpid(), threading.get_ident()
     with _HELD_GUARD:
         held = _HELD.get(key)
