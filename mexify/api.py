@@ -173,6 +173,7 @@ Model = Union[PathLike, MultiExitModel]
 Data = Union[str, Dataset, Any]
 StageProgress = Optional[Callable[[str, int, int], None]]
 MIN_OPSET = 18  # the torch.export -> ONNX exporter's own opset; older ones go through a lossy converter
+MAX_OPSET = 23  # the newest opset the pinned torch's ONNX exporter knows (torch.onnx._constants.ONNX_MAX_OPSET)
 
 
 # =============================================================================== helpers
@@ -904,7 +905,7 @@ def export(
     """
     parse_choice(format, FORMATS, "export format")
     if opset is not None:
-        parse_count(opset, "--opset", lo=MIN_OPSET)
+        parse_count(opset, "--opset", lo=MIN_OPSET, hi=MAX_OPSET)
     same = Path(out).resolve() == Path(bundle).resolve()  # export_bundle refuses it, saying why
     with writing(out, overwrite) if not same else contextlib.nullcontext():  # checked before any work, held
         return export_bundle(bundle, out, format=format, opset=opset, overwrite=overwrite, trust=trust,

@@ -129,7 +129,8 @@ USAGE = {
     "profile dtype unknown": (["profile", "{B}", "--device", "cpu", "--dtype", "float8"], "unknown dtype"),
     "profile device unknown": (["profile", "{B}", "--device", "tpu"], "unknown device"),
     "export format unknown": (["export", "{B}", "-o", "{R}/exp", "--format", "tflite"], "unknown export format"),
-    "export opset too old": (["export", "{B}", "-o", "{R}/exp", "--format", "onnx", "--opset", "0"], "at least 18"),
+    "export opset too old": (["export", "{B}", "-o", "{R}/exp", "--format", "onnx", "--opset", "0"], "from 18 to"),
+    "export opset too new": (["export", "{B}", "-o", "{R}/exp", "--format", "onnx", "--opset", "999"], "from 18 to"),
     "compare policy unknown": (["compare", "{B}", "--data", DATA, "--policies", "mess,nope"], "unknown policy 'nope'"),
     "compare batch size 0": (["compare", "{B}", "--data", DATA, "--batch-size", "0"], "at least 1"),
     "train override without =": (["train", "{B}", "--set", "lr"], "is not key=value"),
@@ -140,7 +141,7 @@ USAGE = {
     "unknown option": (["eval", "{B}", "--nosuch"], "No such option: --nosuch"),
     "missing argument": (["eval"], "Missing argument"),
     "unknown command": (["evl"], "No such command 'evl'"),
-    "missing option value": (["eval", "{B}", "--data"], "requires an argument"),
+    "missing option value": (["eval", "{B}", "--data"], "requires an argument. (see `"),
 }
 if not CUDA:
     USAGE["device cuda without CUDA"] = (["eval", "{B}", "--data", DATA, "--device", "cuda"], "CUDA is not available")
@@ -194,6 +195,16 @@ def test_bad_input_is_one_line_and_writes_nothing(case, place, monkeypatch):
 def test_version_prints_and_exits_0():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == mexify.__version__
+
+
+def test_usage_errors_name_the_command_whose_help_to_read(place):
+    res = runner.invoke(app, ["eval", str(place / "b.mex"), "--data"])
+    assert res.exit_code == 2 and res.output.strip().endswith("eval --help`)")
+
+
+def test_the_opset_bound_is_the_exporters():
+    constants = pytest.importorskip("torch.onnx._constants")
+    assert api.MAX_OPSET == constants.ONNX_MAX_OPSET
 
 
 def test_the_python_api_refuses_the_same_values_with_the_same_words(place):

@@ -41,14 +41,16 @@ class _Group(TyperGroup):
             err_console.print("[dim](set MEXIFY_DEBUG=1 for a traceback)[/]")
             raise typer.Exit(exc.exit_code) from None
         except UsageError as exc:
-            _usage_error(exc)
+            _usage_error(exc, ctx)
 
 
-def _usage_error(exc: UsageError) -> None:
+def _usage_error(exc: UsageError, ctx=None) -> None:
     """``error: <what is wrong> (see `mexify CMD --help`)`` on one line, exit code 2; a bare ``mexify`` still prints the help."""
     if isinstance(exc, NoArgsIsHelpError) or debug_enabled():
         raise exc
     where = exc.ctx.command_path if exc.ctx is not None else "mexify"
+    if exc.ctx is None and ctx is not None:
+        where = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
     err_console.print(f"[bold red]error:[/] {escape(exc.format_message())} [dim](see `{escape(where)} --help`)[/]", soft_wrap=True)
     raise typer.Exit(exc.exit_code) from None
 

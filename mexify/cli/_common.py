@@ -58,9 +58,9 @@ def error_text(e: MexifyError) -> str:
     return e.message + (f" Hint: {e.hint}" if e.hint else "")
 
 
-def count(what: str, lo: int = 1) -> Callable[[Any], Any]:
-    """The parser of an integer option (``--batch-size``, ``--limit``...): at least ``lo``."""
-    return lib_parser(functools.partial(api.parse_count, what=what, lo=lo))
+def count(what: str, lo: int = 1, hi: Optional[int] = None) -> Callable[[Any], Any]:
+    """The parser of an integer option (``--batch-size``, ``--limit``...): at least ``lo`` (at most ``hi``)."""
+    return lib_parser(functools.partial(api.parse_count, what=what, lo=lo, hi=hi))
 
 
 def choice(choices: Any, what: str) -> Callable[[Any], Any]:

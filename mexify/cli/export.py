@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
         format: Annotated[str, typer.Option("--format", "-f", parser=choice(api.FORMATS, "export format"), metavar="pt2|onnx",
                                             help="pt2 (torch.export programs, loaded by mexify.load) or onnx "
                                             "(run by mexify.deploy with onnxruntime).")] = "pt2",
-        opset: Annotated[Optional[int], typer.Option("--opset", parser=count("--opset", lo=api.MIN_OPSET), metavar="N",
-                                                     help="ONNX opset, 18 or above (default 18).")] = None,
+        opset: Annotated[Optional[int], typer.Option("--opset", parser=count("--opset", lo=api.MIN_OPSET, hi=api.MAX_OPSET), metavar="N",
+                                                     help=f"ONNX opset, {api.MIN_OPSET} to {api.MAX_OPSET} (default 18).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export at --out.")] = False,
         trust_code: TrustCodeOpt = False,
         trust_pickle: TrustOpt = False,
