@@ -429,8 +429,9 @@ def replace_dir(out: PathLike, fill: Callable[[Path], Any], keep_from: Optional[
 
     ``tmp`` is ``.NAME.tmp-<pid>-<random>`` beside ``out``; stale ones of dead processes are
     removed first. ``keep_from``: copy this directory's files (e.g. ``calibration/``) into the
-    new one first. The swap is one ``renameat2(RENAME_EXCHANGE)`` where the platform has it;
-    elsewhere two renames, and a failure between them puts the old directory back.
+    new one first, but no temporaries left in it. The swap is one ``renameat2(RENAME_EXCHANGE)``
+    where the platform has it; elsewhere two renames, and a failure between them puts the old
+    directory back.
     """
     out = Path(os.path.abspath(out))
     with bundle_lock(out):
@@ -439,7 +440,7 @@ def replace_dir(out: PathLike, fill: Callable[[Path], Any], keep_from: Optional[
         os.mkdir(tmp, 0o777)  # the umask applies, as with mkdir
         try:
             if keep_from is not None:
-                shutil.copytree(keep_from, tmp, dirs_exist_ok=True)
+                shutil.copytree(keep_from, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(f".*{_TMP}*"))
                 os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) | stat.S_IRWXU)  # copystat took the old mode
             fill(tmp)
             _swap(tmp, out)

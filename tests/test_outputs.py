@@ -292,9 +292,11 @@ def test_stale_temporaries_of_dead_processes_are_swept_live_ones_kept(bundle, tm
         legacy.mkdir()
         other = tmp_path / f".c.mex.tmp-{dead}-abcd1234"  # another bundle's
         other.mkdir()
+        (bundle / f".config.yaml.tmp-{dead}-abcd1234").write_text("half")  # not carried into the new bundle
         api.profile(bundle, device="cpu", warmup=0, repeats=1)  # any update of b.mex sweeps
         left = sorted(p.name for p in tmp_path.iterdir())
         assert left == sorted(["b.mex", live_dir.name, legacy.name, other.name])
+        assert _litter(bundle) == []
     finally:
         live.kill()
         live.wait()
