@@ -303,3 +303,18 @@ def test_ctrl_c_says_resume_only_when_there_is_a_checkpoint(place, tmp_path, mon
         assert "continue with --resume" in res.output
     else:
         assert "nothing to resume" in res.output and "continue with --resume" not in res.output
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(28, "No space left on device", "/data/out/weights.safetensors"), "No space left on device (/data/out/weights.safetensors)"),
+    (PermissionError(13, "Permission denied", "/data/in"), "Permission denied (/data/in)"),
+    (MemoryError(), "out of memory"),
+])
+def test_errors_the_system_raises_are_one_line(error, words, monkeypatch, tmp_path):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(api, "export", fail)
+    res = runner.invoke(app, ["export", str(tmp_path / "b"), "-o", str(tmp_path / "out")])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 2 and words in lines[0] and "Traceback" not in res.output, res.output

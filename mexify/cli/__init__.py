@@ -42,6 +42,22 @@ class _Group(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
         except UsageError as exc:
             _usage_error(exc, ctx)
+        except (OSError, MemoryError) as exc:  # the system refused: a full disk, a permission, no memory
+            if debug_enabled():
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(_system_error_text(exc))}", soft_wrap=True)
+            err_console.print("[dim](set MEXIFY_DEBUG=1 for a traceback)[/]")
+            raise typer.Exit(1) from None
+
+
+def _system_error_text(exc: BaseException) -> str:
+    """One line for an error the operating system raised (nothing was replaced: every write is atomic)."""
+    if isinstance(exc, MemoryError):
+        return "out of memory; use a smaller --batch-size or --input-size"
+    text = str(exc).strip().splitlines()
+    what = exc.strerror or (text[0] if text else type(exc).__name__)
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return f"{what}{where}; nothing was replaced (outputs are written to a temporary file and renamed)"
 
 
 def _usage_error(exc: UsageError, ctx=None) -> None:
