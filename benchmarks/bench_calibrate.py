@@ -81,10 +81,10 @@ def main() -> None:
             pol = build_policy(name)
             t0 = time.perf_counter()
             kw = {"max_cost": cache.original_flops / 2} if budget == "2x" else {"max_drop": 1.0}
-            fitted = pol.fit(cache, **kw)
+            fit = pol.fit_search(cache, **kw)
             dt = time.perf_counter() - t0
-            f = fitted.figures
-            res = fitted._search_result
+            f = fit.policy.figures
+            res = fit.search
             g = res.best_global
             rows.append((name, budget, dt, res.evaluations, f["miou"], f["drop"], f["speedup"], g["speedup"] if g else float("nan"), g["miou"] if g else float("nan")))
             print(f"{name:8s} {budget:13s} fit {dt:6.2f} s  mIoU {f['miou']:.2f} speed-up {f['speedup']:.2f}x")

@@ -169,7 +169,7 @@ def test_calibrate_on_toy_model_writes_pareto_and_reports(tmp_path, toy):
     for i, z in enumerate(logits):
         ex, _ = rep.policy.decide(i, z)
         taken[(taken < 0) & ex] = i
-    assert taken.tolist() == rep.policy._search_result.assignment.tolist()
+    assert taken.tolist() == rep.search.assignment.tolist()
 
 
 def test_class_means_calibrates_without_trained_heads(toy):

@@ -28,7 +28,7 @@ from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.fit import _budget
 from mexify.errors import BudgetError, ConfigError
 from mexify.nn import module_device
-from mexify.policies import Policy, build_policy
+from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
 
 __all__ = ["CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
@@ -194,18 +194,18 @@ def search_configuration(
     per_exit: List[List[int]] = [[j for j, (i, _) in enumerate(cand.columns) if i == e] for e in range(model.num_exits - 1)]
     tried: Dict[Tuple, Any] = {}
 
-    def evaluate(choice: Tuple[Optional[int], ...]) -> Optional[Tuple[Tuple[float, float], Policy]]:
+    def evaluate(choice: Tuple[Optional[int], ...]) -> Optional[Tuple[Tuple[float, float], PolicyFit]]:
         if choice not in tried:
             cols = [per_exit[e][k] for e, k in enumerate(choice) if k is not None]
             tried[choice] = None
             if cols:
                 try:
-                    fitted = base.fit(costed(cols), **search)
+                    fit = base.fit_search(costed(cols), **search)
                 except BudgetError:  # this configuration's cheapest exit costs more than the budget
                     return None
-                f = fitted.figures
+                f = fit.policy.figures
                 key = (f["miou"], -f["mean_cost"]) if max_cost is not None else (-f["mean_cost"], f["miou"])
-                tried[choice] = (key, fitted)
+                tried[choice] = (key, fit)
         return tried[choice]
 
     start = tuple(int(np.argmax([cache.exit_miou(j) for j in cols])) for cols in per_exit)
@@ -215,8 +215,7 @@ def search_configuration(
         raise BudgetError(f"no configuration reaches {bud['text'] if bud else 'the budget'}: the cheapest, every image at the "
                           f"first exit with its cheapest head, is {costed([0]).original_cost / cheapest:.2f}x",
                           "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
-    fitted = best_val[1]
-    report = _report(model, best, fitted)
+    report = _report(model, best, best_val[1])
     report.policy.budget = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
     report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
@@ -244,8 +243,9 @@ def _coordinate_search(start: Tuple[Optional[int], ...], sizes: Sequence[int], e
     return best, best_val
 
 
-def _report(model: Any, choice: Tuple[Optional[int], ...], fitted: Policy) -> ConfigurationReport:
+def _report(model: Any, choice: Tuple[Optional[int], ...], fit: PolicyFit) -> ConfigurationReport:
     """The view's thresholds mapped back to the real exits (off: ``inf``), and one row per exit."""
+    fitted = fit.policy
     names = list(model.exit_names)
     it = iter(fitted.thresholds)
     thresholds = [next(it) if k is not None else float("inf") for k in choice]
@@ -264,7 +264,7 @@ def _report(model: Any, choice: Tuple[Optional[int], ...], fitted: Policy) -> Co
                      "threshold": thresholds[e], "exit_rate": rate})
     f["exit_rates"]["final"] = rates[-1]
     policy.figures = f
-    return ConfigurationReport(list(choice), policy, f, rows, fitted._search_result.pareto, None, [], 0, 0.0, [])
+    return ConfigurationReport(list(choice), policy, f, rows, fit.search.pareto, None, [], 0, 0.0, [])
 
 
 def _uniform(model: Any, per_exit: List[List[int]], evaluate: Callable, template: str, blocks: Optional[int] = None
@@ -279,7 +279,7 @@ def _uniform(model: Any, per_exit: List[List[int]], evaluate: Callable, template
             return None, []
         choice.append(ks[0])
     val = evaluate(tuple(choice))
-    return (dict(val[1].figures), val[1]._search_result.pareto) if val is not None else (None, [])
+    return (dict(val[1].policy.figures), val[1].search.pareto) if val is not None else (None, [])
 
 
 def _describe(head: Any) -> str:

@@ -191,11 +191,11 @@ def _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress) ->
     t0 = time.perf_counter()
     if progress is not None:
         progress("search", 0, 1)
-    fitted = pol.fit(cache, max_cost=max_cost, max_drop=None if bud is not None else max_drop)
+    fit = pol.fit_search(cache, max_cost=max_cost, max_drop=None if bud is not None else max_drop)
     timings["search_s"] = time.perf_counter() - t0
     if progress is not None:
         progress("search", 1, 1)
-    result: SearchResult = fitted._search_result
+    fitted, result = fit.policy, fit.search
     figures = result.figures()
     budget_rec = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
     fitted.budget = budget_rec

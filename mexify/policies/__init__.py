@@ -6,6 +6,7 @@ fitted one from a bundle's ``policy:`` entry. See ``docs/calibrate.md`` for form
 from mexify.policies.base import (
     PROB_EDGES,
     Policy,
+    PolicyFit,
     available_policies,
     boundary_mask,
     build_policy,
@@ -27,6 +28,7 @@ from mexify.policies.oracle import OraclePolicy
 
 __all__ = [
     "Policy",
+    "PolicyFit",
     "register_policy",
     "build_policy",
     "policy_class",

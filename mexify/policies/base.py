@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import math
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
@@ -23,6 +24,7 @@ from mexify.errors import ConfigError, nearest
 
 __all__ = [
     "Policy",
+    "PolicyFit",
     "register_policy",
     "build_policy",
     "policy_class",
@@ -280,12 +282,16 @@ class Policy:
 
         Args:
             cache: an :class:`mexify.calibrate.ExitCache`.
-            **search: forwarded to ``cache.search`` (``max_cost=``, ``min_miou=``, ...).
+            **search: forwarded to ``cache.search`` (``max_cost=``, ``max_drop=``, ...).
 
         Returns:
             a fitted copy; ``self`` is left unchanged. ``.figures`` holds what the
-            search reached on the cache.
+            search reached on the cache (:meth:`fit_search` also returns the search).
         """
+        return self.fit_search(cache, **search).policy
+
+    def fit_search(self, cache: Any, **search: Any) -> "PolicyFit":
+        """:meth:`fit`, returning the fitted copy with the threshold search that fitted it (its curves)."""
         fitted = self._fit_params(cache)
         fitted.exit_names = list(cache.exit_names)
         fitted.temperatures = None if cache.temperatures is None else list(cache.temperatures)
@@ -293,8 +299,7 @@ class Policy:
         result = cache.search(scores, **search)
         fitted.thresholds = [float(t) for t in result.thresholds]
         fitted.figures = result.figures()
-        fitted._search_result = result
-        return fitted
+        return PolicyFit(fitted, result)
 
     def _fit_params(self, cache: Any) -> "Policy":
         """Copy of self with data-dependent parameters fitted (default: none)."""
@@ -418,3 +423,17 @@ class Policy:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._params)
         th = "unfitted" if self.thresholds is None else "thresholds=[" + ", ".join(f"{t:.4g}" for t in self.thresholds) + "]"
         return f"{type(self).__name__}({opts}{', ' if opts else ''}{th})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyFit:
+    """What :meth:`Policy.fit_search` returns: the fitted policy and the search that fitted it.
+
+    Attributes:
+        policy: the fitted copy (thresholds, figures).
+        search: the :class:`mexify.calibrate.SearchResult` (thresholds, assignment, Pareto and
+            global-threshold curves); None for a policy that searches nothing (the oracle).
+    """
+
+    policy: Policy
+    search: Any = None

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mexify.errors import ConfigError
-from mexify.policies.base import Policy, register_policy
+from mexify.policies.base import Policy, PolicyFit, register_policy
 
 __all__ = ["BANDS", "band_energy", "FFTPolicy"]
 
@@ -83,21 +83,21 @@ class FFTPolicy(Policy):
             raise ConfigError(f"fft band must be one of 0..{len(BANDS) - 1}, got {band}", "leave it out to fit it on the cache")
         self.band = None if band is None else int(band)
 
-    def fit(self, cache: Any, **search: Any) -> "FFTPolicy":
+    def fit_search(self, cache: Any, **search: Any) -> PolicyFit:
         """Fit thresholds for each band (or the given one) and keep the band that reaches the budget best."""
         if getattr(cache, "fft_energy", None) is None:
             raise ConfigError("this exit cache has no FFT energies (made by an older mexify)", "collect it again (mexify calibrate)")
         if self.band is not None:
-            return super().fit(cache, **search)
+            return super().fit_search(cache, **search)
         best, best_key = None, None
         for b in range(len(BANDS)):
             trial = copy.deepcopy(self)
             trial.band = b
-            fitted = Policy.fit(trial, cache, **search)
-            f = fitted.figures
+            fit = Policy.fit_search(trial, cache, **search)
+            f = fit.policy.figures
             key = (f["miou"], -f["mean_cost"]) if search.get("max_cost") is not None else (-f["mean_cost"], f["miou"])
             if best_key is None or key > best_key:
-                best, best_key = fitted, key
+                best, best_key = fit, key
         return best
 
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:

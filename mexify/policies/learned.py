@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mexify.errors import ConfigError
-from mexify.policies.base import NUM_BINS, PROB_EDGES, Policy, decode_array, encode_array, prob_bins, register_policy
+from mexify.policies.base import NUM_BINS, PROB_EDGES, Policy, PolicyFit, decode_array, encode_array, prob_bins, register_policy
 from mexify.policies.entropy import mean_entropy
 from mexify.policies.fft import BANDS, band_energy
 
@@ -89,13 +89,13 @@ class LearnedPolicy(Policy):
             self.nets = [{k: decode_array(v) for k, v in n.items()} for n in nets]
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, cache: Any, **search: Any) -> "LearnedPolicy":
+    def fit_search(self, cache: Any, **search: Any) -> PolicyFit:
         if getattr(cache, "fft_energy", None) is None:
             raise ConfigError("this exit cache has no FFT energies (made by an older mexify)", "collect it again (mexify calibrate)")
         trial = copy.deepcopy(self)
         if trial.tolerance is None:
             trial.tolerance = float(search["max_drop"]) if search.get("max_drop") is not None else 1.0
-        return Policy.fit(trial, cache, **search)
+        return Policy.fit_search(trial, cache, **search)
 
     def _fit_params(self, cache: Any) -> "LearnedPolicy":
         p = super()._fit_params(cache)

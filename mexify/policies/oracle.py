@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mexify.errors import ConfigError
-from mexify.policies.base import Policy, register_policy
+from mexify.policies.base import Policy, PolicyFit, register_policy
 
 
 @register_policy("oracle")
@@ -30,15 +30,15 @@ class OraclePolicy(Policy):
         """Exit index per image ``(N,)``."""
         return cache.oracle_assignment(self.tolerance)
 
-    def fit(self, cache: Any, **search: Any) -> "OraclePolicy":
-        """Figures of the oracle on the cache (no thresholds; ``search`` is ignored)."""
+    def fit_search(self, cache: Any, **search: Any) -> PolicyFit:
+        """Figures of the oracle on the cache (no thresholds, no search; ``search`` is ignored)."""
         if not cache.labelled:
             raise ConfigError("the oracle needs labels", "calibrate on a labelled split")
         p = self._fit_params(cache)
         p.exit_names = list(cache.exit_names)
         p.figures = cache.figures(self.assignment(cache))
         p.thresholds = []
-        return p
+        return PolicyFit(p)
 
     def cache_scores(self, cache: Any) -> np.ndarray:
         raise ConfigError("the oracle has no confidence score", "it reads labels; use it for reports only")
