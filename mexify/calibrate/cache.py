@@ -44,7 +44,7 @@ from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
 from mexify.files import atomic_file
-from mexify.nn import resize_logits
+from mexify.nn import exit_flops, resize_logits
 from mexify.runtime import exit_ms_per_image, original_ms_per_image
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
@@ -212,8 +212,7 @@ class ExitCache:
             return np.asarray(exit_ms_per_image(self.latency["profile"], np.flatnonzero(on).tolist()), dtype=np.float64)
         if self.stage_flops is None or self.head_flops is None:
             return self.costs
-        heads = np.concatenate([np.asarray(self.head_flops, dtype=np.float64) * on, [0.0]])
-        return np.cumsum(np.asarray(self.stage_flops, dtype=np.float64)) + np.cumsum(heads)
+        return np.asarray(exit_flops(self.stage_flops, self.head_flops, np.flatnonzero(on).tolist()), dtype=np.float64)
 
     def figures(self, assignment: np.ndarray, thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
         """mIoU, drop, mean cost, speed-up and exit rates of an assignment (costed as :meth:`exit_costs`).

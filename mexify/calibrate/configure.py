@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from mexify.calibrate.budget import budget_max_cost
+from mexify.calibrate.budget import Budget
 from mexify.calibrate.cache import ExitCache, collect_cache
-from mexify.calibrate.fit import _budget
+from mexify.calibrate.fit import _checked
 from mexify.errors import BudgetError, ConfigError
-from mexify.nn import module_device
+from mexify.nn import exit_flops, module_device
 from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
 
@@ -71,8 +71,7 @@ class CandidateView:
         return self
 
     def cost_to_exit(self, j: int) -> float:
-        j = j % len(self.exit_names)
-        return float(sum(self.stage_flops[: j + 1]) + sum(self.head_flops[: min(j + 1, len(self.head_flops))]))
+        return float(exit_flops(self.stage_flops, self.head_flops)[j])
 
     def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every candidate's logits at its own resolution (the backbone once), then the final logits."""
@@ -120,7 +119,7 @@ def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float],
     bounds = [-1] + list(keep)
     stages = [float(sum(stage_flops[a + 1: b + 1])) for a, b in zip(bounds[:-1], bounds[1:])]
     heads = [float(head_flops[c]) for c in columns]
-    costs = np.cumsum(np.asarray(stages)) + np.cumsum(np.asarray(heads + [0.0]))
+    costs = np.asarray(exit_flops(stages, heads), dtype=np.float64)
     out = dataclasses.replace(cache, exit_names=[cache.exit_names[c] for c in keep], costs=costs, stage_flops=stages,
                               head_flops=heads, latency=None, cost="flops", **fields)
     return out.with_latency(latency) if latency is not None else out
@@ -155,17 +154,19 @@ class ConfigurationReport:
 def search_configuration(
     model: Any,
     batches: Callable[[], Iterable[Any]],
+    *,
     policy: str = "mess",
-    budget: Optional[str] = None,
-    max_drop: Optional[float] = None,
+    budget: Budget = Budget(),
+    latency: Optional[Dict[str, Any]] = None,
     policy_options: Optional[Dict[str, Any]] = None,
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
     rounds: int = 3,
-    latency: Optional[Dict[str, Any]] = None,
-    cost: Optional[str] = None,
 ) -> ConfigurationReport:
     """Choose, per exit, off or one head candidate, and the policy's thresholds, for a budget (see the module docstring).
+
+    ``latency`` (a bundle's latency profile that timed every candidate) costs the configurations unless
+    ``budget.cost`` is ``"flops"``; without it they are costed by FLOPs.
 
     Raises:
         ConfigError: a bundle without candidates, or a policy that cannot be searched.
@@ -176,11 +177,11 @@ def search_configuration(
         raise ConfigError(f"--search fits {', '.join(SEARCHABLE)}; {policy!r} has per-exit parameters",
                           "search with one of those, then calibrate the chosen bundle with any policy")
     cand = CandidateView(model)
-    bud, max_drop = _budget(budget, max_drop)
+    budget = _checked(budget)
     cache = collect_cache(cand, batches(), device=device if device is not None else module_device(model), progress=progress)
     cache = dataclasses.replace(cache, cost="flops")
-    timed = latency is not None and bool((latency.get("profile") or latency).get("candidate_head_ms")) and cost != "flops"
-    if cost == "latency" and not timed:
+    timed = latency is not None and bool((latency.get("profile") or latency).get("candidate_head_ms")) and budget.cost != "flops"
+    if budget.cost == "latency" and not timed:
         raise ConfigError("--cost latency for --search needs a latency profile that timed every head candidate",
                           "run `mexify profile BUNDLE` on the bundle with its candidates first, or use --cost flops")
 
@@ -188,8 +189,8 @@ def search_configuration(
         return view(cache, cols, cand.stage_flops, cand.head_flops, view_profile(latency, cand, cols) if timed else None)
 
     unit = "ms" if timed else "flops"
-    max_cost = budget_max_cost(bud, costed([0]).original_cost, unit) if bud is not None else None
-    search = {"max_cost": max_cost, "max_drop": None if bud is not None else max_drop}
+    search = budget.bounds(costed([0]).original_cost, unit)
+    max_cost = search["max_cost"]
     base = build_policy(policy, **policy_options_of(policy, policy_options))
     per_exit: List[List[int]] = [[j for j, (i, _) in enumerate(cand.columns) if i == e] for e in range(model.num_exits - 1)]
     tried: Dict[Tuple, Any] = {}
@@ -212,11 +213,11 @@ def search_configuration(
     best, best_val = _coordinate_search(start, [len(cols) for cols in per_exit], evaluate, rounds)
     if best_val is None:
         cheapest = min(float(costed([j]).exit_costs()[0]) for j in per_exit[0])
-        raise BudgetError(f"no configuration reaches {bud['text'] if bud else 'the budget'}: the cheapest, every image at the "
+        raise BudgetError(f"no configuration reaches {'the budget' if budget.drop is not None else budget.text}: the cheapest, every image at the "
                           f"first exit with its cheapest head, is {costed([0]).original_cost / cheapest:.2f}x",
                           "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
     report = _report(model, best, best_val[1])
-    report.policy.budget = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
+    report.policy.budget = budget.record()
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
     report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
     report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -12,7 +12,27 @@ from mexify.graph.batching import BatchDim, shrink_value
 from mexify.graph.split import Stage
 from mexify.nn.heads import ExitHead, resize_logits
 
-__all__ = ["MultiExitModel", "StageState", "ExitOutput"]
+__all__ = ["MultiExitModel", "StageState", "ExitOutput", "exit_flops"]
+
+
+def exit_flops(stage_flops: Sequence[Any], head_flops: Sequence[Any], active: Optional[Iterable[int]] = None) -> List[Any]:
+    """FLOPs to leave at each exit: the one definition, which the model, the runtime, calibration and
+    the configuration search call.
+
+    Exit ``i`` costs stages ``0..i`` plus the heads of the early exits ``0..i`` that run: the
+    ``active`` ones (the runtime never evaluates a switched-off exit's head), every one when
+    ``active`` is None. The final exit has no head of its own. Unit: FLOPs at the bundle's input
+    size, 1 multiply-add = 1 FLOP (:mod:`mexify.graph.profile`); integers in, integers out (floats
+    in, floats out, exact while the sums stay below 2**53).
+
+    Args:
+        stage_flops: FLOPs of each stage, ``(E,)``.
+        head_flops: FLOPs of each early head, ``(E-1,)``.
+        active: indices of the early exits whose heads run (None: all).
+    """
+    on = None if active is None else {int(j) for j in active}
+    heads = [f if on is None or j in on else 0 for j, f in enumerate(head_flops)] + [0]
+    return [sum(stage_flops[: i + 1]) + sum(heads[: i + 1]) for i in range(len(stage_flops))]
 
 
 @dataclasses.dataclass
@@ -196,10 +216,8 @@ class MultiExitModel(nn.Module):
 
     # -- costs -------------------------------------------------------------------------
     def cost_to_exit(self, i: int) -> int:
-        """FLOPs to reach exit ``i``: stages 0..i plus every early head evaluated on the way."""
-        if i < 0:
-            i += len(self.stages)
-        return sum(self.stage_flops[: i + 1]) + sum(self.head_flops[: min(i + 1, len(self.head_flops))])
+        """FLOPs to reach exit ``i``: stages 0..i plus every early head evaluated on the way (:func:`exit_flops`)."""
+        return exit_flops(self.stage_flops, self.head_flops)[i]
 
     # -- training helpers --------------------------------------------------------------
     def backbone_parameters(self) -> Iterator[nn.Parameter]:

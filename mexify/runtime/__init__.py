@@ -2,7 +2,7 @@
 
 Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
 """
-from mexify.runtime.costs import exit_flops, exit_ms_per_image, original_ms_per_image
+from mexify.runtime.costs import exit_ms_per_image, original_ms_per_image
 from mexify.runtime.engine import DTYPES, EarlyExitRuntime, labels_of, parse_dtype, predict
 from mexify.runtime.graphs import GraphedCall, capture
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
@@ -21,7 +21,6 @@ __all__ = [
     "DTYPES",
     "exit_ms_per_image",
     "original_ms_per_image",
-    "exit_flops",
     "GraphedCall",
     "capture",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-__all__ = ["exit_ms_per_image", "original_ms_per_image", "exit_flops"]
+__all__ = ["exit_ms_per_image", "original_ms_per_image"]
 
 
 def exit_ms_per_image(profile: Dict[str, Any], active: Sequence[int]) -> List[float]:
@@ -44,13 +44,6 @@ def exit_ms_per_image(profile: Dict[str, Any], active: Sequence[int]) -> List[fl
         own_mask = masks[i] if not graphs or i == e - 1 else 0.0
         out.append((total + own_mask) / b)
     return out
-
-
-def exit_flops(stage_flops: Sequence[int], head_flops: Sequence[int], active: Sequence[int]) -> List[int]:
-    """FLOPs to leave at each exit: stages 0..i plus the heads of the ``active`` early exits on the way."""
-    on = set(int(i) for i in active)
-    heads = [int(f) if j in on else 0 for j, f in enumerate(head_flops)] + [0]
-    return [int(sum(stage_flops[: i + 1]) + sum(heads[: i + 1])) for i in range(len(stage_flops))]
 
 
 def original_ms_per_image(profile: Dict[str, Any]) -> float:

@@ -26,8 +26,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 
 from mexify.errors import ConfigError, DataError
-from mexify.nn import module_device, resize_logits
-from mexify.runtime.costs import exit_flops
+from mexify.nn import exit_flops, module_device, resize_logits
 from mexify.runtime.graphs import GraphCaptureError, GraphedExits, bucket_of
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction

@@ -25,8 +25,8 @@ from mexify.config import json_safe
 from mexify.deploy import Runner
 from mexify.errors import BundleError, ConfigError
 from mexify.metrics import ConfusionMatrix
-from mexify.nn import device_name, module_device, resolve_device
-from mexify.runtime import EarlyExitRuntime, exit_flops
+from mexify.nn import device_name, exit_flops, module_device, resolve_device
+from mexify.runtime import EarlyExitRuntime
 from mexify.runtime.results import BatchPrediction
 from mexify.tools.bench import _batches
 
