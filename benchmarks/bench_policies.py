@@ -134,9 +134,9 @@ def _policy_row(name: str, pname: str, bs: int, bundle: Path, model: Any, test: 
 
     t0 = time.perf_counter()
     try:
-        rep = api.calibrate(str(bundle), args.data, policy=pname, max_drop=args.max_drop, split="calib", limit=args.calib,
-                            write=False, out=tmp / f"{pname}-{bs}", batch_size=8, means_limit=args.calib,
-                            cost=args.cost, profile=f"|b{bs}|")
+        goal = api.Budget.max_drop(args.max_drop, cost=args.cost, profile=f"|b{bs}|")
+        rep = api.calibrate(str(bundle), args.data, policy=pname, budget=goal, split="calib", limit=args.calib,
+                            write=False, out=tmp / f"{pname}-{bs}", batch_size=8, means_limit=args.calib)
     except mexify.MexifyError as e:
         log.warning("%s on %s: %s", pname, name, e)
         return {"policy": pname, "batch": bs, "error": e.message}

@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     import mexify
-    from mexify.api import calibrate, compare, read_config, train
+    from mexify.api import Budget, compare, read_config, search, train
     from mexify.bundle import update_bundle
 
     src = Path(args.bundle)
@@ -72,17 +72,17 @@ def main() -> None:
         out["stage2_seconds"] = time.perf_counter() - t0
         out["stage2_iters"] = args.stage2_iters
         searches = {}
-        for label, kw in (("max-drop 1", {"max_drop": 1.0}), ("budget 3x", {"budget": "3x"})):
+        for label, goal in (("max-drop 1", Budget.max_drop(1.0)), ("budget 3x", Budget.parse("3x"))):
             copy = Path(tmp) / f"search-{label.replace(' ', '')}.mex"
             shutil.copytree(cand, copy)
-            rep = calibrate(copy, args.data, policy="maxprob", search=True, **kw)
+            rep = search(copy, args.data, policy="maxprob", budget=goal)
             searches[label] = {"searched": rep.figures, "uniform_fcn": rep.baseline, "uniform_default": rep.default,
                                "exits": rep.rows, "evaluations": rep.evaluations, "seconds": rep.seconds}
             print(label, {k: (v or {}).get("miou") for k, v in searches[label].items() if k.startswith(("searched", "uniform"))},
                   file=sys.stderr)
         out["search"] = searches
         chosen = Path(tmp) / "search-max-drop1.mex"
-        cmp = compare(chosen, args.data, max_drop=1.0, limit=None, repeats=3, out=Path(tmp) / "cmp")
+        cmp = compare(chosen, args.data, budget=Budget.max_drop(1.0), limit=None, repeats=3, out=Path(tmp) / "cmp")
         out["compare"] = cmp.to_dict()
         shutil.copy(Path(tmp) / "cmp" / "compare.png", RESULTS / f"{name}-compare.png")
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -25,6 +25,7 @@ _LAZY = {
     "register_policy": "mexify.policies",
     "ConvertResult": "mexify.prepare",
     "Trust": "mexify.trust",
+    "Budget": "mexify.calibrate.budget",
     "register_builder": "mexify.trust",
 }
 
@@ -42,6 +43,7 @@ __all__ = [
     "register_policy",
     "register_builder",
     "Trust",
+    "Budget",
 ]
 
 

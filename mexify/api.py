@@ -12,7 +12,7 @@ Example::
                 args={"num_classes": 8, "weights": None, "weights_backbone": None},
                 input_size=(128, 128), out="lraspp.mex")
     api.train("lraspp.mex", recipe="quick-synthetic")          # the recipe names its dataset
-    api.calibrate("lraspp.mex", "synthetic:scenes?classes=8&size=128", max_drop=1.0)
+    api.calibrate("lraspp.mex", "synthetic:scenes?classes=8&size=128", budget=api.Budget.max_drop(1.0))
     report = api.evaluate("lraspp.mex", split="test")
     print(report.final.miou, report.policies[0].extra["speedup_flops"])
 """
@@ -35,6 +35,7 @@ from mexify.bundle import read_config, save_bundle, update_bundle
 from mexify.bundle import load as _load_bundle
 from mexify.calibrate import (
     COST_MODELS,
+    Budget,
     CalibrationReport,
     ConfigurationReport,
     PolicyComparison,
@@ -108,6 +109,7 @@ __all__ = [
     "read_config",
     "train",
     "calibrate",
+    "search",
     "evaluate",
     "evaluate_policy",
     "predict",
@@ -115,6 +117,9 @@ __all__ = [
     "profile",
     "export",
     "compare",
+    # the option objects: one value each
+    "Budget",
+    "Trust",
     # records and errors the CLI renders
     "ConvertResult",
     "TracedModel",
@@ -134,7 +139,6 @@ __all__ = [
     "DataError",
     "BudgetError",
     "available_policies",
-    "Trust",
     "register_builder",
     "json_safe",
     "Interrupted",
@@ -464,92 +468,71 @@ def _checkpoint_after(run_dir: Path, since: Optional[float]) -> Optional[str]:
 def calibrate(
     bundle: Model,
     data: Data,
+    *,
     policy: Union[str, Policy] = "mess",
-    budget: Optional[str] = None,
-    max_drop: Optional[float] = None,
+    budget: Budget = Budget(),
     split: str = "calib",
-    temperature: bool = False,
-    out: Optional[PathLike] = None,
     limit: Optional[int] = None,
     batch_size: int = 4,
-    device: Any = None,
+    temperature: bool = False,
     policy_options: Optional[Dict[str, Any]] = None,
     means_split: str = "train",
     means_limit: Optional[int] = 200,
     edge_radius: Optional[int] = None,
+    out: Optional[PathLike] = None,
     write: bool = True,
-    progress: StageProgress = None,
-    cost: Optional[str] = None,
-    profile: Optional[str] = None,
+    device: Any = None,
     trust: Trust = Trust(),
-    search: bool = False,
-    keep_candidates: bool = False,
+    progress: StageProgress = None,
     warn: Optional[Callable[[str], None]] = None,
-) -> Union[CalibrationReport, ConfigurationReport]:
+) -> CalibrationReport:
     """Fit an exit policy on a calibration split for a budget and write it into the bundle (``mexify calibrate``).
-
-    With ``search`` (a bundle converted with head candidates), choose per exit off or one candidate
-    and the thresholds (:func:`mexify.calibrate.search_configuration`), write the chosen heads and
-    drop the others (unless ``keep_candidates``); returns a :class:`ConfigurationReport`.
 
     Args:
         bundle: bundle directory (updated in place) or a ``MultiExitModel`` (only ``out`` is written).
         data: dataset spec (``synthetic:scenes``, ``voc:PATH``, ...) or a Dataset of ``(image, mask)``.
         policy: registry name or a :class:`~mexify.policies.Policy`.
-        budget: ``"2x"``, ``"40%"`` or ``"8ms"``: the most accurate thresholds within that mean cost.
-        max_drop: the fastest thresholds within this many mIoU points of the final exit
-            (default 1.0 when no budget is given).
-        split: dataset split to calibrate on.
+        budget: what to fit for and how exits are costed (:class:`Budget`): ``Budget.parse("2x")`` (or
+            ``"40%"``, ``"8ms"``) for the most accurate thresholds within that mean cost,
+            ``Budget.max_drop(1.0)`` (the default) for the fastest within that many mIoU points of the
+            final exit; its ``cost`` (default: latency when the bundle has a latency profile, else FLOPs)
+            and ``profile`` (default: the calibration device's at batch 1, float32 where there is one).
+        split, limit, batch_size: the calibration images (the first ``limit``) and images per pass.
         temperature: fit one temperature per exit first (needs labels).
-        out: directory for ``pareto.csv``/``pareto.png`` (default ``BUNDLE/calibration``).
-        limit: use the first ``limit`` images only.
         policy_options: keyword options of the policy (e.g. ``{"pixel_threshold": 0.95}``).
         means_split, means_limit: labelled data for class-means' class means.
+        edge_radius: boundary half-width of the exit cache (default: the policy's).
+        out: directory for ``pareto.csv``/``pareto.png`` (default ``BUNDLE/calibration``).
         write: write the fitted policy into the bundle's ``config.yaml``.
         progress: ``callback(stage, done, total)``.
-        cost: ``"latency"`` or ``"flops"``: what the search minimises (default: latency when the
-            bundle has a latency profile, else FLOPs).
-        profile: part of a latency-profile key (``"cpu|b1"``, ``"H100|b8|bfloat16"``); default the
-            profile of the calibration device at batch 1, float32 where there is one.
         warn: receives a warning when the calibration set is small (fewer than 50 images; the
             report's notes say it too).
 
     The dataset's ``means_split`` is read only for policies that need class means (class-means):
-    the others calibrate from ``split`` alone (a held-out folder is enough).
+    the others calibrate from ``split`` alone (a held-out folder is enough). Head candidates are
+    chosen by :func:`search`.
 
     Raises:
         BudgetError: the budget is below the cheapest reachable cost (nothing is written).
         ConfigError: bad policy, budget or options.
     """
-    _check_fit_args(policy, budget, max_drop, cost, policy_options, data)
+    _check_fit_args(policy, budget, policy_options, data)
     _counts(batch_size=batch_size, limit=limit)
     device = _device(device)
     bundle_path = _bundle_dir(bundle)
     outside, inside = _plots_at(out, bundle_path, "calibration")  # checked before any work
     with updating(bundle_path if write or inside is not None else None, "write the calibration into it"):
         model, _ = _model(bundle, device, trust=trust)
-        ds = _dataset(data, split, limit)
-        check_classes(ds, model.num_classes)
-        small = small_set_note(len(ds)) if hasattr(ds, "__len__") else None
-        if small and warn is not None:
-            warn(small)
-        seen = {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
-        if search:
-            if temperature:
-                raise ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
-            return _noted(_calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options,
-                                            write, keep_candidates, progress, (outside, inside), split, seen, cost, profile), small)
+        ds, small = _calibration_set(model, data, split, limit, warn)
 
         def means() -> Any:  # read only by policies that need class means
             return _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
-        table = getattr(getattr(model, "config", None), "latency", None)
-        latency = select_profile(table, profile, device_name(module_device(model)))
         report = fit_policy(
             model,
             lambda: as_loader(ds, batch_size),
             policy=policy,
             budget=budget,
-            max_drop=max_drop,
+            latency=_latency_profile(model, budget),
             temperature=temperature,
             means_batches=lambda: as_loader(means(), batch_size),
             policy_options=policy_options,
@@ -557,9 +540,8 @@ def calibrate(
             device=device,
             total=math.ceil(len(ds) / batch_size) if hasattr(ds, "__len__") else None,
             progress=progress,
-            latency=latency,
-            cost=cost,
         )
+        seen = _calibrated_on(data, split, limit)
         fields = {"policy": {**report.policy.to_dict(), "calibrated_on": seen}} if write and bundle_path is not None else {}
         report.files = _write_outputs(bundle_path, outside, inside, lambda d: save_pareto(
             report.search, report.oracle_curve, report.figures, d, title=f"{report.policy.name} on {split}"), fields)
@@ -568,16 +550,37 @@ def calibrate(
         return _noted(report, small)
 
 
-def _check_fit_args(policy: Any, budget: Optional[str], max_drop: Optional[float], cost: Optional[str],
-                    options: Optional[Mapping[str, Any]], data: Any) -> None:
+def _check_fit_args(policy: Any, budget: Any, options: Optional[Mapping[str, Any]], data: Any) -> None:
     """The values of a calibration checked before any work (each is checked again where it is used)."""
-    parse_budget(budget)
-    parse_max_drop(max_drop)
-    parse_cost(cost)
+    if not isinstance(budget, Budget):
+        raise ConfigError(f"budget must be a mexify.api.Budget, not {type(budget).__name__} {budget!r}",
+                          "Budget.parse('2x'), Budget.max_drop(1.0) or Budget.from_options(budget=..., max_drop=..., cost=..., profile=...)")
     if isinstance(policy, str):
         policy_options(policy, options)
     if isinstance(data, str):
         parse_dataset_spec(data)
+
+
+def _calibration_set(model: MultiExitModel, data: Data, split: str, limit: Optional[int],
+                     warn: Optional[Callable[[str], None]]) -> Tuple[Any, Optional[str]]:
+    """The calibration images, checked against the model's classes, and the small-set warning (given to ``warn``)."""
+    ds = _dataset(data, split, limit)
+    check_classes(ds, model.num_classes)
+    small = small_set_note(len(ds)) if hasattr(ds, "__len__") else None
+    if small and warn is not None:
+        warn(small)
+    return ds, small
+
+
+def _calibrated_on(data: Data, split: str, limit: Optional[int]) -> Dict[str, Any]:
+    """What a fitted policy records of the images it was fitted on."""
+    return {"data": data if isinstance(data, str) else type(data).__name__, "split": split, "limit": limit}
+
+
+def _latency_profile(model: MultiExitModel, budget: Budget) -> Optional[Dict[str, Any]]:
+    """The bundle's latency profile that ``budget.profile`` names (default: the model's device at batch 1), or None."""
+    table = getattr(getattr(model, "config", None), "latency", None)
+    return select_profile(table, budget.profile, device_name(module_device(model)))
 
 
 def _noted(report: Any, note: Optional[str]) -> Any:
@@ -587,36 +590,82 @@ def _noted(report: Any, note: Optional[str]) -> Any:
     return report
 
 
-def _calibrate_search(model, bundle_path, ds, policy, budget, max_drop, batch_size, device, policy_options, write, keep,
-                      progress, plots, split, seen, cost, profile) -> ConfigurationReport:
-    """``calibrate --search``: the configuration, its plot against the uniform-FCN configuration, the bundle rewritten
-    (``plots``: where the plot goes, as :func:`_plots_at` says)."""
-    name = policy if isinstance(policy, str) else policy.name
-    table = getattr(model.config, "latency", None)
-    latency = select_profile(table, profile, device_name(module_device(model)))
-    report = search_configuration(model, lambda: as_loader(ds, batch_size), name, budget=budget, max_drop=max_drop,
-                                  policy_options=policy_options, device=device, progress=progress, latency=latency, cost=cost)
+# =============================================================================== search
+def search(
+    bundle: Model,
+    data: Data,
+    *,
+    policy: str = "mess",
+    budget: Budget = Budget(),
+    split: str = "calib",
+    limit: Optional[int] = None,
+    batch_size: int = 4,
+    policy_options: Optional[Dict[str, Any]] = None,
+    keep_candidates: bool = False,
+    out: Optional[PathLike] = None,
+    write: bool = True,
+    device: Any = None,
+    trust: Trust = Trust(),
+    progress: StageProgress = None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> ConfigurationReport:
+    """Choose per exit off or one head candidate, and the thresholds, for a budget (``mexify calibrate --search``).
+
+    The bundle was converted with head candidates (``convert --heads``); the configuration is searched
+    on one exit cache (:func:`mexify.calibrate.search_configuration`), plotted against the uniform-FCN
+    configuration (``search.png``), and written: the chosen heads, the policy, and the latency profiles
+    that timed every candidate; the other candidates are dropped unless ``keep_candidates``.
+
+    Args:
+        policy: a policy whose parameters are not per exit (mess, entropy, maxprob, cbt, fft).
+        budget, split, limit, batch_size, policy_options, out, write, device, progress, warn:
+            as for :func:`calibrate`.
+
+    Raises:
+        ConfigError: a bundle without candidates, a policy that cannot be searched, a bad budget.
+        BudgetError: a budget below every configuration's cheapest cost (nothing is written).
+    """
+    _check_fit_args(policy, budget, policy_options, data)
+    _counts(batch_size=batch_size, limit=limit)
+    device = _device(device)
+    bundle_path = _bundle_dir(bundle)
+    outside, inside = _plots_at(out, bundle_path, "calibration")  # checked before any work
+    with updating(bundle_path if write or inside is not None else None, "write the calibration into it"):
+        model, _ = _model(bundle, device, trust=trust)
+        ds, small = _calibration_set(model, data, split, limit, warn)
+        name = policy if isinstance(policy, str) else policy.name
+        report = search_configuration(model, lambda: as_loader(ds, batch_size), policy=name, budget=budget,
+                                      latency=_latency_profile(model, budget), policy_options=policy_options,
+                                      device=device, progress=progress)
+        fields = _searched_fields(model, report, keep_candidates, _calibrated_on(data, split, limit)) if write and bundle_path else {}
+        report.files = _write_outputs(bundle_path, outside, inside, lambda d: _save_search(report, d, f"{name} on {split}"),
+                                      fields, model=model if fields else None)
+        if fields:
+            report.files["config"] = str(bundle_path / "config.yaml")
+        return _noted(report, small)
+
+
+def _save_search(report: ConfigurationReport, folder: Path, title: str) -> Dict[str, str]:
+    """The searched configuration's curve and point beside the uniform-FCN and uniform-mess ones (``search.png``)."""
     curves, points = {"searched": report.pareto}, {"searched": report.figures}
     if report.baseline is not None:
         curves["uniform fcn"], points["uniform fcn"] = report.baseline_pareto, report.baseline
     if report.default is not None:
         curves["uniform mess b1"], points["uniform mess b1"] = report.default_pareto, report.default
     unit = "ms" if any("measured latency" in n for n in report.notes) else "flops"
-    fields: Dict[str, Any] = {}
-    if write and bundle_path is not None:
-        tables = dict(model.config.latency or {})
-        apply_configuration(model, report.choice, keep_candidates=keep)
-        kept, dropped = _chosen_profiles(tables, model.config.exits, keep)
-        fields = {"exits": model.config.exits, "latency": kept or None, "policy": {**report.policy.to_dict(), "calibrated_on": seen}}
-        if dropped:
-            report.notes.append(f"the heads changed: latency profiles without every candidate's time were dropped "
-                                f"({', '.join(dropped)}); run `mexify profile` again")
-    report.files = _write_outputs(bundle_path, *plots, lambda d: save_comparison(
-        curves, points, [], d, unit, title=f"{name} on {split}: searched heads vs uniform FCN", stem="search"),
-        fields, model=model if fields else None)
-    if fields:
-        report.files["config"] = str(bundle_path / "config.yaml")
-    return report
+    return save_comparison(curves, points, [], folder, unit, title=f"{title}: searched heads vs uniform FCN", stem="search")
+
+
+def _searched_fields(model: MultiExitModel, report: ConfigurationReport, keep: bool, seen: Dict[str, Any]) -> Dict[str, Any]:
+    """The chosen heads made the model's (:func:`~mexify.calibrate.apply_configuration`), and the config fields
+    the bundle gets: exits, the latency profiles kept for them, the policy."""
+    tables = dict(model.config.latency or {})
+    apply_configuration(model, report.choice, keep_candidates=keep)
+    kept, dropped = _chosen_profiles(tables, model.config.exits, keep)
+    if dropped:
+        report.notes.append(f"the heads changed: latency profiles without every candidate's time were dropped "
+                            f"({', '.join(dropped)}); run `mexify profile` again")
+    return {"exits": model.config.exits, "latency": kept or None, "policy": {**report.policy.to_dict(), "calibrated_on": seen}}
 
 
 def _chosen_profiles(tables: Dict[str, Any], exits: Sequence[Any], keep: bool) -> Tuple[Dict[str, Any], List[str]]:
@@ -916,8 +965,8 @@ def export(
 def compare(
     bundle: Model,
     data: Data,
-    max_drop: Optional[float] = None,
-    budget: Optional[str] = None,
+    *,
+    budget: Budget = Budget(),
     policies: Optional[Sequence[str]] = None,
     fit_split: str = "calib",
     eval_split: str = "test",
@@ -926,11 +975,9 @@ def compare(
     measure: bool = True,
     repeats: int = 3,
     out: Optional[PathLike] = None,
-    cost: Optional[str] = None,
-    profile: Optional[str] = None,
     device: Any = None,
-    progress: StageProgress = None,
     trust: Trust = Trust(),
+    progress: StageProgress = None,
 ) -> PolicyComparison:
     """Fit every policy for one budget on ``fit_split`` and judge it on ``eval_split`` (``mexify compare``).
 
@@ -942,14 +989,14 @@ def compare(
     swap with its lock held; nothing else in the bundle changes.
 
     Args:
+        budget: as for :func:`calibrate` (:class:`Budget`; default ``Budget.max_drop(1.0)``).
         policies: registry names (default: every policy but the oracle, which is always a row).
-        max_drop, budget: as for :func:`calibrate` (default ``max_drop=1.0``).
         limit: images per split.
 
     Raises:
         ConfigError: bad policies or budget. DataError: datasets that do not fit the bundle.
     """
-    _check_fit_args(None, budget, max_drop, cost, None, data)
+    _check_fit_args(None, budget, None, data)
     for name in policies or ():
         parse_policy(name)
     _counts(limit=limit, batch_size=batch_size, repeats=repeats)
@@ -960,10 +1007,8 @@ def compare(
         model, _ = _model(bundle, device, trust=trust)
         fit_ds, eval_ds = _dataset(data, fit_split, limit), _dataset(data, eval_split, limit)
         check_classes(fit_ds, model.num_classes)
-        table = getattr(getattr(model, "config", None), "latency", None)
-        latency = select_profile(table, profile, device_name(module_device(model)))
-        report = compare_policies(model, lambda: as_loader(fit_ds, batch_size), lambda: as_loader(eval_ds, batch_size), policies=policies,
-                                  budget=budget, max_drop=max_drop, latency=latency, cost=cost, device=device, progress=progress)
+        report = compare_policies(model, lambda: as_loader(fit_ds, batch_size), lambda: as_loader(eval_ds, batch_size), budget=budget,
+                                  latency=_latency_profile(model, budget), policies=policies, device=device, progress=progress)
         if measure:
             ms = time_policies(model, eval_ds, report.policies, limit=limit, repeats=repeats, progress=progress)
             for row in report.rows:

@@ -210,9 +210,9 @@ def test_the_opset_bound_is_the_exporters():
 def test_the_python_api_refuses_the_same_values_with_the_same_words(place):
     bundle = str(place / "b.mex")
     cases = [
-        (lambda: api.calibrate(bundle, DATA, budget="infx"), api.ConfigError, "budget 'infx' is out of range"),
-        (lambda: api.calibrate(bundle, DATA, max_drop=float("nan")), api.ConfigError, "out of range"),
-        (lambda: api.calibrate(bundle, DATA, max_drop=-1.0), api.ConfigError, "out of range"),
+        (lambda: api.calibrate(bundle, DATA, budget=api.Budget.parse("infx")), api.ConfigError, "budget 'infx' is out of range"),
+        (lambda: api.calibrate(bundle, DATA, budget=api.Budget.max_drop(float("nan"))), api.ConfigError, "out of range"),
+        (lambda: api.calibrate(bundle, DATA, budget=api.Budget.max_drop(-1.0)), api.ConfigError, "out of range"),
         (lambda: api.calibrate(bundle, DATA, policy_options={"pixel_threshold": "abc"}), api.ConfigError, "expected a finite number"),
         (lambda: api.calibrate(bundle, DATA, batch_size=0), api.ConfigError, "at least 1"),
         (lambda: api.evaluate(bundle, DATA, device="tpu"), api.ConfigError, "unknown device 'tpu'"),

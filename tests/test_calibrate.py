@@ -11,7 +11,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent / "policies"))
 from toy_models import NoisyExits, make_scenes  # noqa: E402
 
-from mexify.api import calibrate  # noqa: E402
+from mexify.api import Budget, calibrate  # noqa: E402
 from mexify.calibrate import (  # noqa: E402
     collect_cache,
     fit_temperatures,
@@ -135,7 +135,7 @@ def test_oracle_is_earliest_within_tolerance(toy):
 def test_unlabelled_data_fits_label_free_parts():
     model = NoisyExits()
     data = make_scenes(12, labelled=False)
-    rep = calibrate(model, data, policy="cbt", budget="1.5x", temperature=True, batch_size=6)
+    rep = calibrate(model, data, policy="cbt", budget=Budget.parse("1.5x"), temperature=True, batch_size=6)
     assert not rep.labelled and rep.oracle is None and rep.temperatures is None
     assert any("no labels" in n for n in rep.notes)
     assert rep.figures["final_miou"] == pytest.approx(100.0)  # agreement of the final exit with itself
@@ -154,7 +154,7 @@ def test_temperatures_recover_a_known_scale():
 
 def test_calibrate_on_toy_model_writes_pareto_and_reports(tmp_path, toy):
     model, data, _ = toy
-    rep = calibrate(model, data, policy="mess", budget="2x", out=tmp_path, batch_size=9, policy_options={"edge_radius": 1})
+    rep = calibrate(model, data, policy="mess", budget=Budget.parse("2x"), out=tmp_path, batch_size=9, policy_options={"edge_radius": 1})
     assert rep.figures["speedup"] >= 2.0 - 1e-9
     assert rep.oracle is not None and rep.oracle["speedup"] >= 2.0 - 1e-9
     assert (tmp_path / "pareto.png").stat().st_size > 0
@@ -174,7 +174,7 @@ def test_calibrate_on_toy_model_writes_pareto_and_reports(tmp_path, toy):
 
 def test_class_means_calibrates_without_trained_heads(toy):
     model, data, _ = toy
-    rep = calibrate(model, data, policy="class-means", max_drop=5.0, batch_size=9)
+    rep = calibrate(model, data, policy="class-means", budget=Budget.max_drop(5.0), batch_size=9)
     assert rep.figures["drop"] <= 5.0 + 1e-9
     back = policy_from_dict(yaml.safe_load(yaml.safe_dump(rep.policy.to_dict())))
     x = torch.stack([d[0] for d in data[:4]])
@@ -234,7 +234,7 @@ def test_switched_off_exits_cost_nothing_and_calibration_agrees_with_the_runtime
     mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
     model = mexify.load(bundle)
     spec = "synthetic:scenes?size=64&classes=4&n=24&n_eval=12"
-    rep = api.calibrate(bundle, spec, policy="maxprob", max_drop=1.0, batch_size=4)
+    rep = api.calibrate(bundle, spec, policy="maxprob", budget=Budget.max_drop(1.0), batch_size=4)
     cache = rep.cache
     # arithmetic: an exit at +inf drops its head from every later exit's cost
     t = [float("inf"), 0.5, float("inf")]

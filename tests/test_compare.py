@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import mexify
-from mexify.api import compare, evaluate_policy
+from mexify.api import Budget, compare, evaluate_policy
 from mexify.bundle import update_bundle
 from mexify.calibrate import comparable_policies
 from mexify.cli import app
@@ -50,7 +50,7 @@ def test_compare_json_lists_every_policy_and_the_oracle(bundle, tmp_path):
 
 def test_compared_figures_are_what_the_runtime_gives(bundle):
     """A policy's row on the evaluation split (cache arithmetic) equals the runtime's result on that split."""
-    report = compare(bundle, SCENES, max_drop=5.0, policies=["maxprob", "fft"], measure=False, out=None)
+    report = compare(bundle, SCENES, budget=Budget.max_drop(5.0), policies=["maxprob", "fft"], measure=False, out=None)
     for row in report.rows:
         policy = report.policies[row["policy"]]
         run = evaluate_policy(bundle, policy, SCENES, split="test")

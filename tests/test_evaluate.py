@@ -101,7 +101,7 @@ def test_eval_reports_the_bundles_policy_row(bundle, tmp_path):
 
     calibrated = tmp_path / "calibrated"
     shutil.copytree(bundle, calibrated)
-    api.calibrate(calibrated, DATA, policy="maxprob", max_drop=1.0, split="calib", batch_size=4)
+    api.calibrate(calibrated, DATA, policy="maxprob", budget=api.Budget.max_drop(1.0), split="calib", batch_size=4)
     report = api.evaluate(calibrated, DATA, split="val", batch_size=4, workers=0, device="cpu")
     (row,) = report.policies
     assert isinstance(row, PolicyResult) and row.name == "maxprob"

@@ -39,7 +39,7 @@ def test_profile_is_stored_by_device_batch_dtype_and_size(bundle):
 
 
 def test_calibrated_bundle_profiles_its_policy_steps(bundle):
-    api.calibrate(bundle, "synthetic:scenes?size=64&classes=4&n=8&n_eval=8", policy="mess", max_drop=1.0, batch_size=4)
+    api.calibrate(bundle, "synthetic:scenes?size=64&classes=4&n=8&n_eval=8", policy="mess", budget=api.Budget.max_drop(1.0), batch_size=4)
     (p,) = api.profile(bundle, device="cpu", batch_sizes=[1], warmup=0, repeats=1, dtype="bfloat16")
     assert p.dtype == "bfloat16" and p.policy_ms is not None and len(p.policy_ms) == 3
     assert p.to_exit_ms()[0] == pytest.approx(p.stage_ms[0] + p.head_ms[0] + p.policy_ms[0])
@@ -75,7 +75,7 @@ def _hand_profile(bundle, stage_ms, head_ms, batch=2):
 def test_calibrate_on_measured_latency_and_eval_reports_the_same(bundle):
     # an expensive first head: by FLOPs it is nothing, by the clock it is most of the first exit
     key = _hand_profile(bundle, [2.0, 2.0, 2.0, 14.0], [6.0, 1.0, 1.0])
-    rep = api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4)
+    rep = api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.max_drop(1.0), batch_size=4)
     fig = rep.figures
     assert fig["cost"] == "latency" and fig["latency_profile"] == key
     assert any("measured latency" in n for n in rep.notes)
@@ -94,7 +94,7 @@ def test_calibrate_on_measured_latency_and_eval_reports_the_same(bundle):
     assert list(run.exit_rates) == pytest.approx(rates)
     assert run.extra["mean_ms_predicted"] == pytest.approx(fig["mean_ms"])
     assert run.extra["latency_profile"] == key
-    flops = api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4, cost="flops", write=False)
+    flops = api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.max_drop(1.0, cost="flops"), batch_size=4, write=False)
     assert flops.figures["cost"] == "flops" and "mean_ms" in flops.figures
 
 
@@ -102,18 +102,18 @@ def test_budget_in_milliseconds_is_enforced(bundle):
     from mexify.errors import BudgetError, ConfigError
 
     with pytest.raises(ConfigError, match="needs measured latencies"):
-        api.calibrate(bundle, SCENES, policy="maxprob", budget="8ms", batch_size=4)  # no profile yet
+        api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.parse("8ms"), batch_size=4)  # no profile yet
     _hand_profile(bundle, [2.0, 2.0, 2.0, 14.0], [1.0, 1.0, 1.0])
     for budget in ("6ms", "4ms"):
-        rep = api.calibrate(bundle, SCENES, policy="maxprob", budget=budget, batch_size=4, write=False)
+        rep = api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.parse(budget), batch_size=4, write=False)
         assert rep.figures["mean_ms"] <= float(budget[:-2]) + 1e-9
-        assert rep.budget["kind"] == "latency_ms"
+        assert rep.budget.kind == "latency_ms"
     with pytest.raises(BudgetError, match="not reachable"):
-        api.calibrate(bundle, SCENES, policy="maxprob", budget="1ms", batch_size=4)
+        api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.parse("1ms"), batch_size=4)
     with pytest.raises(ConfigError, match="needs measured latencies"):
-        api.calibrate(bundle, SCENES, policy="maxprob", budget="8ms", batch_size=4, cost="flops")
+        api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.parse("8ms", cost="flops"), batch_size=4)
     with pytest.raises(ConfigError, match="match"):
-        api.calibrate(bundle, SCENES, policy="maxprob", max_drop=1.0, batch_size=4, profile="H100")
+        api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.max_drop(1.0, profile="H100"), batch_size=4)
 
 
 def test_exit_costs_count_what_the_runtime_runs():

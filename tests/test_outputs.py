@@ -41,7 +41,7 @@ def plain_src(tmp_path_factory):
 def calibrated_src(plain_src, tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs") / "src.mex"
     shutil.copytree(plain_src, out)
-    api.calibrate(out, DATA, policy="maxprob", limit=8, max_drop=5.0, means_limit=8)
+    api.calibrate(out, DATA, policy="maxprob", limit=8, budget=api.Budget.max_drop(5.0), means_limit=8)
     return out
 
 
@@ -323,14 +323,14 @@ def test_calibration_plots_are_written_inside_the_swap(calibrated, tmp_path, mon
 
     monkeypatch.setattr(files_mod, "_swap", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        api.calibrate(calibrated, DATA, policy="entropy", limit=8, max_drop=5.0)
+        api.calibrate(calibrated, DATA, policy="entropy", limit=8, budget=api.Budget.max_drop(5.0))
     assert {"config.yaml", "calibration/pareto.png", "calibration/pareto.csv"} <= set(seen)
     assert yaml.safe_load(seen["config.yaml"])["policy"]["name"] == "entropy"
     assert seen["calibration/pareto.png"] != before["calibration/pareto.png"]
     assert _snapshot(calibrated) == before  # old plots with the old policy
     assert _litter(tmp_path) == []
     monkeypatch.undo()
-    report = api.calibrate(calibrated, DATA, policy="entropy", limit=8, max_drop=5.0)
+    report = api.calibrate(calibrated, DATA, policy="entropy", limit=8, budget=api.Budget.max_drop(5.0))
     assert report.files["pareto_png"] == str(calibrated / "calibration" / "pareto.png")
     assert _snapshot(calibrated)["calibration/pareto.png"] == seen["calibration/pareto.png"]
 

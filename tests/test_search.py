@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mexify
-from mexify.api import calibrate, evaluate_policy
+from mexify.api import Budget, evaluate_policy, search
 from mexify.bundle import update_bundle
 from mexify.calibrate import search_configuration
 from mexify.data import as_loader, build_dataset
@@ -36,7 +36,7 @@ def bundle(tmp_path):
 def test_search_meets_the_budget_on_the_cache_and_the_bundle_runs_only_the_chosen_heads(bundle, budget):
     before = mexify.load(bundle)
     cand_state = {k: v.clone() for k, v in before.state_dict().items() if k.startswith("candidates.")}
-    report = calibrate(bundle, SCENES, policy="maxprob", budget=budget, search=True)
+    report = search(bundle, SCENES, policy="maxprob", budget=Budget.parse(budget))
     original = before.original_flops
     assert report.figures["mean_cost"] <= original / float(budget[:-1]) * (1 + 1e-12)
     assert report.figures["mean_flops"] == pytest.approx(report.figures["mean_cost"])
@@ -67,21 +67,21 @@ def test_search_meets_the_budget_on_the_cache_and_the_bundle_runs_only_the_chose
 
 
 def test_search_keeps_candidates_when_asked_and_refuses_what_it_cannot_search(bundle, tmp_path):
-    report = calibrate(bundle, SCENES, policy="entropy", max_drop=50.0, search=True, keep_candidates=True)
+    report = search(bundle, SCENES, policy="entropy", budget=Budget.max_drop(50.0), keep_candidates=True)
     model = mexify.load(bundle)
     assert model.candidates is not None and [e.chosen for e in model.config.exits] == [
         k if k is not None else 0 for k in report.choice]
     assert report.figures["drop"] <= 50.0
     with pytest.raises(ConfigError, match="per-exit"):
-        calibrate(bundle, SCENES, policy="learned", search=True)
+        search(bundle, SCENES, policy="learned")
     from mexify.errors import BudgetError
 
     with pytest.raises(BudgetError, match="no configuration reaches 20x"):
-        calibrate(bundle, SCENES, policy="maxprob", budget="20x", search=True, keep_candidates=True)
+        search(bundle, SCENES, policy="maxprob", budget=Budget.parse("20x"), keep_candidates=True)
     plain = tmp_path / "plain.mex"
     mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=2, out=str(plain))
     with pytest.raises(ConfigError, match="--heads"):
-        calibrate(plain, SCENES, search=True)
+        search(plain, SCENES)
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_search_at_the_issue_scale_6_exits_x_4_candidates_x_500_images(tmp_path)
     mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=6, out=str(out), heads="mess")
     model = mexify.load(out)
     ds = build_dataset("synthetic:scenes?size=32&classes=4&n=16&n_eval=1000", split="calib")
-    report = search_configuration(model, lambda: as_loader(ds, 50), "maxprob", budget="1.5x")
+    report = search_configuration(model, lambda: as_loader(ds, 50), policy="maxprob", budget=Budget.parse("1.5x"))
     assert len(ds) >= 500 and len(report.choice) == 6 and report.evaluations > 6
     assert report.figures["mean_cost"] <= model.original_flops / 1.5 * (1 + 1e-12)
 
@@ -117,7 +117,7 @@ def test_search_on_measured_latency_keeps_the_profile_for_the_chosen_heads(bundl
     profile(bundle, device="cpu", warmup=1, repeats=2)
     entry = next(iter(read_config(bundle).latency.values()))
     assert {len(v) for v in entry["candidate_head_ms"].values()} == {5}
-    report = calibrate(bundle, SCENES, policy="maxprob", budget="1.3x", search=True)
+    report = search(bundle, SCENES, policy="maxprob", budget=Budget.parse("1.3x"))
     assert any("measured latency" in n for n in report.notes)
     assert report.figures["cost"] == "latency" and report.figures["mean_ms"] <= report.figures["original_ms"] / 1.3 * (1 + 1e-9)
     after = read_config(bundle)

@@ -6,7 +6,7 @@ statistics), :mod:`~mexify.calibrate.search` (thresholds on the cache),
 :func:`~mexify.calibrate.fit.fit_policy`, which composes them; :func:`~mexify.calibrate.compare.compare_policies`
 fits every policy on one split and judges it on another.
 """
-from mexify.calibrate.budget import COST_MODELS, MIN_CALIBRATION_IMAGES, budget_max_cost, parse_budget, parse_cost, parse_max_drop, small_set_note
+from mexify.calibrate.budget import BUDGET_KINDS, COST_MODELS, MIN_CALIBRATION_IMAGES, Budget, parse_budget, parse_cost, parse_max_drop, small_set_note
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.configure import ConfigurationReport, apply_configuration, search_configuration
 from mexify.calibrate.compare import PolicyComparison, comparable_policies, compare_policies
@@ -15,6 +15,8 @@ from mexify.calibrate.search import SearchResult, oracle_at, search_thresholds
 from mexify.calibrate.temperature import fit_temperatures
 
 __all__ = [
+    "Budget",
+    "BUDGET_KINDS",
     "ExitCache",
     "SearchResult",
     "CalibrationReport",
@@ -33,7 +35,6 @@ __all__ = [
     "small_set_note",
     "COST_MODELS",
     "MIN_CALIBRATION_IMAGES",
-    "budget_max_cost",
     "search_thresholds",
     "oracle_at",
 ]

@@ -1,15 +1,18 @@
-"""Budgets: ``--budget 2x``, ``40%`` or ``8ms`` as a mean-cost bound."""
+"""Budgets: what a calibration fits thresholds for (``--budget 2x``, ``40%``, ``8ms`` or ``--max-drop 1.0``)
+and how it costs exits (``--cost``, ``--profile``), as one :class:`Budget`."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from mexify.errors import ConfigError
 
-__all__ = ["parse_budget", "parse_max_drop", "parse_cost", "budget_max_cost", "COST_MODELS", "MIN_CALIBRATION_IMAGES",
+__all__ = ["Budget", "BUDGET_KINDS", "parse_budget", "parse_max_drop", "parse_cost", "COST_MODELS", "MIN_CALIBRATION_IMAGES",
            "small_set_note"]
 
 COST_MODELS = ("latency", "flops")
+BUDGET_KINDS = ("speedup", "cost_fraction", "latency_ms", "max_drop")
 MIN_CALIBRATION_IMAGES = 50
 """Below this many calibration images, thresholds fitted for a budget are noise more than a fit."""
 
@@ -75,19 +78,151 @@ def small_set_note(images: int) -> Optional[str]:
             f"for any budget; calibrate on {MIN_CALIBRATION_IMAGES} or more (a larger split or --limit)")
 
 
-def budget_max_cost(budget: Dict[str, Any], original_cost: float, unit: str = "flops") -> float:
-    """The budget as a bound on the mean cost, in the cost model's unit (``flops`` or ``ms``).
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What a calibration fits for, and how it costs exits: one value for ``calibrate``, ``search`` and ``compare``.
+
+    A *cost* budget (``speedup``, ``cost_fraction``, ``latency_ms``) asks for the most accurate thresholds
+    within a mean cost; an *accuracy* budget (``max_drop``, the default: 1.0 point) for the cheapest
+    thresholds within ``value`` mIoU points of the final exit.
+
+    Attributes:
+        kind: ``"speedup"`` (mean speed-up >= value), ``"cost_fraction"`` (mean cost <= value x the
+            original's, in (0, 1]), ``"latency_ms"`` (mean measured ms per image <= value; needs a latency
+            profile) or ``"max_drop"`` (mIoU points, 0 to 100).
+        value: the bound, in the kind's unit.
+        cost: what the search minimises, ``"latency"`` (a measured profile) or ``"flops"``; None: latency
+            when the bundle has a latency profile, else FLOPs.
+        profile: part of a latency-profile key (``"cpu|b1"``, ``"H100|b8|bfloat16"``); None: the profile of
+            the calibration device at batch 1, float32 where there is one.
+        confidence: reserved for budgets met with a stated confidence; None (or 0) is the point fit on the
+            calibration split, the only one there is.
+        text: how the budget reads in reports (``"2x"``, ``"max-drop 1.0"``); filled in when left empty.
+
+    Build one with :meth:`parse` (``"2x"``, ``"40%"``, ``"8ms"``), :meth:`max_drop`, :meth:`from_options`
+    (the command line's ``--budget``/``--max-drop``/``--cost``/``--profile``) or :meth:`from_dict`;
+    change one with ``dataclasses.replace``.
 
     Raises:
-        ConfigError: a budget in milliseconds with a FLOPs cost model.
+        ConfigError: an unknown kind or cost model, a value out of the kind's range, or a confidence.
     """
-    if budget["kind"] == "latency_ms":
-        if unit != "ms":
-            raise ConfigError(
-                f"a budget of {budget['text']} needs measured latencies, and this calibration counts FLOPs",
-                "run `mexify profile BUNDLE --device DEV` first (then calibrate with --cost latency), or give 2x / 40%",
-            )
-        return float(budget["value"])
-    if budget["kind"] == "speedup":
-        return float(original_cost) / budget["value"]
-    return float(original_cost) * budget["value"]
+
+    kind: str = "max_drop"
+    value: float = 1.0
+    cost: Optional[str] = None
+    profile: Optional[str] = None
+    confidence: Optional[float] = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ConfigError(f"unknown budget kind {self.kind!r}", f"use one of {', '.join(BUDGET_KINDS)}")
+        if self.kind == "max_drop":
+            value = parse_max_drop(self.value)
+        else:
+            value = _cost_bound(self.kind, self.value)
+        object.__setattr__(self, "value", float(value))
+        parse_cost(self.cost)
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise ConfigError(f"profile {self.profile!r} is not text", "give part of a latency-profile key, e.g. 'cpu|b1'")
+        if self.confidence:
+            raise ConfigError("budgets with a confidence are not supported yet",
+                              "leave confidence out: thresholds are fitted to meet the budget on the calibration split")
+        if not self.text:
+            object.__setattr__(self, "text", _text(self.kind, self.value))
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def parse(cls, text: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None) -> "Budget":
+        """A cost budget from ``"2x"``, ``"40%"`` or ``"8ms"`` (:func:`parse_budget`)."""
+        return cls(**parse_budget(text), cost=cost, profile=profile)
+
+    @classmethod
+    def max_drop(cls, points: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None) -> "Budget":
+        """An accuracy budget: the cheapest thresholds within ``points`` mIoU points of the final exit."""
+        return cls("max_drop", parse_max_drop(points), cost=cost, profile=profile)
+
+    @classmethod
+    def from_options(cls, budget: Optional[str] = None, max_drop: Optional[float] = None, cost: Optional[str] = None,
+                     profile: Optional[str] = None) -> "Budget":
+        """The budget the command line's ``--budget`` / ``--max-drop`` (at most one; neither: ``max-drop 1.0``),
+        ``--cost`` and ``--profile`` give."""
+        if budget is not None and max_drop is not None:
+            raise ConfigError("give either --budget or --max-drop, not both", "e.g. --budget 2x or --max-drop 1.0")
+        if budget is not None:
+            return cls.parse(budget, cost=cost, profile=profile)
+        return cls.max_drop(1.0 if max_drop is None else max_drop, cost=cost, profile=profile)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
+        """Inverse of :meth:`to_dict` (also reads a fitted policy's ``budget`` record)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a budget must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown budget field(s) {', '.join(sorted(unknown))}",
+                              "fields: kind, value, cost, profile, confidence, text")
+        return cls(**data)
+
+    # ------------------------------------------------------------------ reading
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain form: :meth:`record` plus the cost model and the profile when set."""
+        out = self.record()
+        out.update({k: v for k, v in (("cost", self.cost), ("profile", self.profile)) if v is not None})
+        return out
+
+    def record(self) -> Dict[str, Any]:
+        """What a fitted policy (in the bundle) and the reports keep: ``kind``, ``value``, ``text``."""
+        out: Dict[str, Any] = {"kind": self.kind, "value": float(self.value), "text": self.text}
+        if self.confidence:
+            out["confidence"] = float(self.confidence)
+        return out
+
+    @property
+    def drop(self) -> Optional[float]:
+        """The mIoU points an accuracy budget allows (None for a cost budget)."""
+        return self.value if self.kind == "max_drop" else None
+
+    def max_cost(self, original_cost: float, unit: str = "flops") -> Optional[float]:
+        """The budget as a bound on the mean cost, in the cost model's unit (``flops`` or ``ms``); None for
+        an accuracy budget.
+
+        Raises:
+            ConfigError: a budget in milliseconds with a FLOPs cost model.
+        """
+        if self.kind == "max_drop":
+            return None
+        if self.kind == "latency_ms":
+            if unit != "ms":
+                raise ConfigError(
+                    f"a budget of {self.text} needs measured latencies, and this calibration counts FLOPs",
+                    "run `mexify profile BUNDLE --device DEV` first (then calibrate with --cost latency), or give 2x / 40%",
+                )
+            return float(self.value)
+        if self.kind == "speedup":
+            return float(original_cost) / self.value
+        return float(original_cost) * self.value
+
+    def bounds(self, original_cost: float, unit: str = "flops") -> Dict[str, Optional[float]]:
+        """The keywords of a threshold search (:meth:`mexify.policies.Policy.fit`): ``max_cost`` and ``max_drop``."""
+        return {"max_cost": self.max_cost(original_cost, unit), "max_drop": self.drop}
+
+
+def _cost_bound(kind: str, value: Any) -> float:
+    """A cost budget's value checked: finite, above 0, a cost share at most 1."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budget value {value!r} is not a number", "e.g. Budget.parse('2x')") from None
+    if not (math.isfinite(v) and 0 < v <= (1.0 if kind == "cost_fraction" else math.inf)):
+        raise ConfigError(f"budget {_text(kind, v) if math.isfinite(v) else value!r} is out of range",
+                          "a speed-up or latency above 0 (2x, 8ms), or a cost share in (0, 100]% (40%)")
+    return v
+
+
+def _text(kind: str, value: float) -> str:
+    if kind == "max_drop":
+        return f"max-drop {float(value)}"
+    if kind == "cost_fraction":
+        return f"{100 * value:g}%"
+    return f"{value:g}{'ms' if kind == 'latency_ms' else 'x'}"

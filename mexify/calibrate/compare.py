@@ -15,9 +15,9 @@ import dataclasses
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from mexify.calibrate.budget import budget_max_cost
+from mexify.calibrate.budget import Budget
 from mexify.calibrate.cache import ExitCache, collect_cache
-from mexify.calibrate.fit import _budget, _cost_model, _fit_on_cache
+from mexify.calibrate.fit import _checked, _cost_model, _fit_on_cache
 from mexify.calibrate.search import oracle_at
 from mexify.data import unpadded
 from mexify.errors import ConfigError
@@ -40,7 +40,7 @@ def comparable_policies() -> List[str]:
 class PolicyComparison:
     """One row per policy (fitted on ``fit_split``, judged on ``eval_split``) and the oracle's row."""
 
-    budget: Dict[str, Any]
+    budget: Budget
     cost: str
     rows: List[Dict[str, Any]]
     oracle: Optional[Dict[str, Any]]
@@ -52,7 +52,7 @@ class PolicyComparison:
     seconds: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"budget": self.budget, "cost": self.cost, "rows": self.rows + ([self.oracle] if self.oracle else []),
+        return {"budget": self.budget.record(), "cost": self.cost, "rows": self.rows + ([self.oracle] if self.oracle else []),
                 "notes": self.notes, "files": self.files, "seconds": self.seconds}
 
 
@@ -72,15 +72,16 @@ def compare_policies(
     model: Any,
     fit_batches: Batches,
     eval_batches: Batches,
-    policies: Optional[Sequence[str]] = None,
-    budget: Optional[str] = None,
-    max_drop: Optional[float] = None,
+    *,
+    budget: Budget = Budget(),
     latency: Optional[Dict[str, Any]] = None,
-    cost: Optional[str] = None,
+    policies: Optional[Sequence[str]] = None,
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> PolicyComparison:
     """Fit ``policies`` (default: every deployable one) on ``fit_batches`` for the budget, judge them on ``eval_batches``.
+
+    Exits are costed as :func:`~mexify.calibrate.fit_policy` costs them (``budget.cost``, ``latency``).
 
     Raises:
         ConfigError: an unknown policy or a bad budget. BudgetError: a budget no policy can reach.
@@ -90,12 +91,13 @@ def compare_policies(
     if "oracle" in names:
         raise ConfigError("the oracle is always compared (it reads labels); leave it out of --policies")
     pols = [build_policy(n) for n in names]
-    bud, max_drop = _budget(budget, max_drop)
+    budget = _checked(budget)
     dev = device if device is not None else module_device(model)
     notes: List[str] = []
 
     def caches(source: Optional[Policy]) -> List[ExitCache]:
-        return [_cost_model(collect_cache(model, b(), source=source, device=dev), latency, cost, notes) for b in (fit_batches, eval_batches)]
+        return [_cost_model(collect_cache(model, b(), source=source, device=dev), latency, budget.cost, notes)
+                for b in (fit_batches, eval_batches)]
 
     shared = caches(None)
     rows, fitted, curves = [], {}, {}
@@ -106,29 +108,28 @@ def compare_policies(
         if pol.needs_features:
             pol = pol.collect_means(model, unpadded(fit_batches()), model.num_classes, device=dev)
             fit_cache, eval_cache = caches(pol)
-        report = _fit_on_cache(pol, fit_cache, bud, max_drop, None, {}, [], None)
+        report = _fit_on_cache(pol, fit_cache, budget, None, {}, [], None)
         p = report.policy
         assignment = eval_cache.assign(p.cache_scores(eval_cache), p.thresholds)
         rows.append({"policy": p.name, "fit": _figures(report.figures), "eval": _figures(eval_cache.figures(assignment, p.thresholds))})
         fitted[p.name], curves[p.name] = p, report.pareto
     if progress is not None:
         progress("compare", len(pols), len(pols))
-    oracle, oracle_curve = _oracle(shared[1], bud, max_drop)
+    oracle, oracle_curve = _oracle(shared[1], budget)
     for row in rows:
         row["oracle_share"] = _saving_share(row["eval"], oracle["eval"] if oracle else None, shared[1].original_cost)
-    budget_rec = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
     notes = list(dict.fromkeys(notes))
-    return PolicyComparison(budget_rec, shared[0].cost, rows, oracle, fitted, curves, oracle_curve, {}, notes, time.perf_counter() - t0)
+    return PolicyComparison(budget, shared[0].cost, rows, oracle, fitted, curves, oracle_curve, {}, notes, time.perf_counter() - t0)
 
 
-def _oracle(cache: ExitCache, bud: Optional[Dict[str, Any]], max_drop: Optional[float]) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+def _oracle(cache: ExitCache, budget: Budget) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
     """The oracle on the evaluation split at the same budget, and its curve (None, [] without labels)."""
     if not cache.labelled:
         return None, []
-    if bud is not None:
-        fig, curve = oracle_at(cache, max_cost=budget_max_cost(bud, cache.original_cost, cache.cost_unit))
+    if budget.drop is None:
+        fig, curve = oracle_at(cache, max_cost=budget.max_cost(cache.original_cost, cache.cost_unit))
     else:
-        fig, curve = oracle_at(cache, min_miou=cache.final_miou - float(max_drop))
+        fig, curve = oracle_at(cache, min_miou=cache.final_miou - budget.drop)
     if fig is None:
         return None, curve
     return {"policy": "oracle", "fit": None, "eval": _figures(fig), "oracle_share": 1.0, "tolerance": fig["tolerance"]}, curve

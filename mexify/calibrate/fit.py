@@ -10,7 +10,7 @@ import math
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
-from mexify.calibrate.budget import budget_max_cost, parse_budget, parse_cost, parse_max_drop
+from mexify.calibrate.budget import Budget, parse_cost
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.search import SearchResult, oracle_at
 from mexify.calibrate.temperature import fit_temperatures
@@ -32,7 +32,7 @@ class CalibrationReport:
 
     policy: Policy
     figures: Dict[str, Any]
-    budget: Dict[str, Any]
+    budget: Budget
     oracle: Optional[Dict[str, Any]]
     best_global: Optional[Dict[str, Any]]
     pareto: List[Dict[str, Any]]
@@ -59,7 +59,7 @@ class CalibrationReport:
             "policy": pol,
             "thresholds": self.thresholds,
             "figures": self.figures,
-            "budget": self.budget,
+            "budget": self.budget.record(),
             "oracle": self.oracle,
             "best_global_threshold": self.best_global,
             "theoretical_pixel_level": self.theoretical,
@@ -74,9 +74,10 @@ class CalibrationReport:
 def fit_policy(
     model: Any,
     batches: Batches,
+    *,
     policy: Union[str, Policy] = "mess",
-    budget: Optional[str] = None,
-    max_drop: Optional[float] = None,
+    budget: Budget = Budget(),
+    latency: Optional[Dict[str, Any]] = None,
     temperature: bool = False,
     means_batches: Optional[Batches] = None,
     policy_options: Optional[Dict[str, Any]] = None,
@@ -84,8 +85,6 @@ def fit_policy(
     device: Any = None,
     total: Optional[int] = None,
     progress: Progress = None,
-    latency: Optional[Dict[str, Any]] = None,
-    cost: Optional[str] = None,
 ) -> CalibrationReport:
     """Fit an exit policy on calibration batches for a budget.
 
@@ -94,17 +93,15 @@ def fit_policy(
         batches: a callable giving a fresh iterable of ``(images, masks)`` batches (called once
             per pass: temperatures, then the exit cache).
         policy: registry name or a :class:`Policy` instance.
-        budget: ``"2x"`` (mean speed-up >= 2) or ``"40%"`` (mean cost <= 40% of the original):
-            maximise mIoU within it.
-        max_drop: the fastest thresholds within this many mIoU points of the final exit
-            (the default, 1.0, when no budget is given).
+        budget: what to fit for and how exits are costed (:class:`~mexify.calibrate.Budget`; default
+            the fastest thresholds within 1.0 mIoU point of the final exit, costed by ``latency`` when
+            given, else by FLOPs).
+        latency: a latency profile (one entry of a bundle's ``latency:`` table, with its ``key``):
+            what ``budget.cost`` ``"latency"`` (the default when given) costs exits by.
         temperature: fit one temperature per exit first (needs labels).
         means_batches: labelled batches for class-means' class means (default: ``batches``).
         policy_options: keyword options of the policy (e.g. ``{"pixel_threshold": 0.95}``).
         edge_radius: boundary half-width of the cache (default: the policy's).
-        latency: a latency profile (one entry of a bundle's ``latency:`` table, with its ``key``).
-        cost: ``"latency"`` (needs ``latency``) or ``"flops"``; default latency when a profile
-            is given, else FLOPs (the report's notes say which).
         device: where to run (default: where the model is).
         total: number of batches per pass, for progress.
         progress: ``callback(stage, done, total)``.
@@ -118,9 +115,9 @@ def fit_policy(
     """
     timings: Dict[str, float] = {}
     notes: List[str] = []
-    bud, max_drop = _budget(budget, max_drop)
-    if bud is not None and bud["kind"] == "latency_ms" and (latency is None or cost == "flops"):
-        budget_max_cost(bud, 0.0, "flops")  # raises: a budget in ms needs measured latencies
+    budget = _checked(budget)
+    if budget.kind == "latency_ms" and (latency is None or budget.cost == "flops"):
+        budget.max_cost(0.0, "flops")  # raises: a budget in ms needs measured latencies
     pol = policy if isinstance(policy, Policy) else build_policy(policy, **policy_options_of(policy, policy_options))
     if pol.name == "oracle":
         raise ConfigError("the oracle reads labels and cannot be deployed", "calibrate a policy such as mess; its report includes the oracle")
@@ -138,14 +135,14 @@ def fit_policy(
     t0 = time.perf_counter()
     cache = collect_cache(model, batches(), source=pol, edge_radius=radius, device=dev, total=total, progress=progress)
     timings["collect_s"] = time.perf_counter() - t0
-    cache = _cost_model(cache, latency, cost, notes)
+    cache = _cost_model(cache, latency, budget.cost, notes)
     if not cache.labelled:
         notes.append(
             "no labels in the calibration split: only label-free parts were fitted; mIoU figures are agreement "
             "with the final exit's predictions, cbt ranks classes by the final exit's predictions, "
             "temperatures and the oracle are skipped"
         )
-    return _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress)
+    return _fit_on_cache(pol, cache, budget, temps, timings, notes, progress)
 
 
 def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optional[str], notes: List[str]) -> ExitCache:
@@ -164,13 +161,12 @@ def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optio
     return cache
 
 
-def _budget(budget: Optional[str], max_drop: Optional[float]):
-    bud, max_drop = parse_budget(budget), parse_max_drop(max_drop)
-    if bud is not None and max_drop is not None:
-        raise ConfigError("give either --budget or --max-drop, not both", "e.g. --budget 2x or --max-drop 1.0")
-    if bud is None and max_drop is None:
-        max_drop = 1.0
-    return bud, max_drop
+def _checked(budget: Any) -> Budget:
+    """``budget`` when it is a :class:`Budget` (a string such as ``"2x"`` is refused with the way to make one)."""
+    if not isinstance(budget, Budget):
+        raise ConfigError(f"budget must be a Budget, not {type(budget).__name__} {budget!r}",
+                          "Budget.parse('2x'), Budget.max_drop(1.0) or Budget.from_options(...) (mexify.api.Budget)")
+    return budget
 
 
 def _temperatures(model, pol, batches, enabled, dev, total, progress, timings, notes) -> Optional[List[float]]:
@@ -185,31 +181,31 @@ def _temperatures(model, pol, batches, enabled, dev, total, progress, timings, n
     return temps
 
 
-def _fit_on_cache(pol, cache, bud, max_drop, temps, timings, notes, progress) -> CalibrationReport:
+def _fit_on_cache(pol: Policy, cache: ExitCache, budget: Budget, temps: Optional[List[float]], timings: Dict[str, float],
+                  notes: List[str], progress: Progress) -> CalibrationReport:
     """Search the thresholds on the cache, then the oracle and the theoretical figures beside them."""
-    max_cost = budget_max_cost(bud, cache.original_cost, cache.cost_unit) if bud is not None else None
+    bounds = budget.bounds(cache.original_cost, cache.cost_unit)
     t0 = time.perf_counter()
     if progress is not None:
         progress("search", 0, 1)
-    fit = pol.fit_search(cache, max_cost=max_cost, max_drop=None if bud is not None else max_drop)
+    fit = pol.fit_search(cache, **bounds)
     timings["search_s"] = time.perf_counter() - t0
     if progress is not None:
         progress("search", 1, 1)
     fitted, result = fit.policy, fit.search
     figures = result.figures()
-    budget_rec = dict(bud) if bud is not None else {"kind": "max_drop", "value": float(max_drop), "text": f"max-drop {max_drop}"}
-    fitted.budget = budget_rec
+    fitted.budget = budget.record()
     fitted.figures = {k: v for k, v in figures.items() if k != "search_seconds"}
     oracle, oracle_curve = None, []
     if cache.labelled:
-        oracle, oracle_curve = oracle_at(cache, max_cost=max_cost, min_miou=result.constraint.get("min_miou"))
+        oracle, oracle_curve = oracle_at(cache, max_cost=bounds["max_cost"], min_miou=result.constraint.get("min_miou"))
     theoretical = None
     if fitted.name == "cbt":
         theoretical = pixel_level_flops(fitted, cache)
         if theoretical is not None:
             theoretical["note"] = "theoretical: settled pixels masked in later stages (ADP-C style); dense hardware does not get this"
     return CalibrationReport(
-        policy=fitted, figures=figures, budget=budget_rec, oracle=oracle, best_global=result.best_global,
+        policy=fitted, figures=figures, budget=budget, oracle=oracle, best_global=result.best_global,
         pareto=result.pareto, theoretical=theoretical, temperatures=temps, labelled=cache.labelled,
         timings=timings, notes=notes, cache=cache, search=result, oracle_curve=oracle_curve,
     )

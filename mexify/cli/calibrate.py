@@ -40,7 +40,7 @@ def _render(report) -> None:
 
     ms = "mean_ms" in fig
     what = f"cost: measured latency, {fig['latency_profile']}" if fig.get("cost") == "latency" else "cost: FLOPs"
-    s = Table(title=f"budget {report.budget['text']} ({what}; 1 multiply-add = 1 FLOP)", title_justify="left")
+    s = Table(title=f"budget {report.budget.text} ({what}; 1 multiply-add = 1 FLOP)", title_justify="left")
     s.add_column("")
     s.add_column(label, justify="right")
     s.add_column("drop", justify="right")
@@ -130,28 +130,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit exit thresholds on a calibration split for a budget and write them into the bundle."""
         opts = checked(api.policy_options, policy, merged(option), param="--option")
+        if search and temperature:
+            raise api.ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
+        goal = api.Budget.from_options(budget=budget, max_drop=max_drop, cost=cost, profile=profile)
+        common = dict(policy=policy, budget=goal, split=split, limit=limit, batch_size=batch_size, policy_options=opts, out=out,
+                      device=device, trust=trust_of(trust_code, trust_pickle), warn=warn)
         with stage_progress(not json_out) as progress_cb:
-            report = api.calibrate(
-                str(bundle),
-                data,
-                policy=policy,
-                budget=budget,
-                max_drop=max_drop,
-                split=split,
-                temperature=temperature,
-                out=out,
-                limit=limit,
-                batch_size=batch_size,
-                device=device,
-                policy_options=opts,
-                progress=progress_cb,
-                cost=cost,
-                profile=profile,
-                trust=trust_of(trust_code, trust_pickle),
-                search=search,
-                keep_candidates=keep_candidates,
-                warn=warn,
-            )
+            if search:
+                report = api.search(str(bundle), data, keep_candidates=keep_candidates, progress=progress_cb, **common)
+            else:
+                report = api.calibrate(str(bundle), data, temperature=temperature, progress=progress_cb, **common)
         if json_out:
             print_json(api.json_safe(report.to_dict()))
         elif isinstance(report, api.ConfigurationReport):

@@ -20,7 +20,7 @@ def render(report) -> None:
     """Print a :class:`~mexify.api.PolicyComparison`: one row per policy, the oracle last."""
     rows = report.rows + ([report.oracle] if report.oracle else [])
     measured = any("measured_speedup" in r["eval"] for r in rows)
-    t = Table(title=f"policies at {report.budget['text']}: fitted on the fitting split, judged on the evaluation split",
+    t = Table(title=f"policies at {report.budget.text}: fitted on the fitting split, judged on the evaluation split",
               caption="predicted: " + ("the bundle's measured latency profile" if report.cost == "latency" else "FLOPs")
               + " x the exit mix; oracle share: the policy's saving over the oracle's at the same budget",
               title_justify="left", caption_justify="left")
@@ -65,10 +65,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit every policy for one budget on one split, judge it on another: one table, one Pareto plot."""
         names = policies or None
+        goal = api.Budget.from_options(budget=budget, max_drop=max_drop, cost=cost, profile=profile)
         with stage_progress(not json_out) as progress:
-            report = api.compare(bundle, data, max_drop=max_drop, budget=budget, policies=names, fit_split=fit_split,
-                                 eval_split=eval_split, limit=limit, batch_size=batch_size, measure=not no_measure, repeats=repeats,
-                                 out=out, cost=cost, profile=profile, device=device, progress=progress, trust=trust_of(trust_code, trust_pickle))
+            report = api.compare(bundle, data, budget=goal, policies=names, fit_split=fit_split, eval_split=eval_split, limit=limit,
+                                 batch_size=batch_size, measure=not no_measure, repeats=repeats, out=out, device=device,
+                                 trust=trust_of(trust_code, trust_pickle), progress=progress)
         if json_out:
             print_json(api.json_safe(report.to_dict()))
         else:
