@@ -1,18 +1,51 @@
-"""Segmentation metrics: a streaming confusion matrix and per-image mIoU.
+"""Segmentation metrics: the one definition of mIoU, a streaming confusion matrix and per-image mIoU.
 
-Everything is vectorised with ``torch.bincount`` and runs on the device the
-inputs live on. Pixels whose target equals ``ignore_index`` (or lies outside
-``[0, num_classes)``) are not counted.
+Units: every score (IoU, mIoU, pixel accuracy) is in points, 0-100, the unit users read and
+budgets are given in (``--max-drop 1.0`` is one point of mIoU). :func:`miou_from_counts` is the
+one definition of mIoU: the confusion matrix, per-image mIoU, the exit cache and the threshold
+search all call it.
+
+No labelled pixel: a score over an image or a dataset without any counted pixel is NaN (undefined),
+never 0 or 100, and such an image is left out wherever per-image scores are compared or learned from.
+
+Counting is vectorised with ``torch.bincount`` and runs on the device the inputs live on. Pixels
+whose target equals ``ignore_index`` (or lies outside ``[0, num_classes)``) are not counted.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from mexify.config import IGNORE_INDEX
 
-__all__ = ["ConfusionMatrix", "per_image_miou"]
+__all__ = ["ConfusionMatrix", "per_image_miou", "miou_from_counts"]
+
+
+def miou_from_counts(tp: Any, pred: Any, label: Any) -> Any:
+    """mIoU in points (0-100) from per-class pixel counts: the one definition.
+
+    A class counts when it is in the labels or the predictions (of labelled pixels); mIoU is the
+    mean of those classes' IoU, ``tp / (pred + label - tp)``. With no class present (no labelled
+    pixel), NaN.
+
+    Args:
+        tp, pred, label: arrays ``(..., K)`` (numpy or CPU tensors): true positives, predicted and
+            labelled pixels per class, counted over labelled pixels only.
+
+    Returns:
+        a float for 1-D counts; else a float64 array over the leading axes (one mIoU per row).
+    """
+    tp = np.asarray(tp, dtype=np.float64)
+    union = np.asarray(pred, dtype=np.float64) + np.asarray(label, dtype=np.float64) - tp
+    present = union > 0
+    if tp.ndim == 1:
+        return float((tp[present] / union[present]).mean() * 100.0) if present.any() else math.nan
+    iou = np.where(present, tp / np.maximum(union, 1), 0.0)
+    n = present.sum(-1)
+    return np.where(n > 0, iou.sum(-1) / np.maximum(n, 1) * 100.0, np.nan)
 
 
 def _as_labels(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,24 +119,22 @@ class ConfusionMatrix:
         return self
 
     def iou(self) -> torch.Tensor:
-        """Per-class IoU as a float64 tensor ``(K,)``; NaN for classes absent from both target and prediction."""
+        """Per-class IoU in points (0-100), a float64 tensor ``(K,)``; NaN for classes absent from both target and prediction."""
         m = self.mat.double()
         tp = m.diag()
         union = m.sum(0) + m.sum(1) - tp
-        return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+        return torch.where(union > 0, 100.0 * tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
 
     def miou(self) -> float:
-        """Mean IoU over classes that appear in target or prediction (0.0 when nothing was counted)."""
-        iou = self.iou()
-        present = ~torch.isnan(iou)
-        if not bool(present.any()):
-            return 0.0
-        return float(iou[present].mean())
+        """mIoU in points (0-100) over classes that appear in target or prediction (:func:`miou_from_counts`);
+        NaN when nothing was counted."""
+        m = self.mat.cpu()
+        return miou_from_counts(m.diag(), m.sum(0), m.sum(1))
 
     def pixel_accuracy(self) -> float:
-        """Fraction of counted pixels labelled correctly (0.0 when nothing was counted)."""
+        """Counted pixels labelled correctly, in points (0-100); NaN when nothing was counted."""
         total = int(self.mat.sum())
-        return float(self.mat.diag().sum()) / total if total else 0.0
+        return 100.0 * float(self.mat.diag().sum()) / total if total else math.nan
 
     @property
     def total(self) -> int:
@@ -111,7 +142,7 @@ class ConfusionMatrix:
         return int(self.mat.sum())
 
     def __repr__(self) -> str:
-        return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={self.total}, miou={self.miou():.4f})"
+        return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={self.total}, miou={self.miou():.2f})"
 
 
 @torch.no_grad()
@@ -125,7 +156,8 @@ def per_image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, i
         ignore_index: target value that is never counted.
 
     Returns:
-        float32 tensor ``(N,)`` on ``target``'s device; NaN for an image without any counted pixel.
+        float32 tensor ``(N,)`` on ``target``'s device, in points (:func:`miou_from_counts`); NaN for an
+        image without any counted pixel.
     """
     pred = _as_labels(pred, target)
     if pred.shape != target.shape:
@@ -137,12 +169,6 @@ def per_image_miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, i
     valid = (target != ignore_index) & (target >= 0) & (target < k) & (pred >= 0) & (pred < k)
     img = torch.arange(n, device=target.device).unsqueeze(1).expand_as(target)
     idx = (img * (k * k) + target * k + pred)[valid]
-    mats = torch.bincount(idx, minlength=n * k * k).reshape(n, k, k).double()
-    tp = mats.diagonal(dim1=1, dim2=2)
-    union = mats.sum(1) + mats.sum(2) - tp
-    present = union > 0
-    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
-    count = present.sum(1)
-    out = iou.sum(1) / count.clamp_min(1)
-    out = torch.where(count > 0, out, torch.full_like(out, float("nan")))
-    return out.float()
+    mats = torch.bincount(idx, minlength=n * k * k).reshape(n, k, k).cpu()
+    out = miou_from_counts(mats.diagonal(dim1=1, dim2=2), mats.sum(1), mats.sum(2))
+    return torch.from_numpy(out).float().to(target.device)

@@ -1,15 +1,19 @@
-"""One definition each (docs/internals.md, "Definitions"): exit FLOPs, and what costs exits agrees with it."""
+"""One definition each (docs/internals.md, "Definitions"): exit FLOPs; mIoU in points, NaN without labelled pixels."""
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "policies"))
 from toy_models import NoisyExits, make_scenes  # noqa: E402
 
 from mexify.calibrate import collect_cache  # noqa: E402
+from mexify.metrics import ConfusionMatrix, miou_from_counts, per_image_miou  # noqa: E402
 from mexify.nn import exit_flops  # noqa: E402
+from mexify.policies import build_policy  # noqa: E402
 
 
 def test_exit_flops_counts_stages_and_the_heads_that_run():
@@ -27,3 +31,28 @@ def test_the_cache_costs_exits_by_exit_flops():
     cache = collect_cache(model, torch.utils.data.DataLoader(make_scenes(4), batch_size=4))
     assert cache.exit_costs(None, "flops").tolist() == exit_flops(model.stage_flops, model.head_flops)
     assert cache.exit_costs([0.5, np.inf, 0.5], "flops").tolist() == exit_flops(model.stage_flops, model.head_flops, [0, 2])
+
+
+def test_miou_is_in_points_and_nan_without_a_labelled_pixel():
+    assert miou_from_counts([3, 0, 1], [4, 0, 1], [3, 0, 2]) == pytest.approx(100 * (3 / 4 + 1 / 2) / 2)
+    assert math.isnan(miou_from_counts([0, 0], [0, 0], [0, 0]))
+    rows = miou_from_counts(np.array([[1, 1], [0, 0]]), np.array([[1, 1], [0, 0]]), np.array([[1, 1], [0, 0]]))
+    assert rows[0] == 100.0 and math.isnan(rows[1])
+
+
+def test_an_image_without_labels_is_nan_everywhere_and_weighs_on_nothing():
+    """The metrics, the exit cache, the oracle and the learned policy apply one rule to an unlabelled image."""
+    model = NoisyExits(num_classes=4, num_exits=4)
+    data = make_scenes(12)
+    data[2] = (data[2][0], torch.full_like(data[2][1], 255))
+    cache = collect_cache(model, torch.utils.data.DataLoader(data, batch_size=6))
+    pim = cache.per_image_miou()
+    assert np.isnan(pim[2]).all() and not np.isnan(np.delete(pim, 2, 0)).any()
+    x, y = torch.stack([d[0] for d in data]), torch.stack([d[1] for d in data])
+    for e, logits in enumerate(model.forward_all(x)):
+        pred = logits.argmax(1)
+        np.testing.assert_allclose(pim[:, e], per_image_miou(pred, y, 4).numpy(), rtol=1e-6, equal_nan=True)
+        assert cache.exit_miou(e) == pytest.approx(ConfusionMatrix(4).update(pred, y).miou(), abs=1e-9)
+    assert cache.oracle_assignment(0.0)[2] == 0  # leaving early costs it nothing
+    pol = build_policy("learned").fit(cache, max_drop=1.0)  # left out of the training set, not counted as bad
+    assert np.isfinite(pol.cache_scores(cache)).all()

@@ -1,4 +1,6 @@
 """Metrics cross-checked against an independent numpy confusion matrix."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,11 +18,12 @@ def _np_confusion(pred, target, k, ignore=255):
 
 
 def _np_scores(cm):
+    """IoU, mIoU and pixel accuracy in points (0-100), the library's unit."""
     tp = np.diag(cm).astype(float)
     union = cm.sum(0) + cm.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-    return iou, np.nanmean(iou), tp.sum() / cm.sum()
+        iou = np.where(union > 0, 100 * tp / union, np.nan)
+    return iou, np.nanmean(iou), 100 * tp.sum() / cm.sum()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -50,7 +53,7 @@ def test_absent_class_is_nan_and_excluded():
     cm.update(t.clone(), t)
     iou = cm.iou()
     assert torch.isnan(iou[2]) and torch.isnan(iou[3])
-    assert cm.miou() == 1.0 and cm.pixel_accuracy() == 1.0
+    assert cm.miou() == 100.0 and cm.pixel_accuracy() == 100.0
 
 
 def test_logits_merge_reset():
@@ -63,7 +66,7 @@ def test_logits_merge_reset():
     a.merge(b)
     assert int(a.mat.sum()) == 100
     a.reset()
-    assert a.total == 0 and a.miou() == 0.0 and a.pixel_accuracy() == 0.0
+    assert a.total == 0 and math.isnan(a.miou()) and math.isnan(a.pixel_accuracy())  # nothing counted: undefined
     with pytest.raises(ValueError):
         a.merge(ConfusionMatrix(k + 1))
 
@@ -86,5 +89,5 @@ def test_per_image_miou_matches_numpy():
 def test_on_cuda():
     t = torch.randint(0, 4, (2, 16, 16), device="cuda")
     cm = ConfusionMatrix(4).update(t, t)
-    assert cm.mat.device.type == "cuda" and cm.miou() == 1.0
+    assert cm.mat.device.type == "cuda" and cm.miou() == 100.0
     assert per_image_miou(t, t, 4).device.type == "cuda"

@@ -44,6 +44,7 @@ from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
 from mexify.files import atomic_file
+from mexify.metrics import miou_from_counts
 from mexify.nn import exit_flops, resize_logits
 from mexify.runtime import exit_ms_per_image, original_ms_per_image
 from mexify.policies import Policy, boundary_mask, prob_bins
@@ -140,14 +141,12 @@ class ExitCache:
         return ok.argmax(1)
 
     def miou(self, assignment: np.ndarray) -> float:
-        """Dataset mIoU (0-100) of the images' chosen exits, from the per-image counts (exact)."""
+        """Dataset mIoU in points (0-100) of the images' chosen exits, from the per-image counts (exact;
+        :func:`mexify.metrics.miou_from_counts`)."""
         tp, pc, lc = self._counts()
         idx = np.arange(len(assignment))
-        t = tp[idx, assignment].sum(0, dtype=np.int64)
-        p = pc[idx, assignment].sum(0, dtype=np.int64)
-        u = p + lc.sum(0, dtype=np.int64) - t
-        present = u > 0
-        return float((t[present] / u[present]).mean() * 100.0) if present.any() else 0.0
+        return miou_from_counts(tp[idx, assignment].sum(0, dtype=np.int64), pc[idx, assignment].sum(0, dtype=np.int64),
+                                lc.sum(0, dtype=np.int64))
 
     def exit_miou(self, exit_index: int) -> float:
         return self.miou(np.full(self.num_images, exit_index, dtype=np.int64))
@@ -157,18 +156,16 @@ class ExitCache:
         return self.exit_miou(self.num_exits - 1)
 
     def per_image_miou(self) -> np.ndarray:
-        """mIoU (0-100) of every image at every exit, ``(N, E)``, over classes in its labels or prediction."""
+        """mIoU in points (0-100) of every image at every exit, ``(N, E)``, over classes in its labels or
+        prediction; NaN for an image without a labelled pixel (:func:`mexify.metrics.miou_from_counts`)."""
         tp, pc, lc = self._counts()
-        u = pc + lc[:, None, :] - tp
-        present = u > 0
-        iou = np.where(present, tp / np.maximum(u, 1), 0.0)
-        n = present.sum(-1)
-        return np.where(n > 0, iou.sum(-1) / np.maximum(n, 1), 1.0) * 100.0
+        return miou_from_counts(tp, pc, np.broadcast_to(lc[:, None, :], tp.shape))
 
     def oracle_assignment(self, tolerance: float) -> np.ndarray:
-        """Earliest exit whose per-image mIoU is within ``tolerance`` points of the final exit's."""
+        """Earliest exit whose per-image mIoU is within ``tolerance`` points of the final exit's; an image
+        without a labelled pixel (NaN) weighs on no exit's mIoU, so it takes the first."""
         pim = self.per_image_miou()
-        ok = pim >= pim[:, -1:] - float(tolerance) - 1e-9
+        ok = (pim >= pim[:, -1:] - float(tolerance) - 1e-9) | np.isnan(pim[:, -1:])
         return ok.argmax(1)
 
     # --------------------------------------------------------------- cost model

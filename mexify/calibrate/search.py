@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from mexify.errors import BudgetError, ConfigError
+from mexify.metrics import miou_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,7 @@ class _Eval:
         self.count += 1
         ok = np.concatenate([self.s >= t[None, :], self.ones], axis=1)
         a = ok.argmax(1)
-        tt = self.tp[self.idx, a].sum(0)
-        u = self.pc[self.idx, a].sum(0) + self.lsum - tt
-        present = u > 0
-        miou = float((tt[present] / u[present]).mean() * 100.0) if present.any() else 0.0
+        miou = miou_from_counts(self.tp[self.idx, a].sum(0), self.pc[self.idx, a].sum(0), self.lsum)
         cost = float(self.cache.exit_costs(t)[a].mean())  # switched-off exits' heads cost nothing
         self.points.append((cost, miou, tuple(t.tolist())))
         return cost, miou

@@ -35,8 +35,8 @@ def render_report(report, title: str = "") -> None:
         t.add_row(
             str(e.index),
             e.name,
-            f"{100 * e.miou:.2f}",
-            f"{100 * e.pixel_accuracy:.2f}",
+            f"{e.miou:.2f}",
+            f"{e.pixel_accuracy:.2f}",
             _gflops(e.flops),
             f"{100 * e.flops_fraction:.1f}%",
             style=style,
@@ -61,7 +61,7 @@ def render_report(report, title: str = "") -> None:
         for r in report.policies:
             frac = r.mean_flops / report.original_flops if report.original_flops else float("nan")
             rates = " ".join(f"{100 * x:.0f}%" for x in r.exit_rates)
-            cells = [r.name, f"{100 * r.miou:.2f}", f"{100 * r.pixel_accuracy:.2f}", _gflops(r.mean_flops), f"{100 * frac:.1f}%"]
+            cells = [r.name, f"{r.miou:.2f}", f"{r.pixel_accuracy:.2f}", _gflops(r.mean_flops), f"{100 * frac:.1f}%"]
             if timed:
                 ms = r.extra.get("mean_ms_predicted")
                 cells += [f"{ms:.2f}", f"{r.extra['predicted_speedup']:.2f}x"] if ms is not None else ["-", "-"]

@@ -101,11 +101,12 @@ class LearnedPolicy(Policy):
         p = super()._fit_params(cache)
         feats = self._cache_features(cache)  # (N, E-1, F)
         per_image = cache.per_image_miou()  # (N, E), on labels (or agreement with the final exit)
+        keep = torch.from_numpy(~np.isnan(per_image[:, -1]))  # an image without a labelled pixel (NaN) teaches nothing
         nets = []
         for i in range(cache.num_exits - 1):
-            x = feats[:, i]
+            x = feats[keep, i]
             mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-            good = torch.from_numpy(per_image[:, -1] - per_image[:, i] <= p.tolerance).to(torch.float64)
+            good = torch.from_numpy(per_image[:, -1] - per_image[:, i] <= p.tolerance)[keep].to(torch.float64)
             w = _train((x - mean) / std, good, seed=i)
             nets.append({"mean": mean.float().numpy(), "std": std.float().numpy(), "w1": w[0].numpy(), "b1": w[1].numpy(),
                          "w2": w[2].numpy(), "b2": w[3].reshape(1).numpy()})

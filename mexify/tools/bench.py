@@ -302,8 +302,8 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.
         for (_, y), o, f in zip(batches, outs, finals):
             cm_p.update(o.masks.cpu(), y)
             cm_f.update(f.cpu(), y)
-        pol["miou"] = 100 * cm_p.miou()
-        pol["final_miou"] = 100 * cm_f.miou()
+        pol["miou"] = cm_p.miou()
+        pol["final_miou"] = cm_f.miou()
         pol["drop"] = pol["final_miou"] - pol["miou"]
     return pol
 
@@ -315,4 +315,4 @@ def _exit_accuracy(model: Any, batches: List[Batch], rows: List[Dict[str, Any]])
         for cm, logits in zip(cms, model.forward_all(x)):
             cm.update(labels_of(logits).cpu(), y)
     for row, cm in zip(rows, cms):
-        row["miou"] = 100 * cm.miou()
+        row["miou"] = cm.miou()

@@ -201,7 +201,7 @@ def compare_engines(
         if all(y is not None for y in labels):
             cm = ConfusionMatrix(rt.model.num_classes)
             cm.update(masks, torch.cat(labels))
-            row["miou"] = 100 * cm.miou()
+            row["miou"] = cm.miou()
         if reference is None:
             reference = (exit_index, masks)
             row["same_exit"], row["same_pixels"] = 1.0, 1.0

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from mexify.config import json_safe
 from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
@@ -38,9 +39,10 @@ class ExitResult:
     Attributes:
         index: exit position (0 = shallowest; the final exit is last).
         name: exit name (fx node name, or ``final``).
-        miou: mean IoU over classes present in target or prediction.
-        pixel_accuracy: fraction of labelled pixels predicted right.
-        iou: per-class IoU (NaN where a class appears in neither).
+        miou: mean IoU over classes present in target or prediction, in points (0-100; NaN without a
+            labelled pixel; :func:`mexify.metrics.miou_from_counts`).
+        pixel_accuracy: labelled pixels predicted right, in points.
+        iou: per-class IoU in points (NaN where a class appears in neither).
         flops: FLOPs to reach this exit at the model's profiling input size (1 multiply-add = 1 FLOP),
             including every early head evaluated on the way.
         flops_fraction: ``flops / original_flops``.
@@ -55,9 +57,7 @@ class ExitResult:
     flops_fraction: float
 
     def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["iou"] = [None if math.isnan(v) else v for v in self.iou]
-        return d
+        return json_safe(asdict(self))  # NaN (a class absent, no labelled pixel) as None
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class PolicyResult:
 
     Attributes:
         name: policy name.
-        miou: mIoU of the maps the policy returns.
-        pixel_accuracy: pixel accuracy of those maps.
+        miou: mIoU of the maps the policy returns, in points (0-100).
+        pixel_accuracy: pixel accuracy of those maps, in points.
         mean_flops: mean FLOPs per image.
         exit_rates: fraction of images leaving at each exit (len == number of exits).
         extra: anything else the policy reports (thresholds, latency, ...).
@@ -81,7 +81,7 @@ class PolicyResult:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 @dataclass
@@ -96,7 +96,7 @@ class EvalReport:
         original_flops: FLOPs of the unmodified model at ``input_size``.
         input_size: (H, W) at which the FLOPs were profiled.
         image_size: (H, W) of the evaluated images (of the first batch).
-        per_image_miou: float tensor ``(num_exits, num_images)``; NaN for images without labels.
+        per_image_miou: float tensor ``(num_exits, num_images)`` in points; NaN for images without labels.
         policies: policy rows, appended by policy evaluation (empty here).
         seconds: wall time of the evaluation.
         data: the dataset's spec, when it was given as one.
@@ -219,7 +219,7 @@ def evaluate(
         model.to(home)
         model.train(was_training)
     report = _report(model, ds, cms, per_image, done, image_size, time.perf_counter() - t0)
-    log.info("evaluated %d images in %.1fs: final mIoU %.4f, shallowest exit %.4f",
+    log.info("evaluated %d images in %.1fs: final mIoU %.2f, shallowest exit %.2f",
              done, report.seconds, report.exits[-1].miou, report.exits[0].miou)
     return report
 
@@ -297,8 +297,8 @@ def evaluate_policy(
         progress: ``progress(images_done, images_total_or_0)``.
 
     Returns:
-        a :class:`PolicyResult` (``miou`` and ``pixel_accuracy`` as fractions like the exit
-        rows; ``extra`` holds the FLOPs speed-up, mean confidence, thresholds and time).
+        a :class:`PolicyResult` (``miou`` and ``pixel_accuracy`` in points like the exit rows;
+        ``extra`` holds the FLOPs speed-up, mean confidence, thresholds and time).
 
     Raises:
         DataError: no image.
