@@ -1,4 +1,5 @@
-"""One definition each (docs/internals.md, "Definitions"): exit FLOPs; mIoU in points, NaN without labelled pixels."""
+"""One definition each (docs/internals.md, "Definitions"): exit FLOPs; mIoU in points, NaN without labelled pixels;
+masks made at the input size, then resized to the labels."""
 import math
 import sys
 from pathlib import Path
@@ -10,10 +11,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "policies"))
 from toy_models import NoisyExits, make_scenes  # noqa: E402
 
+import mexify  # noqa: E402
 from mexify.calibrate import collect_cache  # noqa: E402
+from mexify.data import as_loader  # noqa: E402
 from mexify.metrics import ConfusionMatrix, miou_from_counts, per_image_miou  # noqa: E402
 from mexify.nn import exit_flops  # noqa: E402
 from mexify.policies import build_policy  # noqa: E402
+from mexify.runtime import FixedExit  # noqa: E402
+from mexify.tools import evaluate, evaluate_policy  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixture_models.py"
 
 
 def test_exit_flops_counts_stages_and_the_heads_that_run():
@@ -56,3 +63,19 @@ def test_an_image_without_labels_is_nan_everywhere_and_weighs_on_nothing():
     assert cache.oracle_assignment(0.0)[2] == 0  # leaving early costs it nothing
     pol = build_policy("learned").fit(cache, max_drop=1.0)  # left out of the training set, not counted as bad
     assert np.isfinite(pol.cache_scores(cache)).all()
+
+
+def test_evaluation_scores_the_masks_predict_gives_whatever_the_label_size(tmp_path):
+    """Labels at another size than the input: every exit's row, the runtime's and the cache's mIoU agree."""
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(tmp_path / "b.mex"))
+    model = mexify.load(tmp_path / "b.mex")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random weights: masks with several classes, whose borders the two resizes place apart
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    data = [(torch.randn(3, 32, 32, generator=g), torch.randint(0, 4, (48, 40), generator=g)) for _ in range(4)]
+    report = evaluate(model, data, batch_size=2, num_workers=0, device="cpu")
+    cache = collect_cache(model, as_loader(data, 2))
+    for e, row in enumerate(report.exits):
+        assert evaluate_policy(model, FixedExit(e, model.num_exits), data, batch_size=2).miou == row.miou
+        assert cache.exit_miou(e) == pytest.approx(row.miou, abs=1e-9)

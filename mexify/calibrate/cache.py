@@ -45,8 +45,8 @@ from mexify.data import unpadded
 from mexify.errors import DataError
 from mexify.files import atomic_file
 from mexify.metrics import miou_from_counts
-from mexify.nn import exit_flops, resize_logits
-from mexify.runtime import exit_ms_per_image, original_ms_per_image
+from mexify.nn import exit_flops
+from mexify.runtime import exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
 from mexify.policies.entropy import mean_entropy
@@ -487,10 +487,7 @@ def _exit_maps(model: Any, source: Policy, x: torch.Tensor, y: Optional[torch.Te
     probs, preds = [], []
     for i, (z, f) in enumerate(zip(logits, feats)):
         probs.append(source.probabilities(i, z, f))
-        pred = resize_logits(source.mask_scores(i, z, f), image).max(1).indices
-        if target != image:  # as evaluate_policy scores masks against labels of another size
-            pred = F.interpolate(pred[:, None].float(), size=target, mode="nearest-exact")[:, 0].long()
-        preds.append(pred)
+        preds.append(resize_masks(masks_of(source.mask_scores(i, z, f), image), target))  # as the runtime, then evaluation
     return probs, preds
 
 

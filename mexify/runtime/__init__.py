@@ -3,7 +3,7 @@
 Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
 """
 from mexify.runtime.costs import exit_ms_per_image, original_ms_per_image
-from mexify.runtime.engine import DTYPES, EarlyExitRuntime, labels_of, parse_dtype, predict
+from mexify.runtime.engine import DTYPES, EarlyExitRuntime, labels_of, masks_of, parse_dtype, predict, resize_masks
 from mexify.runtime.graphs import GraphedCall, capture
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
@@ -17,6 +17,8 @@ __all__ = [
     "resolve_policy",
     "active_exits",
     "labels_of",
+    "masks_of",
+    "resize_masks",
     "parse_dtype",
     "DTYPES",
     "exit_ms_per_image",

@@ -24,6 +24,7 @@ import logging
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from mexify.errors import ConfigError, DataError
 from mexify.nn import exit_flops, module_device, resize_logits
@@ -33,13 +34,30 @@ from mexify.runtime.results import BatchPrediction, Prediction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EarlyExitRuntime", "predict", "labels_of", "parse_dtype", "DTYPES"]
+__all__ = ["EarlyExitRuntime", "predict", "labels_of", "masks_of", "resize_masks", "parse_dtype", "DTYPES"]
 
 
 def labels_of(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(1)``: ``max(1).indices`` gives the same (first) index, but argmax over the
     channel dim of an NCHW tensor takes a slow strided path on CPU (about 15x at 8x128x128)."""
     return scores.max(1).indices
+
+
+def masks_of(scores: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Masks ``(N, H, W)`` from class scores ``(N, K, h, w)``: the scores resized bilinearly to ``size``
+    (the input's), then the argmax. The one rule for a mask: the runtime's (what ``predict`` returns),
+    evaluation's, the exit cache's, ``bench``'s original model and the latency profile's all call it."""
+    return labels_of(resize_logits(scores, size))
+
+
+def resize_masks(masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Masks ``(N, H, W)`` at another size (labels of another resolution), by nearest neighbour at pixel
+    centres (``nearest-exact``, as PIL's ``NEAREST`` that ``mexify predict`` uses to give each image its own
+    size back); unchanged when already there. A mask is made at the input size (:func:`masks_of`) and only
+    then resized, so evaluation scores what a user gets."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].to(masks.dtype)
 
 
 _DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,7 +151,7 @@ class EarlyExitRuntime:
         """Masks of the images that leave at exit ``i``: the only place an exit's output is resized."""
         mask_scores = getattr(self.policy, "mask_scores", None)
         scores = mask_scores(i, logits, feats) if mask_scores is not None else logits
-        return labels_of(resize_logits(scores, size))
+        return masks_of(scores, size)
 
     def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: torch.Tensor,
               feats: Optional[torch.Tensor], conf: Optional[torch.Tensor]) -> None:

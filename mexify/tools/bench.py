@@ -31,7 +31,7 @@ from mexify.errors import ConfigError, DataError, MexifyError
 from mexify.graph.adapt import adapt_output
 from mexify.metrics import ConfusionMatrix
 from mexify.nn import device_name, module_device, resolve_device
-from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, labels_of, original_ms_per_image
+from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
 from mexify.spec import ModelSpec, build_model
 from mexify.tools.profile import time_stages
 from mexify.tools.timing import synchronize, time_call
@@ -192,7 +192,7 @@ def _original_runner(orig: nn.Module, rt: EarlyExitRuntime) -> Callable[[torch.T
         orig.to(memory_format=torch.channels_last)
 
     def masks(x: torch.Tensor) -> torch.Tensor:
-        return labels_of(adapt_output(orig(x)))
+        return masks_of(adapt_output(orig(x)), (int(x.shape[-2]), int(x.shape[-1])))
 
     if rt.cuda_graphs:
         return GraphedCall(masks, rt._autocast)
@@ -300,8 +300,8 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.
     if all(y is not None for _, y in batches):
         cm_p, cm_f = ConfusionMatrix(model.num_classes), ConfusionMatrix(model.num_classes)
         for (_, y), o, f in zip(batches, outs, finals):
-            cm_p.update(o.masks.cpu(), y)
-            cm_f.update(f.cpu(), y)
+            cm_p.update(resize_masks(o.masks, y.shape[-2:]).cpu(), y)
+            cm_f.update(resize_masks(f, y.shape[-2:]).cpu(), y)
         pol["miou"] = cm_p.miou()
         pol["final_miou"] = cm_f.miou()
         pol["drop"] = pol["final_miou"] - pol["miou"]
@@ -313,6 +313,6 @@ def _exit_accuracy(model: Any, batches: List[Batch], rows: List[Dict[str, Any]])
     cms = [ConfusionMatrix(model.num_classes) for _ in range(model.num_exits)]
     for x, y in batches:
         for cm, logits in zip(cms, model.forward_all(x)):
-            cm.update(labels_of(logits).cpu(), y)
+            cm.update(resize_masks(masks_of(logits, tuple(x.shape[-2:])), y.shape[-2:]).cpu(), y)
     for row, cm in zip(rows, cms):
         row["miou"] = cm.miou()

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mexify.config import json_safe
@@ -22,7 +21,7 @@ from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import device_name, module_device, resolve_device
-from mexify.runtime import EarlyExitRuntime, active_exits, exit_ms_per_image, original_ms_per_image
+from mexify.runtime import EarlyExitRuntime, active_exits, exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
 from mexify.tools.profile import select_profile
 
 log = logging.getLogger(__name__)
@@ -239,9 +238,8 @@ def _run_exits(model: Any, loader: Any, limit: Optional[int], dev: torch.device,
         if len(outs) != len(names):
             raise RuntimeError(f"forward_all returned {len(outs)} outputs for {len(names)} exits")
         for i, logits in enumerate(outs):
-            if logits.shape[-2:] != masks.shape[-2:]:
-                logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            pred = logits.argmax(1)
+            # the mask the runtime gives (at the input size), then at the labels' size
+            pred = resize_masks(masks_of(logits, tuple(images.shape[-2:])), masks.shape[-2:])
             cms[i].update(pred, masks)
             per_image[i].append(per_image_miou(pred, masks, k).cpu())
         done += int(images.shape[0])
@@ -316,7 +314,7 @@ def evaluate_policy(
     for x, y in _limited(loader, limit):
         out = rt.predict_batch(x)
         if y is not None:
-            cm.update(_at_label_size(out.masks, y.to(dev)), y.to(dev))
+            cm.update(resize_masks(out.masks, y.shape[-2:]), y.to(dev))
         counts += torch.bincount(out.exit_index, minlength=model.num_exits)
         flops += int(out.flops.sum())
         conf_sum += float(torch.nan_to_num(out.confidence).sum())
@@ -342,12 +340,6 @@ def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int)
     orig = original_ms_per_image(prof)
     return {"latency_profile": prof["key"], "mean_ms_predicted": mean, "original_ms_predicted": orig,
             "predicted_speedup": orig / mean if mean else float("nan")}
-
-
-def _at_label_size(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if pred.shape[-2:] != y.shape[-2:]:
-        pred = F.interpolate(pred[:, None].float(), size=y.shape[-2:], mode="nearest-exact")[:, 0].long()
-    return pred
 
 
 def _policy_row(model: Any, policy: Any, cm: ConfusionMatrix, counts: torch.Tensor, mean_flops: float,

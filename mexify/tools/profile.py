@@ -17,8 +17,8 @@ import torch
 
 from mexify.config import json_safe
 from mexify.errors import ConfigError
-from mexify.nn import device_name, resize_logits
-from mexify.runtime import capture, exit_ms_per_image, labels_of, resolve_policy
+from mexify.nn import device_name
+from mexify.runtime import capture, exit_ms_per_image, masks_of, resolve_policy
 from mexify.tools.timing import time_call
 
 __all__ = [
@@ -118,7 +118,7 @@ def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, 
             out["head"].append(timed(lambda i=i: model.exit_logits(i, states[i + 1])))
             if policy is not None:
                 out["policy"].append(timed(lambda i=i: policy.decide(i, logits[i])))
-        out["mask"].append(timed(lambda i=i: labels_of(resize_logits(logits[i], size))))
+        out["mask"].append(timed(lambda i=i: masks_of(logits[i], size)))
         if progress is not None:
             progress("stages", i + 1, e)
     candidates = getattr(model, "candidates", None)
@@ -168,7 +168,7 @@ def profile_latency(
     for b in batch_sizes:
         x = torch.randn(int(b), 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
         t = time_stages(model, x, device, warmup, repeats, progress, policy, graphs, autocast)
-        original_s = timer(device, warmup, repeats, graphs, autocast)(lambda: labels_of(resize_logits(model(x), (h, w))))
+        original_s = timer(device, warmup, repeats, graphs, autocast)(lambda: masks_of(model(x), (h, w)))
         out.append(LatencyProfile(
             device=name, batch_size=int(b), dtype=dtype, input_size=(h, w),
             stage_ms=[1000 * s for s in t["stage"]], head_ms=[1000 * s for s in t["head"]],
