@@ -6,7 +6,7 @@ from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate
 from mexify.tools.images import collect_images, palette, predict_images, predictions_out, read_image, to_tensor
 from mexify.tools.plots import save_comparison, save_pareto
 from mexify.tools.profile import LatencyProfile, profile_key, profile_latency, select_profile
-from mexify.tools.timing import synchronize, time_call
+from mexify.tools.timing import synchronize, time_call, time_calls, timed_pass
 
 __all__ = [
     "evaluate",
@@ -25,6 +25,8 @@ __all__ = [
     "ExportResult",
     "export_bundle",
     "time_call",
+    "time_calls",
+    "timed_pass",
     "synchronize",
     "collect_images",
     "read_image",
