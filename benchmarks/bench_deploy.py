@@ -2,8 +2,9 @@
 onnxruntime runner on its ONNX export, on the same images (CPU).
 
 For each engine: the time to leave at every exit (that exit forced, batch 1, median over images),
-the policy's ms per image and its measured speed-up against every exit off (the same engine running
-the stages back to back), the exit mix, mIoU on the split, and agreement with the torch runtime on
+the policy's ms per image and its measured speed-up against the original model (run by torch, as
+``bench`` and ``compare`` measure it), every exit off (the same engine running the stages back to back)
+and its overhead over the original, the exit mix, mIoU on the split, and agreement with the torch runtime on
 the bundle (same exit, same mask pixel). Export times are reported too.
 
 Default: the demo bundle (``make demo`` writes ``out/demo/lraspp.mex``) on its test split.
@@ -126,16 +127,19 @@ def _markdown(r: Dict[str, Any]) -> str:
         f"bundle `{r['bundle']}`, policy `{r['policy']}`, {r['images']} test images, batch 1. Export took "
         f"{r['export_seconds']['pt2']:.0f} s (pt2) and {r['export_seconds']['onnx']:.0f} s (ONNX).",
         "",
-        "Policy: ms per image with the policy and with every exit off (the same engine running the stages back to back),",
-        "their ratio (measured speed-up), the FLOPs speed-up of the exit mix, and agreement with the torch runtime on the bundle.",
+        "Policy: ms per image with the policy, the original model's (run by torch: the baseline of the measured speed-up),",
+        "with every exit off (the same engine running the stages back to back) and its overhead over the original,",
+        "the FLOPs speed-up of the exit mix, and agreement with the torch runtime on the bundle.",
         "",
-        "| engine | mIoU | ms/image | exits off ms/image | measured speed-up | by FLOPs | same exit | same pixels |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | mIoU | ms/image | original ms/image | measured speed-up | exits off ms/image | exits-off overhead | by FLOPs | same exit | same pixels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["rows"]:
+        orig, speedup, overhead = row["original_ms_per_image"], row["measured_speedup"], row["exits_off_overhead"]
         lines.append(f"| {row['engine']} | {row.get('miou', float('nan')):.2f} | {row['ms_per_image']:.2f} | "
-                     f"{row['original_ms_per_image']:.2f} | {row['measured_speedup']:.2f}x | {row['flops_speedup']:.2f}x | "
-                     f"{100 * row['same_exit']:.1f}% | {100 * row['same_pixels']:.2f}% |")
+                     f"{f'{orig:.2f}' if orig else '-'} | {f'{speedup:.2f}x' if speedup else '-'} | "
+                     f"{row['exits_off_ms_per_image']:.2f} | {f'{100 * overhead:+.0f}%' if overhead is not None else '-'} | "
+                     f"{row['flops_speedup']:.2f}x | {100 * row['same_exit']:.1f}% | {100 * row['same_pixels']:.2f}% |")
     lines += ["", "Exit mix: " + "; ".join(f"{row['engine']}: " + ", ".join(f"{k} {v}" for k, v in row["exit_counts"].items() if v)
                                           for row in r["rows"]), ""]
     lines += ["Time to leave at each exit (that exit forced, batch 1, median over images, ms):", "",

@@ -2,6 +2,7 @@
 masks made at the input size, then resized to the labels."""
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,43 @@ def test_evaluation_scores_the_masks_predict_gives_whatever_the_label_size(tmp_p
     for e, row in enumerate(report.exits):
         assert evaluate_policy(model, FixedExit(e, model.num_exits), data, batch_size=2).miou == row.miou
         assert cache.exit_miou(e) == pytest.approx(row.miou, abs=1e-9)
+
+
+def test_time_calls_is_the_median_of_rounds_that_run_every_call_in_turn():
+    from mexify.tools.timing import time_call, time_calls, timed_pass
+
+    order = []
+    waits = {"a": iter([0.0, 0.0, 0.03, 0.0, 0.0, 0.0]), "b": iter([0.0] * 6)}
+
+    def call(name):
+        def run():
+            order.append(name)
+            time.sleep(next(waits[name]))
+        return run
+
+    s = time_calls({"a": call("a"), "b": call("b")}, "cpu", warmup=1, repeats=5)
+    assert order == ["a", "b"] * 6  # one warm-up round, then rounds of every call in turn
+    assert s["a"] < 0.02  # the median: one slow round does not move it
+    assert time_call(lambda: None, "cpu", warmup=0, repeats=1) >= 0.0
+    keep = []
+    batches = [(torch.ones(1), None), (torch.zeros(2), None)]
+    timed_pass(lambda x: x.sum(), batches, "cpu", keep)()
+    assert [float(v) for v in keep] == [1.0, 0.0]
+
+
+def test_every_measured_speedup_is_against_the_original_model_and_exits_off_is_its_own_figure(tmp_path):
+    from mexify.data import build_dataset
+    from mexify.tools import bench
+    from mexify.tools.engines import time_policies
+
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(tmp_path / "b.mex"))
+    model = mexify.load(tmp_path / "b.mex")
+    data = build_dataset("synthetic:scenes?size=32&classes=4&n=8&n_eval=4", split="val")
+    pol = build_policy("maxprob").with_thresholds([0.0, 0.0])  # every image leaves at the first exit
+    p = bench(model, data, policy=pol, limit=4, warmup=0, repeats=1, device="cpu").policy
+    assert p["measured_speedup"] == pytest.approx(p["original_ms_per_image"] / p["ms_per_image"])
+    assert p["exits_off_overhead"] == pytest.approx(p["exits_off_ms_per_image"] / p["original_ms_per_image"] - 1.0)
+    notes = []
+    ms = time_policies(model, data, {"maxprob": pol}, limit=4, repeats=1, notes=notes)
+    assert set(ms) == {"original", "exits_off", "maxprob"} and all(v > 0 for v in ms.values())
+    assert notes == ["original: original model rebuilt from the bundle's spec, run as the runtime runs (eager, float32)"]

@@ -50,10 +50,13 @@ class PolicyComparison:
     files: Dict[str, str] = dataclasses.field(default_factory=dict)
     notes: List[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    #: the measured speed-ups' baseline, filled when measured: ``original_ms`` (the original model run the
+    #: same way), ``exits_off_ms`` (the runtime with every exit off) and ``exits_off_overhead`` (their ratio - 1)
+    measured: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"budget": self.budget.record(), "cost": self.cost, "rows": self.rows + ([self.oracle] if self.oracle else []),
-                "notes": self.notes, "files": self.files, "seconds": self.seconds}
+                "measured": self.measured, "notes": self.notes, "files": self.files, "seconds": self.seconds}
 
 
 def _figures(f: Dict[str, Any]) -> Dict[str, Any]:

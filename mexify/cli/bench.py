@@ -12,6 +12,11 @@ from mexify.cli._common import (Annotated, DataOpt, DeviceOpt, DtypeOpt, JsonOpt
                                 count, print_json, print_notes, stage_progress, trust_of)
 
 
+def _pct(v) -> str:
+    """An overhead (a fraction) as a signed percentage; "-" when not measured."""
+    return f"{100 * v:+.0f}%" if v is not None else "-"
+
+
 def _gflops(v: float) -> str:
     return f"{v / 1e9:.3f}" if v < 1e11 else f"{v / 1e9:.1f}"
 
@@ -55,6 +60,9 @@ def render(report) -> None:
         _gflops(o["flops"])] + (["-"] if p else []) + [f"{o['latency_ms']:.2f}", "1.00x", "1.00x", "1.00x"]
     t.add_row(*row, style="dim")
     if p:
+        off = p["exits_off_ms_per_image"]
+        t.add_row(*(["", "every exit off"] + (["-"] if has_miou else []) + ["-", "-", f"{off * report.batch_size:.2f}",
+                     f"{p['original_ms_per_image'] / off:.2f}x" if off else "-", "-", "-"]), style="dim")
         row = ["", f"policy {p['name']}"] + ([f"{p['miou']:.2f}" if "miou" in p else "-"] if has_miou else []) + [
             _gflops(p["mean_flops"]), "100.0%",
             f"{p['ms_per_image'] * report.batch_size:.2f}", f"{p['measured_speedup']:.2f}x",
@@ -63,7 +71,8 @@ def render(report) -> None:
     console.print(t)
     if p:
         console.print(f"policy over {p['images']} images: {p['ms_per_image']:.2f} ms/image vs "
-                      f"{p['original_ms_per_image']:.2f} for the original (per-exit rows: first batch)")
+                      f"{p['original_ms_per_image']:.2f} for the original (per-exit rows: first batch); every exit off "
+                      f"{p['exits_off_ms_per_image']:.2f} ms/image, exits-off overhead {_pct(p['exits_off_overhead'])}")
     print_notes(report.notes)
 
 
@@ -75,11 +84,12 @@ def render_engines(report) -> None:
               caption_justify="left")
     has_miou = all("miou" in r for r in report.rows)
     for col in ["engine", "policy"] + (["mIoU"] if has_miou else []) + ["ms/image", "original ms/image", "speed-up",
-                                                                        "by FLOPs", "same exit", "same pixels"]:
+                                                                        "exits-off overhead", "by FLOPs", "same exit", "same pixels"]:
         t.add_column(col, justify="left" if col in ("engine", "policy") else "right", no_wrap=True)
     for r in report.rows:
+        orig, speedup = r["original_ms_per_image"], r["measured_speedup"]
         t.add_row(r["engine"], r["policy"], *([f"{r['miou']:.2f}"] if has_miou else []), f"{r['ms_per_image']:.2f}",
-                  f"{r['original_ms_per_image']:.2f}", f"{r['measured_speedup']:.2f}x",
+                  f"{orig:.2f}" if orig else "-", f"{speedup:.2f}x" if speedup else "-", _pct(r["exits_off_overhead"]),
                   f"{r['flops_speedup']:.2f}x" if r["flops_speedup"] else "-", f"{100 * r['same_exit']:.1f}%",
                   f"{100 * r['same_pixels']:.2f}%")
     console.print(t)

@@ -22,7 +22,8 @@ def render(report) -> None:
     measured = any("measured_speedup" in r["eval"] for r in rows)
     t = Table(title=f"policies at {report.budget.text}: fitted on the fitting split, judged on the evaluation split",
               caption="predicted: " + ("the bundle's measured latency profile" if report.cost == "latency" else "FLOPs")
-              + " x the exit mix; oracle share: the policy's saving over the oracle's at the same budget",
+              + " x the exit mix; oracle share: the policy's saving over the oracle's at the same budget"
+              + ("; measured: against the original model run the same way" if measured else ""),
               title_justify="left", caption_justify="left")
     for col in ["policy", "mIoU", "drop"] + (["measured"] if measured else []) + ["predicted", "by FLOPs", "oracle share", "fit drop"]:
         t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
@@ -33,6 +34,9 @@ def render(report) -> None:
         t.add_row(r["policy"], f"{e['miou']:.2f}", f"{e['drop']:.2f}", *([_x(e.get("measured_speedup"))] if measured else []),
                   _x(predicted), _x(e.get("flops_speedup")), f"{100 * share:.0f}%" if share is not None else "-",
                   f"{f['drop']:.2f}" if f else "-", style="dim" if r["policy"] == "oracle" else None)
+    m = report.measured
+    if measured and m:  # the exits-off overhead: every exit off, against the same original
+        t.add_row("every exit off", "-", "-", _x(m["original_ms"] / m["exits_off_ms"]), "-", "-", "-", "-", style="dim")
     console.print(t)
     print_notes(report.notes, report.files)
 

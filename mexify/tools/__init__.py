@@ -1,5 +1,5 @@
 """What sits around the runtime: accuracy against labels, timing and benchmarks, image files, plots."""
-from mexify.tools.bench import BenchReport, bench, original_model
+from mexify.tools.bench import BenchReport, bench, original_model, original_runner
 from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine, time_policies
 from mexify.tools.export import ExportResult, export_bundle
 from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
@@ -17,6 +17,7 @@ __all__ = [
     "bench",
     "BenchReport",
     "original_model",
+    "original_runner",
     "ENGINES",
     "EngineReport",
     "OnnxEngine",

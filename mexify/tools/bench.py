@@ -1,14 +1,17 @@
 """``mexify bench``: per-exit latency and the policy's measured speed-up against the original model.
 
 Like with like: the original model runs the way the runtime does (eager against eager, CUDA
-graphs against CUDA graphs, the same autocast dtype and memory format). Per-exit latency: each
-stage, head and decision timed on the first batch (median of ``repeats`` after ``warmup``; CUDA
-events on a GPU, ``perf_counter`` on CPU). Policy: the runtime and the original model (plus
-argmax) each run over the same images, ``repeats`` passes interleaved, median pass time; each
-batch's result is waited for before the next batch starts (latency, as a camera loop sees it: the
-runtime must wait anyway, to know which images leave):
+graphs against CUDA graphs, the same autocast dtype and memory format); it is the baseline of every
+measured speed-up in mexify (:func:`original_runner`: ``bench``, ``compare``, the engine
+comparison). Per-exit latency: each stage, head and decision timed on the first batch. Policy: the
+runtime, the original model (plus its masks) and the runtime with every exit off each run over the
+same images, in rounds, each batch waited for before the next starts (latency, as a camera loop
+sees it: the runtime must wait anyway, to know which images leave). All timing is
+:func:`mexify.tools.timing.time_calls` (``warmup`` untimed runs, median of ``repeats``):
 
 * ``measured_speedup`` = original time / runtime time;
+* ``exits_off_overhead`` = runtime with every exit off / original time - 1: what running the model
+  as stages costs before any exit is taken (shown apart, never the baseline);
 * ``predicted_speedup`` = the timed cost of the all-exits-off path (every stage, the final masks)
   over the mean over images of the timed cost of the exit each image took (stages, active heads
   and decisions on the way, masks): what the cost model predicts for the exit mix observed;
@@ -18,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -34,11 +35,11 @@ from mexify.nn import device_name, module_device, resolve_device
 from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
 from mexify.spec import ModelSpec, build_model
 from mexify.tools.profile import time_stages
-from mexify.tools.timing import synchronize, time_call
+from mexify.tools.timing import time_call, time_calls, timed_pass
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchReport", "bench", "original_model"]
+__all__ = ["BenchReport", "bench", "original_model", "original_runner"]
 
 Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -155,15 +156,14 @@ def bench(
         rt = EarlyExitRuntime(model, exit=-1, **options)  # how the exits run, for the timings
         rt.policy_missing = True
     batches = [(x.contiguous(memory_format=rt.memory_format), y) for x, y in _batches(data, batch_size, limit, dev)]
-    orig, orig_note = original_model(model)
+    run_orig, orig_note = original_runner(model, rt)
     notes.append(f"original: {orig_note}; run as the runtime runs ({'CUDA graphs' if rt.cuda_graphs else 'eager'}, {rt.dtype})")
-    run_orig = _original_runner(orig, rt)
     x0 = batches[0][0]
     orig_s = time_call(lambda: run_orig(x0), dev, warmup, repeats)
     rows, exit_s, base_s = _exit_rows(model, rt, x0, orig_s, dev, warmup, repeats, progress)
     pol = None
     if not getattr(rt, "policy_missing", False):
-        pol = _policy_figures(model, rt, run_orig, batches, dev, repeats, progress)
+        pol = _policy_figures(model, rt, run_orig, batches, dev, warmup, repeats, progress)
         pol["predicted_speedup"] = _predicted_speedup(exit_s, base_s, pol)
         for row in rows:
             row["exit_rate"] = pol["exit_rates"][row["name"]]
@@ -184,6 +184,14 @@ def bench(
         dtype=rt.dtype,
         channels_last=rt.channels_last,
     )
+
+
+def original_runner(model: Any, rt: Any) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The baseline of every measured speed-up: the original model (:func:`original_model`) making its
+    masks, run the way ``rt`` (an :class:`~mexify.runtime.EarlyExitRuntime`) runs. Returns (masks
+    function, a note saying which model it is)."""
+    orig, note = original_model(model)
+    return _original_runner(orig, rt), note
 
 
 def _original_runner(orig: nn.Module, rt: EarlyExitRuntime) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -259,30 +267,17 @@ def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float
 
 
 def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.Tensor], torch.Tensor], batches: List[Batch], dev: torch.device,
-                    repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Dict[str, Any]:
-    """The runtime and the original model over the same images, passes interleaved: measured vs FLOPs speed-up."""
-    def run_policy() -> List[BatchPrediction]:
-        outs = [rt.predict_batch(x) for x, _ in batches]
-        synchronize(dev)
-        return outs
-
-    def run_original() -> List[torch.Tensor]:
-        outs = []
-        for x, _ in batches:
-            outs.append(run_orig(x).clone())  # a graph's output is overwritten by its next replay
-            synchronize(dev)  # each batch's masks are ready before the next batch starts, as in the runtime
-        return outs
-
-    outs, finals = run_policy(), run_original()  # warm-up; these results are scored below
-    tp, to = [], []
-    for r in range(max(1, repeats)):
-        for fn, acc in ((run_policy, tp), (run_original, to)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-        if progress is not None:
-            progress("policy", r + 1, max(1, repeats))
-    t_pol, t_orig = statistics.median(tp), statistics.median(to)
+                    warmup: int, repeats: int, progress: Optional[Callable[[str, int, int], None]]) -> Dict[str, Any]:
+    """The runtime, the original model and the runtime with every exit off over the same images, timed
+    in rounds: measured speed-up against the original, the exits-off overhead, FLOPs speed-up."""
+    off = EarlyExitRuntime(model, exit=-1, cuda_graphs=rt.cuda_graphs, dtype=rt.dtype, channels_last=rt.channels_last)
+    outs: List[BatchPrediction] = []
+    finals: List[torch.Tensor] = []
+    calls = {"policy": timed_pass(rt.predict_batch, batches, dev, outs),
+             "original": timed_pass(lambda x: run_orig(x).clone(), batches, dev, finals),  # a graph's output is overwritten by its next replay
+             "exits_off": timed_pass(off.predict_batch, batches, dev)}
+    # at least one untimed pass: its results are the ones scored below
+    s = time_calls(calls, dev, max(1, warmup), repeats, (lambda d, t: progress("policy", d, t)) if progress is not None else None)
     n_img = sum(int(x.shape[0]) for x, _ in batches)
     idx = torch.cat([o.exit_index for o in outs])
     mean_flops = float(torch.cat([o.flops for o in outs]).double().mean())
@@ -290,9 +285,11 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.
     pol = {
         "name": str(getattr(rt.policy, "name", type(rt.policy).__name__)),
         "images": n_img,
-        "ms_per_image": 1000 * t_pol / n_img,
-        "original_ms_per_image": 1000 * t_orig / n_img,
-        "measured_speedup": t_orig / t_pol if t_pol else float("nan"),
+        "ms_per_image": 1000 * s["policy"] / n_img,
+        "original_ms_per_image": 1000 * s["original"] / n_img,
+        "measured_speedup": s["original"] / s["policy"] if s["policy"] else float("nan"),
+        "exits_off_ms_per_image": 1000 * s["exits_off"] / n_img,
+        "exits_off_overhead": s["exits_off"] / s["original"] - 1.0 if s["original"] else float("nan"),
         "mean_flops": mean_flops,
         "flops_speedup": model.original_flops / mean_flops if mean_flops else float("nan"),
         "exit_rates": {n: float(c) / n_img for n, c in zip(model.exit_names, counts)},

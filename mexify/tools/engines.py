@@ -3,15 +3,16 @@
 ``mexify predict --engine onnxruntime`` runs an ONNX export through :class:`OnnxEngine`, which
 answers like :class:`~mexify.runtime.EarlyExitRuntime` (``predict_batch -> BatchPrediction``).
 ``mexify bench --engine torch --engine onnxruntime`` (:func:`compare_engines`) runs the same
-images through each engine: latency with the policy and with every exit off (the original
-graph, stage after stage, as that engine runs it), exit mix, mIoU, and agreement with the first
-engine (same exit chosen, same mask pixel).
+images through each engine: latency with the policy and with every exit off (the stages back to
+back, as that engine runs them), exit mix, mIoU, and agreement with the first engine (same exit
+chosen, same mask pixel). Speed-ups are against the original model run the same way
+(:func:`mexify.tools.bench.original_runner`: torch, eager, on the CPU, since an ONNX export holds
+no graph of the original), as ``bench`` and ``compare`` measure them; every exit off is its own
+figure, the exits-off overhead. All timing is :func:`mexify.tools.timing.time_calls`.
 """
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -28,7 +29,8 @@ from mexify.metrics import ConfusionMatrix
 from mexify.nn import device_name, exit_flops, module_device, resolve_device
 from mexify.runtime import EarlyExitRuntime
 from mexify.runtime.results import BatchPrediction
-from mexify.tools.bench import _batches
+from mexify.tools.bench import _batches, original_runner
+from mexify.tools.timing import time_calls, timed_pass
 
 __all__ = ["ENGINES", "OnnxEngine", "EngineReport", "compare_engines", "make_engine", "time_policies"]
 
@@ -122,31 +124,6 @@ class EngineReport:
         return json_safe(dataclasses.asdict(self))
 
 
-def _timed_pass(predict: Callable[[torch.Tensor], Any], batches: Sequence[Any], dev: torch.device) -> tuple:
-    """Seconds for one pass over ``batches`` (each batch waited for) and the predictions."""
-    outs, total = [], 0.0
-    for x, _ in batches:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        out = predict(x)
-        out.masks.cpu()  # wait for the batch
-        total += time.perf_counter() - t0
-        outs.append(out)
-    return total, outs
-
-
-def _median_pass(rt: Any, batches: Sequence[Any], dev: torch.device, warmup: int, repeats: int) -> tuple:
-    """Median seconds of ``repeats`` timed passes after ``warmup`` untimed batches, and the last pass's predictions."""
-    for x, _ in batches[: max(warmup, 0)]:
-        rt.predict_batch(x)
-    runs, outs = [], []
-    for _ in range(max(repeats, 1)):
-        seconds, outs = _timed_pass(rt.predict_batch, batches, dev)
-        runs.append(seconds)
-    return statistics.median(runs), outs
-
-
 def compare_engines(
     path: Union[str, Path],
     data: Any,
@@ -160,7 +137,9 @@ def compare_engines(
     progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> EngineReport:
     """Run the same images through each engine (CPU): latency with the policy and with every exit off,
-    the speed-up between the two, the exit mix, mIoU (when labelled) and agreement with the first engine.
+    the speed-up against the original model and the exits-off overhead, the exit mix, mIoU (when
+    labelled) and agreement with the first engine. ``warmup`` untimed passes (at least one), then the
+    median of ``repeats`` timed rounds, every engine's runs and the original's in each.
 
     Raises:
         ConfigError: an unknown engine or one that cannot run ``path``. DataError: no image.
@@ -168,64 +147,86 @@ def compare_engines(
     dev = torch.device("cpu")
     batches = _batches(data, batch_size, limit, dev)
     n = sum(int(x.shape[0]) for x, _ in batches)
+    runtimes = {(engine, what): make_engine(engine, path, exit=-1 if what == "exits_off" else None, trust=trust, threads=threads)
+                for engine in engines for what in ("policy", "exits_off")}
+    run_orig, orig_note = _original(path, runtimes, trust)
+    preds: Dict[str, List[BatchPrediction]] = {engine: [] for engine in engines}
+    calls = {f"{engine}/{what}": timed_pass(rt.predict_batch, batches, dev, preds[engine] if what == "policy" else None)
+             for (engine, what), rt in runtimes.items()}
+    if run_orig is not None:
+        calls["original"] = timed_pass(run_orig, batches, dev)
+    report = (lambda d, t: progress("engines", d, t)) if progress is not None else None
+    seconds = time_calls(calls, dev, max(1, warmup), repeats, report)
+    labels = [y for _, y in batches]
     rows: List[Dict[str, Any]] = []
     reference = None
-    notes = ["original: every exit off, the stages run back to back by the same engine",
-             "agreement: with the first engine's exit and mask for each image"]
-    for k, engine in enumerate(engines):
-        runtimes = {"policy": make_engine(engine, path, trust=trust, threads=threads),
-                    "original": make_engine(engine, path, exit=-1, trust=trust, threads=threads)}
-        times: Dict[str, float] = {}
-        preds = None
-        for what, rt in runtimes.items():
-            times[what], outs = _median_pass(rt, batches, dev, warmup, repeats)
-            if what == "policy":
-                preds = outs
-            if progress is not None:
-                progress("engines", 2 * k + (1 if what == "policy" else 2), 2 * len(engines))
-        rt = runtimes["policy"]
-        exit_index = torch.cat([p.exit_index for p in preds])
-        masks = torch.cat([p.masks.cpu() for p in preds])
-        flops = torch.cat([p.flops for p in preds]).double()
-        counts = torch.bincount(exit_index, minlength=rt.model.num_exits).tolist()
-        row: Dict[str, Any] = {
-            "engine": engine,
-            "policy": getattr(rt.policy, "name", type(rt.policy).__name__),
-            "ms_per_image": 1000 * times["policy"] / n,
-            "original_ms_per_image": 1000 * times["original"] / n,
-            "measured_speedup": times["original"] / times["policy"] if times["policy"] else None,
-            "flops_speedup": float(rt.model.original_flops * n / flops.sum()) if float(flops.sum()) else None,
-            "exit_counts": dict(zip(rt.model.exit_names, counts)),
-        }
-        labels = [y for _, y in batches]
-        if all(y is not None for y in labels):
-            cm = ConfusionMatrix(rt.model.num_classes)
-            cm.update(masks, torch.cat(labels))
-            row["miou"] = cm.miou()
-        if reference is None:
-            reference = (exit_index, masks)
-            row["same_exit"], row["same_pixels"] = 1.0, 1.0
-        else:
-            row["same_exit"] = float((exit_index == reference[0]).double().mean())
-            row["same_pixels"] = float((masks == reference[1]).double().mean())
+    for engine in engines:
+        row, got = _engine_row(engine, runtimes[engine, "policy"], preds[engine], seconds, n, labels, reference)
         rows.append(row)
+        reference = reference or got
+    notes = [f"original: {orig_note}", "exits off: every exit off, the stages run back to back by each engine",
+             "agreement: with the first engine's exit and mask for each image"]
     x0 = batches[0][0]
     return EngineReport(device_name(dev), n, int(x0.shape[0]), (int(x0.shape[-2]), int(x0.shape[-1])), int(repeats), rows, notes)
 
 
+def _original(path: Union[str, Path], runtimes: Dict[Any, Any], trust: Trust) -> tuple:
+    """The baseline: the original model, run by torch on the CPU as the torch runtime runs; (None, why) when
+    the bundle it comes from is not here."""
+    rt = runtimes.get(("torch", "exits_off"))
+    if rt is None:
+        try:
+            rt = make_engine("torch", path, exit=-1, trust=trust)
+        except (BundleError, ConfigError) as e:
+            return None, f"not measured ({e.message}): no speed-up, no exits-off overhead"
+    run, note = original_runner(rt.model, rt)
+    return (lambda x: run(x.to(rt.device)).cpu()), f"{note}, run by torch as the torch engine runs it, for every engine"
+
+
+def _engine_row(engine: str, rt: Any, preds: List[BatchPrediction], seconds: Dict[str, float], n: int, labels: List[Any],
+                reference: Optional[tuple]) -> tuple:
+    """One engine's row (its latencies against the original's, exit mix, mIoU, agreement with ``reference``,
+    the first engine's ``(exit_index, masks)``), and its own ``(exit_index, masks)``."""
+    exit_index = torch.cat([p.exit_index for p in preds])
+    masks = torch.cat([p.masks.cpu() for p in preds])
+    flops = torch.cat([p.flops for p in preds]).double()
+    policy_s, off_s, orig_s = seconds[f"{engine}/policy"], seconds[f"{engine}/exits_off"], seconds.get("original")
+    row: Dict[str, Any] = {
+        "engine": engine,
+        "policy": getattr(rt.policy, "name", type(rt.policy).__name__),
+        "ms_per_image": 1000 * policy_s / n,
+        "original_ms_per_image": 1000 * orig_s / n if orig_s else None,
+        "measured_speedup": orig_s / policy_s if orig_s and policy_s else None,
+        "exits_off_ms_per_image": 1000 * off_s / n,
+        "exits_off_overhead": off_s / orig_s - 1.0 if orig_s else None,
+        "flops_speedup": float(rt.model.original_flops * n / flops.sum()) if float(flops.sum()) else None,
+        "exit_counts": dict(zip(rt.model.exit_names, torch.bincount(exit_index, minlength=rt.model.num_exits).tolist())),
+    }
+    if all(y is not None for y in labels):
+        row["miou"] = ConfusionMatrix(rt.model.num_classes).update(masks, torch.cat(labels)).miou()
+    ref = reference if reference is not None else (exit_index, masks)
+    row["same_exit"] = float((exit_index == ref[0]).double().mean())
+    row["same_pixels"] = float((masks == ref[1]).double().mean())
+    return row, (exit_index, masks)
+
+
 def time_policies(model: Any, data: Any, policies: Dict[str, Any], limit: Optional[int] = None, batch_size: int = 1,
-                  warmup: int = 1, repeats: int = 3, progress: Optional[Callable[[str, int, int], None]] = None) -> Dict[str, float]:
+                  warmup: int = 1, repeats: int = 3, progress: Optional[Callable[[str, int, int], None]] = None,
+                  notes: Optional[List[str]] = None) -> Dict[str, float]:
     """Milliseconds per image of the torch runtime over the first ``limit`` images of ``data`` for each
-    policy, and for ``"original"``: every exit off (the stages back to back, run the same way).
-    Median of ``repeats`` passes, each batch waited for."""
+    policy; ``"original"``: the original model run the same way (the baseline of a measured speed-up,
+    :func:`~mexify.tools.bench.original_runner`); ``"exits_off"``: the runtime with every exit off (the
+    stages back to back). :func:`~mexify.tools.timing.time_calls` over passes, each batch waited for;
+    what the original is goes to ``notes``."""
     dev = module_device(model)
     batches = _batches(data, batch_size, limit, dev)
-    runtimes = {"original": EarlyExitRuntime(model, exit=-1)}
-    runtimes.update({name: EarlyExitRuntime(model, policy) for name, policy in policies.items()})
+    off = EarlyExitRuntime(model, exit=-1)
+    run_orig, note = original_runner(model, off)
+    if notes is not None:
+        notes.append(f"original: {note}, run as the runtime runs ({'CUDA graphs' if off.cuda_graphs else 'eager'}, {off.dtype})")
+    calls = {"original": timed_pass(lambda x: run_orig(x).clone(), batches, dev),  # a graph's output is overwritten by its next replay
+             "exits_off": timed_pass(off.predict_batch, batches, dev)}
+    calls.update({name: timed_pass(EarlyExitRuntime(model, policy).predict_batch, batches, dev) for name, policy in policies.items()})
     n = sum(int(x.shape[0]) for x, _ in batches)
-    out = {}
-    for k, (name, rt) in enumerate(runtimes.items()):
-        out[name] = 1000 * _median_pass(rt, batches, dev, warmup, repeats)[0] / n
-        if progress is not None:
-            progress("timing", k + 1, len(runtimes))
-    return out
+    report = (lambda d, t: progress("timing", d, t)) if progress is not None else None
+    return {name: 1000 * s / n for name, s in time_calls(calls, dev, max(1, warmup), repeats, report).items()}
