@@ -73,10 +73,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        export(bundle, Path(tmp) / "pt2", format="pt2")
+        export(bundle, out=Path(tmp) / "pt2", format="pt2")
         pt2_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        export(bundle, Path(tmp) / "onnx", format="onnx")
+        export(bundle, out=Path(tmp) / "onnx", format="onnx")
         onnx_s = time.perf_counter() - t0
         onnx_dir, pt2_dir = Path(tmp) / "onnx", Path(tmp) / "pt2"
 

@@ -24,7 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
@@ -83,7 +83,6 @@ from mexify.tools import (
     LatencyProfile,
     PolicyResult,
     collect_images,
-    compare_engines,
     predictions_out,
     export_bundle,
     make_engine,
@@ -95,6 +94,7 @@ from mexify.tools import (
     time_policies,
 )
 from mexify.tools import bench as _bench
+from mexify.tools import compare_engines as _compare_engines
 from mexify.tools import evaluate as _evaluate
 from mexify.tools import evaluate_policy as _evaluate_policy
 from mexify.tools.export import FORMATS
@@ -114,6 +114,7 @@ __all__ = [
     "evaluate_policy",
     "predict",
     "bench",
+    "compare_engines",
     "profile",
     "export",
     "compare",
@@ -181,7 +182,7 @@ MAX_OPSET = 23  # the newest opset the pinned torch's ONNX exporter knows (torch
 
 
 # =============================================================================== helpers
-def load(path: PathLike, device: Optional[Union[str, torch.device]] = None, trust: Trust = Trust()) -> MultiExitModel:
+def load(path: PathLike, *, device: Optional[Union[str, torch.device]] = None, trust: Trust = Trust()) -> MultiExitModel:
     """Rebuild a bundle's :class:`~mexify.nn.MultiExitModel` in eval mode (``mexify.load``; see :func:`mexify.bundle.load`)."""
     return _load_bundle(path, device=device, trust=trust)
 
@@ -382,6 +383,7 @@ def inspect(
 def train(
     bundle: PathLike,
     data: Optional[Data] = None,
+    *,
     recipe: Any = "quick-synthetic",
     out: Optional[PathLike] = None,
     overrides: Optional[Mapping[str, Any]] = None,
@@ -688,6 +690,7 @@ def _chosen_profiles(tables: Dict[str, Any], exits: Sequence[Any], keep: bool) -
 def evaluate(
     bundle: Model,
     data: Optional[Data] = None,
+    *,
     split: str = "val",
     batch_size: int = 8,
     limit: Optional[int] = None,
@@ -739,8 +742,9 @@ def _seen_in_calibration(model: MultiExitModel, data: str, split: str) -> list:
 
 def evaluate_policy(
     bundle: Model,
-    policy: Any = None,
     data: Optional[Data] = None,
+    *,
+    policy: Any = None,
     split: str = "val",
     batch_size: int = 8,
     limit: Optional[int] = None,
@@ -759,6 +763,7 @@ def evaluate_policy(
 def predict(
     bundle: Model,
     images: Sequence[PathLike],
+    *,
     out: PathLike,
     exit: Union[int, str, None] = None,
     size: Union[str, Tuple[int, int], None] = None,
@@ -819,6 +824,8 @@ def predict(
 def bench(
     bundle: Model,
     data: Data,
+    *,
+    policy: Any = None,
     split: str = "val",
     limit: Optional[int] = 32,
     batch_size: int = 1,
@@ -826,31 +833,26 @@ def bench(
     repeats: int = 5,
     threads: Optional[int] = None,
     device: Any = None,
-    policy: Any = None,
-    progress: StageProgress = None,
     cuda_graphs: Optional[bool] = None,
     dtype: Optional[str] = None,
     channels_last: Optional[bool] = None,
     trust: Trust = Trust(),
-    engines: Sequence[str] = (),
-) -> Union[BenchReport, EngineReport]:
+    progress: StageProgress = None,
+) -> BenchReport:
     """Per-exit latency and FLOPs, the original model's latency and the policy's measured speed-up (``mexify bench``).
 
     Args:
         bundle: bundle directory or ``MultiExitModel``.
         data: dataset spec or Dataset; ``split`` and the first ``limit`` images are used.
+        policy: a policy object or dict (default: the bundle's; without one, exits only).
         batch_size: images per forward pass.
         warmup, repeats: untimed runs, then timed runs whose median is reported.
-        threads: CPU threads for torch (default: torch's).
+        threads: CPU threads for torch while it runs (default: torch's; restored afterwards).
         device: where to run (default: cuda if available).
-        policy: a policy object or dict (default: the bundle's; without one, exits only).
         cuda_graphs, dtype, channels_last: how the runtime runs (see
             :class:`~mexify.runtime.EarlyExitRuntime`); the original model runs the same way.
 
-        engines: compare engines instead (``("torch", "onnxruntime")``, on the CPU): one row each
-            with measured speed-up, exit mix, mIoU and agreement with the first (an :class:`EngineReport`).
-            ``bundle`` is then an ONNX export (the torch engine runs the bundle it was exported from) or,
-            for ``torch`` alone, any bundle.
+    Engines (torch against onnxruntime) are compared by :func:`compare_engines`.
 
     Raises:
         DataError: no image. ConfigError: a policy fitted for another model.
@@ -858,29 +860,74 @@ def bench(
     _counts(limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats, threads=threads)
     device = _device(device)
     parse_dtype(dtype)
-    for engine in engines:
-        parse_choice(engine, ENGINES, "engine")
     if isinstance(data, str):
         parse_dataset_spec(data)
-    if threads:
-        torch.set_num_threads(int(threads))
-    if engines and list(engines) != ["torch"]:
-        if not isinstance(bundle, (str, os.PathLike)):
-            raise ConfigError("--engine compares exported directories, not a model object")
-        return compare_engines(bundle, _dataset(data, split, limit), engines=engines, limit=limit, batch_size=batch_size,
-                               warmup=warmup, repeats=repeats, threads=threads, trust=trust, progress=progress)
-    model, _ = _model(bundle, device, trust=trust)
-    ds = _dataset(data, split, limit)
-    report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                    device=device, progress=progress, cuda_graphs=cuda_graphs, dtype=dtype, channels_last=channels_last)
+    with _threads(threads):
+        model, _ = _model(bundle, device, trust=trust)
+        ds = _dataset(data, split, limit)
+        report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                        device=device, progress=progress, cuda_graphs=cuda_graphs, dtype=dtype, channels_last=channels_last)
     if policy is None and isinstance(data, str):
         report.notes.extend(_seen_in_calibration(model, data, split))
     return report
 
 
+def compare_engines(
+    export: PathLike,
+    data: Data,
+    *,
+    engines: Sequence[str] = ENGINES,
+    split: str = "val",
+    limit: Optional[int] = 32,
+    batch_size: int = 1,
+    warmup: int = 2,
+    repeats: int = 5,
+    threads: Optional[int] = None,
+    trust: Trust = Trust(),
+    progress: StageProgress = None,
+) -> EngineReport:
+    """The same images through each engine on the CPU (``mexify bench --engine torch --engine onnxruntime``):
+    one row each with measured speed-up, exit mix, mIoU and agreement with the first engine.
+
+    Args:
+        export: an ONNX export (``mexify export --format onnx``; the torch engine runs the bundle it was
+            exported from) or, for ``("torch",)`` alone, any bundle or pt2 export.
+        data: dataset spec or Dataset; ``split`` and the first ``limit`` images are used.
+        engines: ``torch``, ``onnxruntime`` (:data:`ENGINES`), in the order of the rows.
+        warmup, repeats, threads: as for :func:`bench`.
+
+    Raises:
+        ConfigError: an unknown engine or one that cannot run ``export``. DataError: no image.
+    """
+    _counts(limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats, threads=threads)
+    for engine in engines:
+        parse_choice(engine, ENGINES, "engine")
+    if isinstance(data, str):
+        parse_dataset_spec(data)
+    if not isinstance(export, (str, os.PathLike)):
+        raise ConfigError("--engine compares exported directories, not a model object")
+    with _threads(threads):
+        return _compare_engines(export, _dataset(data, split, limit), engines=engines, limit=limit, batch_size=batch_size,
+                                warmup=warmup, repeats=repeats, threads=threads, trust=trust, progress=progress)
+
+
+@contextlib.contextmanager
+def _threads(threads: Optional[int]) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (when given) for the block, then put back: a process-wide setting."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if threads:
+            torch.set_num_threads(before)
+
+
 # =============================================================================== profile
 def profile(
     bundle: Model,
+    *,
     device: Any = None,
     batch_sizes: Sequence[int] = (1,),
     dtype: str = "float32",
@@ -901,7 +948,7 @@ def profile(
         batch_sizes: one table per batch size.
         dtype: ``float32``, ``bfloat16`` or ``float16`` (GPU), run under autocast.
         warmup, repeats: untimed runs, then timed runs whose median is kept.
-        threads: CPU threads for torch (default: torch's).
+        threads: CPU threads for torch while it measures (default: torch's; restored afterwards).
         write: store the tables in the bundle, replacing those with the same key.
         graphs: time each piece replayed from a CUDA graph (default: on CUDA, as the runtime runs).
 
@@ -915,11 +962,10 @@ def profile(
     _counts(warmup=warmup, repeats=repeats, threads=threads)
     device = _device(device)
     dtype = parse_dtype(dtype)
-    if threads:
-        torch.set_num_threads(int(threads))
     with updating(_bundle_dir(bundle) if write else None, "store the latency profile in it"):  # before any work
         model, bundle_path = _model(bundle, trust=trust)
-        profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
+        with _threads(threads):
+            profiles = profile_latency(model, resolve_device(device), batch_sizes, dtype, warmup, repeats, progress, graphs)
         if write and bundle_path is not None:
             tables = dict(read_config(bundle_path).latency or {})
             tables.update({p.key: p.to_dict() for p in profiles})
@@ -930,6 +976,7 @@ def profile(
 # =============================================================================== export
 def export(
     bundle: PathLike,
+    *,
     out: PathLike,
     format: str = "pt2",
     opset: Optional[int] = None,

@@ -242,7 +242,7 @@ def test_switched_off_exits_cost_nothing_and_calibration_agrees_with_the_runtime
     assert cache.exit_costs(t).tolist() == pytest.approx(want)
     assert cache.exit_costs(None).tolist() == pytest.approx([model.cost_to_exit(i) for i in range(model.num_exits)])
     # the stored figures are what the runtime spends on the same images
-    run = api.evaluate_policy(bundle, None, spec, split="calib", batch_size=4, device="cpu")
+    run = api.evaluate_policy(bundle, spec, split="calib", batch_size=4, device="cpu")
     assert run.mean_flops == pytest.approx(rep.figures["mean_flops"])
     assert list(run.exit_rates) == pytest.approx(list(rep.figures["exit_rates"].values()))
 

@@ -53,7 +53,7 @@ def test_compared_figures_are_what_the_runtime_gives(bundle):
     report = compare(bundle, SCENES, budget=Budget.max_drop(5.0), policies=["maxprob", "fft"], measure=False, out=None)
     for row in report.rows:
         policy = report.policies[row["policy"]]
-        run = evaluate_policy(bundle, policy, SCENES, split="test")
+        run = evaluate_policy(bundle, SCENES, policy=policy, split="test")
         assert run.miou == pytest.approx(row["eval"]["miou"], abs=1e-6)
         assert run.mean_flops == pytest.approx(row["eval"]["mean_flops"], rel=1e-9)
 

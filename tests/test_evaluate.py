@@ -105,7 +105,7 @@ def test_eval_reports_the_bundles_policy_row(bundle, tmp_path):
     report = api.evaluate(calibrated, DATA, split="val", batch_size=4, workers=0, device="cpu")
     (row,) = report.policies
     assert isinstance(row, PolicyResult) and row.name == "maxprob"
-    direct = api.evaluate_policy(calibrated, None, DATA, split="val", batch_size=4, device="cpu")
+    direct = api.evaluate_policy(calibrated, DATA, split="val", batch_size=4, device="cpu")
     assert row.miou == pytest.approx(direct.miou) and row.exit_rates == direct.exit_rates
     assert sum(row.exit_rates) == pytest.approx(1.0)
     assert row.mean_flops == pytest.approx(sum(r * e.flops for r, e in zip(row.exit_rates, report.exits)), rel=0.2)

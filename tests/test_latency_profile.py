@@ -90,7 +90,7 @@ def test_calibrate_on_measured_latency_and_eval_reports_the_same(bundle):
     assert fig["mean_ms"] == pytest.approx(sum(r * m for r, m in zip(rates, per)))
     assert fig["predicted_speedup"] == pytest.approx(10.0 / fig["mean_ms"])
     # what eval reports through the runtime on the same images is what calibration stored
-    run = api.evaluate_policy(bundle, None, SCENES, split="calib", batch_size=4, device="cpu")
+    run = api.evaluate_policy(bundle, SCENES, split="calib", batch_size=4, device="cpu")
     assert list(run.exit_rates) == pytest.approx(rates)
     assert run.extra["mean_ms_predicted"] == pytest.approx(fig["mean_ms"])
     assert run.extra["latency_profile"] == key

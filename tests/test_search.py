@@ -61,7 +61,7 @@ def test_search_meets_the_budget_on_the_cache_and_the_bundle_runs_only_the_chose
     ran = {name for name, t in zip(model.exit_names[:-1], thresholds) if t != float("inf")}
     assert set(calls) <= ran and (not ran or calls)
     # the search's figures (cache arithmetic) are what the runtime gives on the same split
-    run = evaluate_policy(bundle, None, SCENES, split="calib")
+    run = evaluate_policy(bundle, SCENES, split="calib")
     assert run.miou == pytest.approx(report.figures["miou"], abs=1e-6)
     assert run.mean_flops == pytest.approx(report.figures["mean_flops"], rel=1e-9)
 

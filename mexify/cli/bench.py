@@ -124,13 +124,19 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Per-exit latency and FLOPs, the original model's latency, and the policy's speed-up on a dataset."""
+        trust = trust_of(trust_code, trust_pickle)
+        engines = engine and engine != ["torch"]  # --engine torch alone is the plain benchmark
         with stage_progress(not json_out) as cb:
-            report = api.bench(bundle, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup,
-                               repeats=repeats, threads=threads, device=device, progress=cb, cuda_graphs=graphs,
-                               dtype=dtype, channels_last=channels_last, trust=trust_of(trust_code, trust_pickle), engines=engine or ())
+            if engines:
+                report = api.compare_engines(bundle, data, engines=engine, split=split, limit=limit, batch_size=batch_size,
+                                             warmup=warmup, repeats=repeats, threads=threads, trust=trust, progress=cb)
+            else:
+                report = api.bench(bundle, data, split=split, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                                   threads=threads, device=device, cuda_graphs=graphs, dtype=dtype, channels_last=channels_last,
+                                   trust=trust, progress=cb)
         if json_out:
             print_json(report.to_dict())
-        elif isinstance(report, api.EngineReport):
+        elif engines:
             render_engines(report)
         else:
             render(report)

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export every stage and head as a program that runs without the model's code (pt2) or without torch (onnx)."""
         with stage_progress(not json_out) as progress:
-            result = api.export(bundle, out, format=format, opset=opset, overwrite=overwrite, trust=trust_of(trust_code, trust_pickle),
+            result = api.export(bundle, out=out, format=format, opset=opset, overwrite=overwrite, trust=trust_of(trust_code, trust_pickle),
                                 progress=progress)
         if json_out:
             print_json(result.to_dict())

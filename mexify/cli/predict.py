@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Segment images with early exits: a palette PNG mask per image plus predictions.jsonl."""
         with stage_progress(not json_out) as progress:
-            summary = api.predict(bundle, images, out, exit=exit_, size=size, batch_size=batch_size, skip_bad=skip_bad,
+            summary = api.predict(bundle, images, out=out, exit=exit_, size=size, batch_size=batch_size, skip_bad=skip_bad,
                                   device=device, warn=warn, progress=progress, trust=trust_of(trust_code, trust_pickle),
                                   engine=engine)
         if json_out:
