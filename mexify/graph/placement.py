@@ -144,6 +144,9 @@ def find_candidates(
         live += (1 if _is_tensor_value(n) and last_use[n] > i else 0) - deaths[i]
         if i >= stop or prof is None or n.op == "placeholder" or cum <= 0:
             continue
+        batch = n.meta.get(BATCH_KEY)
+        if batch is not None and batch.kind == "none":
+            continue  # the same map for every image (a resized parameter): a head there cannot tell images apart
         if not prof.is_tensor or prof.shape is None or len(prof.shape) != 4 or not prof.dtype.is_floating_point:
             continue
         _, c, h, w = prof.shape

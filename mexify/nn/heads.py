@@ -117,6 +117,9 @@ class ExitHead(nn.Module):
             layers.append(_conv_bn_relu(in_channels, width, 3))
         else:
             width = config.width
+            if width < 1:  # 0 means "automatic", which convert resolves from the model's FLOPs
+                raise ConfigError("a mess head needs its width resolved (width=0 means automatic, chosen by convert)",
+                                  "give --head-set width=N, or let mexify convert choose it")
             layers.append(_conv_bn_relu(in_channels, width, 1))
             for _ in range(config.blocks):
                 layers.append(_conv_bn_relu(width, width, 3, config.dilation))

@@ -157,11 +157,10 @@ def test_cuts_where_a_folded_batch_is_alive_cannot_carry_an_exit():
         select_exit_points(list(found.values()), num_exits=4)
 
 
-@pytest.mark.xfail(strict=True, reason="a batch-independent map (a resized parameter) is listed as a candidate exit")
 def test_a_map_shared_by_all_rows_is_no_candidate():
     gm, _ = _prepared(SharedByAllRows(), (16, 16))
     names = [c.name for c in find_candidates(gm, (16, 16), num_classes=2)]
-    assert names == ["a", "add", "b"]  # today also interpolate and mul: a head there answers batch 1
+    assert names == ["a", "add", "b"]  # not interpolate and mul: the same map for every image
 
 
 # --------------------------------------------------------------------- select_exit_points
