@@ -120,3 +120,19 @@ def test_every_measured_speedup_is_against_the_original_model_and_exits_off_is_i
     ms = time_policies(model, data, {"maxprob": pol}, limit=4, repeats=1, notes=notes)
     assert set(ms) == {"original", "exits_off", "maxprob"} and all(v > 0 for v in ms.values())
     assert notes == ["original: original model rebuilt from the bundle's spec, run as the runtime runs (eager, float32)"]
+
+
+def test_the_original_runs_without_autograd_wherever_it_is_called(tmp_path, monkeypatch):
+    import importlib
+
+    from mexify.runtime import EarlyExitRuntime
+    from mexify.tools import original_runner
+
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(tmp_path / "b.mex"))
+    model = mexify.load(tmp_path / "b.mex")
+    grad = []
+    monkeypatch.setattr(importlib.import_module("mexify.tools.bench"), "adapt_output", lambda out: grad.append(torch.is_grad_enabled()) or out)
+    run, _ = original_runner(model, EarlyExitRuntime(model, exit=-1))
+    with torch.enable_grad():
+        assert run(torch.randn(2, 3, 32, 32)).shape == (2, 32, 32)
+    assert grad == [False]  # as the runtime runs: compare and the engine comparison time it outside no_grad

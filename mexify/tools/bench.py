@@ -191,7 +191,12 @@ def original_runner(model: Any, rt: Any) -> Tuple[Callable[[torch.Tensor], torch
     masks, run the way ``rt`` (an :class:`~mexify.runtime.EarlyExitRuntime`) runs. Returns (masks
     function, a note saying which model it is)."""
     orig, note = original_model(model)
-    return _original_runner(orig, rt), note
+    run = _original_runner(orig, rt)
+
+    def without_grad(x: torch.Tensor) -> torch.Tensor:  # as the runtime runs: no autograd graph recorded
+        with torch.no_grad():
+            return run(x)
+    return without_grad, note
 
 
 def _original_runner(orig: nn.Module, rt: EarlyExitRuntime) -> Callable[[torch.Tensor], torch.Tensor]:
