@@ -47,7 +47,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = mexify.convert(spec, args=kw, input_size=hw, exits=args.exits, out=str(Path(tmp) / "m.mex"))
+        res = mexify.convert(spec, args=kw, trace=mexify.TraceConfig(hw), exits=args.exits, out=str(Path(tmp) / "m.mex"))
         convert_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         loaded = mexify.load(Path(tmp) / "m.mex")

@@ -57,7 +57,7 @@ def trained_bundle(name: str, work: Path, data: str, recipe: str, overrides: Dic
     if not (raw / "config.yaml").is_file():
         t0 = time.perf_counter()
         mexify.convert(f"torchvision.models.segmentation:{name}", args={"num_classes": 8, "weights": None, "weights_backbone": None},
-                       input_size=(SIZES.get(name, 128),) * 2, out=str(raw))
+                       trace=mexify.TraceConfig((SIZES.get(name, 128),) * 2), out=str(raw))
         log.info("converted %s in %.1f s", name, time.perf_counter() - t0)
     with torch.enable_grad():
         rep = train(str(raw), data, recipe=recipe, out=str(out), overrides=overrides or None, device="cpu")

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         t0 = time.perf_counter()
         mexify.convert(f"torchvision.models.segmentation:{args.model}",
                        args={"num_classes": 21, "weights": None, "weights_backbone": None},
-                       input_size=(args.size, args.size), exits=len(args.mix) - 1, out=f"{tmp}/b", check=False)
+                       trace=mexify.TraceConfig((args.size, args.size)), exits=len(args.mix) - 1, out=f"{tmp}/b", check=False)
         log.info("converted %s at %d in %.1f s", args.model, args.size, time.perf_counter() - t0)
         model = mexify.load(f"{tmp}/b", device=dev)
     ds = build_dataset(f"synthetic:scenes?size={args.size}&classes=21&n={args.images}&n_eval={args.images}", split="val")

@@ -60,7 +60,7 @@ def main() -> None:
         out: dict = {"bundle": str(src), "data": args.data, "layout": args.layout}
         cand = Path(tmp) / "cand.mex"
         t0 = time.perf_counter()
-        mexify.api.convert(cfg.spec["target"], args=cfg.spec.get("args") or {}, input_size=tuple(cfg.trace.input_size),
+        mexify.api.convert(cfg.spec["target"], args=cfg.spec.get("args") or {}, trace=mexify.api.TraceConfig(tuple(cfg.trace.input_size)),
                            exits=len(cfg.exits), at=[e.name for e in cfg.exits], heads="mess-fcn", out=str(cand))
         model = mexify.load(cand)
         trained = mexify.load(src).state_dict()

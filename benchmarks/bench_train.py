@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                 continue
             bundle = os.path.join(tmp, f"{name}-{size}.mex")
             mexify.convert(spec, args={"num_classes": 21, "weights": None, "weights_backbone": None},
-                           input_size=(size, size), out=bundle)
+                           trace=mexify.TraceConfig((size, size)), out=bundle)
             if name == "lraspp_mobilenet_v3_large" and "cpu" in devs:
                 rows.append(_candidates_row(args, spec, tmp, name, size, batch))
             for dev in devs:
@@ -156,7 +156,7 @@ def _candidates_row(args, spec: str, tmp: str, name: str, size: int, batch: int)
     for label, heads in (("1 head", None), ("5 candidates", "mess-fcn")):
         bundle = os.path.join(tmp, f"{name}-{size}-{label.replace(' ', '')}.mex")
         res = mexify.api.convert(spec, args={"num_classes": 21, "weights": None, "weights_backbone": None},
-                                 input_size=(size, size), out=bundle, heads=heads)
+                                 trace=mexify.api.TraceConfig((size, size)), out=bundle, heads=heads)
         head_flops = sum(sum(e.candidate_flops or (e.head_flops,)) for e in res.config.exits)
         rows[label] = dict(_run_worker(args, bundle, "cpu", 2, batch, size), head_gflops=head_flops / 1e9,
                            backbone_gflops=res.model.original_flops / 1e9)

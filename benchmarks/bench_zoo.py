@@ -48,7 +48,7 @@ def main() -> None:
         torch.manual_seed(0)
         t0 = time.perf_counter()
         try:
-            res = mexify.convert(f"{ZOO / 'zoo_models.py'}:{factory}", input_size=(size, size), exits=6)
+            res = mexify.convert(f"{ZOO / 'zoo_models.py'}:{factory}", trace=mexify.TraceConfig((size, size)), exits=6)
         except mexify.MexifyError as e:
             rows.append(f"| {factory} | - | - | {time.perf_counter() - t0:.1f} | failed | {e.message[:80]} |")
             continue

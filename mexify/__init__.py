@@ -26,6 +26,7 @@ _LAZY = {
     "ConvertResult": "mexify.prepare",
     "Trust": "mexify.trust",
     "Budget": "mexify.calibrate.budget",
+    "TraceConfig": "mexify.config",
     "register_builder": "mexify.trust",
 }
 
@@ -44,6 +45,7 @@ __all__ = [
     "register_builder",
     "Trust",
     "Budget",
+    "TraceConfig",
 ]
 
 

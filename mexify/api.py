@@ -10,7 +10,7 @@ Example::
 
     api.convert("torchvision.models.segmentation:lraspp_mobilenet_v3_large",
                 args={"num_classes": 8, "weights": None, "weights_backbone": None},
-                input_size=(128, 128), out="lraspp.mex")
+                trace=api.TraceConfig(input_size=(128, 128)), out="lraspp.mex")
     api.train("lraspp.mex", recipe="quick-synthetic")          # the recipe names its dataset
     api.calibrate("lraspp.mex", "synthetic:scenes?classes=8&size=128", budget=api.Budget.max_drop(1.0))
     report = api.evaluate("lraspp.mex", split="test")
@@ -51,6 +51,7 @@ from mexify.calibrate import (
 from mexify.config import (
     TRACE_METHODS,
     BundleConfig,
+    TraceConfig,
     json_safe,
     parse_assignment,
     parse_choice,
@@ -120,6 +121,7 @@ __all__ = [
     "compare",
     # the option objects: one value each
     "Budget",
+    "TraceConfig",
     "Trust",
     # records and errors the CLI renders
     "ConvertResult",
@@ -297,8 +299,13 @@ def _head_space(heads: Union[str, PathLike, Sequence[Mapping[str, Any]]]) -> tup
     return head_space(heads if not isinstance(heads, os.PathLike) else str(heads))
 
 
-def _input_size(size: Union[Tuple[int, int], str]) -> Tuple[int, int]:
-    return parse_input_size(size, "--input-size")
+def _trace(trace: Any) -> TraceConfig:
+    """``trace`` when it is a :class:`TraceConfig` with an input size convert accepts (sides from 32)."""
+    if not isinstance(trace, TraceConfig):
+        raise ConfigError(f"trace must be a TraceConfig, not {type(trace).__name__} {trace!r}",
+                          "e.g. trace=TraceConfig(input_size=(512, 512), method='fx') (mexify.api.TraceConfig)")
+    parse_input_size(trace.input_size, "--input-size")
+    return trace
 
 
 def convert(
@@ -306,16 +313,13 @@ def convert(
     *,
     out: Optional[PathLike] = None,
     overwrite: bool = False,
+    trace: TraceConfig = TraceConfig(),
     args: Optional[Mapping[str, Any]] = None,
     weights: Optional[str] = None,
     exits: int = 6,
     at: Optional[Sequence[str]] = None,
     head: str = "mess",
     head_set: Optional[Mapping[str, Any]] = None,
-    input_size: Union[Tuple[int, int], str] = (512, 512),
-    leaf_modules: Sequence[str] = (),
-    autowrap_functions: Sequence[str] = (),
-    trace: str = "auto",
     trust: Trust = Trust(),
     placement: PlacementConfig = PlacementConfig(),
     check: bool = True,
@@ -328,15 +332,16 @@ def convert(
             module (with ``trust=Trust(pickle=True)``), or an ``nn.Module`` (converted, but not reloadable).
         out: bundle directory to write atomically (None: nothing is written).
         overwrite: replace an existing bundle at ``out``.
+        trace: how the model is traced (:class:`TraceConfig`): the input size (H, W) or ``"HxW"`` at
+            which shapes and FLOPs are profiled (default 512x512), leaf modules and autowrapped functions
+            kept as single graph nodes (also see :func:`mexify.register_leaf_module` /
+            :func:`mexify.register_autowrap_function`), and the tracer: ``auto`` (torch.fx, then
+            torch.export), ``fx`` or ``export``.
         args: keyword arguments of a factory spec.
         weights: a state_dict or ``.safetensors`` file loaded into the model first.
         exits: early exits placed by FLOPs (ignored when ``at`` is given).
         at: exit point node names, overriding placement.
         head, head_set: head template (``mess`` or ``fcn``) and overrides of its fields.
-        input_size: (H, W) or ``"HxW"`` at which shapes and FLOPs are profiled.
-        leaf_modules, autowrap_functions: kept as single graph nodes (also see
-            :func:`mexify.register_leaf_module` / :func:`mexify.register_autowrap_function`).
-        trace: ``auto`` (torch.fx, then torch.export), ``fx`` or ``export``.
         placement: the placement strategy.
         check: verify at every cut that dropping rows there gives each kept image the output it
             gets alone (a few forward passes at a small size); refuse the conversion otherwise.
@@ -346,14 +351,12 @@ def convert(
     Raises:
         MexifyError: any user-facing problem, with a hint; nothing is written then.
     """
-    size = _input_size(input_size)  # the values first, then the output place, then the work
-    parse_trace_method(trace)
+    trace = _trace(trace)  # the values first, then the output place, then the work
     parse_head_template(head)
     parse_head_settings(head_set)
     with writing(out, overwrite) if out is not None else contextlib.nullcontext():  # checked before any work, held
         result = _convert(
-            spec, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, input_size=size,
-            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, trace=trace, trust=trust,
+            spec, trace=trace, args=args, weights=weights, exits=exits, at=at, head=head, head_set=head_set, trust=trust,
             placement=placement, check=check, heads=_head_space(heads) if heads is not None else None,
         )
         if out is not None:
@@ -364,19 +367,15 @@ def convert(
 def inspect(
     spec: Union[str, torch.nn.Module],
     *,
+    trace: TraceConfig = TraceConfig(),
     args: Optional[Mapping[str, Any]] = None,
     weights: Optional[str] = None,
-    input_size: Union[Tuple[int, int], str] = (512, 512),
-    leaf_modules: Sequence[str] = (),
-    autowrap_functions: Sequence[str] = (),
-    trace: str = "auto",
     trust: Trust = Trust(),
 ) -> TracedModel:
-    """Trace and profile a model and list its candidate exit points, converting nothing (``mexify inspect``)."""
-    size = _input_size(input_size)
-    parse_trace_method(trace)
-    return _inspect(spec, args=args, weights=weights, input_size=size, leaf_modules=leaf_modules,
-                    autowrap_functions=autowrap_functions, trace=trace, trust=trust)
+    """Trace and profile a model and list its candidate exit points, converting nothing (``mexify inspect``).
+
+    ``trace``, ``args``, ``weights`` and ``trust`` are as for :func:`convert`."""
+    return _inspect(spec, trace=_trace(trace), args=args, weights=weights, trust=trust)
 
 
 # =============================================================================== train

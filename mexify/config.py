@@ -423,7 +423,19 @@ class HeadConfig(_Record):
 
 @dataclasses.dataclass(frozen=True)
 class TraceConfig(_Record):
-    """How a model is traced: leaf modules, autowrapped functions and the profiling input size."""
+    """How a model is traced: leaf modules, autowrapped functions and the profiling input size.
+
+    One value for ``convert`` and ``inspect`` (``api.convert(spec, trace=TraceConfig((256, 256), method="fx"))``);
+    the bundle records it (``trace:`` in ``config.yaml``), with the leaf modules and functions registered
+    with :func:`mexify.register_leaf_module` / :func:`mexify.register_autowrap_function` added.
+
+    Attributes:
+        input_size: (H, W) (or ``"HxW"``) at which shapes and FLOPs are profiled.
+        leaf_modules: module classes or qualified names kept as one graph node (``--leaf-module``).
+        autowrap_functions: functions (``package.module.fn``) recorded as one call (``--autowrap``).
+        method: ``auto`` (torch.fx, then torch.export), ``fx`` or ``export`` (``--trace``).
+        export_shapes: set by convert (torch.export only: which dimensions stayed dynamic).
+    """
 
     input_size: Tuple[int, int] = (512, 512)
     leaf_modules: Tuple[str, ...] = ()
@@ -434,6 +446,12 @@ class TraceConfig(_Record):
     export_shapes: str = ""
 
     def __post_init__(self):
+        size = self.input_size
+        size = parse_size(size, "input_size") if isinstance(size, str) else tuple(int(v) for v in size)
+        object.__setattr__(self, "input_size", size)
+        for name in ("leaf_modules", "autowrap_functions"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "method", parse_trace_method(self.method))
 
 

@@ -313,16 +313,13 @@ def _stage_flops(gm: fx.GraphModule, exit_names: Sequence[str], total: int) -> l
 def convert(
     spec: Union[str, ModelSpec, nn.Module],
     *,
+    trace: TraceConfig = TraceConfig(),
     args: Optional[Mapping[str, Any]] = None,
     weights: Optional[str] = None,
     exits: int = 6,
     at: Optional[Sequence[str]] = None,
     head: str = "mess",
     head_set: Optional[Mapping[str, Any]] = None,
-    input_size: Tuple[int, int] = (512, 512),
-    leaf_modules: Sequence[str] = (),
-    autowrap_functions: Sequence[str] = (),
-    trace: str = "auto",
     trust: Trust = Trust(),
     placement: PlacementConfig = PlacementConfig(),
     check: bool = True,
@@ -333,14 +330,13 @@ def convert(
     Args:
         spec: ``package.module:factory``, ``file.py:factory``, a ``.pt2`` archive, a pickled
             module (with ``Trust(pickle=True)``), or an ``nn.Module`` (not re-loadable as a bundle).
+        trace: how it is traced and at which input size it is profiled (:class:`~mexify.config.TraceConfig`;
+            the registered leaf modules and autowrapped functions are added).
         args: keyword arguments for a factory spec.
         weights: a state_dict or ``.safetensors`` file to load into the model first.
         exits: number of early exits placed by FLOPs (ignored when ``at`` is given).
         at: exit point node names, overriding placement.
         head, head_set: head template (``mess`` or ``fcn``) and overrides of its fields.
-        input_size: (H, W) at which shapes and FLOPs are profiled.
-        leaf_modules, autowrap_functions: passed to the tracer.
-        trace: ``auto`` (fx, then torch.export), ``fx`` or ``export``.
         check: run :func:`check_shrinking` (every cut, a few small forward passes).
         heads: head candidates for every exit (a space, :func:`~mexify.nn.head_space`) instead of one
             head: stage 2 trains them all and ``calibrate --search`` keeps one per exit.
@@ -349,7 +345,7 @@ def convert(
         MexifyError: any user-facing problem, with a hint.
     """
     t0 = time.perf_counter()
-    trace_cfg = _trace_config(input_size, leaf_modules, autowrap_functions, trace)
+    trace_cfg = _with_registered(trace)
     head_cfg = parse_head_overrides(head, head_set)
     if isinstance(spec, nn.Module):
         model_spec = ModelSpec("module", f"{type(spec).__module__}:{type(spec).__qualname__}")
@@ -390,11 +386,11 @@ def _head_cost_notes(model: MultiExitModel) -> list:
             "use fewer exits (--exits) or lighter heads (--head-set width=..., blocks=0)"]
 
 
-def _trace_config(input_size: Sequence[int], leaf_modules: Sequence[str], autowrap_functions: Sequence[str], method: str) -> TraceConfig:
+def _with_registered(trace: TraceConfig) -> TraceConfig:
     """The trace settings a bundle records: the caller's plus the registered leaf modules and functions."""
-    leaves = tuple(dict.fromkeys([*leaf_modules, *registered_leaf_modules()]))
-    wrapped = tuple(dict.fromkeys([*autowrap_functions, *registered_autowrap_functions()]))
-    return TraceConfig(input_size=tuple(int(v) for v in input_size), leaf_modules=leaves, autowrap_functions=wrapped, method=method)
+    leaves = tuple(dict.fromkeys([*trace.leaf_modules, *registered_leaf_modules()]))
+    wrapped = tuple(dict.fromkeys([*trace.autowrap_functions, *registered_autowrap_functions()]))
+    return dataclasses.replace(trace, leaf_modules=leaves, autowrap_functions=wrapped)
 
 
 def _assemble(
@@ -458,16 +454,13 @@ def _auto_width(cfg: HeadConfig, in_channels: int, num_classes: int, feats: torc
 def inspect(
     spec: Union[str, ModelSpec, nn.Module],
     *,
+    trace: TraceConfig = TraceConfig(),
     args: Optional[Mapping[str, Any]] = None,
     weights: Optional[str] = None,
-    input_size: Tuple[int, int] = (512, 512),
-    leaf_modules: Sequence[str] = (),
-    autowrap_functions: Sequence[str] = (),
-    trace: str = "auto",
     trust: Trust = Trust(),
 ) -> TracedModel:
     """Trace and profile a model and list its candidate exit points (no conversion)."""
-    trace_cfg = _trace_config(input_size, leaf_modules, autowrap_functions, trace)
+    trace_cfg = _with_registered(trace)
     if isinstance(spec, nn.Module):
         model = spec
     else:

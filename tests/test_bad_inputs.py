@@ -31,7 +31,7 @@ def place(tmp_path_factory):
     """One small bundle (TinyUNet at 32x32, 2 exits), damaged copies of it, and image files."""
     root = tmp_path_factory.mktemp("bad")
     bundle = root / "b.mex"
-    mexify.convert(UNET, args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(bundle), check=False)
+    mexify.convert(UNET, args={"num_classes": 4}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(bundle), check=False)
     text = (bundle / "config.yaml").read_text()
     damaged = {
         "trunc": text[: len(text) // 2] + "\n  - [unclosed\n",
@@ -217,9 +217,9 @@ def test_the_python_api_refuses_the_same_values_with_the_same_words(place):
         (lambda: api.calibrate(bundle, DATA, batch_size=0), api.ConfigError, "at least 1"),
         (lambda: api.evaluate(bundle, DATA, device="tpu"), api.ConfigError, "unknown device 'tpu'"),
         (lambda: api.evaluate(bundle, "synthetic:scenes?size=abc"), api.DataError, "size='abc'"),
-        (lambda: api.convert(UNET, input_size="100000x100000"), api.ConfigError, "too large"),
-        (lambda: api.convert(UNET, input_size=(32, 32), head_set={"width": "abc"}), api.ConfigError, "width is 'abc'"),
-        (lambda: api.convert(UNET, input_size=(32, 32), trace="foo"), api.ConfigError, "unknown tracer"),
+        (lambda: api.convert(UNET, trace=api.TraceConfig("100000x100000")), api.ConfigError, "too large"),
+        (lambda: api.convert(UNET, trace=api.TraceConfig((32, 32)), head_set={"width": "abc"}), api.ConfigError, "width is 'abc'"),
+        (lambda: api.convert(UNET, trace=api.TraceConfig((32, 32), method="foo")), api.ConfigError, "unknown tracer"),
         (lambda: api.bench(bundle, DATA, batch_size=0), api.ConfigError, "at least 1"),
         (lambda: api.profile(bundle, batch_sizes=[0], device="cpu"), api.ConfigError, "integers >= 1"),
     ]

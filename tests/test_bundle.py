@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).parent / "fixture_models.py"
 @pytest.fixture
 def bundle(tmp_path):
     out = tmp_path / "b.mex"
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=2, out=str(out))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=2, out=str(out))
     (out / "calibration").mkdir()
     (out / "calibration" / "pareto.csv").write_text("curve\n")
     return out

@@ -191,7 +191,7 @@ def test_calibrate_bundle_end_to_end_and_cli(tmp_path, capsys):
     from mexify.cli import app
 
     bundle = tmp_path / "bundle"
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(bundle))
     spec = "synthetic:scenes?size=64&classes=4&n=24&n_eval=8"
     res = CliRunner().invoke(app, ["calibrate", str(bundle), "--data", spec, "--policy", "maxprob", "--max-drop", "1.0", "--json"])
     assert res.exit_code == 0, res.output
@@ -217,7 +217,7 @@ def test_calibrating_on_a_dataset_with_other_classes_is_refused_and_writes_nothi
     from mexify.cli import app
 
     bundle = tmp_path / "bundle"
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(bundle))
     before = (bundle / "config.yaml").read_text()
     res = CliRunner().invoke(app, ["calibrate", str(bundle), "--data", "synthetic:scenes?size=64&classes=6&n=8&n_eval=4"])
     assert res.exit_code == 1
@@ -231,7 +231,7 @@ def test_switched_off_exits_cost_nothing_and_calibration_agrees_with_the_runtime
 
     bundle = tmp_path / "bundle"
     torch.manual_seed(0)
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(bundle))
     model = mexify.load(bundle)
     spec = "synthetic:scenes?size=64&classes=4&n=24&n_eval=12"
     rep = api.calibrate(bundle, spec, policy="maxprob", budget=Budget.max_drop(1.0), batch_size=4)
@@ -258,7 +258,7 @@ def test_scores_at_feature_resolution_equal_the_caches(tmp_path, name, opts):
 
     bundle = tmp_path / "bundle"
     torch.manual_seed(0)
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(bundle))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(bundle))
     model = mexify.load(bundle).eval()
     ds = build_dataset("synthetic:scenes?size=64&classes=4&n=12&n_eval=6", split="val")
     x = torch.stack([ds[i][0] for i in range(6)])

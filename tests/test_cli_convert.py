@@ -47,7 +47,7 @@ def test_inspect_lists_candidates_as_json():
     res = _run("inspect", UNET, "--input-size", "64x64", "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    want = mexify.inspect(UNET, input_size=(64, 64)).candidates
+    want = mexify.inspect(UNET, trace=mexify.TraceConfig((64, 64))).candidates
     assert [(c["name"], c["fraction"], c["channels"]) for c in data["candidates"]] == [(c.name, c.fraction, c.channels) for c in want]
     assert 0 < want[0].fraction and want[-1].fraction < 1
     assert {"name", "channels", "stride", "live_tensors"} <= set(data["candidates"][0])

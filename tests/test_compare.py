@@ -21,7 +21,7 @@ SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=40"
 def bundle(tmp_path_factory):
     """A TinyUNet bundle whose heads are sharpened so that exits differ in confidence, as trained ones do."""
     out = tmp_path_factory.mktemp("cmp") / "unet.mex"
-    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out))
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=3, out=str(out))
     model = mexify.load(out)
     with torch.no_grad():
         for head in model.heads.values():

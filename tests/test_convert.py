@@ -63,13 +63,13 @@ def test_torchvision_models_convert_exactly(name, size, tmp_path):
 
     torch.manual_seed(0)
     original = getattr(seg, name)(num_classes=5, **NO_DOWNLOAD)
-    result = mexify.convert(original, input_size=(size, size))
+    result = mexify.convert(original, trace=mexify.TraceConfig((size, size)))
     assert len(result.exits) == 6
     fractions = [e.fraction for e in result.exits]
     assert len(set(e.name for e in result.exits)) == 6
     assert fractions[0] < 0.35 and fractions[-1] > 0.5, "exits spread over the network, not bunched at one end"
     # the module spec form cannot be rebuilt; use the factory spec for the bundle round-trip
-    result = mexify.convert(TV + name, args={"num_classes": 5, **NO_DOWNLOAD}, input_size=(size, size))
+    result = mexify.convert(TV + name, args={"num_classes": 5, **NO_DOWNLOAD}, trace=mexify.TraceConfig((size, size)))
     rebuilt_original = getattr(seg, name)(num_classes=5, **NO_DOWNLOAD)
     rebuilt_original.load_state_dict(_original_state(result.model, rebuilt_original))
     _check_model(result, rebuilt_original, size, 5, tmp_path)
@@ -89,7 +89,7 @@ def _original_state(model, original):
 
 
 def test_unet_with_skip_connections(tmp_path):
-    result = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=5)
+    result = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=5)
     original = mexify.spec.build_model(mexify.spec.parse_spec(f"{FIXTURES}:TinyUNet", {"num_classes": 4}))
     original.load_state_dict(_original_state(result.model, original))
     model = _check_model(result, original, 64, 4, tmp_path)
@@ -99,7 +99,7 @@ def test_unet_with_skip_connections(tmp_path):
 
 
 def test_low_resolution_logits_are_upsampled(tmp_path):
-    result = mexify.convert(f"{FIXTURES}:LowResSegmenter", input_size=(64, 64), exits=3)
+    result = mexify.convert(f"{FIXTURES}:LowResSegmenter", trace=mexify.TraceConfig((64, 64)), exits=3)
     assert result.config.upsample_logits
     model = result.model.eval()
     x = torch.randn(1, 3, 64, 64)
@@ -120,7 +120,7 @@ def test_export_archive(tmp_path):
     program = torch.export.export(original, (example,), dynamic_shapes=({0: Dim("batch")},), strict=False)
     path = tmp_path / "model.pt2"
     torch.export.save(program, str(path))
-    result = mexify.convert(str(path), input_size=(96, 96), exits=4)
+    result = mexify.convert(str(path), trace=mexify.TraceConfig((96, 96)), exits=4)
     assert result.config.spec["kind"] == "export"
     original_from_archive = torch.export.load(str(path)).module()
     model = result.model.eval()
@@ -137,28 +137,28 @@ def test_export_archive(tmp_path):
 
 def test_data_dependent_control_flow_needs_leaf_module():
     with pytest.raises(TraceError) as info:
-        mexify.convert(f"{FIXTURES}:BranchyNet", input_size=(64, 64), exits=3)
+        mexify.convert(f"{FIXTURES}:BranchyNet", trace=mexify.TraceConfig((64, 64)), exits=3)
     msg = str(info.value)
     assert "gate" in msg and "DataDependentGate" in msg and "--leaf-module" in msg
-    result = mexify.convert(f"{FIXTURES}:BranchyNet", input_size=(64, 64), exits=3, leaf_modules=["DataDependentGate"])
+    result = mexify.convert(f"{FIXTURES}:BranchyNet", trace=mexify.TraceConfig((64, 64), leaf_modules=["DataDependentGate"]), exits=3)
     assert len(result.model.forward_all(torch.randn(1, 3, 64, 64))) == 4
 
 
 def test_at_overrides_placement_and_validates_names():
-    inspected = mexify.inspect(f"{FIXTURES}:TinyUNet", input_size=(64, 64))
+    inspected = mexify.inspect(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64)))
     names = [c.name for c in inspected.candidates]
     chosen = [names[3], names[1]]
-    result = mexify.convert(f"{FIXTURES}:TinyUNet", input_size=(64, 64), at=chosen)
+    result = mexify.convert(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64)), at=chosen)
     assert result.model.exit_names == [names[1], names[3], "final"]
     with pytest.raises(PlacementError, match="nearest valid"):
-        mexify.convert(f"{FIXTURES}:TinyUNet", input_size=(64, 64), at=[names[1] + "x"])
+        mexify.convert(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64)), at=[names[1] + "x"])
 
 
 def test_exits_count_is_validated():
     with pytest.raises(PlacementError, match="at least 1"):
-        mexify.convert(f"{FIXTURES}:TinyUNet", input_size=(64, 64), exits=0)
+        mexify.convert(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64)), exits=0)
     with pytest.raises(PlacementError, match="candidate exit points"):
-        mexify.convert(f"{FIXTURES}:TinyUNet", input_size=(64, 64), exits=500)
+        mexify.convert(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64)), exits=500)
 
 
 def test_weights_are_loaded_and_mismatches_named(tmp_path):
@@ -171,7 +171,7 @@ def test_weights_are_loaded_and_mismatches_named(tmp_path):
             p.add_(1.0)
     good = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(good))
-    result = mexify.convert(spec, weights=str(good), input_size=(64, 64), exits=2)
+    result = mexify.convert(spec, weights=str(good), trace=mexify.TraceConfig((64, 64)), exits=2)
     x = torch.randn(1, 3, 64, 64)
     donor.eval()
     with torch.no_grad():
@@ -181,15 +181,15 @@ def test_weights_are_loaded_and_mismatches_named(tmp_path):
     state["extra.weight"] = state.pop("final.weight")
     torch.save(state, bad)
     with pytest.raises(SpecError, match=r"final\.weight.*extra\.weight"):
-        mexify.convert(spec, weights=str(bad), input_size=(64, 64))
+        mexify.convert(spec, weights=str(bad), trace=mexify.TraceConfig((64, 64)))
 
 
 def test_pickle_needs_trust(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(mexify.spec.build_model(mexify.spec.parse_spec(f"{FIXTURES}:TinyUNet")), path)
     with pytest.raises(SpecError, match="arbitrary code"):
-        mexify.convert(str(path), input_size=(64, 64))
-    result = mexify.convert(str(path), input_size=(64, 64), exits=2, trust=mexify.Trust(pickle=True))
+        mexify.convert(str(path), trace=mexify.TraceConfig((64, 64)))
+    result = mexify.convert(str(path), trace=mexify.TraceConfig((64, 64)), exits=2, trust=mexify.Trust(pickle=True))
     assert result.model.num_classes == 4
 
 
@@ -210,7 +210,7 @@ def test_export_falls_back_to_a_dynamic_batch_and_records_it(tmp_path, monkeypat
     monkeypatch.setattr(torch.export, "export", slow_when_spatial_is_dynamic)
     monkeypatch.setenv("MEXIFY_TRACE_TIMEOUT", "1")
     t0 = time.perf_counter()
-    result = mexify.convert(f"{FIXTURES}:TinyUNet", input_size=(64, 64), exits=2, trace="export", out=str(tmp_path / "b"))
+    result = mexify.convert(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64), method="export"), exits=2, out=str(tmp_path / "b"))
     assert time.perf_counter() - t0 < 30
     assert result.config.trace.export_shapes == "batch"
     loaded = mexify.load(tmp_path / "b")
@@ -223,5 +223,5 @@ def test_export_falls_back_to_a_dynamic_batch_and_records_it(tmp_path, monkeypat
 
 def test_trace_failure_hint_names_the_module():
     with pytest.raises(TraceError) as exc:
-        mexify.convert(f"{FIXTURES}:BranchyNet", input_size=(64, 64), exits=3, trace="fx")
+        mexify.convert(f"{FIXTURES}:BranchyNet", trace=mexify.TraceConfig((64, 64), method="fx"), exits=3)
     assert "--leaf-module DataDependentGate (its class) or --leaf-module gate (this instance)" in exc.value.hint

@@ -68,7 +68,7 @@ def test_an_image_without_labels_is_nan_everywhere_and_weighs_on_nothing():
 
 def test_evaluation_scores_the_masks_predict_gives_whatever_the_label_size(tmp_path):
     """Labels at another size than the input: every exit's row, the runtime's and the cache's mIoU agree."""
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(tmp_path / "b.mex"))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(tmp_path / "b.mex"))
     model = mexify.load(tmp_path / "b.mex")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random weights: masks with several classes, whose borders the two resizes place apart
@@ -109,7 +109,7 @@ def test_every_measured_speedup_is_against_the_original_model_and_exits_off_is_i
     from mexify.tools import bench
     from mexify.tools.engines import time_policies
 
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(tmp_path / "b.mex"))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(tmp_path / "b.mex"))
     model = mexify.load(tmp_path / "b.mex")
     data = build_dataset("synthetic:scenes?size=32&classes=4&n=8&n_eval=4", split="val")
     pol = build_policy("maxprob").with_thresholds([0.0, 0.0])  # every image leaves at the first exit
@@ -128,7 +128,7 @@ def test_the_original_runs_without_autograd_wherever_it_is_called(tmp_path, monk
     from mexify.runtime import EarlyExitRuntime
     from mexify.tools import original_runner
 
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2, out=str(tmp_path / "b.mex"))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(tmp_path / "b.mex"))
     model = mexify.load(tmp_path / "b.mex")
     grad = []
     monkeypatch.setattr(importlib.import_module("mexify.tools.bench"), "adapt_output", lambda out: grad.append(torch.is_grad_enabled()) or out)
@@ -136,3 +136,4 @@ def test_the_original_runs_without_autograd_wherever_it_is_called(tmp_path, monk
     with torch.enable_grad():
         assert run(torch.randn(2, 3, 32, 32)).shape == (2, 32, 32)
     assert grad == [False]  # as the runtime runs: compare and the engine comparison time it outside no_grad
+

@@ -21,7 +21,7 @@ DATA = "synthetic:scenes?classes=5&size=32&n=8&n_eval=6"
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "bundle"
     torch.manual_seed(0)
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 5, "width": 4}, input_size=(32, 32), exits=2, out=str(out))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 5, "width": 4}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(out))
     return out
 
 

@@ -63,7 +63,7 @@ def _run(code, cwd):
 def unet(tmp_path_factory):
     """A TinyUNet bundle (skip tensors across every cut, heads below the input resolution) with a maxprob policy."""
     out = tmp_path_factory.mktemp("ex") / "unet.mex"
-    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out))
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=3, out=str(out))
     model = mexify.load(out)
     with torch.no_grad():  # random heads are nearly uniform; sharpened, their confidences spread as trained ones do
         for head in model.heads.values():
@@ -86,7 +86,7 @@ def unet_onnx(unet, tmp_path_factory):
 def test_torchvision_export_loads_without_torchvision_and_equals_the_bundle(tmp_path):
     src, out = tmp_path / "lraspp.mex", tmp_path / "lraspp.pt2.mex"
     mexify.api.convert("torchvision.models.segmentation:lraspp_mobilenet_v3_large",
-                       args={"num_classes": 5, "weights": None, "weights_backbone": None}, input_size=(96, 96), out=str(src))
+                       args={"num_classes": 5, "weights": None, "weights_backbone": None}, trace=mexify.api.TraceConfig((96, 96)), out=str(src))
     result = export_bundle(src, out, "pt2")
     assert result.dynamic == {"batch": True, "spatial": True}
     x = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
@@ -113,7 +113,7 @@ def test_pt2_export_of_a_user_file_loads_after_the_file_is_deleted_and_unpickles
     code = tmp_path / "my_model.py"
     shutil.copy(FIXTURES, code)
     src, out = tmp_path / "user.mex", tmp_path / "user.pt2.mex"
-    mexify.api.convert(f"{code}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(src))
+    mexify.api.convert(f"{code}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=3, out=str(src))
     own = mexify.Trust(code=True)  # the user's own file, outside the suite's trusted folder
     export_bundle(src, out, "pt2", trust=own)
     x = _images(6)
@@ -165,7 +165,7 @@ def test_a_pickled_model_bundle_needs_trust_and_its_export_does_not(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(mexify.spec.build_model(mexify.spec.parse_spec(f"{FIXTURES}:TinyUNet")), path)
     src, out = tmp_path / "pickled.mex", tmp_path / "pickled.pt2.mex"
-    mexify.api.convert(str(path), input_size=(64, 64), exits=2, trust=mexify.Trust(pickle=True), out=str(src))
+    mexify.api.convert(str(path), trace=mexify.api.TraceConfig((64, 64)), exits=2, trust=mexify.Trust(pickle=True), out=str(src))
     with pytest.raises(BundleError, match="--trust-pickle") as e:
         mexify.load(src)
     assert "mexify export" in e.value.hint
@@ -186,7 +186,7 @@ def test_a_pickled_model_bundle_needs_trust_and_its_export_does_not(tmp_path):
 def test_batch_dependent_live_values_export_and_shrink(tmp_path):
     """``b = x.shape[0]`` and ``x.shape[-2:]`` cross the cuts as shape carriers; dropping rows keeps them in step."""
     src, out = tmp_path / "bs.mex", tmp_path / "bs.pt2.mex"
-    mexify.api.convert(f"{FIXTURES}:BatchSizeNet", input_size=(32, 32), exits=3, out=str(src))
+    mexify.api.convert(f"{FIXTURES}:BatchSizeNet", trace=mexify.api.TraceConfig((32, 32)), exits=3, out=str(src))
     export_bundle(src, out, "pt2")
     manifest = mexify.bundle.read_config(out).export
     kinds = {k for s in manifest["stages"] for k in s["output_kinds"]}
@@ -217,7 +217,7 @@ def test_batch_dependent_live_values_export_and_shrink(tmp_path):
 # ------------------------------------------------------------------------------- bad input
 def test_a_stage_that_cannot_be_exported_is_named_with_its_operation(tmp_path):
     src, out = tmp_path / "branchy.mex", tmp_path / "branchy.pt2.mex"
-    mexify.api.convert(f"{FIXTURES}:BranchyNet", input_size=(32, 32), exits=3, leaf_modules=["DataDependentGate"], out=str(src))
+    mexify.api.convert(f"{FIXTURES}:BranchyNet", trace=mexify.api.TraceConfig((32, 32), leaf_modules=["DataDependentGate"]), exits=3, out=str(src))
     res = CliRunner().invoke(app, ["export", str(src), "-o", str(out)])
     assert res.exit_code == 1
     text = " ".join(res.output.split())

@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parent / "fixture_models.py"
 def bundle(tmp_path):
     out = tmp_path / "b.mex"
     torch.manual_seed(0)
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(out))
     return out
 
 

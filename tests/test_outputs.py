@@ -33,7 +33,7 @@ TRAIN = ["--data", DATA, "--device", "cpu"] + [
 @pytest.fixture(scope="module")
 def plain_src(tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs") / "src.mex"
-    mexify.convert(TINY, args={"num_classes": 4, "width": 8}, exits=3, input_size=(48, 48), out=str(out))
+    mexify.convert(TINY, args={"num_classes": 4, "width": 8}, exits=3, trace=mexify.TraceConfig((48, 48)), out=str(out))
     return out
 
 

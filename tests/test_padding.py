@@ -36,7 +36,7 @@ def test_padded_batches_are_split_by_size_and_cropped(tmp_path):
 def test_same_statistics_and_exit_alone_and_in_a_padded_batch(tmp_path):
     spec = _folder(tmp_path)
     torch.manual_seed(0)
-    model = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 3}, input_size=(32, 32), exits=3).model.eval()
+    model = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 3}, trace=mexify.TraceConfig((32, 32)), exits=3).model.eval()
     ds = build_dataset(spec, split="train")
     alone = collect_cache(model, build_loader(ds, batch_size=1, shuffle=False, num_workers=0), thumb=0)
     batched = collect_cache(model, build_loader(ds, batch_size=4, shuffle=False, num_workers=0), thumb=0)

@@ -25,7 +25,7 @@ SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=8"
 def plain(tmp_path_factory):
     """A converted TinyUNet bundle without a policy."""
     out = tmp_path_factory.mktemp("pb") / "plain.mex"
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(out))
     return out
 
 

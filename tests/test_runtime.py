@@ -21,7 +21,7 @@ def bundle(tmp_path_factory):
     """TinyUNet at 64x64 with 3 early exits (4 in all); skip tensors cross every cut."""
     out = tmp_path_factory.mktemp("rt") / "tiny.mex"
     torch.manual_seed(0)
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((64, 64)), exits=3, out=str(out))
     return out
 
 
@@ -224,12 +224,12 @@ def test_evaluate_policy_final_exit_matches_evaluate(model):
 
     ds = build_dataset(SCENES, split="val")
     rep = evaluate(model, ds, batch_size=4, num_workers=0)
-    res = evaluate_policy(model, FixedExit(-1, model.num_exits), ds, batch_size=3)
+    res = evaluate_policy(model, ds, policy=FixedExit(-1, model.num_exits), batch_size=3)
     assert res.miou == pytest.approx(rep.final.miou, abs=1e-9)
     assert res.exit_rates == (0.0, 0.0, 0.0, 1.0)
     assert res.mean_flops == pytest.approx(sum(model.stage_flops))
     pol = build_policy("maxprob").with_thresholds([0.0, 0.0, 0.0])
-    res0 = evaluate_policy(model, pol, ds, batch_size=3, limit=5)
+    res0 = evaluate_policy(model, ds, policy=pol, batch_size=3, limit=5)
     assert res0.exit_rates[0] == 1.0 and res0.extra["num_images"] == 5
     assert res0.miou == pytest.approx(evaluate(model, ds, batch_size=5, limit=5, num_workers=0).exits[0].miou, abs=1e-9)
 
@@ -303,7 +303,7 @@ def test_cuda_graphs_give_the_eager_masks(bundle, policy):
 @pytest.mark.parametrize("name", ["BatchSizeNet", "TokenNet", "SequenceFirstNet"])
 def test_cuda_graphs_follow_batch_dependent_values(name, tmp_path):
     torch.manual_seed(0)
-    mexify.convert(f"{FIXTURES}:{name}", input_size=(32, 32), exits=3, out=str(tmp_path / "b"))
+    mexify.convert(f"{FIXTURES}:{name}", trace=mexify.TraceConfig((32, 32)), exits=3, out=str(tmp_path / "b"))
     model = mexify.load(tmp_path / "b", device="cuda")
     x = torch.randn(6, 3, 32, 32, device="cuda") * torch.linspace(0.2, 4.0, 6, device="cuda").view(6, 1, 1, 1)
     pol = _spread_policy(model, x)

@@ -22,7 +22,7 @@ def bundle(tmp_path):
     """TinyUNet with the mess-fcn space (an fcn and a mess candidate per exit), heads sharpened so that
     their confidences spread as trained ones do."""
     out = tmp_path / "cand.mex"
-    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=3, out=str(out), heads="mess-fcn")
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=3, out=str(out), heads="mess-fcn")
     model = mexify.load(out)
     with torch.no_grad():
         for cands in model.candidates.values():
@@ -79,7 +79,7 @@ def test_search_keeps_candidates_when_asked_and_refuses_what_it_cannot_search(bu
     with pytest.raises(BudgetError, match="no configuration reaches 20x"):
         search(bundle, SCENES, policy="maxprob", budget=Budget.parse("20x"), keep_candidates=True)
     plain = tmp_path / "plain.mex"
-    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(64, 64), exits=2, out=str(plain))
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=2, out=str(plain))
     with pytest.raises(ConfigError, match="--heads"):
         search(plain, SCENES)
 
@@ -88,7 +88,7 @@ def test_search_keeps_candidates_when_asked_and_refuses_what_it_cannot_search(bu
 def test_search_at_the_issue_scale_6_exits_x_4_candidates_x_500_images(tmp_path):
     """6 exits x 4 candidates x 500+ images: one collection pass, then arithmetic (timed in bench_calibrate)."""
     out = tmp_path / "big.mex"
-    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=6, out=str(out), heads="mess")
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((32, 32)), exits=6, out=str(out), heads="mess")
     model = mexify.load(out)
     ds = build_dataset("synthetic:scenes?size=32&classes=4&n=16&n_eval=1000", split="calib")
     report = search_configuration(model, lambda: as_loader(ds, 50), policy="maxprob", budget=Budget.parse("1.5x"))

@@ -18,7 +18,7 @@ from fixture_models import rows_agree_with_single_images  # noqa: E402
 @pytest.mark.parametrize("name", ["BatchSizeNet", "TokenNet", "SequenceFirstNet"])
 def test_batch_dependent_values_follow_a_shrinking_batch(name, tmp_path):
     torch.manual_seed(0)
-    result = mexify.convert(f"{FIXTURES}:{name}", input_size=(32, 32), exits=3, out=str(tmp_path / "b"))
+    result = mexify.convert(f"{FIXTURES}:{name}", trace=mexify.TraceConfig((32, 32)), exits=3, out=str(tmp_path / "b"))
     live = {k: v for e in result.config.exits for k, v in (e.batch_dims or {}).items()}
     assert "int" in live.values() or "dim:1" in live.values() or any(v.startswith("size") for v in live.values())
     rows_agree_with_single_images(result.model, 32, n=5)
@@ -26,24 +26,24 @@ def test_batch_dependent_values_follow_a_shrinking_batch(name, tmp_path):
 
 
 def test_sequence_first_tokens_are_sliced_along_the_batch_dimension():
-    result = mexify.convert(f"{FIXTURES}:SequenceFirstNet", input_size=(32, 32), exits=3)
+    result = mexify.convert(f"{FIXTURES}:SequenceFirstNet", trace=mexify.TraceConfig((32, 32)), exits=3)
     dims = {k: v for e in result.config.exits for k, v in (e.batch_dims or {}).items()}
     assert dims["permute"] == "dim:1" or dims.get("proj") == "dim:1"
 
 
 def test_cuts_where_the_batch_cannot_shrink_are_avoided_and_explained():
-    inspected = mexify.inspect(f"{FIXTURES}:MixedBatchNet", input_size=(32, 32))
+    inspected = mexify.inspect(f"{FIXTURES}:MixedBatchNet", trace=mexify.TraceConfig((32, 32)))
     unsafe = [c for c in inspected.candidates if c.shrink_issue]
     assert unsafe and all("reshape" in c.shrink_issue and "cannot follow a shrinking batch" in c.shrink_issue for c in unsafe)
-    result = mexify.convert(f"{FIXTURES}:MixedBatchNet", input_size=(32, 32), exits=3)
+    result = mexify.convert(f"{FIXTURES}:MixedBatchNet", trace=mexify.TraceConfig((32, 32)), exits=3)
     assert not {e.name for e in result.exits} & {c.name for c in unsafe}
     rows_agree_with_single_images(result.model, 32, n=5)
     with pytest.raises(PlacementError, match="cannot follow a shrinking batch"):
-        mexify.convert(f"{FIXTURES}:MixedBatchNet", input_size=(32, 32), at=[unsafe[0].name])
+        mexify.convert(f"{FIXTURES}:MixedBatchNet", trace=mexify.TraceConfig((32, 32)), at=[unsafe[0].name])
 
 
 def test_self_check_refuses_a_cut_that_would_mix_rows():
-    result = mexify.convert(f"{FIXTURES}:TokenNet", input_size=(32, 32), exits=3)
+    result = mexify.convert(f"{FIXTURES}:TokenNet", trace=mexify.TraceConfig((32, 32)), exits=3)
     model = result.model
     # forget what the analysis found: the tokens are then sliced but the unpacked batch size is not
     model._batch_dims = [None] * model.num_exits

@@ -31,7 +31,7 @@ def stranger(monkeypatch):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("trust") / "tiny.mex"
-    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 3}, input_size=(32, 32), exits=2, out=str(out))
+    mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 3}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(out))
     return out
 
 
@@ -160,7 +160,7 @@ def test_register_builder_trusts_a_callable_a_target_or_a_prefix(stranger):
 def test_a_torchvision_bundle_loads_from_a_stranger_without_flags(tmp_path, stranger):
     out = tmp_path / "tv.mex"
     mexify.convert("torchvision.models.segmentation:lraspp_mobilenet_v3_large",
-                   args={"num_classes": 3, "weights": None, "weights_backbone": None}, input_size=(64, 64), exits=2, out=str(out))
+                   args={"num_classes": 3, "weights": None, "weights_backbone": None}, trace=mexify.TraceConfig((64, 64)), exits=2, out=str(out))
     model = mexify.load(out)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():

@@ -368,7 +368,7 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bundle")
     src, out = root / "src.mex", root / "out.mex"
-    mexify.api.convert(f"{FIXTURES}:LowResSegmenter", input_size=(32, 32), exits=2, out=str(src))
+    mexify.api.convert(f"{FIXTURES}:LowResSegmenter", trace=mexify.api.TraceConfig((32, 32)), exits=2, out=str(src))
     export_bundle(src, out, "pt2")
     return out
 

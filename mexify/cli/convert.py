@@ -21,6 +21,12 @@ TraceOpt = Annotated[str, typer.Option("--trace", parser=lib_parser(api.parse_tr
                                        help="auto (torch.fx, then torch.export), fx, or export.")]
 
 
+def trace_of(input_size: Any, leaf_module: Optional[List[str]], autowrap: Optional[List[str]], trace: str) -> Any:
+    """The :class:`~mexify.api.TraceConfig` that ``--input-size``, ``--leaf-module``, ``--autowrap`` and ``--trace`` give."""
+    return api.TraceConfig(input_size=input_size, leaf_modules=tuple(leaf_module or ()), autowrap_functions=tuple(autowrap or ()),
+                           method=trace)
+
+
 def _fmt_flops(f: int) -> str:
     return f"{f / 1e9:.2f}G" if f >= 1e8 else f"{f / 1e6:.1f}M"
 
@@ -69,8 +75,7 @@ def register(app: typer.Typer) -> None:
         result = api.convert(
             spec, args=merged(arg), weights=weights, exits=exits,
             at=[a.strip() for a in at.split(",") if a.strip()] if at else None,
-            head=head, head_set=merged(head_set), input_size=input_size,
-            leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace,
+            head=head, head_set=merged(head_set), trace=trace_of(input_size, leaf_module, autowrap, trace),
             trust=trust_of(False, trust_pickle), out=out, overwrite=overwrite, check=not no_check, heads=heads,
         )
         for note in result.notes:

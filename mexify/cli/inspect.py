@@ -8,7 +8,7 @@ from rich.table import Table
 
 from mexify import api
 from mexify.cli._common import JsonOpt, TrustOpt, trust_of, console, merged, print_json
-from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, WeightsOpt
+from mexify.cli.convert import ArgOpt, AutowrapOpt, LeafOpt, SizeOpt, SpecArg, TraceOpt, WeightsOpt, trace_of
 
 
 def register(app: typer.Typer) -> None:
@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List candidate exit points: node, shape, stride, cumulative FLOPs %."""
         traced = api.inspect(
-            spec, args=merged(arg), weights=weights, input_size=input_size,
-            leaf_modules=leaf_module or (), autowrap_functions=autowrap or (), trace=trace, trust=trust_of(False, trust_pickle),
+            spec, args=merged(arg), weights=weights, trace=trace_of(input_size, leaf_module, autowrap, trace),
+            trust=trust_of(False, trust_pickle),
         )
         rows = [c.to_dict() for c in traced.candidates]
         if json_out:

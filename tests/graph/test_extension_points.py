@@ -36,10 +36,10 @@ def _fixtures():
 def test_register_leaf_module_converts_an_untraceable_model(clean_registries, tmp_path):
     fx = _fixtures()
     with pytest.raises(TraceError):
-        mexify.convert(fx.BranchyNet(), input_size=(64, 64), exits=2, trace="fx")
+        mexify.convert(fx.BranchyNet(), trace=mexify.TraceConfig((64, 64), method="fx"), exits=2)
     assert mexify.register_leaf_module(fx.DataDependentGate) is fx.DataDependentGate  # usable as a decorator
     model = fx.BranchyNet().eval()
-    result = mexify.convert(model, input_size=(64, 64), exits=2, trace="fx")
+    result = mexify.convert(model, trace=mexify.TraceConfig((64, 64), method="fx"), exits=2)
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(result.model(x), model(x)["out"])
     assert "DataDependentGate" in result.config.trace.leaf_modules  # recorded, so a bundle reloads by name

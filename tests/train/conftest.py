@@ -15,7 +15,7 @@ def tiny_bundle_src(tmp_path_factory):
     import mexify
 
     out = tmp_path_factory.mktemp("tiny") / "tiny.mex"
-    mexify.convert(TINY_SPEC, args={"num_classes": 4, "width": 8}, exits=3, input_size=(48, 48), out=str(out))
+    mexify.convert(TINY_SPEC, args={"num_classes": 4, "width": 8}, exits=3, trace=mexify.TraceConfig((48, 48)), out=str(out))
     return out
 
 

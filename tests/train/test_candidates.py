@@ -14,7 +14,7 @@ TINY_DATA = "synthetic:scenes?classes=4&size=48&n=48&n_eval=16"
 @pytest.fixture
 def candidates_bundle(tmp_path):
     out = tmp_path / "cand.mex"
-    mexify.api.convert(TINY_SPEC, args={"num_classes": 4, "width": 8}, exits=3, input_size=(48, 48), out=str(out), heads="mess")
+    mexify.api.convert(TINY_SPEC, args={"num_classes": 4, "width": 8}, exits=3, trace=mexify.api.TraceConfig((48, 48)), out=str(out), heads="mess")
     return out
 
 
@@ -66,14 +66,14 @@ def test_unknown_head_space_and_bad_yaml_are_refused(tmp_path):
     from mexify.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mess-fcn"):
-        mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, input_size=(48, 48), heads="mess-fnc")
+        mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, trace=mexify.api.TraceConfig((48, 48)), heads="mess-fnc")
     bad = tmp_path / "space.yaml"
     bad.write_text("- {template: mess, blockz: 2}\n")
     with pytest.raises(ConfigError, match="blocks"):
-        mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, input_size=(48, 48), heads=str(bad))
+        mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, trace=mexify.api.TraceConfig((48, 48)), heads=str(bad))
     good = tmp_path / "good.yaml"
     good.write_text("candidates:\n  - {template: fcn}\n  - {template: mess, blocks: 2, width: 16}\n")
-    result = mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, input_size=(48, 48), heads=str(good))
+    result = mexify.api.convert(TINY_SPEC, args={"num_classes": 4}, exits=2, trace=mexify.api.TraceConfig((48, 48)), heads=str(good))
     assert [c.template for c in result.config.exits[0].candidates] == ["fcn", "mess"]
     assert result.config.exits[0].candidates[1].width == 16
 

@@ -25,7 +25,7 @@ def _changed(a, b):
 @pytest.fixture
 def bundle(tmp_path, request):
     out = tmp_path / "s.mex"
-    mexify.convert(f"{FIXTURES}:StochasticNet", input_size=(32, 32), exits=2, trace=request.param, out=str(out))
+    mexify.convert(f"{FIXTURES}:StochasticNet", trace=mexify.TraceConfig((32, 32), method=request.param), exits=2, out=str(out))
     return out
 
 
@@ -70,7 +70,7 @@ def test_a_bundle_without_a_train_mode_graph_refuses_stage_1_and_trains_stage_2(
 def test_heads_survive_in_place_changes_of_their_features_by_later_stages():
     from mexify.prepare import check_train_mode
 
-    result = mexify.convert(f"{FIXTURES}:InplaceAfterExitNet", input_size=(32, 32), at=["blocks_0_1", "blocks_1_1", "blocks_2_1"])
+    result = mexify.convert(f"{FIXTURES}:InplaceAfterExitNet", trace=mexify.TraceConfig((32, 32)), at=["blocks_0_1", "blocks_1_1", "blocks_2_1"])
     model = result.model
     assert check_train_mode(model, (32, 32)) == "" and model.train_issue == ""
     model.train()
@@ -83,5 +83,5 @@ def test_conversion_under_no_grad_still_checks_training_with_gradients():
 
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
-            result = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, input_size=(32, 32), exits=2)
+            result = mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((32, 32)), exits=2)
         assert result.model.train_issue == "", mode.__name__

@@ -34,7 +34,7 @@ def test_stage2_improves_every_early_exit_and_keeps_final(tmp_path):
     src = tmp_path / "lraspp.mex"
     mexify.convert("torchvision.models.segmentation:lraspp_mobilenet_v3_large",
                    args={"num_classes": K, "weights": None, "weights_backbone": None},
-                   exits=3, input_size=(64, 64), out=str(src))
+                   exits=3, trace=mexify.TraceConfig((64, 64)), out=str(src))
     common = dict(lr=0.05, batch_size=8, crop_size=64, checkpoint_every=1000, log_every=10)
     s1 = tmp_path / "s1.mex"
     train(src, DATA, overrides=dict(common, stage1_iters=60, stage2_iters=0), out=s1, device="cpu")

@@ -41,7 +41,7 @@ def test_zoo_model_converts_exactly_and_shrinks(factory, package, size, monkeypa
     monkeypatch.setenv("MEXIFY_TRACE_TIMEOUT", "20")  # a dynamic-shape export that hangs is given up quickly
     torch.manual_seed(0)
     original = build_model(parse_spec(f"{ZOO}:{factory}")).eval()
-    result = mexify.convert(original, input_size=(size, size), exits=6)  # runs the shrink self-check
+    result = mexify.convert(original, trace=mexify.TraceConfig((size, size)), exits=6)  # runs the shrink self-check
     model = result.model.eval()
     assert len(result.exits) == 6 and model.num_exits == 7
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
