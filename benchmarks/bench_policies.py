@@ -118,7 +118,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
         for pname in args.policies:
             for bs in args.batch_sizes:
                 rows.append(_policy_row(name, pname, bs, bundle, model, test, cache, profiles[bs], args, Path(tmp)))
-    timed = cache.with_latency({**profiles[args.batch_sizes[0]].to_dict(), "key": p1.key})
+    timed = cache.with_latency(p1)
     oracle1, _ = oracle_at(timed, min_miou=final_miou - args.max_drop)
     return {"model": name, "exits": exits, "final_miou": final_miou, "rows": rows, "images": cache.num_images,
             "oracle": oracle1, "exit_names": list(model.exit_names), "num_exits": e}
@@ -144,7 +144,7 @@ def _policy_row(name: str, pname: str, bs: int, bundle: Path, model: Any, test: 
     b = bench(model, test, policy=rep.policy, limit=args.test, batch_size=bs, warmup=2, repeats=args.repeats, device="cpu")
     p = b.policy
     # the oracle at the policy's test mIoU, costed by the same measured profile
-    timed = cache.with_latency({**profile.to_dict(), "key": profile.key})
+    timed = cache.with_latency(profile)
     oracle, _ = oracle_at(timed, min_miou=p["miou"])
     cost = 1 / p["predicted_speedup"]
     share = (1 - cost) / (1 - oracle["cost_fraction"]) if oracle is not None and oracle["cost_fraction"] < 1 else None

@@ -97,18 +97,20 @@ def test_search_at_the_issue_scale_6_exits_x_4_candidates_x_500_images(tmp_path)
 
 
 def test_view_profile_merges_switched_off_stages_and_takes_the_chosen_candidates_times():
-    from mexify.calibrate.configure import view_profile
+    from mexify.calibrate.configure import Candidate, view_profile
+    from mexify.runtime import LatencyProfile
 
     class _Cand:  # two exits x two candidates, as CandidateView lays them out
-        columns = [(0, 0), (0, 1), (1, 0), (1, 1)]
+        columns = [Candidate(0, "a", 0), Candidate(0, "a", 1), Candidate(1, "b", 0), Candidate(1, "b", 1)]
         exit_names = ["a#0", "a#1", "b#0", "b#1", "final"]
 
-    profile = {"key": "cpu|b1", "batch_size": 2, "mode": "eager", "stage_ms": [1.0, 2.0, 4.0], "head_ms": [0.5, 0.5],
-               "policy_ms": [0.1, 0.2], "mask_ms": [0.3, 0.4, 0.8], "candidate_head_ms": {"a": [0.25, 0.75], "b": [1.5, 3.0]}}
+    profile = LatencyProfile.from_dict({
+        "batch_size": 2, "mode": "eager", "stage_ms": [1.0, 2.0, 4.0], "head_ms": [0.5, 0.5], "policy_ms": [0.1, 0.2],
+        "mask_ms": [0.3, 0.4, 0.8], "candidate_head_ms": {"a": [0.25, 0.75], "b": [1.5, 3.0]}}, key="cpu|b1")
     v = view_profile(profile, _Cand(), [1])  # exit a with its second candidate, exit b off
-    assert v["stage_ms"] == [1.0, 6.0] and v["head_ms"] == [0.75] and v["policy_ms"] == [0.1] and v["mask_ms"] == [0.3, 0.8]
+    assert v.stage_ms == [1.0, 6.0] and v.head_ms == [0.75] and v.policy_ms == [0.1] and v.mask_ms == [0.3, 0.8]
     v = view_profile(profile, _Cand(), [3])  # exit a off, exit b with its second candidate
-    assert v["stage_ms"] == [3.0, 4.0] and v["head_ms"] == [3.0] and v["policy_ms"] == [0.2] and v["mask_ms"] == [0.4, 0.8]
+    assert v.stage_ms == [3.0, 4.0] and v.head_ms == [3.0] and v.policy_ms == [0.2] and v.mask_ms == [0.4, 0.8]
 
 
 def test_search_on_measured_latency_keeps_the_profile_for_the_chosen_heads(bundle):

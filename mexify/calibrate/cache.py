@@ -46,7 +46,7 @@ from mexify.errors import DataError
 from mexify.files import atomic_file
 from mexify.metrics import miou_from_counts
 from mexify.nn import exit_flops
-from mexify.runtime import exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
+from mexify.runtime import LatencyProfile, masks_of, resize_masks
 from mexify.policies import Policy, boundary_mask, prob_bins
 from mexify.policies.base import NUM_BINS
 from mexify.policies.entropy import mean_entropy
@@ -88,8 +88,8 @@ class ExitCache:
     source: str = "softmax"
     stage_flops: Optional[List[float]] = None
     head_flops: Optional[List[float]] = None
-    #: a latency profile (``key`` and the ``profile`` entry itself); see :meth:`with_latency`
-    latency: Optional[Dict[str, Any]] = None
+    #: the measured latency profile the costs come from, when there is one; see :meth:`with_latency`
+    latency: Optional[LatencyProfile] = None
     #: what the search minimises: ``"flops"`` or ``"latency"``
     cost: str = "flops"
     fft_energy: Optional[np.ndarray] = None  # (N, E, bands); None in caches made before the fft policy
@@ -169,22 +169,20 @@ class ExitCache:
         return ok.argmax(1)
 
     # --------------------------------------------------------------- cost model
-    def with_latency(self, profile: Dict[str, Any]) -> "ExitCache":
+    def with_latency(self, profile: LatencyProfile) -> "ExitCache":
         """A copy that costs exits by a measured latency profile (``mexify profile``) and searches on it.
 
-        ``profile`` is one entry of a bundle's ``latency:`` table (milliseconds per batch of
-        ``batch_size``); costs become milliseconds per image counted as the runtime spends them
-        (:func:`mexify.runtime.exit_ms_per_image`: stages, active heads and decisions, masks), and
-        the original model costs the same pieces with every exit off (:func:`mexify.runtime.original_ms_per_image`).
+        ``profile`` holds milliseconds per batch of ``batch_size``; costs become milliseconds per image
+        counted as the runtime spends them (:meth:`~mexify.runtime.LatencyProfile.exit_ms`: stages, active
+        heads and decisions, masks), and the original model costs the same pieces with every exit off
+        (:meth:`~mexify.runtime.LatencyProfile.original_ms_per_image`).
         """
-        if len(profile["stage_ms"]) != self.num_exits:
+        if profile.num_exits != self.num_exits:
             raise DataError(
-                f"the latency profile {profile.get('key', '')!r} has {len(profile['stage_ms'])} stages for {self.num_exits} exits",
+                f"the latency profile {profile.key!r} has {profile.num_exits} stages for {self.num_exits} exits",
                 "profile the bundle again: `mexify profile BUNDLE`",
             )
-        keep = ("batch_size", "stage_ms", "head_ms", "policy_ms", "mask_ms", "mode", "original_ms")
-        latency = {"key": str(profile.get("key", "")), "profile": {k: profile.get(k) for k in keep}}
-        return dataclasses.replace(self, latency=latency, cost="latency")
+        return dataclasses.replace(self, latency=profile, cost="latency")
 
     @property
     def cost_unit(self) -> str:
@@ -193,7 +191,7 @@ class ExitCache:
     @property
     def original_cost(self) -> float:
         """The original model's cost per image in the search's unit."""
-        return original_ms_per_image(self.latency["profile"]) if self.cost == "latency" else float(self.original_flops)
+        return self.latency.original_ms_per_image() if self.cost == "latency" else float(self.original_flops)
 
     def exit_costs(self, thresholds: Optional[Sequence[float]] = None, kind: Optional[str] = None) -> np.ndarray:
         """Cost to leave at each exit, ``(E,)``, in FLOPs or ms per image (``kind``, default the
@@ -206,7 +204,7 @@ class ExitCache:
         e1 = self.num_exits - 1
         on = np.ones(e1, dtype=bool) if thresholds is None else np.array([not (math.isinf(t) and t > 0) for t in thresholds], dtype=bool)
         if kind == "latency":
-            return np.asarray(exit_ms_per_image(self.latency["profile"], np.flatnonzero(on).tolist()), dtype=np.float64)
+            return np.asarray(self.latency.exit_ms(np.flatnonzero(on).tolist()), dtype=np.float64)
         if self.stage_flops is None or self.head_flops is None:
             return self.costs
         return np.asarray(exit_flops(self.stage_flops, self.head_flops, np.flatnonzero(on).tolist()), dtype=np.float64)
@@ -237,9 +235,9 @@ class ExitCache:
         }
         if self.latency is not None:
             ms = float(self.exit_costs(thresholds, "latency")[assignment].mean())
-            orig = original_ms_per_image(self.latency["profile"])
+            orig = self.latency.original_ms_per_image()
             out.update(mean_ms=ms, original_ms=orig, predicted_speedup=orig / ms if ms > 0 else float("nan"),
-                       latency_profile=self.latency["key"])
+                       latency_profile=self.latency.key)
         out.update(exit_rates={n: float(r) for n, r in zip(self.exit_names, rates)}, labelled=self.labelled,
                    num_images=self.num_images)
         return out
@@ -275,6 +273,8 @@ class ExitCache:
         """Write the cache as one ``.npz`` (arrays) with its metadata, atomically (``.npz`` appended if missing)."""
         arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
         meta = {k: v for k, v in vars(self).items() if not isinstance(v, np.ndarray)}
+        if self.latency is not None:
+            meta["latency"] = {**self.latency.to_dict(), "key": self.latency.key}
         path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
         with atomic_file(path, "wb") as fh:
             np.savez_compressed(fh, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
@@ -284,6 +284,8 @@ class ExitCache:
         with np.load(path) as z:
             meta = json.loads(bytes(z["__meta__"]).decode())
             arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        if meta.get("latency") is not None:
+            meta["latency"] = LatencyProfile.from_dict(meta["latency"])
         return cls(**meta, **arrays)
 
 

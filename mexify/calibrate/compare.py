@@ -23,6 +23,7 @@ from mexify.data import unpadded
 from mexify.errors import ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, available_policies, build_policy
+from mexify.runtime import LatencyProfile
 
 __all__ = ["PolicyComparison", "compare_policies", "comparable_policies"]
 
@@ -77,7 +78,7 @@ def compare_policies(
     eval_batches: Batches,
     *,
     budget: Budget = Budget(),
-    latency: Optional[Dict[str, Any]] = None,
+    latency: Optional[LatencyProfile] = None,
     policies: Optional[Sequence[str]] = None,
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ from mexify.errors import BudgetError, ConfigError
 from mexify.nn import exit_flops, module_device
 from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
+from mexify.runtime import LatencyProfile
 
-__all__ = ["CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
+__all__ = ["Candidate", "CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
 
 SEARCHABLE = ("mess", "entropy", "maxprob", "cbt", "fft")
 _EXIT_AXIS_1 = ("class_hist", "edge_hist", "mean_maxprob", "mean_entropy", "tp", "pred_count", "agree_tp", "agree_pred_count",
@@ -39,8 +40,19 @@ _EXIT_AXIS_1 = ("class_hist", "edge_hist", "mean_maxprob", "mean_entropy", "tp",
 _EXIT_AXIS_0 = ("label_prob_sum", "agree_prob_sum")
 
 
+class Candidate(NamedTuple):
+    """One head candidate seen as an exit of its own: candidate ``index`` of the exit ``exit`` (position ``exit_index``)."""
+
+    exit_index: int
+    exit: str
+    index: int
+
+
 class CandidateView:
-    """A :class:`~mexify.nn.MultiExitModel` seen with every head candidate as its own exit (what the cache collects)."""
+    """A :class:`~mexify.nn.MultiExitModel` seen with every head candidate as its own exit (what the cache collects).
+
+    ``columns[j]`` is the :class:`Candidate` of virtual exit ``j``; ``exit_names[j]`` (``"name#k"``) only labels it.
+    """
 
     def __init__(self, model: Any):
         if getattr(model, "candidates", None) is None:
@@ -48,14 +60,14 @@ class CandidateView:
                               "convert with --heads SPACE (e.g. --heads mess), train, then calibrate --search")
         self.model = model
         cfg = model.config
-        self.columns: List[Tuple[int, int]] = []
+        self.columns: List[Candidate] = []
         stage, heads = [], []
         for i, e in enumerate(cfg.exits):
             for k, flops in enumerate(e.candidate_flops or (e.head_flops,)):
-                self.columns.append((i, k))
+                self.columns.append(Candidate(i, e.name, k))
                 stage.append(float(model.stage_flops[i]) if k == 0 else 0.0)
                 heads.append(float(flops))
-        self.exit_names = [f"{cfg.exits[i].name}#{k}" for i, k in self.columns] + ["final"]
+        self.exit_names = [f"{c.exit}#{c.index}" for c in self.columns] + ["final"]
         self.stage_flops = stage + [float(model.stage_flops[-1])]
         self.head_flops = heads
         self.num_classes = model.num_classes
@@ -86,25 +98,25 @@ class CandidateView:
         return outs
 
 
-def view_profile(profile: Dict[str, Any], cand: "CandidateView", columns: Sequence[int]) -> Dict[str, Any]:
+def view_profile(profile: LatencyProfile, cand: "CandidateView", columns: Sequence[int]) -> LatencyProfile:
     """A latency profile of the configuration ``columns``: stages merged across switched-off exits, the chosen
-    candidates' times, their exits' decisions and masks (a profile entry with ``candidate_head_ms``)."""
-    p = profile["profile"] if "profile" in profile else profile
-    exits = [cand.columns[c] for c in columns]
-    names = cand.exit_names
-    stage = [float(v) for v in p["stage_ms"]]
-    bounds = [-1] + [i for i, _ in exits] + [len(stage) - 1]
-    out = {k: p.get(k) for k in ("batch_size", "mode", "original_ms")}
-    out["stage_ms"] = [sum(stage[a + 1: b + 1]) for a, b in zip(bounds[:-1], bounds[1:])]
-    out["head_ms"] = [float(p["candidate_head_ms"][names[c].rsplit("#", 1)[0]][k]) for c, (_, k) in zip(columns, exits)]
-    out["policy_ms"] = [float(p["policy_ms"][i]) for i, _ in exits] if p.get("policy_ms") else None
-    out["mask_ms"] = [float(p["mask_ms"][i]) for i, _ in exits] + [float(p["mask_ms"][-1])] if p.get("mask_ms") else None
-    out["key"] = profile.get("key", "")
-    return out
+    candidates' times (from ``profile.candidate_head_ms``), their exits' decisions and masks."""
+    chosen = [cand.columns[c] for c in columns]
+    stage = [float(v) for v in profile.stage_ms]
+    bounds = [-1] + [c.exit_index for c in chosen] + [len(stage) - 1]
+    policy, mask = profile.policy_ms, profile.mask_ms
+    return dataclasses.replace(
+        profile,
+        stage_ms=[sum(stage[a + 1: b + 1]) for a, b in zip(bounds[:-1], bounds[1:])],
+        head_ms=[float(profile.candidate_head_ms[c.exit][c.index]) for c in chosen],
+        policy_ms=[float(policy[c.exit_index]) for c in chosen] if policy else None,
+        mask_ms=[float(mask[c.exit_index]) for c in chosen] + [float(mask[-1])] if mask else None,
+        exit_names=[cand.exit_names[c] for c in columns] + ["final"], flops_to_exit=[], candidate_head_ms=None,
+    )
 
 
 def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float], head_flops: Sequence[float],
-         latency: Optional[Dict[str, Any]] = None) -> ExitCache:
+         latency: Optional[LatencyProfile] = None) -> ExitCache:
     """The cache restricted to ``columns`` (virtual exits, ascending) and the final exit, stage costs merged;
     costed by ``latency`` (a :func:`view_profile`) when given, else FLOPs."""
     keep = list(columns) + [cache.num_exits - 1]
@@ -157,7 +169,7 @@ def search_configuration(
     *,
     policy: str = "mess",
     budget: Budget = Budget(),
-    latency: Optional[Dict[str, Any]] = None,
+    latency: Optional[LatencyProfile] = None,
     policy_options: Optional[Dict[str, Any]] = None,
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
@@ -180,7 +192,7 @@ def search_configuration(
     budget = _checked(budget)
     cache = collect_cache(cand, batches(), device=device if device is not None else module_device(model), progress=progress)
     cache = dataclasses.replace(cache, cost="flops")
-    timed = latency is not None and bool((latency.get("profile") or latency).get("candidate_head_ms")) and budget.cost != "flops"
+    timed = latency is not None and bool(latency.candidate_head_ms) and budget.cost != "flops"
     if budget.cost == "latency" and not timed:
         raise ConfigError("--cost latency for --search needs a latency profile that timed every head candidate",
                           "run `mexify profile BUNDLE` on the bundle with its candidates first, or use --cost flops")
@@ -192,7 +204,7 @@ def search_configuration(
     search = budget.bounds(costed([0]).original_cost, unit)
     max_cost = search["max_cost"]
     base = build_policy(policy, **policy_options_of(policy, policy_options))
-    per_exit: List[List[int]] = [[j for j, (i, _) in enumerate(cand.columns) if i == e] for e in range(model.num_exits - 1)]
+    per_exit: List[List[int]] = [[j for j, c in enumerate(cand.columns) if c.exit_index == e] for e in range(model.num_exits - 1)]
     tried: Dict[Tuple, Any] = {}
 
     def evaluate(choice: Tuple[Optional[int], ...]) -> Optional[Tuple[Tuple[float, float], PolicyFit]]:
@@ -223,7 +235,7 @@ def search_configuration(
     report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)
     if report.baseline is None:
         report.notes.append("the head space has no fcn candidate: no uniform-FCN configuration to compare with")
-    report.notes.append(f"cost model: measured latency, profile {latency.get('key', '')} (every candidate timed)" if timed else
+    report.notes.append(f"cost model: measured latency, profile {latency.key} (every candidate timed)" if timed else
                         "cost model: FLOPs (1 multiply-add = 1 FLOP); no latency profile that timed every candidate")
     return report
 

@@ -18,6 +18,7 @@ from mexify.data import unpadded
 from mexify.errors import ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, build_policy, pixel_level_flops
+from mexify.runtime import LatencyProfile
 from mexify.policies import policy_options as policy_options_of
 
 __all__ = ["CalibrationReport", "fit_policy"]
@@ -77,7 +78,7 @@ def fit_policy(
     *,
     policy: Union[str, Policy] = "mess",
     budget: Budget = Budget(),
-    latency: Optional[Dict[str, Any]] = None,
+    latency: Optional[LatencyProfile] = None,
     temperature: bool = False,
     means_batches: Optional[Batches] = None,
     policy_options: Optional[Dict[str, Any]] = None,
@@ -96,8 +97,9 @@ def fit_policy(
         budget: what to fit for and how exits are costed (:class:`~mexify.calibrate.Budget`; default
             the fastest thresholds within 1.0 mIoU point of the final exit, costed by ``latency`` when
             given, else by FLOPs).
-        latency: a latency profile (one entry of a bundle's ``latency:`` table, with its ``key``):
-            what ``budget.cost`` ``"latency"`` (the default when given) costs exits by.
+        latency: a measured latency profile (:class:`~mexify.runtime.LatencyProfile`, e.g. from
+            :func:`~mexify.runtime.select_profile` on the bundle's ``latency:`` table): what
+            ``budget.cost`` ``"latency"`` (the default when given) costs exits by.
         temperature: fit one temperature per exit first (needs labels).
         means_batches: labelled batches for class-means' class means (default: ``batches``).
         policy_options: keyword options of the policy (e.g. ``{"pixel_threshold": 0.95}``).
@@ -145,7 +147,7 @@ def fit_policy(
     return _fit_on_cache(pol, cache, budget, temps, timings, notes, progress)
 
 
-def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optional[str], notes: List[str]) -> ExitCache:
+def _cost_model(cache: ExitCache, latency: Optional[LatencyProfile], cost: Optional[str], notes: List[str]) -> ExitCache:
     """The cache costed as asked: measured latency when there is a profile (or asked), else FLOPs."""
     cost = parse_cost(cost)
     if cost == "latency" and latency is None:
@@ -157,7 +159,7 @@ def _cost_model(cache: ExitCache, latency: Optional[Dict[str, Any]], cost: Optio
         why = "asked" if cost == "flops" else "the bundle has no latency profile; `mexify profile` measures one"
         notes.append(f"cost model: FLOPs ({why})")
     else:
-        notes.append(f"cost model: measured latency, profile {latency['key']}")
+        notes.append(f"cost model: measured latency, profile {latency.key}")
     return cache
 
 

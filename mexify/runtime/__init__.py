@@ -5,6 +5,7 @@ Evaluation against labels, timing and benchmarks live in :mod:`mexify.tools`.
 from mexify.runtime.costs import exit_ms_per_image, original_ms_per_image
 from mexify.runtime.engine import DTYPES, EarlyExitRuntime, labels_of, masks_of, parse_dtype, predict, resize_masks
 from mexify.runtime.graphs import GraphedCall, capture
+from mexify.runtime.latency import LatencyProfile, profile_key, select_profile
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
@@ -23,6 +24,9 @@ __all__ = [
     "DTYPES",
     "exit_ms_per_image",
     "original_ms_per_image",
+    "LatencyProfile",
+    "profile_key",
+    "select_profile",
     "GraphedCall",
     "capture",
 ]

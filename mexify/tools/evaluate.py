@@ -21,8 +21,7 @@ from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import device_name, module_device, resolve_device
-from mexify.runtime import EarlyExitRuntime, active_exits, exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
-from mexify.tools.profile import select_profile
+from mexify.runtime import EarlyExitRuntime, active_exits, masks_of, resize_masks, select_profile
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +334,10 @@ def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int)
         return {}
     want = (getattr(policy, "figures", None) or {}).get("latency_profile")
     prof = select_profile(table, want if want in table else None, device_name(module_device(model)))
-    ms = exit_ms_per_image(prof, active_exits(policy, model.num_exits))
+    ms = prof.exit_ms(active_exits(policy, model.num_exits))
     mean = sum(c * m for c, m in zip(counts.tolist(), ms)) / max(done, 1)
-    orig = original_ms_per_image(prof)
-    return {"latency_profile": prof["key"], "mean_ms_predicted": mean, "original_ms_predicted": orig,
+    orig = prof.original_ms_per_image()
+    return {"latency_profile": prof.key, "mean_ms_predicted": mean, "original_ms_predicted": orig,
             "predicted_speedup": orig / mean if mean else float("nan")}
 
 

@@ -60,7 +60,7 @@ def save_pareto(result: Any, oracle_curve: List[Dict[str, Any]], chosen: Dict[st
             oc = sorted(oracle_curve, key=lambda p: p["speedup"])
             ax.plot([p["speedup"] for p in oc], [p["miou"] for p in oc], "--", color="C2", label="oracle")
         ax.plot([chosen["speedup"]], [chosen["miou"]], "*", ms=12, color="C3", label="chosen")
-        what = f"measured latency, {result.cache.latency['key']}" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
+        what = f"measured latency, {result.cache.latency.key}" if unit == "ms" else "FLOPs, 1 multiply-add = 1 FLOP"
         _finish(fig, ax, png_path, f"mean speed-up over the original\n({what})",
                 "mIoU (%)" if result.cache.labelled else "agreement mIoU with final exit (%)", title, legend_size=8)
     except Exception as e:  # plotting must never fail a calibration

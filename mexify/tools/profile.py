@@ -10,15 +10,14 @@ batch size, dtype and input size, so one bundle holds the profiles of several ta
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from mexify.config import json_safe
 from mexify.errors import ConfigError
 from mexify.nn import device_name
-from mexify.runtime import capture, exit_ms_per_image, masks_of, resolve_policy
+from mexify.runtime import capture, masks_of, resolve_policy
+from mexify.runtime.latency import LatencyProfile, profile_key, select_profile
 from mexify.tools.timing import time_call
 
 __all__ = [
@@ -28,48 +27,6 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Optional[Callable[[str, int, int], None]]
-
-
-def profile_key(device: str, batch_size: int, dtype: str, size: Tuple[int, int], mode: str = "eager") -> str:
-    """How a profile is filed in the bundle: ``"<device name>|b<batch>|<dtype>|<H>x<W>|<eager|graphs>"``."""
-    return f"{device}|b{int(batch_size)}|{dtype}|{int(size[0])}x{int(size[1])}|{mode}"
-
-
-@dataclasses.dataclass
-class LatencyProfile:
-    """Milliseconds per batch of ``batch_size`` for each stage, early head and policy step (exit order)."""
-
-    device: str
-    batch_size: int
-    dtype: str
-    input_size: Tuple[int, int]
-    stage_ms: List[float]
-    head_ms: List[float]
-    policy_ms: Optional[List[float]]
-    warmup: int
-    repeats: int
-    exit_names: List[str] = dataclasses.field(default_factory=list)
-    flops_to_exit: List[int] = dataclasses.field(default_factory=list)  # every head on the way, 1 multiply-add = 1 FLOP
-    original_flops: int = 0
-    original_ms: Optional[float] = None  # the model's plain forward and its masks: every stage, no head
-    mask_ms: Optional[List[float]] = None  # masks of the batch at each exit (resize to the input, argmax)
-    mode: str = "eager"  # or "graphs": each stage, head and decision replayed from a CUDA graph
-    # bundles with head candidates (convert --heads): every candidate's time, by exit name (calibrate --search)
-    candidate_head_ms: Optional[Dict[str, List[float]]] = None
-
-    @property
-    def key(self) -> str:
-        return profile_key(self.device, self.batch_size, self.dtype, self.input_size, self.mode)
-
-    def to_exit_ms(self) -> List[float]:
-        """Time per batch to leave at each exit, every head (and policy step) on the way, masks aside."""
-        pieces = {"batch_size": 1, "stage_ms": self.stage_ms, "head_ms": self.head_ms, "policy_ms": self.policy_ms}
-        return exit_ms_per_image(pieces, range(len(self.stage_ms)))
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["input_size"] = list(self.input_size)
-        return json_safe(d)
 
 
 def autocast_for(device: torch.device, dtype: str) -> Callable[[], Any]:
@@ -181,38 +138,3 @@ def profile_latency(
             candidate_head_ms={k: [1000 * s for s in v] for k, v in t["candidate_head"].items()} if "candidate_head" in t else None,
         ))
     return out
-
-
-def select_profile(table: Optional[Dict[str, Any]], want: Optional[str] = None, device: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """The latency profile a calibration costs exits by, from a bundle's ``latency:`` table.
-
-    Args:
-        table: ``config.latency`` (key -> profile dict).
-        want: part of a key (``"H100|b8|bfloat16"``); the single match is taken.
-        device: without ``want``, prefer this device name (``"cpu"``, a GPU's name), batch 1, float32.
-
-    Returns:
-        the profile dict with its ``key``, or None when the table is empty and nothing is asked.
-
-    Raises:
-        ConfigError: ``want`` matches no key or several.
-    """
-    table = dict(table or {})
-    if want:
-        hits = [k for k in table if want in k]
-        if len(hits) != 1:
-            keys = ", ".join(table) or "none (run `mexify profile BUNDLE` first)"
-            raise ConfigError(
-                f"{'no' if not hits else len(hits)} latency profiles match {want!r}",
-                f"profiles in the bundle: {keys}",
-            )
-        return {**table[hits[0]], "key": hits[0]}
-    if not table:
-        return None
-
-    def rank(key: str) -> tuple:
-        p = table[key]
-        return (p.get("device") != device, int(p.get("batch_size", 1)) != 1, p.get("dtype") != "float32", key)
-
-    key = min(table, key=rank)
-    return {**table[key], "key": key}
