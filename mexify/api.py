@@ -14,7 +14,7 @@ Example::
     api.train("lraspp.mex", recipe="quick-synthetic")          # the recipe names its dataset
     api.calibrate("lraspp.mex", "synthetic:scenes?classes=8&size=128", budget=api.Budget.max_drop(1.0))
     report = api.evaluate("lraspp.mex", split="test")
-    print(report.final.miou, report.policies[0].extra["speedup_flops"])
+    print(report.final.miou, report.policies[0].flops_speedup)
 """
 from __future__ import annotations
 

@@ -92,8 +92,8 @@ def test_calibrate_on_measured_latency_and_eval_reports_the_same(bundle):
     # what eval reports through the runtime on the same images is what calibration stored
     run = api.evaluate_policy(bundle, SCENES, split="calib", batch_size=4, device="cpu")
     assert list(run.exit_rates) == pytest.approx(rates)
-    assert run.extra["mean_ms_predicted"] == pytest.approx(fig["mean_ms"])
-    assert run.extra["latency_profile"] == key
+    assert run.latency.mean_ms == pytest.approx(fig["mean_ms"])
+    assert run.latency.profile == key
     flops = api.calibrate(bundle, SCENES, policy="maxprob", budget=api.Budget.max_drop(1.0, cost="flops"), batch_size=4, write=False)
     assert flops.figures["cost"] == "flops" and "mean_ms" in flops.figures
 

@@ -230,7 +230,7 @@ def test_evaluate_policy_final_exit_matches_evaluate(model):
     assert res.mean_flops == pytest.approx(sum(model.stage_flops))
     pol = build_policy("maxprob").with_thresholds([0.0, 0.0, 0.0])
     res0 = evaluate_policy(model, ds, policy=pol, batch_size=3, limit=5)
-    assert res0.exit_rates[0] == 1.0 and res0.extra["num_images"] == 5
+    assert res0.exit_rates[0] == 1.0 and res0.num_images == 5
     assert res0.miou == pytest.approx(evaluate(model, ds, batch_size=5, limit=5, num_workers=0).exits[0].miou, abs=1e-9)
 
 

@@ -53,7 +53,7 @@ def render_report(report, title: str = "") -> None:
         p.add_column("pixel acc", justify="right")
         p.add_column("mean GFLOPs", justify="right")
         p.add_column("% of original", justify="right")
-        timed = any("mean_ms_predicted" in r.extra for r in report.policies)
+        timed = any(r.latency is not None for r in report.policies)
         if timed:
             p.add_column("ms / image (profile)", justify="right")
             p.add_column("speed-up (profile)", justify="right")
@@ -63,13 +63,13 @@ def render_report(report, title: str = "") -> None:
             rates = " ".join(f"{100 * x:.0f}%" for x in r.exit_rates)
             cells = [r.name, f"{r.miou:.2f}", f"{r.pixel_accuracy:.2f}", _gflops(r.mean_flops), f"{100 * frac:.1f}%"]
             if timed:
-                ms = r.extra.get("mean_ms_predicted")
-                cells += [f"{ms:.2f}", f"{r.extra['predicted_speedup']:.2f}x"] if ms is not None else ["-", "-"]
+                lat = r.latency
+                cells += [f"{lat.mean_ms:.2f}", f"{lat.speedup:.2f}x"] if lat is not None else ["-", "-"]
             p.add_row(*cells, rates)
         console.print(p)
         for r in report.policies:
-            if "latency_profile" in r.extra:
-                console.print(f"[dim]{r.name}: latency predicted from the bundle's profile {r.extra['latency_profile']} "
+            if r.latency is not None:
+                console.print(f"[dim]{r.name}: latency predicted from the bundle's profile {r.latency.profile} "
                               "and this exit mix (`mexify bench` measures it)[/]")
 
 

@@ -2,7 +2,7 @@
 from mexify.tools.bench import BenchReport, bench, original_model, original_runner
 from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine, time_policies
 from mexify.tools.export import ExportResult, export_bundle
-from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, evaluate, evaluate_policy
+from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, PredictedLatency, evaluate, evaluate_policy
 from mexify.tools.images import collect_images, palette, predict_images, predictions_out, read_image, to_tensor
 from mexify.tools.plots import save_comparison, save_pareto
 from mexify.tools.profile import LatencyProfile, profile_key, profile_latency, select_profile
@@ -14,6 +14,7 @@ __all__ = [
     "EvalReport",
     "ExitResult",
     "PolicyResult",
+    "PredictedLatency",
     "bench",
     "BenchReport",
     "original_model",

@@ -25,7 +25,7 @@ from mexify.runtime import EarlyExitRuntime, active_exits, masks_of, resize_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExitResult", "PolicyResult", "EvalReport", "evaluate", "evaluate_policy"]
+__all__ = ["ExitResult", "PolicyResult", "PredictedLatency", "EvalReport", "evaluate", "evaluate_policy"]
 
 Progress = Callable[[int, int], None]
 
@@ -58,6 +58,28 @@ class ExitResult:
         return json_safe(asdict(self))  # NaN (a class absent, no labelled pixel) as None
 
 
+FLOPS_CONVENTION = "1 multiply-add = 1 FLOP, at the bundle's input size"
+
+
+@dataclass(frozen=True)
+class PredictedLatency:
+    """What a bundle's latency profile predicts for a policy's exit mix.
+
+    Attributes:
+        profile: the key of the latency profile the prediction comes from.
+        mean_ms: predicted milliseconds per image for this exit mix.
+        original_ms: the original model's milliseconds per image from the same pieces.
+    """
+
+    profile: str
+    mean_ms: float
+    original_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.mean_ms if self.mean_ms else float("nan")
+
+
 @dataclass(frozen=True)
 class PolicyResult:
     """Accuracy and cost of an early-exit policy (filled in by policy evaluation).
@@ -66,9 +88,15 @@ class PolicyResult:
         name: policy name.
         miou: mIoU of the maps the policy returns, in points (0-100).
         pixel_accuracy: pixel accuracy of those maps, in points.
-        mean_flops: mean FLOPs per image.
+        mean_flops: mean FLOPs per image (1 multiply-add = 1 FLOP, at the bundle's input size).
         exit_rates: fraction of images leaving at each exit (len == number of exits).
-        extra: anything else the policy reports (thresholds, latency, ...).
+        flops_speedup: the original model's FLOPs over ``mean_flops``.
+        cost_fraction: ``mean_flops`` over the original model's FLOPs.
+        mean_confidence: the policy's mean confidence at the exit each image took.
+        num_images: images evaluated.
+        seconds: wall time of the evaluation.
+        thresholds: the policy's threshold per early exit by name (None: never leaves there), when it has thresholds.
+        latency: the bundle's latency profile's prediction for this exit mix, when the bundle has one.
     """
 
     name: str
@@ -76,10 +104,26 @@ class PolicyResult:
     pixel_accuracy: float
     mean_flops: float
     exit_rates: Tuple[float, ...]
-    extra: Dict[str, Any] = field(default_factory=dict)
+    flops_speedup: float = float("nan")
+    cost_fraction: float = float("nan")
+    mean_confidence: float = float("nan")
+    num_images: int = 0
+    seconds: float = 0.0
+    thresholds: Optional[Dict[str, Optional[float]]] = None
+    latency: Optional[PredictedLatency] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return json_safe(asdict(self))
+        """The JSON form (``mexify eval --json``): the figures, and the rest under ``extra``."""
+        extra: Dict[str, Any] = {"speedup_flops": self.flops_speedup, "cost_fraction": self.cost_fraction,
+                                 "mean_confidence": self.mean_confidence, "num_images": self.num_images,
+                                 "seconds": self.seconds, "flops_convention": FLOPS_CONVENTION}
+        if self.thresholds is not None:
+            extra["thresholds"] = dict(self.thresholds)
+        if self.latency is not None:
+            extra.update(latency_profile=self.latency.profile, mean_ms_predicted=self.latency.mean_ms,
+                         original_ms_predicted=self.latency.original_ms, predicted_speedup=self.latency.speedup)
+        return json_safe({"name": self.name, "miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
+                          "mean_flops": self.mean_flops, "exit_rates": self.exit_rates, "extra": extra})
 
 
 @dataclass
@@ -325,42 +369,37 @@ def evaluate_policy(
     return _policy_row(model, rt.policy, cm, counts, flops / done, conf_sum / done, done, time.perf_counter() - t0)
 
 
-def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int) -> Dict[str, Any]:
+def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int) -> Optional[PredictedLatency]:
     """Mean ms per image the bundle's latency profile predicts for this exit mix (the profile the
-    policy was calibrated on, else the one for this device); empty without a profile."""
+    policy was calibrated on, else the one for this device); None without a profile."""
     cfg = getattr(model, "config", None)
     table = getattr(cfg, "latency", None)
     if not table:
-        return {}
+        return None
     want = (getattr(policy, "figures", None) or {}).get("latency_profile")
     prof = select_profile(table, want if want in table else None, device_name(module_device(model)))
     ms = prof.exit_ms(active_exits(policy, model.num_exits))
     mean = sum(c * m for c, m in zip(counts.tolist(), ms)) / max(done, 1)
     orig = prof.original_ms_per_image()
-    return {"latency_profile": prof.key, "mean_ms_predicted": mean, "original_ms_predicted": orig,
-            "predicted_speedup": orig / mean if mean else float("nan")}
+    return PredictedLatency(prof.key, mean, orig)
 
 
 def _policy_row(model: Any, policy: Any, cm: ConfusionMatrix, counts: torch.Tensor, mean_flops: float,
                 mean_conf: float, done: int, seconds: float) -> PolicyResult:
     original = float(model.original_flops)
-    extra: Dict[str, Any] = {
-        "speedup_flops": original / mean_flops if mean_flops else float("nan"),
-        "cost_fraction": mean_flops / original if original else float("nan"),
-        "mean_confidence": mean_conf,
-        "num_images": done,
-        "seconds": seconds,
-        "flops_convention": "1 multiply-add = 1 FLOP, at the bundle's input size",
-    }
     th = getattr(policy, "thresholds", None)
-    if isinstance(th, (list, tuple)):
-        extra["thresholds"] = {n: (None if math.isinf(t) else float(t)) for n, t in zip(model.exit_names, th)}
-    extra.update(_predicted_latency(model, policy, counts, done))
     return PolicyResult(
         name=str(getattr(policy, "name", type(policy).__name__)),
         miou=cm.miou(),
         pixel_accuracy=cm.pixel_accuracy(),
         mean_flops=mean_flops,
         exit_rates=tuple(float(c) / done for c in counts.tolist()),
-        extra=extra,
+        flops_speedup=original / mean_flops if mean_flops else float("nan"),
+        cost_fraction=mean_flops / original if original else float("nan"),
+        mean_confidence=mean_conf,
+        num_images=done,
+        seconds=seconds,
+        thresholds={n: (None if math.isinf(t) else float(t)) for n, t in zip(model.exit_names, th)}
+        if isinstance(th, (list, tuple)) else None,
+        latency=_predicted_latency(model, policy, counts, done),
     )
