@@ -100,7 +100,7 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
 
     bundle = trained_bundle(name, args.work, args.data, args.recipe, dict(kv.split("=", 1) for kv in args.train_override))
     # the cost model: every stage, head, decision and mask timed on this CPU, per batch size
-    profiles = {p.batch_size: p for p in api.profile(bundle, device="cpu", batch_sizes=args.batch_sizes, warmup=3, repeats=15)}
+    profiles = {p.batch_size: p for p in api.profile(bundle, device="cpu", batch_sizes=args.batch_sizes, warmup=3, repeats=15).profiles}
     model = mexify.load(bundle).eval()
     test = build_dataset(args.data, split="test", train=False)
     test_batches = _batches(args.data, "test", args.test, 8)

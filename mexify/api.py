@@ -83,6 +83,8 @@ from mexify.tools import (
     EvalReport,
     LatencyProfile,
     PolicyResult,
+    PredictReport,
+    ProfileReport,
     collect_images,
     predictions_out,
     export_bundle,
@@ -137,6 +139,8 @@ __all__ = [
     "ExportResult",
     "ENGINES",
     "LatencyProfile",
+    "PredictReport",
+    "ProfileReport",
     "MexifyError",
     "ConfigError",
     "DataError",
@@ -773,7 +777,7 @@ def predict(
     progress: StageProgress = None,
     trust: Trust = Trust(),
     engine: str = "torch",
-) -> Dict[str, Any]:
+) -> PredictReport:
     """Segment image files with early exits: a palette PNG per image and ``predictions.jsonl`` (``mexify predict``).
 
     Args:
@@ -791,7 +795,7 @@ def predict(
             unless onnxruntime has other providers; the final exit reports no confidence).
 
     Returns:
-        a summary: images, exit counts, mean FLOPs and FLOPs speed-up, where the files are.
+        a :class:`PredictReport`: images, exit counts, mean FLOPs and FLOPs speed-up, where the files are.
 
     Raises:
         DataError: missing paths, no image, or an unreadable image without ``skip_bad``.
@@ -937,7 +941,7 @@ def profile(
     progress: StageProgress = None,
     graphs: Optional[bool] = None,
     trust: Trust = Trust(),
-) -> list:
+) -> ProfileReport:
     """Measure each stage's, head's and policy step's latency on a device and keep it in the bundle (``mexify profile``).
 
     Args:
@@ -952,7 +956,8 @@ def profile(
         graphs: time each piece replayed from a CUDA graph (default: on CUDA, as the runtime runs).
 
     Returns:
-        one :class:`~mexify.tools.LatencyProfile` per batch size.
+        a :class:`ProfileReport`: one :class:`~mexify.runtime.LatencyProfile` per batch size (``profiles``)
+        and the bundle they were stored in.
 
     Raises:
         ConfigError: an unknown dtype or batch size below 1.
@@ -969,7 +974,7 @@ def profile(
             tables = dict(read_config(bundle_path).latency or {})
             tables.update({p.key: p.to_dict() for p in profiles})
             update_bundle(bundle_path, latency=tables)
-    return profiles
+    return ProfileReport(profiles, str(bundle_path) if write and bundle_path is not None else None)
 
 
 # =============================================================================== export

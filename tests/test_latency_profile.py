@@ -23,7 +23,7 @@ def bundle(tmp_path):
 
 
 def test_profile_is_stored_by_device_batch_dtype_and_size(bundle):
-    profiles = api.profile(bundle, device="cpu", batch_sizes=[1, 2], warmup=0, repeats=1)
+    profiles = api.profile(bundle, device="cpu", batch_sizes=[1, 2], warmup=0, repeats=1).profiles
     assert [p.key for p in profiles] == ["cpu|b1|float32|64x64|eager", "cpu|b2|float32|64x64|eager"]
     stored = read_config(bundle).latency
     assert sorted(stored) == sorted(p.key for p in profiles)
@@ -40,7 +40,7 @@ def test_profile_is_stored_by_device_batch_dtype_and_size(bundle):
 
 def test_calibrated_bundle_profiles_its_policy_steps(bundle):
     api.calibrate(bundle, "synthetic:scenes?size=64&classes=4&n=8&n_eval=8", policy="mess", budget=api.Budget.max_drop(1.0), batch_size=4)
-    (p,) = api.profile(bundle, device="cpu", batch_sizes=[1], warmup=0, repeats=1, dtype="bfloat16")
+    (p,) = api.profile(bundle, device="cpu", batch_sizes=[1], warmup=0, repeats=1, dtype="bfloat16").profiles
     assert p.dtype == "bfloat16" and p.policy_ms is not None and len(p.policy_ms) == 3
     assert p.to_exit_ms()[0] == pytest.approx(p.stage_ms[0] + p.head_ms[0] + p.policy_ms[0])
 

@@ -35,20 +35,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Segment images with early exits: a palette PNG mask per image plus predictions.jsonl."""
         with stage_progress(not json_out) as progress:
-            summary = api.predict(bundle, images, out=out, exit=exit_, size=size, batch_size=batch_size, skip_bad=skip_bad,
+            report = api.predict(bundle, images, out=out, exit=exit_, size=size, batch_size=batch_size, skip_bad=skip_bad,
                                   device=device, warn=warn, progress=progress, trust=trust_of(trust_code, trust_pickle),
                                   engine=engine)
         if json_out:
-            print_json(summary)
+            print_json(report.to_dict())
             return
-        done = summary["images"]
-        t = Table(title=f"{done} images -> {out} (policy {summary['policy']})", title_justify="left")
+        done = report.images
+        t = Table(title=f"{done} images -> {out} (policy {report.policy})", title_justify="left")
         t.add_column("exit")
         t.add_column("images", justify="right")
         t.add_column("share", justify="right")
-        for name, c in summary["exit_counts"].items():
+        for name, c in report.exit_counts.items():
             t.add_row(name, str(c), f"{100 * c / max(done, 1):.1f}%")
         console.print(t)
-        if summary["flops_speedup"]:
-            console.print(f"mean FLOPs speed-up {summary['flops_speedup']:.2f}x (1 multiply-add = 1 FLOP); "
-                          f"masks and {Path(summary['predictions']).name} in {out}")
+        if report.flops_speedup:
+            console.print(f"mean FLOPs speed-up {report.flops_speedup:.2f}x (1 multiply-add = 1 FLOP); "
+                          f"masks and {Path(report.predictions).name} in {out}")

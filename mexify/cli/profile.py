@@ -51,11 +51,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure each stage's, head's and policy step's latency on this device and keep the tables in the bundle."""
         with stage_progress(not json_out) as progress:
-            profiles = api.profile(bundle, device=device, batch_sizes=batch_size, dtype=dtype,
+            report = api.profile(bundle, device=device, batch_sizes=batch_size, dtype=dtype,
                                    warmup=warmup, repeats=repeats, threads=threads, progress=progress, graphs=graphs,
                                    trust=trust_of(trust_code, trust_pickle))
         if json_out:
-            print_json({"bundle": str(bundle), "profiles": [p.to_dict() for p in profiles]})
+            print_json(report.to_dict())
             return
-        render(profiles)
-        console.print(f"[dim]stored in {bundle / 'config.yaml'} under latency: {', '.join(p.key for p in profiles)}[/]")
+        render(report.profiles)
+        console.print(f"[dim]stored in {bundle / 'config.yaml'} under latency: {', '.join(p.key for p in report.profiles)}[/]")

@@ -3,9 +3,9 @@ from mexify.tools.bench import BenchReport, bench, original_model, original_runn
 from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine, time_policies
 from mexify.tools.export import ExportResult, export_bundle
 from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, PredictedLatency, evaluate, evaluate_policy
-from mexify.tools.images import collect_images, palette, predict_images, predictions_out, read_image, to_tensor
+from mexify.tools.images import PredictReport, collect_images, palette, predict_images, predictions_out, read_image, to_tensor
 from mexify.tools.plots import save_comparison, save_pareto
-from mexify.tools.profile import LatencyProfile, profile_key, profile_latency, select_profile
+from mexify.tools.profile import LatencyProfile, ProfileReport, profile_key, profile_latency, select_profile
 from mexify.tools.timing import synchronize, time_call, time_calls, timed_pass
 
 __all__ = [
@@ -35,11 +35,13 @@ __all__ = [
     "to_tensor",
     "palette",
     "predict_images",
+    "PredictReport",
     "predictions_out",
     "save_pareto",
     "save_comparison",
     "time_policies",
     "LatencyProfile",
+    "ProfileReport",
     "profile_latency",
     "profile_key",
     "select_profile",

@@ -1,6 +1,7 @@
 """Image files in, palette PNG masks out: what ``mexify predict`` does, as library functions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,7 +20,7 @@ from mexify.runtime import EarlyExitRuntime
 log = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_SUFFIXES", "PREDICTIONS_FILE", "palette", "collect_images", "read_image", "to_tensor",
-           "predict_images", "predictions_out"]
+           "predict_images", "predictions_out", "PredictReport"]
 
 PREDICTIONS_FILE = "predictions.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -135,7 +136,7 @@ def predict_images(
     skip_bad: bool = False,
     warn: Warn = log.warning,
     progress: Optional[Callable[[str, int, int], None]] = None,
-) -> Dict[str, Any]:
+) -> "PredictReport":
     """Segment image files with early exits: a palette PNG mask per image plus ``predictions.jsonl`` in ``out``.
 
     The masks and ``predictions.jsonl`` are written into a new folder beside ``out`` that replaces
@@ -152,7 +153,7 @@ def predict_images(
         progress: ``progress("predict", done, total)``.
 
     Returns:
-        a summary: images, exit counts, mean FLOPs and the FLOPs speed-up.
+        a :class:`PredictReport`: images, exit counts, mean FLOPs and the FLOPs speed-up, where the files are.
 
     Raises:
         DataError: an unreadable image without ``skip_bad``. BundleError: ``out`` may not be replaced.
@@ -162,7 +163,34 @@ def predict_images(
     out.parent.mkdir(parents=True, exist_ok=True)
     summary: Dict[str, Any] = {}
     replace_dir(out, lambda tmp: summary.update(_predict_into(runtime, files, tmp, size, batch_size, skip_bad, warn, progress)))
-    return {"images": summary.pop("images"), "out": str(out), "predictions": str(out / PREDICTIONS_FILE), **summary}
+    return PredictReport(out=str(out), predictions=str(out / PREDICTIONS_FILE), **summary)
+
+
+@dataclasses.dataclass
+class PredictReport:
+    """What :func:`predict_images` wrote (``mexify predict``); ``to_dict`` is the ``--json`` output.
+
+    Attributes:
+        images: images segmented.
+        out: the predictions folder; ``predictions``: its ``predictions.jsonl``.
+        policy: the exit policy's name (``fixed-exit`` with a forced exit).
+        exit_counts: images per exit, by exit name.
+        mean_flops, original_flops, flops_speedup: FLOPs per image (None without an image) and the original model's.
+        flops_convention: how FLOPs are counted.
+    """
+
+    images: int
+    out: str
+    predictions: str
+    policy: str
+    exit_counts: Dict[str, int]
+    mean_flops: Optional[float]
+    original_flops: int
+    flops_speedup: Optional[float]
+    flops_convention: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def _predict_into(runtime: EarlyExitRuntime, files: Sequence[Path], out: Path, size: Tuple[int, int], batch_size: int,

@@ -10,6 +10,7 @@ batch size, dtype and input size, so one bundle holds the profiles of several ta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -21,12 +22,24 @@ from mexify.runtime.latency import LatencyProfile, profile_key, select_profile
 from mexify.tools.timing import time_call
 
 __all__ = [
-    "LatencyProfile", "profile_latency", "profile_key", "select_profile", "time_stages",
+    "LatencyProfile", "ProfileReport", "profile_latency", "profile_key", "select_profile", "time_stages",
     "timer", "autocast_for", "DTYPES",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Optional[Callable[[str, int, int], None]]
+
+
+@dataclasses.dataclass
+class ProfileReport:
+    """What ``mexify profile`` measured: one :class:`LatencyProfile` per batch size, and the bundle that keeps them
+    (None: nothing written); ``to_dict`` is the ``--json`` output."""
+
+    profiles: List[LatencyProfile]
+    bundle: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"bundle": self.bundle, "profiles": [p.to_dict() for p in self.profiles]}
 
 
 def autocast_for(device: torch.device, dtype: str) -> Callable[[], Any]:
