@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-deploy bench-search clean
+.PHONY: install lint test test-fast demo bench bench-deploy bench-search clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -13,12 +13,14 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check mexify tests benchmarks examples
 	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
-	$(BIN)/lint-imports
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)

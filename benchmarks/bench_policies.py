@@ -96,7 +96,6 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     from mexify import api
     from mexify.calibrate import collect_cache, oracle_at
     from mexify.data import build_dataset
-    from mexify.tools import bench
 
     bundle = trained_bundle(name, args.work, args.data, args.recipe, dict(kv.split("=", 1) for kv in args.train_override))
     # the cost model: every stage, head, decision and mask timed on this CPU, per batch size

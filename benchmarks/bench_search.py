@@ -67,7 +67,7 @@ def main() -> None:
         missing, _ = model.load_state_dict({k: v for k, v in trained.items() if k.startswith("stages.")}, strict=False)
         assert not [k for k in missing if k.startswith("stages.")], "the backbones differ"
         update_bundle(cand, model=model)
-        report = train(cand, args.data, recipe="demo-synthetic", overrides={"stage1_iters": 0, "stage2_iters": args.stage2_iters},
+        train(cand, args.data, recipe="demo-synthetic", overrides={"stage1_iters": 0, "stage2_iters": args.stage2_iters},
                        device="cpu", run_dir=Path(tmp) / "run")
         out["stage2_seconds"] = time.perf_counter() - t0
         out["stage2_iters"] = args.stage2_iters
@@ -77,7 +77,7 @@ def main() -> None:
             shutil.copytree(cand, copy)
             rep = search(copy, args.data, policy="maxprob", budget=goal)
             searches[label] = {"searched": rep.figures, "uniform_fcn": rep.baseline, "uniform_default": rep.default,
-                               "exits": rep.rows, "evaluations": rep.evaluations, "seconds": rep.seconds}
+                               "exits": [r.to_dict() for r in rep.rows], "evaluations": rep.evaluations, "seconds": rep.seconds}
             print(label, {k: (v or {}).get("miou") for k, v in searches[label].items() if k.startswith(("searched", "uniform"))},
                   file=sys.stderr)
         out["search"] = searches

@@ -50,7 +50,6 @@ from mexify.calibrate import (
 )
 from mexify.config import (
     TRACE_METHODS,
-    BundleConfig,
     TraceConfig,
     json_safe,
     parse_assignment,
@@ -68,7 +67,7 @@ from mexify.data import as_loader, build_dataset, check_classes, parse_dataset_s
 from mexify.errors import BudgetError, ConfigError, DataError, Interrupted, MexifyError
 from mexify.files import check_dir_writable, updating, writing
 from mexify.graph.placement import PlacementConfig
-from mexify.nn import HEAD_SPACES, MultiExitModel, device_name, head_space, module_device, parse_device, resolve_device
+from mexify.nn import MultiExitModel, device_name, head_space, module_device, parse_device, resolve_device
 from mexify.nn.heads import HEAD_TEMPLATES, parse_head_template
 from mexify.policies import Policy, available_policies, policy_options
 from mexify.prepare import ConvertResult, TracedModel

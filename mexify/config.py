@@ -276,7 +276,7 @@ def parse_counts(values: Any, what: str, lo: int = 1) -> list:
         raise ConfigError(f"{what} {values!r} lists no value", f"e.g. {what} 1,8")
     try:
         return [parse_count(v, what, lo) for v in items]
-    except ConfigError as e:
+    except ConfigError:
         raise ConfigError(f"{what} {values!r} is not a comma-separated list of integers >= {lo}", f"e.g. {what} 1,8") from None
 
 

@@ -489,7 +489,7 @@ def rebuild(config: BundleConfig, trust: Trust = Trust(), where: str = "the bund
     try:
         for name in trace_cfg.autowrap_functions:  # importing a function's module runs it: decide first
             if name not in registered_autowrap_functions():
-                check_import(name, trust, where=f"the bundle's autowrap function")
+                check_import(name, trust, where="the bundle's autowrap function")
         model = build_model(spec, trust, named_by=where)
     except MexifyError as e:
         raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e

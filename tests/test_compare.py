@@ -1,6 +1,5 @@
 """`mexify compare`: every registered policy fitted on one split and judged on another, plus the oracle."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest

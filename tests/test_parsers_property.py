@@ -3,7 +3,7 @@ any text either parses or raises the library's own error (a MexifyError), never 
 import math
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mexify import api

@@ -354,7 +354,6 @@ class _Accumulator:
         """One batch: ``probs[i]`` at exit ``i``'s own resolution (what policies score), ``preds[i]``
         its masks as the runtime makes them, at the labels' resolution (what mIoU counts)."""
         final_pred = preds[-1]
-        n = final_pred.shape[0]
         if labels is None:
             labels = torch.full_like(final_pred, IGNORE_INDEX)
         labels = labels.long()

@@ -16,6 +16,9 @@ import numpy as np
 from mexify.errors import BudgetError, ConfigError
 from mexify.metrics import miou_from_counts
 
+# mexify.calibrate.cache.ExitCache, which imports this module: annotations name it, nothing here needs the class
+ExitCache = Any
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchResult", "search_thresholds", "oracle_at"]

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
                 err_console.print(f"[yellow]interrupted:[/] the last checkpoint ({ckpt}) is intact; continue with --resume")
             else:
                 err_console.print("[yellow]interrupted[/] before the first checkpoint: nothing to resume; run again without --resume")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun only rank 0 reports
         if json_:

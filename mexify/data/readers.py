@@ -26,7 +26,7 @@ import logging
 import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from mexify.data.base import SegDataset
 from mexify.data.spec import DatasetSpec, OptionReader
 from mexify.data.transforms import build_transform
 from mexify.errors import DataError
+
+if TYPE_CHECKING:  # PIL is imported where images are read (it is slow to import)
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 

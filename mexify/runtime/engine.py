@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mexify.errors import ConfigError, DataError
 from mexify.nn import exit_flops, module_device, resize_logits
 from mexify.runtime.graphs import GraphCaptureError, GraphedExits, bucket_of
-from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
+from mexify.runtime.policy import active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from mexify.trust import Trust

@@ -35,13 +35,13 @@ from torch import nn
 
 from mexify.trust import Trust
 from mexify.bundle import CONFIG_FILE, config_text, load
-from mexify.config import EXPORT_SCHEMA, BundleConfig
+from mexify.config import EXPORT_SCHEMA
 from mexify.data import IMAGENET_MEAN, IMAGENET_STD
 from mexify.errors import BundleError, ConfigError
 from mexify.files import check_writable, replace_dir, write_text_atomic
 from mexify.nn import MultiExitModel
 from mexify.nn.programs import TENSOR, CarrierModule, carrier_batch_dim, dynamic_dims, save_program, to_carrier, value_kind
-from mexify.runtime.policy import active_exits, resolve_policy
+from mexify.runtime.policy import resolve_policy
 
 __all__ = ["FORMATS", "ExportResult", "export_bundle", "DEFAULT_OPSET"]
 
