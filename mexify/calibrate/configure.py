@@ -32,7 +32,7 @@ from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
 from mexify.runtime import LatencyProfile
 
-__all__ = ["Candidate", "CandidateView", "ConfigurationReport", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
+__all__ = ["Candidate", "CandidateView", "ConfigurationReport", "ExitChoice", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
 
 SEARCHABLE = ("mess", "entropy", "maxprob", "cbt", "fft")
 _EXIT_AXIS_1 = ("class_hist", "edge_hist", "mean_maxprob", "mean_entropy", "tp", "pred_count", "agree_tp", "agree_pred_count",
@@ -137,6 +137,21 @@ def view(cache: ExitCache, columns: Sequence[int], stage_flops: Sequence[float],
     return out.with_latency(latency) if latency is not None else out
 
 
+@dataclasses.dataclass(frozen=True)
+class ExitChoice:
+    """What the search chose at one early exit: off (``candidate`` None) or a head candidate, and its threshold."""
+
+    exit: str
+    candidate: Optional[int]
+    head: str  # the candidate's settings in short (``mess w64 b1``), or ``off``
+    head_flops: int
+    threshold: float  # inf: never leaves here
+    exit_rate: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass
 class ConfigurationReport:
     """The chosen configuration: per exit ``None`` (off) or a candidate index, the fitted policy over
@@ -145,7 +160,7 @@ class ConfigurationReport:
     choice: List[Optional[int]]
     policy: Policy
     figures: Dict[str, Any]
-    rows: List[Dict[str, Any]]
+    rows: List[ExitChoice]
     pareto: List[Dict[str, Any]]
     baseline: Optional[Dict[str, Any]]
     baseline_pareto: List[Dict[str, Any]]
@@ -158,7 +173,7 @@ class ConfigurationReport:
 
     def to_dict(self) -> Dict[str, Any]:
         pol = self.policy.to_dict()
-        return {"choice": self.choice, "policy": pol, "figures": self.figures, "exits": self.rows, "uniform_fcn": self.baseline,
+        return {"choice": self.choice, "policy": pol, "figures": self.figures, "exits": [r.to_dict() for r in self.rows], "uniform_fcn": self.baseline,
                 "uniform_default": self.default, "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes,
                 "files": self.files}
 
@@ -272,9 +287,8 @@ def _report(model: Any, choice: Tuple[Optional[int], ...], fit: PolicyFit) -> Co
         rate = next(r) if k is not None else 0.0
         f["exit_rates"][names[e]] = rate
         head = model.config.exits[e].candidates[k] if k is not None else None
-        rows.append({"exit": names[e], "candidate": k, "head": _describe(head) if head else "off",
-                     "head_flops": model.config.exits[e].candidate_flops[k] if k is not None else 0,
-                     "threshold": thresholds[e], "exit_rate": rate})
+        rows.append(ExitChoice(names[e], k, _describe(head) if head else "off",
+                               int(model.config.exits[e].candidate_flops[k]) if k is not None else 0, thresholds[e], rate))
     f["exit_rates"]["final"] = rates[-1]
     policy.figures = f
     return ConfigurationReport(list(choice), policy, f, rows, fit.search.pareto, None, [], 0, 0.0, [])

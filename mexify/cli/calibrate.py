@@ -86,8 +86,8 @@ def _render_search(report) -> None:
     for col in ("exit", "head", "head GFLOPs", "threshold", "exit rate"):
         t.add_column(col, justify="left" if col in ("exit", "head") else "right", no_wrap=True)
     for r in report.rows:
-        th = "never" if r["candidate"] is None or r["threshold"] == float("inf") else f"{r['threshold']:.4f}"
-        t.add_row(r["exit"], r["head"], f"{r['head_flops'] / 1e9:.3f}" if r["head_flops"] else "-", th, f"{100 * r['exit_rate']:.1f}%")
+        th = "never" if r.candidate is None or r.threshold == float("inf") else f"{r.threshold:.4f}"
+        t.add_row(r.exit, r.head, f"{r.head_flops / 1e9:.3f}" if r.head_flops else "-", th, f"{100 * r.exit_rate:.1f}%")
     t.add_row("final", "(the model)", "-", "always", f"{100 * report.figures['exit_rates']['final']:.1f}%")
     console.print(t)
     timed = "predicted_speedup" in report.figures
