@@ -22,6 +22,7 @@ from mexify.config import BundleConfig, ExitConfig, HeadConfig, TraceConfig
 from mexify.errors import BundleError, MexifyError, PlacementError, TraceError
 from mexify.graph.adapt import prepare_graph, upsample_to_input
 from mexify.graph.batching import analyze_batch
+from mexify.graph.modes import training_mode
 from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
 from mexify.graph.profile import count_flops, profile_graph
 from mexify.graph.split import pair_stages, split_stages
@@ -98,11 +99,8 @@ def trace_spec(
     """Trace, adapt the output, profile at ``trace.input_size`` and list exit candidates."""
     h, w = trace.input_size
     example = torch.zeros(1, 3, h, w)
-    modes = _set_eval(model)
-    try:
+    with training_mode(model, False, flags_only=True):
         gm = trace_model(model, trace, example)
-    finally:
-        _restore(model, modes)
     gm = prepare_graph(gm)
     train_gm, train_issue = _train_graph(model, trace, example, gm)
     try:
@@ -142,13 +140,11 @@ def _train_graph(model: nn.Module, trace: TraceConfig, example: torch.Tensor, ev
         method = dataclasses.replace(trace, method="export", export_shapes=eval_gm.meta.get(EXPORT_SHAPES_KEY, ""))
     else:
         method = dataclasses.replace(trace, method="fx")
-    modes = _set_mode(model, True)
-    try:
-        gm = prepare_graph(trace_model(model, method, example, training=True))
-    except MexifyError as e:
-        return None, f"the model cannot be traced in train mode: {e.message}"
-    finally:
-        _restore(model, modes)
+    with training_mode(model, True, flags_only=True):
+        try:
+            gm = prepare_graph(trace_model(model, method, example, training=True))
+        except MexifyError as e:
+            return None, f"the model cannot be traced in train mode: {e.message}"
     return gm, ""
 
 
@@ -262,24 +258,6 @@ def _check_cuts(model: MultiExitModel, x: torch.Tensor, reference: torch.Tensor)
                 f"rows of different images would mix after exit {name!r}: dropping a row there changes the others' output",
                 f"values alive there: {live}; choose other exit points with --at (see `mexify inspect`)",
             )
-
-
-def _set_eval(model: nn.Module) -> dict:
-    """Put every submodule in eval mode (without ``.eval()``, which export modules refuse)."""
-    return _set_mode(model, False)
-
-
-def _set_mode(model: nn.Module, training: bool) -> dict:
-    """Set every submodule's training flag; returns the flags to restore."""
-    modes = {m: m.training for m in model.modules()}
-    for m in modes:
-        m.training = training
-    return modes
-
-
-def _restore(model: nn.Module, modes: dict) -> None:
-    for m, mode in modes.items():
-        m.training = mode
 
 
 class _Upsample(nn.Module):
@@ -495,7 +473,8 @@ def rebuild(config: BundleConfig, trust: Trust = Trust(), where: str = "the bund
         raise BundleError(f"cannot rebuild the bundle's model: {e.message}", e.hint) from e
     h, w = trace_cfg.input_size
     example = torch.zeros(1, 3, h, w)
-    _set_eval(model)
+    for m in model.modules():  # mexify's own model, left in eval mode: the graph shares its modules
+        m.training = False
     gm = prepare_graph(trace_model(model, trace_cfg, example))
     if config.train_issue:  # found at conversion (e.g. a train graph that cannot be differentiated)
         train_gm, train_issue = None, config.train_issue

@@ -25,6 +25,14 @@ from mexify.policies import build_policy, policy_from_dict  # noqa: E402
 FIXTURES = Path(__file__).parent / "fixture_models.py"
 
 
+def test_collect_cache_leaves_the_callers_model_and_policy_as_they_were():
+    model, data = NoisyExits(), make_scenes(6)
+    model.train()
+    pol = build_policy("entropy", temperatures=[1.0, 1.0, 1.0, 1.0])
+    collect_cache(model, torch.utils.data.DataLoader(data, batch_size=3), source=pol, temperatures=[2.0, 2.0, 2.0, 2.0])
+    assert model.training and pol.temperatures == [1.0, 1.0, 1.0, 1.0]
+
+
 
 
 @pytest.fixture(scope="module")

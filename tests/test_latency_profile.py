@@ -38,6 +38,12 @@ def test_profile_is_stored_by_device_batch_dtype_and_size(bundle):
     assert mexify.load(bundle).num_exits == 4  # the bundle still loads
 
 
+def test_threads_are_put_back_after_profiling(bundle):
+    before = torch.get_num_threads()
+    api.profile(bundle, device="cpu", batch_sizes=[1], warmup=0, repeats=1, threads=1 if before > 1 else 2, write=False)
+    assert torch.get_num_threads() == before
+
+
 def test_calibrated_bundle_profiles_its_policy_steps(bundle):
     api.calibrate(bundle, "synthetic:scenes?size=64&classes=4&n=8&n_eval=8", policy="mess", budget=api.Budget.max_drop(1.0), batch_size=4)
     (p,) = api.profile(bundle, device="cpu", batch_sizes=[1], warmup=0, repeats=1, dtype="bfloat16").profiles

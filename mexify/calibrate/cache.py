@@ -27,13 +27,14 @@ in ``tests/test_calibrate.py``), 60 MB of it without the thumbnails (``thumb=0``
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
 from mexify.files import atomic_file
+from mexify.graph.modes import training_mode
 from mexify.metrics import miou_from_counts
 from mexify.nn import exit_flops
 from mexify.runtime import LatencyProfile, masks_of, resize_masks
@@ -55,7 +57,7 @@ from mexify.policies.maxprob import MaxProbPolicy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExitCache", "collect_cache"]
+__all__ = ["ExitCache", "ExitSource", "collect_cache"]
 
 Progress = Optional[Callable[[str, int, int], None]]
 
@@ -129,7 +131,9 @@ class ExitCache:
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
     # --------------------------------------------------------------- arithmetic
-    def _counts(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def counts(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-image true positives ``(N, E, K)``, predictions ``(N, E, K)`` and labels ``(N, K)`` per class, what
+        mIoU is computed from: against the labels, or against the final exit's predictions when there are none."""
         if self.labelled:
             return self.tp, self.pred_count, self.label_count
         return self.agree_tp, self.agree_pred_count, self.agree_label_count
@@ -143,7 +147,7 @@ class ExitCache:
     def miou(self, assignment: np.ndarray) -> float:
         """Dataset mIoU in points (0-100) of the images' chosen exits, from the per-image counts (exact;
         :func:`mexify.metrics.miou_from_counts`)."""
-        tp, pc, lc = self._counts()
+        tp, pc, lc = self.counts()
         idx = np.arange(len(assignment))
         return miou_from_counts(tp[idx, assignment].sum(0, dtype=np.int64), pc[idx, assignment].sum(0, dtype=np.int64),
                                 lc.sum(0, dtype=np.int64))
@@ -158,7 +162,7 @@ class ExitCache:
     def per_image_miou(self) -> np.ndarray:
         """mIoU in points (0-100) of every image at every exit, ``(N, E)``, over classes in its labels or
         prediction; NaN for an image without a labelled pixel (:func:`mexify.metrics.miou_from_counts`)."""
-        tp, pc, lc = self._counts()
+        tp, pc, lc = self.counts()
         return miou_from_counts(tp, pc, np.broadcast_to(lc[:, None, :], tp.shape))
 
     def oracle_assignment(self, tolerance: float) -> np.ndarray:
@@ -289,24 +293,42 @@ class ExitCache:
         return cls(**meta, **arrays)
 
 
-def _model_costs(model: Any) -> Tuple[np.ndarray, float, Optional[List[float]], Optional[List[float]]]:
+class ExitSource(Protocol):
+    """What :func:`collect_cache` needs of a model: a :class:`~mexify.nn.MultiExitModel`, or
+    :class:`~mexify.calibrate.configure.CandidateView` (every head candidate an exit of its own).
+
+    An ``nn.Module`` (the cache runs it in eval mode and hands it back in its mode) with its exits' names,
+    its classes, FLOPs (1 multiply-add = 1 FLOP) and each exit's output on a batch.
+    """
+
+    exit_names: Sequence[str]
+    num_classes: int
+    original_flops: float
+    stage_flops: Sequence[float]
+    head_flops: Sequence[float]
+    training: bool
+
+    def cost_to_exit(self, i: int) -> float: ...
+
+    def iter_exits(self, x: torch.Tensor) -> Iterator[Any]:
+        """Each exit's output in turn: ``.logits`` at the exit's own resolution, ``.features`` at its exit point."""
+        ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def modules(self) -> Iterator[Any]: ...
+
+
+def _model_costs(model: ExitSource) -> Tuple[np.ndarray, float, List[float], List[float]]:
     e = len(model.exit_names)
     costs = np.array([float(model.cost_to_exit(i)) for i in range(e)], dtype=np.float64)
-    stage = getattr(model, "stage_flops", None)
-    head = getattr(model, "head_flops", None)
-    return costs, float(model.original_flops), (list(map(float, stage)) if stage is not None else None), (
-        list(map(float, head)) if head is not None else None
-    )
+    return costs, float(model.original_flops), [float(v) for v in model.stage_flops], [float(v) for v in model.head_flops]
 
 
-def _exit_outputs(model: Any, x: torch.Tensor, need_features: bool) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+def _exit_outputs(model: ExitSource, x: torch.Tensor, need_features: bool) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
     """Each exit's logits at its own resolution (and the exit-point features when asked)."""
-    if hasattr(model, "iter_exits"):
-        outs = list(model.iter_exits(x))
-        return [o.logits for o in outs], [o.features if need_features else None for o in outs]
-    logits = list(model.forward_all(x))
-    feats = list(model.forward_features(x)) + [None] if need_features else [None] * len(logits)
-    return logits, feats
+    outs = list(model.iter_exits(x))
+    return [o.logits for o in outs], [o.features if need_features else None for o in outs]
 
 
 def _nearest(labels: torch.Tensor, size: Any) -> torch.Tensor:
@@ -415,7 +437,7 @@ class _Accumulator:
 
 @torch.no_grad()
 def collect_cache(
-    model: Any,
+    model: ExitSource,
     batches: Iterable[Any],
     source: Optional[Policy] = None,
     temperatures: Optional[Sequence[float]] = None,
@@ -428,7 +450,7 @@ def collect_cache(
     """Run every exit once over ``batches`` (eval mode, no grad) and keep per-image statistics.
 
     Args:
-        model: a ``MultiExitModel`` (``forward_all``, ``cost_to_exit``, ``exit_names``, ...).
+        model: a ``MultiExitModel``, or anything else :class:`ExitSource` describes; handed back in its mode.
         batches: iterable of ``(images, masks)``; masks may be None or all 255 (unlabelled).
         source: policy whose ``probabilities`` define the exit outputs (default: softmax of
             the logits, with ``temperatures``); class-means passes itself.
@@ -446,16 +468,15 @@ def collect_cache(
     """
     if source is None:
         source = MaxProbPolicy(temperatures=temperatures)
-    elif temperatures is not None:
+    elif temperatures is not None:  # a copy: the caller's policy keeps its own temperatures
+        source = copy.copy(source)
         source.temperatures = list(temperatures)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
     names = list(model.exit_names)
     k = int(model.num_classes)
     acc = _Accumulator(len(names), k, edge_radius, thumb)
     t0 = time.perf_counter()
     done = 0
-    try:
+    with training_mode(model, False):
         for x, y in unpadded(batches):
             if device is not None:
                 x = x.to(device)
@@ -464,8 +485,6 @@ def collect_cache(
             done += 1
             if progress is not None:
                 progress("collect", done, total or done)
-    finally:
-        model.train(was_training)
     if done == 0:
         raise DataError("the calibration split yielded no batch", "check --split and --limit")
     cache = _assemble(model, acc, source, edge_radius)

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from mexify.calibrate.budget import Budget
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.fit import _checked
 from mexify.errors import BudgetError, ConfigError
-from mexify.nn import exit_flops, module_device
+from mexify.nn import ExitOutput, exit_flops, module_device
 from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
 from mexify.runtime import LatencyProfile
@@ -48,17 +49,21 @@ class Candidate(NamedTuple):
     index: int
 
 
-class CandidateView:
+class CandidateView(nn.Module):
     """A :class:`~mexify.nn.MultiExitModel` seen with every head candidate as its own exit (what the cache collects).
 
-    ``columns[j]`` is the :class:`Candidate` of virtual exit ``j``; ``exit_names[j]`` (``"name#k"``) only labels it.
+    A wrapper, like timm's ``features_only``: the model is its one submodule (``train()`` / ``eval()`` reach
+    it), nothing of it is changed. ``columns[j]`` is the :class:`Candidate` of virtual exit ``j``;
+    ``exit_names[j]`` (``"name#k"``) only labels it. Satisfies :class:`~mexify.calibrate.cache.ExitSource`.
     """
 
     def __init__(self, model: Any):
         if getattr(model, "candidates", None) is None:
             raise ConfigError("this bundle has one head per exit: there is nothing to search",
                               "convert with --heads SPACE (e.g. --heads mess), train, then calibrate --search")
+        super().__init__()
         self.model = model
+        self.training = model.training  # the view is in the model's mode
         cfg = model.config
         self.columns: List[Candidate] = []
         stage, heads = [], []
@@ -72,30 +77,23 @@ class CandidateView:
         self.head_flops = heads
         self.num_classes = model.num_classes
         self.original_flops = model.original_flops
-        self.training = False
-
-    def eval(self) -> "CandidateView":
-        self.model.eval()
-        return self
-
-    def train(self, mode: bool = True) -> "CandidateView":
-        self.model.train(mode)
-        return self
 
     def cost_to_exit(self, j: int) -> float:
+        """FLOPs to leave at virtual exit ``j`` with every candidate on the way evaluated."""
         return float(exit_flops(self.stage_flops, self.head_flops)[j])
 
-    def forward_all(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def iter_exits(self, x: torch.Tensor) -> Iterator[ExitOutput]:
         """Every candidate's logits at its own resolution (the backbone once), then the final logits."""
         m = self.model
-        state, outs = m.start(x), []
+        state, j = m.start(x), 0
         for i in range(m.num_exits):
             state = m.run_stage(i, state)
             if i < m.num_exits - 1:
                 features = m.exit_features(i, state)
-                outs.extend(head(features) for head in m.candidates[m.exit_names[i]])
-        outs.append(m.exit_logits(m.num_exits - 1, state))
-        return outs
+                for head in m.candidates[m.exit_names[i]]:
+                    yield ExitOutput(j, self.exit_names[j], head(features), None, state)
+                    j += 1
+        yield ExitOutput(j, "final", m.exit_logits(m.num_exits - 1, state), None, state)
 
 
 def view_profile(profile: LatencyProfile, cand: "CandidateView", columns: Sequence[int]) -> LatencyProfile:

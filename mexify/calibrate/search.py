@@ -50,7 +50,7 @@ class _Eval:
     def __init__(self, cache: "ExitCache", scores: np.ndarray):
         self.cache = cache
         self.s = scores
-        tp, pc, lc = cache._counts()
+        tp, pc, lc = cache.counts()
         self.tp = tp.astype(np.float64)
         self.pc = pc.astype(np.float64)
         self.lsum = lc.sum(0).astype(np.float64)

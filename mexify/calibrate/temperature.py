@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mexify.data import unpadded
+from mexify.graph.modes import training_mode
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,8 @@ def fit_temperatures(
     grid_t = torch.tensor(grid if grid is not None else np.logspace(-1.0, 1.0, 41), dtype=torch.float64)
     nll: Optional[torch.Tensor] = None
     gen = torch.Generator().manual_seed(0)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
     done = 0
-    try:
+    with training_mode(model, False):
         for x, y in unpadded(batches):
             if y is None:
                 continue
@@ -73,8 +72,6 @@ def fit_temperatures(
             done += 1
             if progress is not None:
                 progress("temperature", done, total or done)
-    finally:
-        model.train(was_training)
     if nll is None or not bool((nll > 0).any()):
         log.warning("temperature scaling skipped: no labelled pixel")
         return None

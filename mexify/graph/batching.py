@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 
+from mexify.graph.modes import training_mode
 from mexify.graph.profile import run_fake_or_real
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,7 @@ def analyze_batch(gm: fx.GraphModule, input_size: Tuple[int, int]) -> Dict[str, 
     """
     h, w = input_size
     runs = []
-    modes = [(m, m.training) for m in gm.modules()]
-    for m, _ in modes:
-        m.training = False
-    try:
+    with training_mode(gm, False, flags_only=True):
         for b in _SIZES:
             example = torch.zeros(b, 3, h, w)
 
@@ -140,9 +138,6 @@ def analyze_batch(gm: fx.GraphModule, input_size: Tuple[int, int]) -> Dict[str, 
                 return rec.signatures
 
             runs.append(run_fake_or_real(run))
-    finally:
-        for m, mode in modes:
-            m.training = mode
     out = {}
     for n in gm.graph.nodes:
         if n.name in runs[0] and n.name in runs[1]:

@@ -42,6 +42,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_flatten, tree_map
 
+from mexify.graph.modes import training_mode
+
 try:  # private, but present on every torch this package supports (>= 2.4)
     from torch.utils._python_dispatch import TorchDispatchMode
 except ImportError:  # pragma: no cover - guarded for future torch releases
@@ -349,19 +351,10 @@ def _counting(tally: _Tally) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, restoring each one's own flag afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    # Flags are set directly: modules from torch.export refuse .eval() (their graph
-    # already fixed the mode), and train() overrides must not run twice.
-    for m, _ in modes:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+def _eval_mode(module: torch.nn.Module) -> Any:
+    """Every submodule in eval mode, each one's own flag restored afterwards. Flags are set directly: modules
+    from torch.export refuse .eval() (their graph already fixed the mode), and train() overrides must not run twice."""
+    return training_mode(module, False, flags_only=True)
 
 
 def _infer_device(module: torch.nn.Module, device: Any) -> torch.device | None:

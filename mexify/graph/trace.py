@@ -21,6 +21,7 @@ from torch import nn
 
 from mexify.config import TraceConfig
 from mexify.errors import TraceError
+from mexify.graph.modes import training_mode
 
 __all__ = [
     "TRACER_KEY",
@@ -150,10 +151,9 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor, tr
     """
     if isinstance(model, fx.GraphModule):
         return model
-    was_training = model.training
     fx_error: Optional[BaseException] = None
     scope: Optional[Tuple[str, str]] = None
-    try:
+    with training_mode(model, None):  # the caller's model is handed back in its mode
         if config.method in ("auto", "fx"):
             gm, fx_error, scope = _trace_fx(model, config)
             if gm is not None:
@@ -170,8 +170,6 @@ def trace_model(model: nn.Module, config: TraceConfig, example: torch.Tensor, tr
                 log.info("torch.export could not trace %s either: %s", type(model).__name__, _first_line(e))
         assert fx_error is not None
         raise _fx_failure(model, fx_error, scope) from fx_error
-    finally:
-        model.train(was_training)
 
 
 def _trace_fx(model: nn.Module, config: TraceConfig):

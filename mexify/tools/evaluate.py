@@ -7,6 +7,7 @@ the early-exit runtime and returns a :class:`PolicyResult` row for the report.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from mexify.config import json_safe
 from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
+from mexify.graph.modes import training_mode
 from mexify.metrics import ConfusionMatrix, per_image_miou
 from mexify.nn import device_name, module_device, resolve_device
 from mexify.runtime import EarlyExitRuntime, active_exits, masks_of, resize_masks, select_profile
@@ -252,14 +254,8 @@ def evaluate(
     total = _total(loader, limit)
     if total == 0:
         raise DataError("the dataset to evaluate on is empty", "check the dataset spec and split")
-    was_training, home = model.training, module_device(model)
-    model.eval()
-    model.to(dev)
-    try:
+    with training_mode(model, False), _placed(model, dev):  # handed back in its mode, where it was
         cms, per_image, done, image_size = _run_exits(model, loader, limit, dev, total, progress)
-    finally:
-        model.to(home)
-        model.train(was_training)
     report = _report(model, ds, cms, per_image, done, image_size, time.perf_counter() - t0)
     log.info("evaluated %d images in %.1fs: final mIoU %.2f, shallowest exit %.2f",
              done, report.seconds, report.exits[-1].miou, report.exits[0].miou)
@@ -334,7 +330,7 @@ def evaluate_policy(
         policy: as for :func:`~mexify.runtime.resolve_policy` (None: the bundle's policy).
         data: a Dataset or DataLoader of ``(image, mask)`` batches.
         batch_size, limit: batching of a Dataset; only the first ``limit`` images.
-        device: where to run (default: where the model is).
+        device: where to run (default: where the model is); the model is moved back afterwards.
         progress: ``progress(images_done, images_total_or_0)``.
 
     Returns:
@@ -344,29 +340,41 @@ def evaluate_policy(
     Raises:
         DataError: no image.
     """
-    if device is not None:
-        model.to(device)
-    rt = EarlyExitRuntime(model, policy)
     loader = as_loader(data, batch_size, limit)
     total = _total(loader, limit)
-    dev = module_device(model)
-    cm = ConfusionMatrix(int(model.num_classes), device=dev)
     counts = torch.zeros(model.num_exits, dtype=torch.long)
     flops, conf_sum, done = 0, 0.0, 0
     t0 = time.perf_counter()
-    for x, y in _limited(loader, limit):
-        out = rt.predict_batch(x)
-        if y is not None:
-            cm.update(resize_masks(out.masks, y.shape[-2:]), y.to(dev))
-        counts += torch.bincount(out.exit_index, minlength=model.num_exits)
-        flops += int(out.flops.sum())
-        conf_sum += float(torch.nan_to_num(out.confidence).sum())
-        done += int(x.shape[0])
-        if progress is not None:
-            progress(done, total)
-    if done == 0:
-        raise DataError("no image to evaluate the policy on", "check the dataset spec, split and --limit")
-    return _policy_row(model, rt.policy, cm, counts, flops / done, conf_sum / done, done, time.perf_counter() - t0)
+    with _placed(model, device):  # handed back where it was
+        rt = EarlyExitRuntime(model, policy)
+        dev = module_device(model)
+        cm = ConfusionMatrix(int(model.num_classes), device=dev)
+        for x, y in _limited(loader, limit):
+            out = rt.predict_batch(x)
+            if y is not None:
+                cm.update(resize_masks(out.masks, y.shape[-2:]), y.to(dev))
+            counts += torch.bincount(out.exit_index, minlength=model.num_exits)
+            flops += int(out.flops.sum())
+            conf_sum += float(torch.nan_to_num(out.confidence).sum())
+            done += int(x.shape[0])
+            if progress is not None:
+                progress(done, total)
+        if done == 0:
+            raise DataError("no image to evaluate the policy on", "check the dataset spec, split and --limit")
+        return _policy_row(model, rt.policy, cm, counts, flops / done, conf_sum / done, done, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _placed(model: Any, device: Any) -> Iterator[None]:
+    """``model`` on ``device`` (None: where it is) for the block, then back where it was."""
+    home = module_device(model)
+    if device is not None:
+        model.to(device)
+    try:
+        yield
+    finally:
+        if device is not None:
+            model.to(home)
 
 
 def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int) -> Optional[PredictedLatency]:
