@@ -95,7 +95,7 @@ def test_unet_with_skip_connections(tmp_path):
     model = _check_model(result, original, 64, 4, tmp_path)
     # some cut carries more than one live tensor (a skip connection)
     assert max(e.live_tensors for e in result.exits) >= 2
-    assert any(len(io[0]) >= 2 for io in model._io[1:])
+    assert any(len(model.stage_io(i)[0]) >= 2 for i in range(1, model.num_exits))
 
 
 def test_low_resolution_logits_are_upsampled(tmp_path):

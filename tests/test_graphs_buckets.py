@@ -159,7 +159,7 @@ def _runtimes(error=None):
         scores = [z.float().mean((1, 2, 3)) for z in model.forward_all(x, upsample=False)]
     policy = _MeanPolicy([float(scores[0].median()), float(scores[1].median())])
     graphed = EarlyExitRuntime(model, policy, cuda_graphs=False)
-    graphed._graphs = _CpuGraphedExits(model, graphed.policy, graphed.active, False, graphed._autocast,
+    graphed._graphs = _CpuGraphedExits(model, graphed.policy, graphed.active, False, graphed.autocast,
                                        graphed.memory_format, False, graphed._masks)
     graphed._graphs.error = error
     graphed.cuda_graphs = True

@@ -337,7 +337,7 @@ def test_what_each_graph_holds_runs_on_the_cpu(model):
     rt = EarlyExitRuntime(model, pol, final_confidence=True)
     from mexify.runtime.graphs import GraphedExits
 
-    step = GraphedExits(model, rt.policy, rt.active, False, rt._autocast, rt.memory_format, True, rt._masks)
+    step = GraphedExits(model, rt.policy, rt.active, False, rt.autocast, rt.memory_format, True, rt._masks)
     with torch.inference_mode():
         state = model.start(x)
         outs = []

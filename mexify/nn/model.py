@@ -145,6 +145,16 @@ class MultiExitModel(nn.Module):
             )
         return StageState({self._io[0][0][0]: x}, (int(x.shape[-2]), int(x.shape[-1])), int(x.shape[0]))
 
+    def stage_io(self, i: int) -> Tuple[List[str], List[str], Optional[str]]:
+        """Stage ``i``'s eval-mode graph interface: the names of its input and output values, and the value
+        its exit point is (the early exits' features)."""
+        inputs, outputs, exit_value = self._io[i]
+        return list(inputs), list(outputs), exit_value
+
+    def stage_batch_dims(self, i: int) -> Dict[str, BatchDim]:
+        """How each value alive after stage ``i`` follows the batch (empty: not recorded, tensors sliced along dim 0)."""
+        return dict(self._batch_dims[i] or {})
+
     def _stage_io(self, i: int) -> Tuple[List[str], List[str]]:
         """Stage ``i``'s (inputs, outputs) in the mode its graph is in."""
         if self._train_io[i] is not None and self.stages[i].training:

@@ -134,10 +134,12 @@ class EarlyExitRuntime:
         if cuda_graphs and dev.type != "cuda":
             raise ConfigError("CUDA graphs need the model on a CUDA device", "load it with device='cuda' (--device cuda), or leave graphs off")
         self.cuda_graphs = dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self._graphs = GraphedExits(self.model, self.policy, self.active, self.needs_features, self._autocast,
+        self._graphs = GraphedExits(self.model, self.policy, self.active, self.needs_features, self.autocast,
                                     self.memory_format, self.final_confidence, self._masks) if self.cuda_graphs else None
 
-    def _autocast(self) -> Any:
+    def autocast(self) -> Any:
+        """The autocast context the runtime runs under (a null context for float32): what a timing of the
+        original model or of single pieces (``mexify bench``) runs under to be comparable."""
         if _DTYPES[self.dtype] is None:
             return contextlib.nullcontext()
         # no weight-cast cache: CUDA graphs cannot capture it, and eager runs stay comparable
@@ -198,7 +200,7 @@ class EarlyExitRuntime:
                 self._graphs = None
                 self.cuda_graphs = False
         out = _Outputs(int(x.shape[0]), self.model.num_exits, (int(x.shape[-2]), int(x.shape[-1])), x.device)
-        with self._autocast():
+        with self.autocast():
             self._run_eager(x, out)
         return self._result(out)
 

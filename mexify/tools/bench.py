@@ -208,10 +208,10 @@ def _original_runner(orig: nn.Module, rt: EarlyExitRuntime) -> Callable[[torch.T
         return masks_of(adapt_output(orig(x)), (int(x.shape[-2]), int(x.shape[-1])))
 
     if rt.cuda_graphs:
-        return GraphedCall(masks, rt._autocast)
+        return GraphedCall(masks, rt.autocast)
 
     def eager(x: torch.Tensor) -> torch.Tensor:
-        with rt._autocast():
+        with rt.autocast():
             return masks(x)
     return eager
 
@@ -246,7 +246,7 @@ def _exit_rows(model: Any, rt: EarlyExitRuntime, x0: torch.Tensor, orig_s: float
     with the time to reach it (every head on the way), and the time to leave at each exit when only
     the runtime's active heads run."""
     e = model.num_exits
-    t = time_stages(model, x0, dev, warmup, repeats, progress, rt.policy, rt.cuda_graphs, rt._autocast)
+    t = time_stages(model, x0, dev, warmup, repeats, progress, rt.policy, rt.cuda_graphs, rt.autocast)
     stage_s, head_s, policy_s, mask_s = t["stage"], t["head"], t["policy"], t["mask"]
     timed = {"batch_size": 1, "stage_ms": stage_s, "head_ms": head_s, "policy_ms": policy_s, "mask_ms": mask_s,
              "mode": "graphs" if rt.cuda_graphs else "eager"}

@@ -200,13 +200,13 @@ def _pieces(model: MultiExitModel, policy: Any, onnx: bool) -> List[_Piece]:
     with torch.no_grad():
         state = model.start(x)
         for i in range(model.num_exits):
-            inputs, outputs, exit_value = model._io[i]
+            inputs, outputs, exit_value = model.stage_io(i)
             ins = [state.values[n] for n in inputs]
             state = model.run_stage(i, state)
             outs = [state.values[n] for n in outputs]
             what = f"stage {i} (up to exit {model.exit_names[i]!r})" if i < last else f"stage {i} (the final stage)"
             in_kinds, out_kinds = _kinds(ins, inputs, what, "input"), _kinds(outs, outputs, what, "output")
-            given = model._batch_dims[i] or {}
+            given = model.stage_batch_dims(i)
             dims = {n: carrier_batch_dim(str(given[n]), k) for n, k in zip(outputs, out_kinds) if n in given}
             io = {"inputs": list(inputs), "input_kinds": in_kinds, "outputs": list(outputs), "output_kinds": out_kinds,
                   "exit_value": exit_value, "batch_dims": dims}
