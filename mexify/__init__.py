@@ -1,9 +1,12 @@
 """mexify: turn any PyTorch semantic-segmentation model into a multi-exit model.
 
 The Python API mirrors the CLI: every verb (``convert``, ``inspect``, ``load``, ``train``,
-``calibrate``, ``evaluate``, ``predict``, ``bench``, ``export``) is in :mod:`mexify.api`.
-``convert``, ``inspect`` and ``load`` are re-exported here with the extension points for tracing,
-FLOP counting and policies (``train`` and ``calibrate`` are not: those names are subpackages).
+``calibrate``, ``search``, ``compare``, ``evaluate``, ``predict``, ``bench``, ``compare_engines``,
+``profile``, ``export``) is in :mod:`mexify.api`. ``convert``, ``inspect`` and ``load`` are
+re-exported here with the option objects (``TraceConfig``, ``Budget``, ``Trust``) and the extension
+points for tracing, FLOP counting and policies (``train`` and ``calibrate`` are not: those names are
+subpackages). ``mexify.inspect`` is left out of ``__all__``: ``from mexify import *`` would shadow
+the standard library's ``inspect``.
 
 The names below are imported on first use (PEP 562), so that ``import mexify.deploy`` (the
 onnxruntime runner) does not import torch.
@@ -36,7 +39,6 @@ __all__ = [
     "ConvertResult",
     "MultiExitModel",
     "convert",
-    "inspect",
     "load",
     "register_leaf_module",
     "register_autowrap_function",

@@ -723,10 +723,10 @@ def evaluate(
     data = data if data is not None else _trained_on(model, bundle)
     ds = _dataset(data, split)
     report = _evaluate(model, ds, device=device, batch_size=batch_size, limit=limit, num_workers=workers,
-                       progress=(lambda d, t: progress("eval", d, t)) if progress else None)
+                       progress=progress)
     if with_policy and model.config is not None and model.config.policy is not None:
         report.policies.append(_evaluate_policy(model, None, ds, batch_size=batch_size, limit=limit, device=device,
-                                                progress=(lambda d, t: progress("policy", d, t)) if progress else None))
+                                                progress=progress))
     report.data = data if isinstance(data, str) else type(data).__name__
     report.notes.extend(_seen_in_calibration(model, report.data, split))
     return report

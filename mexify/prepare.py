@@ -31,7 +31,7 @@ from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 from mexify.trust import Trust, check_import
 
-__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_spec", "build_exit_heads"]
+__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_for_exits", "build_exit_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _as_spec(spec: Union[str, ModelSpec], args: Optional[Mapping[str, Any]], wei
     return spec if isinstance(spec, ModelSpec) else parse_spec(spec, args, weights)
 
 
-def trace_spec(
+def trace_for_exits(
     model: nn.Module, trace: TraceConfig, placement: PlacementConfig = PlacementConfig()
 ) -> TracedModel:
     """Trace, adapt the output, profile at ``trace.input_size`` and list exit candidates."""
@@ -331,7 +331,7 @@ def convert(
     else:
         model_spec = _as_spec(spec, args, weights)
         model = build_model(model_spec, trust)
-    traced = trace_spec(model, trace_cfg, placement)
+    traced = trace_for_exits(model, trace_cfg, placement)
     trace_cfg = dataclasses.replace(trace_cfg, export_shapes=traced.graph_module.meta.get(EXPORT_SHAPES_KEY, ""))
     chosen = select_exit_points(traced.candidates, exits, at, placement)
     space = tuple(heads) if heads else (head_cfg,)
@@ -443,7 +443,7 @@ def inspect(
         model = spec
     else:
         model = build_model(_as_spec(spec, args, weights), trust)
-    return trace_spec(model, trace_cfg)
+    return trace_for_exits(model, trace_cfg)
 
 
 def rebuild(config: BundleConfig, trust: Trust = Trust(), where: str = "the bundle's spec") -> MultiExitModel:

@@ -30,7 +30,7 @@ def test_evaluate_matches_direct_computation(bundle):
     model.train()
     ds = build_dataset(DATA, split="val")
     seen = []
-    report = evaluate(model, ds, device="cpu", batch_size=4, num_workers=0, progress=lambda d, t: seen.append((d, t)))
+    report = evaluate(model, ds, device="cpu", batch_size=4, num_workers=0, progress=lambda stage, d, t: seen.append((d, t)))
     assert isinstance(report, EvalReport)
     assert model.training, "the model is handed back in the mode it arrived in"
     assert seen == [(4, 6), (6, 6)]

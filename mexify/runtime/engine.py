@@ -89,7 +89,7 @@ class EarlyExitRuntime:
     """Early-exit inference with batch shrinking.
 
     Args:
-        model: a :class:`~mexify.model.MultiExitModel`.
+        model: a :class:`~mexify.nn.MultiExitModel`.
         policy: see :func:`resolve_policy` (default: the bundle's policy).
         exit: force every image to one exit instead (index or name).
         cuda_graphs: replay stages (with their active head and decision) as CUDA graphs per batch
@@ -304,7 +304,7 @@ def predict(model: Any, x: torch.Tensor, policy: Any = None, exit: Union[int, st
     """Early-exit predictions for a batch ``(N, 3, H, W)`` (see :class:`EarlyExitRuntime`).
 
     Args:
-        model: a :class:`~mexify.model.MultiExitModel`.
+        model: a :class:`~mexify.nn.MultiExitModel`.
         x: normalised images.
         policy: a policy object or dict; default the bundle's policy.
         exit: force every image to one exit (index or name) instead.

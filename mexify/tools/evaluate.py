@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ExitResult", "PolicyResult", "PredictedLatency", "EvalReport", "evaluate", "evaluate_policy"]
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[str, int, int], None]  # progress(stage, done, total): every library progress callback
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def evaluate(
         dataset_or_loader: a dataset yielding ``(image, mask)`` or a DataLoader of such batches.
         device: where to run (default: cuda if available). The model is moved back afterwards
             and handed back in the train/eval mode it arrived in.
-        progress: called as ``progress(images_done, images_total)`` after every batch.
+        progress: called as ``progress("eval", images_done, images_total)`` after every batch.
         batch_size: batch size when a dataset is given.
         limit: evaluate only the first ``limit`` images.
         num_workers: loader workers when a dataset is given (default: one per core).
@@ -283,7 +283,7 @@ def _run_exits(model: Any, loader: Any, limit: Optional[int], dev: torch.device,
             per_image[i].append(per_image_miou(pred, masks, k).cpu())
         done += int(images.shape[0])
         if progress is not None:
-            progress(done, total)
+            progress("eval", done, total)
     return cms, per_image, done, image_size
 
 
@@ -331,7 +331,7 @@ def evaluate_policy(
         data: a Dataset or DataLoader of ``(image, mask)`` batches.
         batch_size, limit: batching of a Dataset; only the first ``limit`` images.
         device: where to run (default: where the model is); the model is moved back afterwards.
-        progress: ``progress(images_done, images_total_or_0)``.
+        progress: ``progress("policy", images_done, images_total_or_0)``.
 
     Returns:
         a :class:`PolicyResult` (``miou`` and ``pixel_accuracy`` in points like the exit rows;
@@ -358,7 +358,7 @@ def evaluate_policy(
             conf_sum += float(torch.nan_to_num(out.confidence).sum())
             done += int(x.shape[0])
             if progress is not None:
-                progress(done, total)
+                progress("policy", done, total)
         if done == 0:
             raise DataError("no image to evaluate the policy on", "check the dataset spec, split and --limit")
         return _policy_row(model, rt.policy, cm, counts, flops / done, conf_sum / done, done, time.perf_counter() - t0)

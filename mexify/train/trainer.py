@@ -262,11 +262,11 @@ def _sigint_flag():
 class _CsvLog:
     """``train_log.csv``: one row per logged iteration; rewritten on resume up to the checkpoint."""
 
-    def __init__(self, path: Path, exit_names: Sequence[str], enabled: bool):
+    def __init__(self, path: Path, loss_names: Sequence[str], enabled: bool):
         self.path = path
         self.enabled = enabled
-        self.columns = ["stage", "iteration", "lr", "loss"] + [f"ce/{e}" for e in exit_names] + \
-            [f"kd/{e}" for e in exit_names[:-1]] + ["it_per_s", "time"]
+        self.columns = ["stage", "iteration", "lr", "loss"] + [f"ce/{e}" for e in loss_names] + \
+            [f"kd/{e}" for e in loss_names[:-1]] + ["it_per_s", "time"]
         self._fh = None
         self._writer = None
 
@@ -330,11 +330,11 @@ class _Trainer:
         self.save = save
         self.model = model.to("cpu")
         # one loss per output: an exit's head, or each of its candidates (their exit in loss_owner)
-        self.exit_names, self.loss_owner = loss_names(self.model)
+        self.loss_names, self.loss_owner = loss_names(self.model)
         check_classes(dataset, self.model.num_classes)
         self.dataset = dataset
         self.ckpt_path = self.run_dir / ckpt_mod.CHECKPOINT_NAME
-        self.csv = _CsvLog(self.run_dir / LOG_NAME, self.exit_names, info.is_main)
+        self.csv = _CsvLog(self.run_dir / LOG_NAME, self.loss_names, info.is_main)
         self.windows: Dict[int, deque] = {}
         self.reports: List[StageReport] = []
 
@@ -408,10 +408,10 @@ class _Trainer:
         if diffs:
             log.warning("resuming with a recipe that differs from the checkpoint's in %s; "
                         "the run will not reproduce the uninterrupted one", ", ".join(diffs))
-        if state.get("exit_names") and list(state["exit_names"]) != self.exit_names:
+        if state.get("exit_names") and list(state["exit_names"]) != self.loss_names:
             raise TrainingError(
                 f"checkpoint {self.ckpt_path} belongs to a model with exits {state['exit_names']}, "
-                f"not {self.exit_names}", "resume with the bundle the run started from, or drop --resume")
+                f"not {self.loss_names}", "resume with the bundle the run started from, or drop --resume")
         if int(state.get("world_size", 1)) != self.info.world_size:
             log.warning("checkpoint was written by %s process(es), resuming with %d: data order differs",
                         state.get("world_size"), self.info.world_size)
@@ -446,7 +446,7 @@ class _Trainer:
                 stop = bool(values[-1] > 0)
                 self._step(loss, opt, sched, scaler, params)
                 done_here += 1
-                row = self._row(stage, it + 1, cur_lr, values, self.exit_names, with_kd)
+                row = self._row(stage, it + 1, cur_lr, values, self.loss_names, with_kd)
                 window.append([float(v) for v in values[:-1]])
                 elapsed = time.perf_counter() - t_start
                 row["it_per_s"] = done_here / elapsed if elapsed > 0 else 0.0
@@ -525,7 +525,7 @@ class _Trainer:
                             torch.stack([k.detach() for k in kds]) if kds else loss.new_zeros(0), stop_flag])
         values = all_reduce_mean(values).cpu()
         if not torch.isfinite(values[:-1]).all():
-            self._nan(stage, it, values, self.exit_names, kds)
+            self._nan(stage, it, values, self.loss_names, kds)
         return loss, values, bool(kds)
 
     def _step(self, loss: torch.Tensor, opt, sched, scaler, params: List[nn.Parameter]) -> None:
@@ -588,9 +588,9 @@ class _Trainer:
         log.info("recomputed statistics of %d BatchNorm layers over %d batches", len(bns), iters)
 
     def _columns(self, with_kd: bool) -> List[str]:
-        cols = ["loss"] + [f"ce/{e}" for e in self.exit_names]
+        cols = ["loss"] + [f"ce/{e}" for e in self.loss_names]
         if with_kd:
-            cols += [f"kd/{e}" for e in self.exit_names[:-1]]
+            cols += [f"kd/{e}" for e in self.loss_names[:-1]]
         return cols
 
     def _row(self, stage, iteration, lr, values, names, with_kd) -> Dict[str, Any]:
@@ -603,7 +603,7 @@ class _Trainer:
         win = self.windows.get(stage)
         if not win:
             return {}
-        cols = self._columns(len(win[0]) > 1 + len(self.exit_names))
+        cols = self._columns(len(win[0]) > 1 + len(self.loss_names))
         t = torch.tensor(list(win), dtype=torch.float64).mean(0)
         return {c: float(v) for c, v in zip(cols, t)}
 
@@ -636,7 +636,7 @@ class _Trainer:
             "scaler": scaler.state_dict() if scaler is not None else {},
             "rng": ckpt_mod.rng_state(),
             "recipe": self.recipe.to_dict(),
-            "exit_names": list(self.exit_names),
+            "exit_names": list(self.loss_names),
             "world_size": self.info.world_size,
             "windows": {str(k): [list(v) for v in w] for k, w in self.windows.items()},
         }

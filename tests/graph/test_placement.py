@@ -1,5 +1,5 @@
 """mexify.graph.placement: which nodes can carry an exit (find_candidates) and which N to use
-(select_exit_points), on hand-built graphs prepared as ``prepare.trace_spec`` does (trace, logits
+(select_exit_points), on hand-built graphs prepared as ``prepare.trace_for_exits`` does (trace, logits
 only, profile, batch analysis) and on hand-made candidate lists."""
 import pytest
 import torch
@@ -15,7 +15,7 @@ from mexify.graph.profile import profile_graph
 
 
 def _prepared(module, size):
-    """What trace_spec does before placement: trace, keep the logits, profile at batch 1, analyse the batch."""
+    """What trace_for_exits does before placement: trace, keep the logits, profile at batch 1, analyse the batch."""
     gm = prepare_graph(fx.symbolic_trace(module.eval()))
     report = profile_graph(gm, torch.zeros(1, 3, *size))
     analyze_batch(gm, size)
