@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    logging.getLogger("mexify.graph.profile").setLevel(logging.ERROR)
+    logging.getLogger("mexify.graph.flops").setLevel(logging.ERROR)
     import mexify
     from mexify.graph.adapt import adapt_output
     from mexify.tools import original_model

@@ -57,7 +57,7 @@ def main() -> None:
 
     from mexify.api import export, read_config
     from mexify.data import build_dataset, take
-    from mexify.tools.bench import _batches
+    from mexify.tools.benchmark import _batches
     from mexify.tools.engines import compare_engines, make_engine
 
     bundle = Path(args.bundle)

@@ -266,7 +266,7 @@ def main() -> None:
         print(text)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("mexify.graph.profile", "mexify.data", "mexify.calibrate"):
+    for noisy in ("mexify.graph.flops", "mexify.data", "mexify.calibrate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

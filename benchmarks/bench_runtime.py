@@ -5,7 +5,7 @@ with a ``maxprob`` policy whose thresholds are quantiles of the exits' scores on
 images (synthetic scenes, each scaled by its own contrast so that random-weight heads' confidences
 spread) (default: the mix measured on the H100 in the latency issue, 52% / 19.5% / 1% / 27.5% over
 exits 0, 1, 4 and the final exit; the other exits switched off), then for every batch size and
-dtype runs ``mexify.tools.bench`` (the runtime and the original model over the same images,
+dtype runs ``mexify.tools.benchmark`` (the runtime and the original model over the same images,
 interleaved, medians) in each execution mode:
 
 * ``eager``: stage by stage in eager PyTorch, against the original in eager PyTorch;
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     import mexify
     from mexify.data import build_dataset
     from mexify.runtime import FixedExit
-    from mexify.tools.bench import bench
+    from mexify.tools.benchmark import bench
 
     dev = torch.device(args.device)
     torch.manual_seed(0)  # the same random weights, hence the same exit points and scores, run to run

@@ -21,7 +21,7 @@ _LAZY = {
     "inspect": "mexify.api",
     "load": "mexify.api",
     "MexifyError": "mexify.errors",
-    "register_flop_formula": "mexify.graph.profile",
+    "register_flop_formula": "mexify.graph.flops",
     "register_autowrap_function": "mexify.graph.trace",
     "register_leaf_module": "mexify.graph.trace",
     "MultiExitModel": "mexify.nn",

@@ -24,7 +24,7 @@ from mexify.graph.adapt import prepare_graph, upsample_to_input
 from mexify.graph.batching import analyze_batch
 from mexify.graph.modes import training_mode
 from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
-from mexify.graph.profile import count_flops, profile_graph
+from mexify.graph.flops import count_flops, profile_graph
 from mexify.graph.split import pair_stages, split_stages
 from mexify.graph.trace import EXPORT_SHAPES_KEY, TRACER_KEY, registered_autowrap_functions, registered_leaf_modules, trace_model
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides

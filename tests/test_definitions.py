@@ -131,7 +131,7 @@ def test_the_original_runs_without_autograd_wherever_it_is_called(tmp_path, monk
     mexify.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.TraceConfig((32, 32)), exits=2, out=str(tmp_path / "b.mex"))
     model = mexify.load(tmp_path / "b.mex")
     grad = []
-    monkeypatch.setattr(importlib.import_module("mexify.tools.bench"), "adapt_output", lambda out: grad.append(torch.is_grad_enabled()) or out)
+    monkeypatch.setattr(importlib.import_module("mexify.tools.benchmark"), "adapt_output", lambda out: grad.append(torch.is_grad_enabled()) or out)
     run, _ = original_runner(model, EarlyExitRuntime(model, exit=-1))
     with torch.enable_grad():
         assert run(torch.randn(2, 3, 32, 32)).shape == (2, 32, 32)

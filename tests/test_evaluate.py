@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import mexify
 from mexify.data import build_dataset
 from mexify.errors import DataError
-from mexify.tools.evaluate import EvalReport, PolicyResult, evaluate
+from mexify.tools.evaluation import EvalReport, PolicyResult, evaluate
 from mexify.metrics import ConfusionMatrix
 
 FIXTURES = Path(__file__).parent / "fixture_models.py"

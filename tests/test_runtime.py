@@ -220,7 +220,7 @@ def test_class_means_masks_come_from_the_class_means(model):
 
 def test_evaluate_policy_final_exit_matches_evaluate(model):
     from mexify.data import build_dataset
-    from mexify.tools.evaluate import evaluate
+    from mexify.tools.evaluation import evaluate
 
     ds = build_dataset(SCENES, split="val")
     rep = evaluate(model, ds, batch_size=4, num_workers=0)

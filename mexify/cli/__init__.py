@@ -95,7 +95,7 @@ def _root(
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # operators without a FLOPs formula are expected (fvcore skips them too)
-        logging.getLogger("mexify.graph.profile").setLevel(logging.ERROR)
+        logging.getLogger("mexify.graph.flops").setLevel(logging.ERROR)
 
 
 for _name in _COMMANDS:

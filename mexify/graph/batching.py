@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 
 from mexify.graph.modes import training_mode
-from mexify.graph.profile import run_fake_or_real
+from mexify.graph.flops import run_fake_or_real
 
 log = logging.getLogger(__name__)
 

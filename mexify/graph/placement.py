@@ -16,7 +16,7 @@ import torch.fx as fx
 from mexify.errors import PlacementError, nearest
 from mexify.graph.batching import BATCH_KEY
 from mexify.graph.liveness import compute_nodes, last_uses
-from mexify.graph.profile import META_KEY as PROFILE_KEY
+from mexify.graph.flops import META_KEY as PROFILE_KEY
 from mexify.graph.trace import module_path
 
 __all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points"]

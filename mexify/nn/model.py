@@ -22,7 +22,7 @@ def exit_flops(stage_flops: Sequence[Any], head_flops: Sequence[Any], active: Op
     Exit ``i`` costs stages ``0..i`` plus the heads of the early exits ``0..i`` that run: the
     ``active`` ones (the runtime never evaluates a switched-off exit's head), every one when
     ``active`` is None. The final exit has no head of its own. Unit: FLOPs at the bundle's input
-    size, 1 multiply-add = 1 FLOP (:mod:`mexify.graph.profile`); integers in, integers out (floats
+    size, 1 multiply-add = 1 FLOP (:mod:`mexify.graph.flops`); integers in, integers out (floats
     in, floats out, exact while the sums stay below 2**53).
 
     Args:

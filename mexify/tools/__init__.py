@@ -1,11 +1,11 @@
 """What sits around the runtime: accuracy against labels, timing and benchmarks, image files, plots."""
-from mexify.tools.bench import BenchReport, bench, original_model, original_runner
+from mexify.tools.benchmark import BenchReport, bench, original_model, original_runner
 from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine, time_policies
 from mexify.tools.export import ExportResult, export_bundle
-from mexify.tools.evaluate import EvalReport, ExitResult, PolicyResult, PredictedLatency, evaluate, evaluate_policy
+from mexify.tools.evaluation import EvalReport, ExitResult, PolicyResult, PredictedLatency, evaluate, evaluate_policy
 from mexify.tools.images import PredictReport, collect_images, palette, predict_images, predictions_out, read_image, to_tensor
 from mexify.tools.plots import save_comparison, save_pareto
-from mexify.tools.profile import LatencyProfile, ProfileReport, profile_key, profile_latency, select_profile
+from mexify.tools.latency import LatencyProfile, ProfileReport, profile_key, profile_latency, select_profile
 from mexify.tools.timing import synchronize, time_call, time_calls, timed_pass
 
 __all__ = [

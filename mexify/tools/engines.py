@@ -6,7 +6,7 @@ answers like :class:`~mexify.runtime.EarlyExitRuntime` (``predict_batch -> Batch
 images through each engine: latency with the policy and with every exit off (the stages back to
 back, as that engine runs them), exit mix, mIoU, and agreement with the first engine (same exit
 chosen, same mask pixel). Speed-ups are against the original model run the same way
-(:func:`mexify.tools.bench.original_runner`: torch, eager, on the CPU, since an ONNX export holds
+(:func:`mexify.tools.benchmark.original_runner`: torch, eager, on the CPU, since an ONNX export holds
 no graph of the original), as ``bench`` and ``compare`` measure them; every exit off is its own
 figure, the exits-off overhead. All timing is :func:`mexify.tools.timing.time_calls`.
 """
@@ -28,7 +28,7 @@ from mexify.metrics import ConfusionMatrix
 from mexify.nn import device_name, exit_flops, module_device, resolve_device
 from mexify.runtime import EarlyExitRuntime
 from mexify.runtime.results import BatchPrediction
-from mexify.tools.bench import _batches, original_runner
+from mexify.tools.benchmark import _batches, original_runner
 from mexify.tools.timing import time_calls, timed_pass
 
 __all__ = ["ENGINES", "OnnxEngine", "EngineReport", "compare_engines", "make_engine", "time_policies"]
@@ -214,7 +214,7 @@ def time_policies(model: Any, data: Any, policies: Dict[str, Any], limit: Option
                   notes: Optional[List[str]] = None) -> Dict[str, float]:
     """Milliseconds per image of the torch runtime over the first ``limit`` images of ``data`` for each
     policy; ``"original"``: the original model run the same way (the baseline of a measured speed-up,
-    :func:`~mexify.tools.bench.original_runner`); ``"exits_off"``: the runtime with every exit off (the
+    :func:`~mexify.tools.benchmark.original_runner`); ``"exits_off"``: the runtime with every exit off (the
     stages back to back). :func:`~mexify.tools.timing.time_calls` over passes, each batch waited for;
     what the original is goes to ``notes``."""
     dev = module_device(model)

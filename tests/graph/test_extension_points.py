@@ -8,22 +8,22 @@ from torch import nn
 
 import mexify
 from mexify.errors import TraceError
-from mexify.graph import profile, trace
-from mexify.graph.profile import count_flops
+from mexify.graph import flops, trace
+from mexify.graph.flops import count_flops
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixture_models.py"
 
 
 @pytest.fixture
 def clean_registries():
-    leaves, wrapped, formulas = set(trace._LEAF_MODULES), dict(trace._AUTOWRAP_FUNCTIONS), dict(profile.FLOP_FORMULAS)
+    leaves, wrapped, formulas = set(trace._LEAF_MODULES), dict(trace._AUTOWRAP_FUNCTIONS), dict(flops.FLOP_FORMULAS)
     yield
     trace._LEAF_MODULES.clear()
     trace._LEAF_MODULES.update(leaves)
     trace._AUTOWRAP_FUNCTIONS.clear()
     trace._AUTOWRAP_FUNCTIONS.update(wrapped)
-    profile.FLOP_FORMULAS.clear()
-    profile.FLOP_FORMULAS.update(formulas)
+    flops.FLOP_FORMULAS.clear()
+    flops.FLOP_FORMULAS.update(formulas)
 
 
 def _fixtures():

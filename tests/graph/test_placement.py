@@ -11,7 +11,7 @@ from mexify.errors import PlacementError
 from mexify.graph.adapt import prepare_graph
 from mexify.graph.batching import analyze_batch
 from mexify.graph.placement import ExitPoint, PlacementConfig, find_candidates, select_exit_points
-from mexify.graph.profile import profile_graph
+from mexify.graph.flops import profile_graph
 
 
 def _prepared(module, size):

@@ -34,7 +34,7 @@ from mexify.metrics import ConfusionMatrix
 from mexify.nn import device_name, module_device, resolve_device
 from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
 from mexify.spec import ModelSpec, build_model
-from mexify.tools.profile import time_stages
+from mexify.tools.latency import time_stages
 from mexify.tools.timing import time_call, time_calls, timed_pass
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Tests for mexify.graph.profile: FLOPs per node (fvcore convention) and shapes."""
+"""Tests for mexify.graph.flops: FLOPs per node (fvcore convention) and shapes."""
 import logging
 import warnings
 
@@ -8,8 +8,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from mexify.graph import profile as profile_module
-from mexify.graph.profile import META_KEY, FlopReport, NodeProfile, count_flops, profile_graph
+from mexify.graph import flops as flops_module
+from mexify.graph.flops import META_KEY, FlopReport, NodeProfile, count_flops, profile_graph
 
 
 
@@ -144,11 +144,11 @@ def test_matrix_products_by_hand():
 
 
 def test_unsupported_ops_are_reported_and_warned_once(caplog, monkeypatch):
-    monkeypatch.setattr(profile_module, "_warned", set())  # as in a fresh process
+    monkeypatch.setattr(flops_module, "_warned", set())  # as in a fresh process
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sigmoid(), nn.Hardswish())
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(1, 3, 4, 4)
-    with caplog.at_level(logging.WARNING, logger="mexify.graph.profile"):
+    with caplog.at_level(logging.WARNING, logger="mexify.graph.flops"):
         report = profile_graph(gm, x)
         profile_graph(gm, x)
     assert report.total == 4 * 3 * 16
@@ -262,7 +262,7 @@ def test_falls_back_to_real_tensors_when_fake_execution_fails(caplog):
     model = DataDependent().eval()
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(1, 3, 8, 8)
-    with caplog.at_level(logging.INFO, logger="mexify.graph.profile"):
+    with caplog.at_level(logging.INFO, logger="mexify.graph.flops"):
         report = profile_graph(gm, x)
     assert report.total == 4 * 3 * 64
     assert any("real tensors" in r.getMessage() for r in caplog.records)
