@@ -129,6 +129,25 @@ def test_parse_budget():
             parse_budget(bad)
 
 
+def test_budget_is_one_value_with_a_plain_form():
+    b = Budget.parse("2x", cost="flops", profile="cpu|b1")
+    assert b.to_dict() == {"kind": "speedup", "value": 2.0, "text": "2x", "cost": "flops", "profile": "cpu|b1"}
+    assert Budget.from_dict(b.to_dict()) == b and b.record() == parse_budget("2x")  # what a fitted policy keeps
+    assert Budget() == Budget.max_drop(1.0) == Budget.from_options() and Budget().record()["text"] == "max-drop 1.0"
+    assert Budget.from_options(budget="40%").max_cost(100.0) == pytest.approx(40.0) and Budget().max_cost(100.0) is None
+    assert Budget.max_drop(2.0).bounds(100.0) == {"max_cost": None, "max_drop": 2.0}
+    with pytest.raises(ConfigError, match="not both"):
+        Budget.from_options(budget="2x", max_drop=1.0)
+    with pytest.raises(ConfigError, match="needs measured latencies"):
+        Budget.parse("8ms").max_cost(100.0, "flops")
+    with pytest.raises(ConfigError, match="confidence"):
+        Budget(confidence=0.9)
+    with pytest.raises(ConfigError, match="unknown cost model"):
+        Budget(cost="joules")
+    with pytest.raises(ConfigError, match="Budget.parse"):
+        calibrate(NoisyExits(), make_scenes(4), budget="2x")  # a string is refused with the way to make a Budget
+
+
 def test_oracle_is_earliest_within_tolerance(toy):
     _, _, cache = toy
     pim = cache.per_image_miou()
