@@ -520,14 +520,9 @@ def calibrate(
         BudgetError: the budget is below the cheapest reachable cost (nothing is written).
         ConfigError: bad policy, budget or options.
     """
-    _check_fit_args(policy, budget, policy_options, data)
-    _counts(batch_size=batch_size, limit=limit)
-    device = _device(device)
-    bundle_path = _bundle_dir(bundle)
-    outside, inside = _plots_at(out, bundle_path, "calibration")  # checked before any work
-    with updating(bundle_path if write or inside is not None else None, "write the calibration into it"):
-        model, _ = _model(bundle, device, trust=trust)
-        ds, small = _calibration_set(model, data, split, limit, warn)
+    with _calibration_run(bundle, data, policy, budget, policy_options, split=split, limit=limit, batch_size=batch_size,
+                          write=write, out=out, device=device, trust=trust, warn=warn) as run:
+        model, ds, device, bundle_path = run.model, run.images, run.device, run.bundle_path
 
         def means() -> Any:  # read only by policies that need class means
             return _dataset(data, means_split, means_limit) if isinstance(data, str) else _dataset(ds, split, means_limit)
@@ -547,11 +542,40 @@ def calibrate(
         )
         seen = _calibrated_on(data, split, limit)
         fields = {"policy": {**report.policy.to_dict(), "calibrated_on": seen}} if write and bundle_path is not None else {}
-        report.files = _write_outputs(bundle_path, outside, inside, lambda d: save_pareto(
+        report.files = _write_outputs(bundle_path, run.outside, run.inside, lambda d: save_pareto(
             report.search, report.oracle_curve, report.figures, d, title=f"{report.policy.name} on {split}"), fields)
         if fields:
             report.files["config"] = str(bundle_path / "config.yaml")
-        return _noted(report, small)
+        return _noted(report, run.small)
+
+
+@dataclasses.dataclass
+class _CalibrationRun:
+    """What calibrate and search share: the model, the calibration images, where the outputs go."""
+
+    model: MultiExitModel
+    images: Any
+    small: Optional[str]  # the small-set note, or None
+    device: Any
+    bundle_path: Optional[Path]
+    outside: Any
+    inside: Any
+
+
+@contextlib.contextmanager
+def _calibration_run(bundle: Model, data: Data, policy: Any, budget: Any, policy_options: Any, *, split: str,
+                     limit: Optional[int], batch_size: int, write: bool, out: Optional[PathLike], device: Any,
+                     trust: Trust, warn: Optional[Callable[[str], None]]) -> Iterator[_CalibrationRun]:
+    """Every value and output checked before any work, the bundle locked, the model and the images loaded."""
+    _check_fit_args(policy, budget, policy_options, data)
+    _counts(batch_size=batch_size, limit=limit)
+    device = _device(device)
+    bundle_path = _bundle_dir(bundle)
+    outside, inside = _plots_at(out, bundle_path, "calibration")
+    with updating(bundle_path if write or inside is not None else None, "write the calibration into it"):
+        model, _ = _model(bundle, device, trust=trust)
+        images, small = _calibration_set(model, data, split, limit, warn)
+        yield _CalibrationRun(model, images, small, device, bundle_path, outside, inside)
 
 
 def _check_fit_args(policy: Any, budget: Any, options: Optional[Mapping[str, Any]], data: Any) -> None:
@@ -629,24 +653,19 @@ def search(
         ConfigError: a bundle without candidates, a policy that cannot be searched, a bad budget.
         BudgetError: a budget below every configuration's cheapest cost (nothing is written).
     """
-    _check_fit_args(policy, budget, policy_options, data)
-    _counts(batch_size=batch_size, limit=limit)
-    device = _device(device)
-    bundle_path = _bundle_dir(bundle)
-    outside, inside = _plots_at(out, bundle_path, "calibration")  # checked before any work
-    with updating(bundle_path if write or inside is not None else None, "write the calibration into it"):
-        model, _ = _model(bundle, device, trust=trust)
-        ds, small = _calibration_set(model, data, split, limit, warn)
+    with _calibration_run(bundle, data, policy, budget, policy_options, split=split, limit=limit, batch_size=batch_size,
+                          write=write, out=out, device=device, trust=trust, warn=warn) as run:
+        model, ds, device, bundle_path = run.model, run.images, run.device, run.bundle_path
         name = policy if isinstance(policy, str) else policy.name
         report = search_configuration(model, lambda: as_loader(ds, batch_size), policy=name, budget=budget,
                                       latency=_latency_profile(model, budget), policy_options=policy_options,
                                       device=device, progress=progress)
         fields = _searched_fields(model, report, keep_candidates, _calibrated_on(data, split, limit)) if write and bundle_path else {}
-        report.files = _write_outputs(bundle_path, outside, inside, lambda d: _save_search(report, d, f"{name} on {split}"),
+        report.files = _write_outputs(bundle_path, run.outside, run.inside, lambda d: _save_search(report, d, f"{name} on {split}"),
                                       fields, model=model if fields else None)
         if fields:
             report.files["config"] = str(bundle_path / "config.yaml")
-        return _noted(report, small)
+        return _noted(report, run.small)
 
 
 def _save_search(report: ConfigurationReport, folder: Path, title: str) -> Dict[str, str]:
