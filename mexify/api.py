@@ -44,6 +44,9 @@ from mexify.calibrate import (
     fit_policy,
     parse_budget,
     parse_cost,
+    DEFAULT_CONFIDENCE,
+    parse_confidence,
+    parse_max_disagree,
     parse_max_drop,
     search_configuration,
     small_set_note,
@@ -73,7 +76,7 @@ from mexify.policies import Policy, available_policies, policy_options
 from mexify.prepare import ConvertResult, TracedModel
 from mexify.prepare import convert as _convert
 from mexify.prepare import inspect as _inspect
-from mexify.runtime import DTYPES, EarlyExitRuntime, parse_dtype
+from mexify.runtime import DTYPES, EarlyExitRuntime, StreamMonitor, drift_report, parse_dtype
 from mexify.tools import (
     ENGINES,
     BenchReport,
@@ -163,6 +166,9 @@ __all__ = [
     "parse_choice",
     "parse_budget",
     "parse_max_drop",
+    "parse_max_disagree",
+    "parse_confidence",
+    "DEFAULT_CONFIDENCE",
     "parse_cost",
     "parse_device",
     "parse_dtype",
@@ -592,7 +598,7 @@ def _check_fit_args(policy: Any, budget: Any, options: Optional[Mapping[str, Any
 def _calibration_set(model: MultiExitModel, data: Data, split: str, limit: Optional[int],
                      warn: Optional[Callable[[str], None]]) -> Tuple[Any, Optional[str]]:
     """The calibration images, checked against the model's classes, and the small-set warning (given to ``warn``)."""
-    ds = _dataset(data, split, limit)
+    ds = _dataset(data, split, limit, num_classes=model.num_classes)
     check_classes(ds, model.num_classes)
     small = small_set_note(len(ds)) if hasattr(ds, "__len__") else None
     if small and warn is not None:
@@ -725,10 +731,13 @@ def evaluate(
 
     Args:
         bundle: bundle directory or ``MultiExitModel``.
-        data: dataset spec or Dataset; default: the dataset the bundle was trained on.
+        data: dataset spec or Dataset; default: the dataset the bundle was trained on. A ``folder:`` spec
+            without ``?classes=N`` or ``classes.txt`` takes the model's class count.
         split, batch_size, limit, workers: what is evaluated and how it is loaded.
         device: where to run (default: cuda if available).
-        with_policy: also run the bundle's policy through the runtime (when calibrated).
+        with_policy: also run the bundle's policy through the runtime (when calibrated), compare its masks
+            with the final exit's (``disagreement``, ``agreement_miou``) and, when the policy records the
+            budget it was calibrated for, say whether it held on these images (``report.budget_check``).
         progress: ``callback("eval" | "policy", done, total)``.
 
     Raises:
@@ -740,12 +749,13 @@ def evaluate(
         parse_dataset_spec(data)
     model, _ = _model(bundle, trust=trust)
     data = data if data is not None else _trained_on(model, bundle)
-    ds = _dataset(data, split)
+    ds = _dataset(data, split, num_classes=model.num_classes)
     report = _evaluate(model, ds, device=device, batch_size=batch_size, limit=limit, num_workers=workers,
                        progress=progress)
     if with_policy and model.config is not None and model.config.policy is not None:
         report.policies.append(_evaluate_policy(model, None, ds, batch_size=batch_size, limit=limit, device=device,
-                                                progress=progress))
+                                                progress=progress, against_final=True))
+        report.check_budget(model.config.policy, split)
     report.data = data if isinstance(data, str) else type(data).__name__
     report.notes.extend(_seen_in_calibration(model, report.data, split))
     return report
@@ -776,7 +786,7 @@ def evaluate_policy(
     _counts(batch_size=batch_size, limit=limit)
     device = _device(device)
     model, _ = _model(bundle, trust=trust)
-    ds = _dataset(data if data is not None else _trained_on(model, bundle), split)
+    ds = _dataset(data if data is not None else _trained_on(model, bundle), split, num_classes=model.num_classes)
     return _evaluate_policy(model, policy, ds, batch_size=batch_size, limit=limit, device=device)
 
 
@@ -813,7 +823,10 @@ def predict(
             unless onnxruntime has other providers; the final exit reports no confidence).
 
     Returns:
-        a :class:`PredictReport`: images, exit counts, mean FLOPs and FLOPs speed-up, where the files are.
+        a :class:`PredictReport`: images, exit counts, mean FLOPs and FLOPs speed-up, where the files are;
+        and ``drift``: these images against what calibration saw (``{"stats", "compared", "tests",
+        "warnings", ...}``, see :func:`mexify.runtime.drift_report`; None with a forced exit), each
+        warning also sent to ``warn``. The onnxruntime engine compares the exit mix only.
 
     Raises:
         DataError: missing paths, no image, or an unreadable image without ``skip_bad``.
@@ -839,7 +852,37 @@ def predict(
         rt = (EarlyExitRuntime(model, exit=forced, final_confidence=True) if engine == "torch"
               else make_engine(engine, bundle, exit=forced, device=device, trust=trust, final_confidence=True))
         hw = tuple(rt.model.input_size) if not size else size
-        return predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
+        report = predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
+    drift = None if forced is not None else _predict_drift(rt, report, config, warn)
+    return _PredictWithDrift(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)}, drift=drift)
+
+
+@dataclasses.dataclass
+class _PredictWithDrift(PredictReport):
+    """A :class:`PredictReport` with ``drift`` (what :func:`predict` returns; ``to_dict`` holds it)."""
+
+    drift: Optional[Dict[str, Any]] = None
+
+
+def _predict_drift(rt: Any, report: PredictReport, config: Any, warn: Callable[[str], None]) -> Dict[str, Any]:
+    """The images just segmented against the policy's calibration record (``monitor:``); each finding to ``warn``."""
+    stream = getattr(rt, "stream", None)
+    if stream is None:  # the onnxruntime engine: the exit mix, from the counts
+        stream = StreamMonitor(list(report.exit_counts))
+        stream.count([i for i, c in enumerate(report.exit_counts.values()) for _ in range(c)])
+    stats = stream.snapshot()
+    record = getattr(rt.policy, "monitor", None) or ((getattr(config, "policy", None) or {}).get("monitor"))
+    if not record:
+        return {"stats": stats.to_dict(), "compared": False, "tests": [], "warnings": [],
+                "note": "the policy carries no record of its calibration images (monitor:) to compare with"}
+    try:
+        found = drift_report(stats, record)
+    except ConfigError as e:  # a damaged record costs the check, not the predictions
+        warn(f"drift not checked: {e.message}")
+        return {"stats": stats.to_dict(), "compared": False, "tests": [], "warnings": [], "note": e.message}
+    for line in found.warnings:
+        warn(line)
+    return {"stats": stats.to_dict(), "compared": True, **found.to_dict()}
 
 
 def bench(
@@ -862,9 +905,14 @@ def bench(
 ) -> BenchReport:
     """Per-exit latency and FLOPs, the original model's latency and the policy's measured speed-up (``mexify bench``).
 
+    On the same images, the policy's masks against the original model's (the share of pixels that differ,
+    and with labels the drop in mIoU points), and whether the budget the policy was calibrated for held
+    there (``report.budget_check``, named after ``split``).
+
     Args:
         bundle: bundle directory or ``MultiExitModel``.
-        data: dataset spec or Dataset; ``split`` and the first ``limit`` images are used.
+        data: dataset spec or Dataset; ``split`` and the first ``limit`` images are used (a ``folder:`` spec
+            without ``?classes=N`` or ``classes.txt`` takes the model's class count).
         policy: a policy object or dict (default: the bundle's; without one, exits only).
         batch_size: images per forward pass.
         warmup, repeats: untimed runs, then timed runs whose median is reported.
@@ -885,9 +933,11 @@ def bench(
         parse_dataset_spec(data)
     with _threads(threads):
         model, _ = _model(bundle, device, trust=trust)
-        ds = _dataset(data, split, limit)
+        ds = _dataset(data, split, limit, num_classes=model.num_classes)
         report = _bench(model, ds, policy=policy, limit=limit, batch_size=batch_size, warmup=warmup, repeats=repeats,
                         device=device, progress=progress, cuda_graphs=cuda_graphs, dtype=dtype, channels_last=channels_last)
+    if report.budget_check is not None:
+        report.budget_check = dataclasses.replace(report.budget_check, split=split)
     if policy is None and isinstance(data, str):
         report.notes.extend(_seen_in_calibration(model, data, split))
     return report
@@ -1075,7 +1125,7 @@ def compare(
     outside, inside = _plots_at(out, bundle_path, "compare")  # checked before any work
     with updating(bundle_path if inside is not None else None, "write the comparison into it"):
         model, _ = _model(bundle, device, trust=trust)
-        fit_ds, eval_ds = _dataset(data, fit_split, limit), _dataset(data, eval_split, limit)
+        fit_ds, eval_ds = (_dataset(data, s, limit, num_classes=model.num_classes) for s in (fit_split, eval_split))
         check_classes(fit_ds, model.num_classes)
         report = compare_policies(model, lambda: as_loader(fit_ds, batch_size), lambda: as_loader(eval_ds, batch_size), budget=budget,
                                   latency=_latency_profile(model, budget), policies=policies, device=device, progress=progress)

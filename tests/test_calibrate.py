@@ -131,17 +131,31 @@ def test_parse_budget():
 
 def test_budget_is_one_value_with_a_plain_form():
     b = Budget.parse("2x", cost="flops", profile="cpu|b1")
-    assert b.to_dict() == {"kind": "speedup", "value": 2.0, "text": "2x", "cost": "flops", "profile": "cpu|b1"}
-    assert Budget.from_dict(b.to_dict()) == b and b.record() == parse_budget("2x")  # what a fitted policy keeps
+    assert b.to_dict() == {"kind": "speedup", "value": 2.0, "text": "2x", "cost": "flops", "profile": "cpu|b1", "confidence": 0.9}
+    assert Budget.from_dict(b.to_dict()) == b and b.record() == {**parse_budget("2x"), "confidence": 0.9}  # what a fitted policy keeps
     assert Budget() == Budget.max_drop(1.0) == Budget.from_options() and Budget().record()["text"] == "max-drop 1.0"
     assert Budget.from_options(budget="40%").max_cost(100.0) == pytest.approx(40.0) and Budget().max_cost(100.0) is None
-    assert Budget.max_drop(2.0).bounds(100.0) == {"max_cost": None, "max_drop": 2.0}
-    with pytest.raises(ConfigError, match="not both"):
+    assert Budget.max_drop(2.0).bounds(100.0) == {"max_cost": None, "max_drop": 2.0, "max_disagree": None, "confidence": 0.9}
+    # a record written without a confidence (every fit before confidences existed) is a point fit
+    assert Budget.from_dict({"kind": "max_drop", "value": 1.0, "text": "max-drop 1.0"}).confidence == 0.0
+    point = Budget.from_options(max_drop=1.0, confidence="0")
+    assert point.confidence == 0.0 and "confidence" not in point.record() and "point fit" in point.claim
+    assert Budget.from_options(confidence="95%").confidence == pytest.approx(0.95)
+    d = Budget.from_options(max_disagree="2%")
+    assert (d.kind, d.value, d.text, d.disagree, d.drop, d.accuracy) == ("max_disagree", 0.02, "max-disagree 2%", 0.02, None, True)
+    assert Budget.max_disagree("0.05").value == pytest.approx(0.05)
+    assert d.held({"disagreement": 0.019}) and not d.held({"disagreement": 0.021}) and d.held({}) is None
+    assert Budget.parse("2x").held({"speedup": 2.1}) and not Budget.parse("2x").held({"speedup": 1.9})
+    with pytest.raises(ConfigError, match="not --budget and --max-drop"):
         Budget.from_options(budget="2x", max_drop=1.0)
     with pytest.raises(ConfigError, match="needs measured latencies"):
         Budget.parse("8ms").max_cost(100.0, "flops")
-    with pytest.raises(ConfigError, match="confidence"):
-        Budget(confidence=0.9)
+    for bad in (1.0, -0.1, "high", "150%"):
+        with pytest.raises(ConfigError, match="confidence"):
+            Budget(confidence=bad)
+    for bad in ("0%", "2", "200%", "many"):
+        with pytest.raises(ConfigError, match="max-disagree"):
+            Budget.max_disagree(bad)
     with pytest.raises(ConfigError, match="unknown cost model"):
         Budget(cost="joules")
     with pytest.raises(ConfigError, match="Budget.parse"):

@@ -6,13 +6,15 @@ import dataclasses
 import math
 from typing import Any, Dict, Mapping, Optional, Union
 
+from mexify.calibrate.risk import DEFAULT_CONFIDENCE, parse_confidence
 from mexify.errors import ConfigError
 
-__all__ = ["Budget", "BUDGET_KINDS", "parse_budget", "parse_max_drop", "parse_cost", "COST_MODELS", "MIN_CALIBRATION_IMAGES",
+__all__ = ["Budget", "BUDGET_KINDS", "parse_budget", "parse_max_drop", "parse_max_disagree", "parse_cost", "COST_MODELS", "MIN_CALIBRATION_IMAGES",
            "small_set_note"]
 
 COST_MODELS = ("latency", "flops")
-BUDGET_KINDS = ("speedup", "cost_fraction", "latency_ms", "max_drop")
+BUDGET_KINDS = ("speedup", "cost_fraction", "latency_ms", "max_drop", "max_disagree")
+ACCURACY_KINDS = ("max_drop", "max_disagree")
 MIN_CALIBRATION_IMAGES = 50
 """Below this many calibration images, thresholds fitted for a budget are noise more than a fit."""
 
@@ -61,6 +63,27 @@ def parse_max_drop(value: Union[str, float, None]) -> Optional[float]:
     return v
 
 
+def parse_max_disagree(value: Union[str, float, None]) -> Optional[float]:
+    """The label-free accuracy budget ``--max-disagree``: the share of pixels whose class may differ from the
+    final exit's, as a percentage (``2%``) or a fraction (``0.02``); returns the fraction in (0, 1].
+
+    Raises:
+        ConfigError: not a number, not finite, at most 0, above 100% (or a bare number above 1).
+    """
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else value
+    percent = isinstance(text, str) and text.endswith("%")
+    try:
+        v = float(text[:-1] if percent else text) * (0.01 if percent else 1.0)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--max-disagree {value!r} is not a share of pixels", "e.g. --max-disagree 2% (or 0.02)") from None
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise ConfigError(f"--max-disagree {value!r} is out of range",
+                          "a share of pixels above 0 and at most 100%, e.g. --max-disagree 2% (a bare number is a fraction: 0.02)")
+    return v
+
+
 def parse_cost(value: Optional[str]) -> Optional[str]:
     """The cost model: ``latency`` (measured, needs a profile) or ``flops``; None: decided later."""
     if value is None:
@@ -83,20 +106,27 @@ class Budget:
     """What a calibration fits for, and how it costs exits: one value for ``calibrate``, ``search`` and ``compare``.
 
     A *cost* budget (``speedup``, ``cost_fraction``, ``latency_ms``) asks for the most accurate thresholds
-    within a mean cost; an *accuracy* budget (``max_drop``, the default: 1.0 point) for the cheapest
-    thresholds within ``value`` mIoU points of the final exit.
+    within a mean cost; an *accuracy* budget (``max_drop``, the default: 1.0 point; or ``max_disagree``,
+    which needs no labels) for the cheapest thresholds within ``value`` of the final exit.
+
+    With a ``confidence`` (the default, 0.9) the budget is a promise about *new* images drawn like the
+    calibration images: the fitted configuration keeps its drop (or mean cost) within the budget on a new
+    set as large as the calibration set with at least that probability (:mod:`mexify.calibrate.risk`).
+    ``confidence=0`` is the point fit: within the budget on the calibration images themselves.
 
     Attributes:
         kind: ``"speedup"`` (mean speed-up >= value), ``"cost_fraction"`` (mean cost <= value x the
             original's, in (0, 1]), ``"latency_ms"`` (mean measured ms per image <= value; needs a latency
-            profile) or ``"max_drop"`` (mIoU points, 0 to 100).
+            profile), ``"max_drop"`` (mIoU points, 0 to 100, against the labels, or against the final exit's
+            masks where there are none) or ``"max_disagree"`` (share of pixels, in (0, 1], whose class differs
+            from the final exit's; needs no labels).
         value: the bound, in the kind's unit.
         cost: what the search minimises, ``"latency"`` (a measured profile) or ``"flops"``; None: latency
             when the bundle has a latency profile, else FLOPs.
         profile: part of a latency-profile key (``"cpu|b1"``, ``"H100|b8|bfloat16"``); None: the profile of
             the calibration device at batch 1, float32 where there is one.
-        confidence: reserved for budgets met with a stated confidence; None (or 0) is the point fit on the
-            calibration split, the only one there is.
+        confidence: the probability, in [0, 1), that the budget holds on a new set of images as large as the
+            calibration set (default 0.9); 0 (or None) fits on the calibration images alone.
         text: how the budget reads in reports (``"2x"``, ``"max-drop 1.0"``); filled in when left empty.
 
     Build one with :meth:`parse` (``"2x"``, ``"40%"``, ``"8ms"``), :meth:`max_drop`, :meth:`from_options`
@@ -111,7 +141,7 @@ class Budget:
     value: float = 1.0
     cost: Optional[str] = None
     profile: Optional[str] = None
-    confidence: Optional[float] = None
+    confidence: Optional[float] = DEFAULT_CONFIDENCE
     text: str = ""
 
     def __post_init__(self) -> None:
@@ -119,45 +149,62 @@ class Budget:
             raise ConfigError(f"unknown budget kind {self.kind!r}", f"use one of {', '.join(BUDGET_KINDS)}")
         if self.kind == "max_drop":
             value = parse_max_drop(self.value)
+        elif self.kind == "max_disagree":
+            value = parse_max_disagree(self.value)
         else:
             value = _cost_bound(self.kind, self.value)
         object.__setattr__(self, "value", float(value))
         parse_cost(self.cost)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ConfigError(f"profile {self.profile!r} is not text", "give part of a latency-profile key, e.g. 'cpu|b1'")
-        if self.confidence:
-            raise ConfigError("budgets with a confidence are not supported yet",
-                              "leave confidence out: thresholds are fitted to meet the budget on the calibration split")
+        object.__setattr__(self, "confidence", parse_confidence(self.confidence))
         if not self.text:
             object.__setattr__(self, "text", _text(self.kind, self.value))
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def parse(cls, text: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None) -> "Budget":
+    def parse(cls, text: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None,
+              confidence: Optional[float] = DEFAULT_CONFIDENCE) -> "Budget":
         """A cost budget from ``"2x"``, ``"40%"`` or ``"8ms"`` (:func:`parse_budget`)."""
-        return cls(**parse_budget(text), cost=cost, profile=profile)
+        return cls(**parse_budget(text), cost=cost, profile=profile, confidence=confidence)
 
     @classmethod
-    def max_drop(cls, points: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None) -> "Budget":
+    def max_drop(cls, points: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None,
+                 confidence: Optional[float] = DEFAULT_CONFIDENCE) -> "Budget":
         """An accuracy budget: the cheapest thresholds within ``points`` mIoU points of the final exit."""
-        return cls("max_drop", parse_max_drop(points), cost=cost, profile=profile)
+        return cls("max_drop", parse_max_drop(points), cost=cost, profile=profile, confidence=confidence)
+
+    @classmethod
+    def max_disagree(cls, share: Union[str, float], *, cost: Optional[str] = None, profile: Optional[str] = None,
+                     confidence: Optional[float] = DEFAULT_CONFIDENCE) -> "Budget":
+        """A label-free accuracy budget: the cheapest thresholds whose masks differ from the final exit's on at
+        most ``share`` of the pixels (``"2%"`` or ``0.02``)."""
+        return cls("max_disagree", parse_max_disagree(share), cost=cost, profile=profile, confidence=confidence)
 
     @classmethod
     def from_options(cls, budget: Optional[str] = None, max_drop: Optional[float] = None, cost: Optional[str] = None,
-                     profile: Optional[str] = None) -> "Budget":
-        """The budget the command line's ``--budget`` / ``--max-drop`` (at most one; neither: ``max-drop 1.0``),
-        ``--cost`` and ``--profile`` give."""
-        if budget is not None and max_drop is not None:
-            raise ConfigError("give either --budget or --max-drop, not both", "e.g. --budget 2x or --max-drop 1.0")
+                     profile: Optional[str] = None, max_disagree: Union[str, float, None] = None,
+                     confidence: Union[str, float, None] = DEFAULT_CONFIDENCE) -> "Budget":
+        """The budget the command line's ``--budget`` / ``--max-drop`` / ``--max-disagree`` (at most one; none:
+        ``max-drop 1.0``), ``--cost``, ``--profile`` and ``--confidence`` give."""
+        given = [f"--{n}" for n, v in (("budget", budget), ("max-drop", max_drop), ("max-disagree", max_disagree)) if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"give one of --budget, --max-drop and --max-disagree, not {' and '.join(given)}",
+                              "e.g. --budget 2x, --max-drop 1.0 or --max-disagree 2%")
+        conf = parse_confidence(confidence)
         if budget is not None:
-            return cls.parse(budget, cost=cost, profile=profile)
-        return cls.max_drop(1.0 if max_drop is None else max_drop, cost=cost, profile=profile)
+            return cls(**parse_budget(budget), cost=cost, profile=profile, confidence=conf)
+        if max_disagree is not None:
+            return cls.max_disagree(max_disagree, cost=cost, profile=profile, confidence=conf)
+        return cls.max_drop(1.0 if max_drop is None else max_drop, cost=cost, profile=profile, confidence=conf)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
-        """Inverse of :meth:`to_dict` (also reads a fitted policy's ``budget`` record)."""
+        """Inverse of :meth:`to_dict` (also reads a fitted policy's ``budget`` record); a record without a
+        confidence is a point fit (confidence 0), as every record written before confidences were."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a budget must be a mapping, got {type(data).__name__}")
+        data = {"confidence": 0.0, **data}
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown budget field(s) {', '.join(sorted(unknown))}",
@@ -180,8 +227,38 @@ class Budget:
 
     @property
     def drop(self) -> Optional[float]:
-        """The mIoU points an accuracy budget allows (None for a cost budget)."""
+        """The mIoU points a ``max_drop`` budget allows (None for other kinds)."""
         return self.value if self.kind == "max_drop" else None
+
+    @property
+    def disagree(self) -> Optional[float]:
+        """The share of pixels a ``max_disagree`` budget lets differ from the final exit's (None for other kinds)."""
+        return self.value if self.kind == "max_disagree" else None
+
+    @property
+    def accuracy(self) -> bool:
+        """True for an accuracy budget (``max_drop``, ``max_disagree``): the cheapest thresholds within it."""
+        return self.kind in ACCURACY_KINDS
+
+    @property
+    def claim(self) -> str:
+        """What the budget promises, in words: ``"max-drop 1.0 at 90% confidence on new images"``."""
+        if not self.confidence:
+            return f"{self.text} on the calibration images (point fit)"
+        return f"{self.text} at {100 * self.confidence:g}% confidence on new images like the calibration images"
+
+    def held(self, figures: Mapping[str, Any]) -> Optional[bool]:
+        """Whether figures measured on some images (a test split, a benchmark) are within the budget: the drop
+        (``drop``), the disagreement (``disagreement``), the speed-up (``speedup``), the cost share
+        (``cost_fraction``) or the latency (``mean_ms``); None when the figure it needs is missing."""
+        key = {"max_drop": "drop", "max_disagree": "disagreement", "speedup": "speedup", "cost_fraction": "cost_fraction",
+               "latency_ms": "mean_ms"}[self.kind]
+        v = figures.get(key)
+        if v is None or not math.isfinite(float(v)):
+            return None
+        if self.kind == "speedup":
+            return float(v) >= self.value * (1 - 1e-9)
+        return float(v) <= self.value + 1e-9
 
     def max_cost(self, original_cost: float, unit: str = "flops") -> Optional[float]:
         """The budget as a bound on the mean cost, in the cost model's unit (``flops`` or ``ms``); None for
@@ -190,7 +267,7 @@ class Budget:
         Raises:
             ConfigError: a budget in milliseconds with a FLOPs cost model.
         """
-        if self.kind == "max_drop":
+        if self.accuracy:
             return None
         if self.kind == "latency_ms":
             if unit != "ms":
@@ -204,8 +281,10 @@ class Budget:
         return float(original_cost) * self.value
 
     def bounds(self, original_cost: float, unit: str = "flops") -> Dict[str, Optional[float]]:
-        """The keywords of a threshold search (:meth:`mexify.policies.Policy.fit`): ``max_cost`` and ``max_drop``."""
-        return {"max_cost": self.max_cost(original_cost, unit), "max_drop": self.drop}
+        """The keywords of a threshold search (:meth:`mexify.policies.Policy.fit`): ``max_cost``, ``max_drop``,
+        ``max_disagree`` and ``confidence``."""
+        return {"max_cost": self.max_cost(original_cost, unit), "max_drop": self.drop, "max_disagree": self.disagree,
+                "confidence": float(self.confidence or 0.0)}
 
 
 def _cost_bound(kind: str, value: Any) -> float:
@@ -223,6 +302,8 @@ def _cost_bound(kind: str, value: Any) -> float:
 def _text(kind: str, value: float) -> str:
     if kind == "max_drop":
         return f"max-drop {float(value)}"
+    if kind == "max_disagree":
+        return f"max-disagree {100 * value:g}%"
     if kind == "cost_fraction":
         return f"{100 * value:g}%"
     return f"{value:g}{'ms' if kind == 'latency_ms' else 'x'}"

@@ -242,9 +242,21 @@ class ExitCache:
             orig = self.latency.original_ms_per_image()
             out.update(mean_ms=ms, original_ms=orig, predicted_speedup=orig / ms if ms > 0 else float("nan"),
                        latency_profile=self.latency.key)
+        out.update(self.agreement(assignment))
         out.update(exit_rates={n: float(r) for n, r in zip(self.exit_names, rates)}, labelled=self.labelled,
                    num_images=self.num_images)
         return out
+
+    def agreement(self, assignment: np.ndarray) -> Dict[str, float]:
+        """How an assignment's masks compare with the final exit's, which needs no labels: ``disagreement``, the
+        share (0-1) of pixels whose class differs, and ``agree_drop``, 100 minus their mIoU against the final
+        exit's masks (the drop a label-free calibration measures)."""
+        idx = np.arange(len(assignment))
+        tp = self.agree_tp[idx, assignment].sum(0, dtype=np.int64)
+        lc = self.agree_label_count.sum(0, dtype=np.int64)
+        pixels = float(lc.sum())
+        return {"disagreement": 1.0 - float(tp.sum()) / pixels if pixels else float("nan"),
+                "agree_drop": 100.0 - miou_from_counts(tp, self.agree_pred_count[idx, assignment].sum(0, dtype=np.int64), lc)}
 
     # --------------------------------------------------------------- search
     def search(
@@ -254,6 +266,8 @@ class ExitCache:
         max_drop: Optional[float] = None,
         candidates: int = 48,
         lambdas: int = 24,
+        max_disagree: Optional[float] = None,
+        confidence: float = 0.0,
     ) -> "SearchResult":
         """Per-exit thresholds for a budget, searched jointly on the cache.
 
@@ -261,6 +275,9 @@ class ExitCache:
             scores: ``(N, E-1)`` image confidences at the early exits.
             max_cost: maximise mIoU with mean FLOPs ``<= max_cost``.
             max_drop: minimise mean FLOPs with mIoU ``>= final - max_drop`` (points).
+            max_disagree: minimise mean FLOPs with at most this share of pixels differing from the final exit's.
+            confidence: with a value in (0, 1), the budget must hold, with that probability, on a new set of
+                images as large as this one (:class:`~mexify.calibrate.risk.RiskBound`); 0: on this cache.
             candidates: quantiles of each exit's scores tried as thresholds.
             lambdas: points of the Lagrangian sweep (also the Pareto curve's resolution).
 
@@ -270,7 +287,37 @@ class ExitCache:
         Raises:
             BudgetError: ``max_cost`` below the cheapest reachable mean cost.
         """
-        return search_thresholds(self, np.asarray(scores, dtype=np.float64), max_cost, max_drop, candidates, lambdas)
+        return search_thresholds(self, np.asarray(scores, dtype=np.float64), max_cost, max_drop, candidates, lambdas, max_disagree, confidence)
+
+    def subset(self, index: Any) -> "ExitCache":
+        """The cache of some of its images (``index``: positions or a boolean mask). The class probability sums
+        (cbt's class means) are kept for the whole cache: they are pooled over images, not kept per image."""
+        index = np.asarray(index)
+        fields = {name: value[index] for name, value in vars(self).items()
+                  if isinstance(value, np.ndarray) and name not in ("costs", "label_prob_sum", "agree_prob_sum")}
+        return dataclasses.replace(self, **fields)
+
+    @classmethod
+    def merge(cls, caches: Sequence["ExitCache"]) -> "ExitCache":
+        """One cache of the images of several (collected on the same model, e.g. on chunks of a split or on
+        several days of camera frames): per-image statistics side by side, class probability sums added.
+
+        Raises:
+            DataError: no cache, or caches of different exits or classes.
+        """
+        if not caches:
+            raise DataError("no exit cache to merge", "collect at least one")
+        first = caches[0]
+        for c in caches[1:]:
+            if c.exit_names != first.exit_names or c.num_classes != first.num_classes:
+                raise DataError("exit caches of different exits or classes cannot be merged", "collect them on the same bundle")
+        fields: Dict[str, Any] = {}
+        for name, value in vars(first).items():
+            if name in ("label_prob_sum", "agree_prob_sum"):
+                fields[name] = sum(getattr(c, name) for c in caches)
+            elif name != "costs" and isinstance(value, np.ndarray):
+                fields[name] = np.concatenate([getattr(c, name) for c in caches], 0)
+        return dataclasses.replace(first, **fields)
 
     # --------------------------------------------------------------- persistence
     def save(self, path: Union[str, Path]) -> None:

@@ -1,6 +1,8 @@
 """Every policy fitted for one budget on one split and judged on another (``mexify compare``).
 
-The exit caches are collected once per split (softmax policies share them; class-means, whose
+Every row carries the figure on the fitting split beside the one on the evaluation split, and whether
+the budget held there (``held``); with a confidence, the bound the fit certified and what the point fit
+would have reached. The exit caches are collected once per split (softmax policies share them; class-means, whose
 probabilities come from the features, gets its own), every policy is fitted on the fitting split's
 cache exactly as ``mexify calibrate`` fits it, and its thresholds are applied to the evaluation
 split's cache: mIoU, drop against the final exit, predicted cost (measured latency profile or FLOPs)
@@ -28,8 +30,9 @@ from mexify.runtime import LatencyProfile
 __all__ = ["PolicyComparison", "compare_policies", "comparable_policies"]
 
 Batches = Callable[[], Iterable[Any]]
-_KEEP = ("miou", "final_miou", "drop", "mean_cost", "speedup", "mean_flops", "flops_speedup", "mean_ms", "predicted_speedup",
-         "exit_rates")
+_KEEP = ("miou", "final_miou", "drop", "mean_cost", "cost_fraction", "speedup", "mean_flops", "flops_speedup", "mean_ms",
+         "predicted_speedup", "exit_rates", "disagreement", "agree_drop", "confidence", "drop_bound", "disagreement_bound",
+         "speedup_bound", "num_images")
 
 
 def comparable_policies() -> List[str]:
@@ -115,7 +118,9 @@ def compare_policies(
         report = _fit_on_cache(pol, fit_cache, budget, None, {}, [], None)
         p = report.policy
         assignment = eval_cache.assign(p.cache_scores(eval_cache), p.thresholds)
-        rows.append({"policy": p.name, "fit": _figures(report.figures), "eval": _figures(eval_cache.figures(assignment, p.thresholds))})
+        judged = _figures(eval_cache.figures(assignment, p.thresholds))
+        rows.append({"policy": p.name, "fit": _figures(report.figures), "eval": judged, "held": budget.held(judged),
+                     "point_fit": _figures(report.point) if report.point else None})
         fitted[p.name], curves[p.name] = p, report.pareto
     if progress is not None:
         progress("compare", len(pols), len(pols))

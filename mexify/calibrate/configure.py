@@ -168,10 +168,11 @@ class ConfigurationReport:
     files: Dict[str, str] = dataclasses.field(default_factory=dict)
     default: Optional[Dict[str, Any]] = None  # every exit with the default mess head (one 3x3 block), when in the space
     default_pareto: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    budget: Budget = Budget()
 
     def to_dict(self) -> Dict[str, Any]:
         pol = self.policy.to_dict()
-        return {"choice": self.choice, "policy": pol, "figures": self.figures, "exits": [r.to_dict() for r in self.rows], "uniform_fcn": self.baseline,
+        return {"choice": self.choice, "policy": pol, "budget": self.budget.record(), "figures": self.figures, "exits": [r.to_dict() for r in self.rows], "uniform_fcn": self.baseline,
                 "uniform_default": self.default, "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes,
                 "files": self.files}
 
@@ -242,7 +243,7 @@ def search_configuration(
                           f"first exit with its cheapest head, is {costed([0]).original_cost / cheapest:.2f}x",
                           "give a smaller budget (e.g. --budget 1.5x) or --max-drop")
     report = _report(model, best, best_val[1])
-    report.policy.budget = budget.record()
+    report.policy.budget, report.budget = budget.record(), budget
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
     report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
     report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)

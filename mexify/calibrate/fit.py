@@ -12,13 +12,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from mexify.calibrate.budget import Budget, parse_cost
 from mexify.calibrate.cache import ExitCache, collect_cache
+from mexify.calibrate.risk import RiskBound, images_to_certify
 from mexify.calibrate.search import SearchResult, oracle_at
 from mexify.calibrate.temperature import fit_temperatures
 from mexify.data import unpadded
 from mexify.errors import ConfigError
 from mexify.nn import module_device
 from mexify.policies import Policy, build_policy, pixel_level_flops
-from mexify.runtime import LatencyProfile
+from mexify.runtime import LatencyProfile, expected_stream
 from mexify.policies import policy_options as policy_options_of
 
 __all__ = ["CalibrationReport", "fit_policy"]
@@ -43,6 +44,8 @@ class CalibrationReport:
     files: Dict[str, str] = dataclasses.field(default_factory=dict)
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)
     notes: List[str] = dataclasses.field(default_factory=list)
+    #: with a confidence: what the point fit (``confidence=0``) reaches on the same cache, for comparison
+    point: Optional[Dict[str, Any]] = None
     cache: Optional[ExitCache] = dataclasses.field(default=None, repr=False)
     search: Optional[SearchResult] = dataclasses.field(default=None, repr=False)
     oracle_curve: List[Dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
@@ -66,6 +69,7 @@ class CalibrationReport:
             "theoretical_pixel_level": self.theoretical,
             "temperatures": self.temperatures,
             "labelled": self.labelled,
+            "point_fit": self.point,
             "files": self.files,
             "timings": self.timings,
             "notes": self.notes,
@@ -196,8 +200,10 @@ def _fit_on_cache(pol: Policy, cache: ExitCache, budget: Budget, temps: Optional
         progress("search", 1, 1)
     fitted, result = fit.policy, fit.search
     figures = result.figures()
+    point = _point_fit(pol, cache, budget, bounds, figures, notes)
     fitted.budget = budget.record()
     fitted.figures = {k: v for k, v in figures.items() if k != "search_seconds"}
+    fitted.monitor = expected_stream(cache.exit_names, fitted.cache_scores(cache), result.assignment, fitted.thresholds)
     oracle, oracle_curve = None, []
     if cache.labelled:
         oracle, oracle_curve = oracle_at(cache, max_cost=bounds["max_cost"], min_miou=result.constraint.get("min_miou"))
@@ -209,5 +215,30 @@ def _fit_on_cache(pol: Policy, cache: ExitCache, budget: Budget, temps: Optional
     return CalibrationReport(
         policy=fitted, figures=figures, budget=budget, oracle=oracle, best_global=result.best_global,
         pareto=result.pareto, theoretical=theoretical, temperatures=temps, labelled=cache.labelled,
-        timings=timings, notes=notes, cache=cache, search=result, oracle_curve=oracle_curve,
+        timings=timings, notes=notes, point=point, cache=cache, search=result, oracle_curve=oracle_curve,
     )
+
+
+def _point_fit(pol: Policy, cache: ExitCache, budget: Budget, bounds: Dict[str, Any], figures: Dict[str, Any],
+               notes: List[str]) -> Optional[Dict[str, Any]]:
+    """With a confidence: the point fit's figures on the same cache, and a note when the calibration set is too
+    small to certify much of what the point fit reaches (with about how many images would)."""
+    if not budget.confidence:
+        return None
+    point = pol.fit_search(cache, **{**bounds, "confidence": 0.0}).policy.figures
+    if not budget.accuracy:
+        return point
+    saved, point_saved = 1.0 - figures["cost_fraction"], 1.0 - point["cost_fraction"]
+    if point_saved <= 0.02 or saved >= 0.5 * point_saved:
+        return point
+    half = {**bounds, "confidence": 0.0, **({"max_drop": budget.value / 2} if budget.drop is not None else {"max_disagree": budget.value / 2})}
+    easier = pol.fit_search(cache, **half)
+    risk = RiskBound(cache, budget.confidence)
+    value, upper = risk.drop(easier.search.assignment) if budget.drop is not None else risk.disagreement(easier.search.assignment)
+    needed = images_to_certify(cache.num_images, value, upper, budget.value)
+    more = (f"; about {needed} calibration images would certify the {easier.policy.figures['speedup']:.2f}x that the point fit reaches "
+            f"within half the budget" if needed else "")
+    notes.append(f"{cache.num_images} calibration images certify {budget.claim} only up to {figures['speedup']:.2f}x: the point fit "
+                 f"reaches {point['speedup']:.2f}x on these images, but so close to the budget that new images would break it too "
+                 f"often{more}")
+    return point

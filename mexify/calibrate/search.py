@@ -3,6 +3,10 @@
 Coordinate descent over quantiles of each exit's cached scores, warm-started along a
 Lagrangian sweep of mIoU against cost (which also gives the Pareto curve) and polished under
 the exact constraint. Pure numpy on the cache: no model runs here.
+
+With a confidence, the constraint is certified: a configuration counts as within the budget only when
+its bound on new images (:class:`~mexify.calibrate.risk.RiskBound`) is, not its figure on the cache.
+Without one (``confidence=0``), the point figures decide, exactly as before confidences existed.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from mexify.calibrate.risk import RiskBound
 from mexify.errors import BudgetError, ConfigError
 from mexify.metrics import miou_from_counts
 
@@ -21,9 +26,8 @@ ExitCache = Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchResult", "search_thresholds", "oracle_at"]
+__all__ = ["SearchResult", "Objective", "search_thresholds", "oracle_at"]
 
-Key = Callable[[float, float], Optional[tuple]]
 
 
 @dataclasses.dataclass
@@ -39,9 +43,12 @@ class SearchResult:
     best_global: Optional[Dict[str, Any]]
     evaluations: int
     seconds: float
+    #: the bounds of the chosen configuration on new images (:meth:`Objective.bounds`); empty for a point fit
+    certified: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def figures(self) -> Dict[str, Any]:
         f = self.cache.figures(self.assignment, self.thresholds)
+        f.update(self.certified)
         f["search_seconds"] = self.seconds
         return f
 
@@ -57,6 +64,7 @@ class _Eval:
         self.idx = np.arange(scores.shape[0])
         self.ones = np.ones((scores.shape[0], 1), dtype=bool)
         self.count = 0
+        self.needs_assignment = False  # the objective reads each configuration's assignment (a disagreement budget)
         self.points: List[Tuple[float, float, Tuple[float, ...]]] = []
 
     def __call__(self, t: np.ndarray) -> Tuple[float, float]:
@@ -64,9 +72,83 @@ class _Eval:
         ok = np.concatenate([self.s >= t[None, :], self.ones], axis=1)
         a = ok.argmax(1)
         miou = miou_from_counts(self.tp[self.idx, a].sum(0), self.pc[self.idx, a].sum(0), self.lsum)
-        cost = float(self.cache.exit_costs(t)[a].mean())  # switched-off exits' heads cost nothing
+        costs = self.cache.exit_costs(t)  # switched-off exits' heads cost nothing
+        cost = float(costs[a].mean())
+        self.last = (a, costs)
         self.points.append((cost, miou, tuple(t.tolist())))
         return cost, miou
+
+
+class Objective:
+    """What the search ranks and what it must respect: a budget on the cache, certified on new images or not.
+
+    :meth:`rank` orders ``(cost, mIoU)`` points (higher is better) and is None for a point over the budget
+    on the cache; :meth:`certified` then decides, for a configuration that ranks, whether its bound on new
+    images (``risk``) is within the budget too (always True for a point fit). Bounds are only computed for
+    configurations that would be kept, so a certified search costs little more than a point fit.
+    """
+
+    def __init__(self, cache: "ExitCache", max_cost: Optional[float], max_drop: Optional[float], max_disagree: Optional[float],
+                 risk: Optional[RiskBound]):
+        self.cache, self.risk = cache, risk
+        self.max_cost, self.max_disagree = max_cost, max_disagree
+        self.drop = None if max_cost is not None or max_disagree is not None else (1.0 if max_drop is None else float(max_drop))
+        self.target = cache.final_miou - self.drop if self.drop is not None else None
+        if max_cost is not None:
+            self.constraint: Dict[str, Any] = {"max_cost": float(max_cost)}
+        elif max_disagree is not None:
+            self.constraint = {"max_disagree": float(max_disagree)}
+        else:
+            self.constraint = {"max_drop": self.drop, "min_miou": self.target}
+        if risk is not None:
+            self.constraint["confidence"] = risk.confidence
+        if max_disagree is not None:
+            self._agreed = cache.agree_tp.sum(-1, dtype=np.int64)  # (N, E) pixels of the final exit's class
+            self._pixels = float(cache.agree_label_count.sum())
+
+    def rank(self, cost: float, miou: float, a: Optional[np.ndarray] = None) -> Optional[tuple]:
+        """The point's key, or None when it is over the budget on the cache itself."""
+        if self.max_cost is not None:
+            return (round(miou, 9), -cost) if cost <= self.max_cost * (1 + 1e-12) else None
+        if self.max_disagree is not None:
+            return (-round(cost, 6), miou) if self._disagreement(a) <= self.max_disagree + 1e-12 else None
+        return (-round(cost, 6), miou) if miou >= self.target - 1e-9 else None
+
+    def _disagreement(self, a: np.ndarray) -> float:
+        agreed = self._agreed[np.arange(len(a)), a].sum()
+        return 1.0 - float(agreed) / max(self._pixels, 1.0)
+
+    def certified(self, a: np.ndarray, costs: np.ndarray) -> bool:
+        """Whether the assignment's bound on new images is within the budget (True without a confidence)."""
+        if self.risk is None:
+            return True
+        if self.max_cost is not None:
+            return self.risk.cost(costs[a])[1] <= self.max_cost * (1 + 1e-12)
+        if self.max_disagree is not None:
+            return self.risk.disagreement(a)[1] <= self.max_disagree + 1e-12
+        return self.risk.drop(a)[1] <= self.drop + 1e-9
+
+    def key(self, ev: "_Eval", t: np.ndarray, best: Optional[tuple] = None) -> Optional[tuple]:
+        """Evaluate thresholds ``t``: their key when within the budget (certified), else None. Configurations
+        that would not beat ``best`` are not certified (None is returned for them too)."""
+        cost, miou = ev(t)
+        a, costs = ev.last
+        k = self.rank(cost, miou, a)
+        if k is None or (best is not None and k <= best):
+            return None if k is None or self.risk is not None else k
+        return k if self.certified(a, costs) else None
+
+    def bounds(self, a: np.ndarray, costs: np.ndarray) -> Dict[str, Any]:
+        """The chosen configuration's figures and their bounds on new images (empty for a point fit)."""
+        if self.risk is None:
+            return {}
+        r = self.risk
+        drop, drop_up = r.drop(a)
+        dis, dis_up = r.disagreement(a)
+        cost, cost_up = r.cost(costs[a])
+        orig = float(self.cache.original_cost)
+        return {"confidence": r.confidence, "bound_images": r.new_images, "drop_bound": drop_up, "disagreement": dis,
+                "disagreement_bound": dis_up, "cost_bound": cost_up, "speedup_bound": orig / cost_up if cost_up > 0 else float("nan")}
 
 
 def _candidates(col: np.ndarray, q: int) -> np.ndarray:
@@ -74,9 +156,13 @@ def _candidates(col: np.ndarray, q: int) -> np.ndarray:
     return np.concatenate([c, [np.inf]])
 
 
-def _descend(ev: _Eval, cands: List[np.ndarray], t: np.ndarray, key: Callable[[float, float], Optional[tuple]], sweeps: int = 6) -> np.ndarray:
-    """Coordinate descent: each exit's threshold in turn, keeping the best key (None = infeasible)."""
-    best_key = key(*ev(t))
+Score = Callable[[np.ndarray, Optional[tuple]], Optional[tuple]]
+
+
+def _descend(cands: List[np.ndarray], t: np.ndarray, score: Score, sweeps: int = 6) -> np.ndarray:
+    """Coordinate descent: each exit's threshold in turn, keeping the best key (None = infeasible).
+    ``score(t, best)`` is the key of thresholds ``t`` (it may answer None for any key not above ``best``)."""
+    best_key = score(t, None)
     for _ in range(sweeps):
         improved = False
         for i, cand in enumerate(cands):
@@ -85,7 +171,7 @@ def _descend(ev: _Eval, cands: List[np.ndarray], t: np.ndarray, key: Callable[[f
                 if c == cur:
                     continue
                 t[i] = c
-                k = key(*ev(t))
+                k = score(t, best_key)
                 if k is not None and (best_key is None or k > best_key):
                     best_key, cur, improved = k, c, True
             t[i] = cur
@@ -105,27 +191,30 @@ def _front(points: List[Tuple[float, float, Tuple[float, ...]]]) -> List[Tuple[f
 
 
 def search_thresholds(
-    cache: "ExitCache", scores: np.ndarray, max_cost: Optional[float], max_drop: Optional[float], q: int = 48, n_lambda: int = 24
+    cache: "ExitCache", scores: np.ndarray, max_cost: Optional[float], max_drop: Optional[float], q: int = 48, n_lambda: int = 24,
+    max_disagree: Optional[float] = None, confidence: float = 0.0,
 ) -> SearchResult:
     """Per-exit thresholds for a budget, searched jointly on the cache (see :meth:`ExitCache.search`)."""
     t0 = time.perf_counter()
     e1 = cache.num_exits - 1
     if scores.shape != (cache.num_images, e1):
         raise ConfigError(f"scores have shape {scores.shape}, expected {(cache.num_images, e1)}", "one column per early exit")
-    if max_cost is not None and max_drop is not None:
-        raise ConfigError("give either a budget or a max drop, not both", "e.g. --budget 2x or --max-drop 1.0")
+    if sum(v is not None for v in (max_cost, max_drop, max_disagree)) > 1:
+        raise ConfigError("give one budget: a cost, a max drop or a max disagreement", "e.g. --budget 2x, --max-drop 1.0 or --max-disagree 2%")
     _check_reachable(cache, max_cost)
-    key, constraint = _objective(cache, max_cost, max_drop)
+    risk = RiskBound(cache, confidence) if confidence else None
+    obj = Objective(cache, max_cost, max_drop, max_disagree, risk)
     if e1 == 0:
         a = np.zeros(cache.num_images, dtype=np.int64)
-        return SearchResult([], a, cache, constraint, [], [], None, 0, time.perf_counter() - t0)
+        return SearchResult([], a, cache, obj.constraint, [], [], None, 0, time.perf_counter() - t0, obj.bounds(a, cache.exit_costs()))
 
     ev = _Eval(cache, scores)
+    ev.needs_assignment = max_disagree is not None
     cands = [_candidates(scores[:, i], q) for i in range(e1)]
-    global_curve, best_g = _global_baseline(ev, scores, key, q)
+    global_curve, best_g = _global_baseline(ev, scores, obj, q)
     _lagrangian_sweep(ev, cands, e1, float(cache.original_cost), n_lambda)
-    best_t = _polish(ev, cands, key, best_g, e1, max_cost is not None)
-    return _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0)
+    best_t = _polish(ev, cands, obj, best_g, e1, max_cost is not None)
+    return _result(cache, scores, ev, obj, best_t, best_g, global_curve, t0)
 
 
 def _check_reachable(cache: "ExitCache", max_cost: Optional[float]) -> None:
@@ -146,31 +235,15 @@ def _check_reachable(cache: "ExitCache", max_cost: Optional[float]) -> None:
         )
 
 
-def _objective(cache: "ExitCache", max_cost: Optional[float], max_drop: Optional[float]) -> Tuple[Key, Dict[str, Any]]:
-    """The ranking key of a (cost, mIoU) point under the constraint (None: infeasible), and the constraint."""
-    if max_cost is not None:
-        def key(cost: float, miou: float) -> Optional[tuple]:
-            return (round(miou, 9), -cost) if cost <= max_cost * (1 + 1e-12) else None
-
-        return key, {"max_cost": float(max_cost)}
-    drop = 1.0 if max_drop is None else float(max_drop)
-    target = cache.final_miou - drop
-
-    def key(cost: float, miou: float) -> Optional[tuple]:  # noqa: F811 - one of two objectives
-        return (-round(cost, 6), miou) if miou >= target - 1e-9 else None
-
-    return key, {"max_drop": drop, "min_miou": target}
-
-
-def _global_baseline(ev: "_Eval", scores: np.ndarray, key: Key, q: int) -> Tuple[List[Dict[str, Any]], Optional[np.ndarray]]:
+def _global_baseline(ev: "_Eval", scores: np.ndarray, obj: Objective, q: int) -> Tuple[List[Dict[str, Any]], Optional[np.ndarray]]:
     """One threshold for every exit: the curve, and the best feasible point (the baseline to match)."""
     e1 = scores.shape[1]
     curve, best, best_k = [], None, None
     for g in _candidates(scores.ravel(), max(4 * q, 64)):
         t = np.full(e1, g)
-        cost, miou = ev(t)
+        k = obj.key(ev, t, best_k)
+        cost, miou, _ = ev.points[-1]
         curve.append({"threshold": float(g), "mean_cost": cost, "miou": miou})
-        k = key(cost, miou)
         if k is not None and (best_k is None or k > best_k):
             best, best_k = t.copy(), k
     return curve, best
@@ -180,22 +253,33 @@ def _lagrangian_sweep(ev: "_Eval", cands: List[np.ndarray], e1: int, orig: float
     """Maximise mIoU - lam * 100 * cost / original along lam, warm-started; fills ``ev.points``."""
     t = np.full(e1, np.inf)
     for lam in np.concatenate([[0.0], np.logspace(-3, 1.5, max(n_lambda - 1, 1))]):
-        t = _descend(ev, cands, t, lambda c, m, lam=lam: (m - lam * 100.0 * c / orig,), sweeps=3)
+        def score(th: np.ndarray, best: Optional[tuple], lam: float = lam) -> tuple:
+            cost, miou = ev(th)
+            return (miou - lam * 100.0 * cost / orig,)
+
+        t = _descend(cands, t, score, sweeps=3)
 
 
-def _polish(ev: "_Eval", cands: List[np.ndarray], key: Key, best_g: Optional[np.ndarray], e1: int, cost_bound: bool) -> np.ndarray:
-    """Coordinate descent under the exact constraint from the best feasible starts."""
+def _polish(ev: "_Eval", cands: List[np.ndarray], obj: Objective, best_g: Optional[np.ndarray], e1: int, cost_bound: bool) -> np.ndarray:
+    """Coordinate descent under the exact (certified) constraint from the best feasible starts: the two best
+    points of the sweep's front within the budget, the best global threshold, and for a certified accuracy
+    budget every image at the final exit (always within it)."""
     front = _front(ev.points)
-    ranked = sorted(front, key=lambda p: key(p[0], p[1]) or (-np.inf,), reverse=True)
-    starts = [np.array(p[2]) for p in ranked[:2] if key(p[0], p[1]) is not None]
+    ranked = sorted(front, key=lambda p: obj.rank(p[0], p[1], _assigned(ev, p)) or (-np.inf,), reverse=True)
+    starts = []
+    for p in ranked:
+        if len(starts) == 2 or obj.rank(p[0], p[1], _assigned(ev, p)) is None:
+            break
+        if obj.key(ev, np.array(p[2])) is not None:
+            starts.append(np.array(p[2]))
     if best_g is not None:
         starts.append(best_g.copy())
-    if not starts:
+    if not starts or (obj.risk is not None and not cost_bound):
         starts.append(np.concatenate([[-np.inf], np.full(e1 - 1, np.inf)]) if cost_bound else np.full(e1, np.inf))
     best_t, best_k = None, None
     for s in starts:
-        s = _descend(ev, cands, s.copy(), key)
-        k = key(*ev(s))
+        s = _descend(cands, s.copy(), lambda t, best: obj.key(ev, t, best))
+        k = obj.key(ev, s)
         if k is not None and (best_k is None or k > best_k):
             best_t, best_k = s.copy(), k
     if best_t is None:  # only possible with a max_cost exactly at the cheapest point and ties
@@ -203,7 +287,15 @@ def _polish(ev: "_Eval", cands: List[np.ndarray], key: Key, best_g: Optional[np.
     return best_t
 
 
-def _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0) -> SearchResult:
+def _assigned(ev: "_Eval", point: Tuple[float, float, Tuple[float, ...]]) -> Optional[np.ndarray]:
+    """The assignment of a front point, when the objective needs it (a disagreement budget), else None."""
+    if ev.needs_assignment:
+        ev(np.array(point[2]))
+        return ev.last[0]
+    return None
+
+
+def _result(cache, scores, ev, obj: Objective, best_t, best_g, global_curve, t0) -> SearchResult:
     orig = float(cache.original_cost)
     front = _front(ev.points)
     best_global = None
@@ -212,16 +304,18 @@ def _result(cache, scores, ev, best_t, best_g, global_curve, constraint, t0) -> 
         best_global = {"threshold": float(best_g[0]), **{k: v for k, v in figures.items() if k in ("miou", "mean_cost", "mean_flops", "speedup")}}
     secs = time.perf_counter() - t0
     log.info("threshold search: %d evaluations in %.2f s", ev.count, secs)
+    assignment = cache.assign(scores, best_t)
     return SearchResult(
         thresholds=[float(x) for x in best_t],
-        assignment=cache.assign(scores, best_t),
+        assignment=assignment,
         cache=cache,
-        constraint=constraint,
+        constraint=obj.constraint,
         pareto=[{"mean_cost": c, "speedup": orig / c, "miou": m, "thresholds": list(th)} for c, m, th in front],
         global_curve=global_curve,
         best_global=best_global,
         evaluations=ev.count,
         seconds=secs,
+        certified=obj.bounds(assignment, cache.exit_costs(best_t)),
     )
 
 

@@ -102,6 +102,13 @@ BudgetOpt = Annotated[Optional[str], typer.Option(
 MaxDropOpt = Annotated[Optional[float], typer.Option(
     "--max-drop", parser=lib_parser(api.parse_max_drop), metavar="POINTS",
     help="Fastest thresholds within this many mIoU points (0 to 100) of the final exit (default 1.0).")]
+MaxDisagreeOpt = Annotated[Optional[str], typer.Option(
+    "--max-disagree", parser=lib_parser(api.parse_max_disagree, keep_text=True), metavar="SHARE",
+    help="Fastest thresholds whose masks differ from the final exit's on at most this share of pixels (2%): needs no labels.")]
+ConfidenceOpt = Annotated[float, typer.Option(
+    "--confidence", parser=lib_parser(api.parse_confidence), metavar="P",
+    help="Probability that the budget holds on a new set of images like the calibration images, as large as it "
+         "(default 0.9); 0: the point fit, within the budget on the calibration images only.")]
 CostOpt = Annotated[Optional[str], typer.Option(
     "--cost", parser=lib_parser(api.parse_cost), metavar="latency|flops",
     help="latency (measured, from `mexify profile`) or flops; default latency when the bundle has a profile.")]

@@ -73,7 +73,20 @@ def render(report) -> None:
         console.print(f"policy over {p['images']} images: {p['ms_per_image']:.2f} ms/image vs "
                       f"{p['original_ms_per_image']:.2f} for the original (per-exit rows: first batch); every exit off "
                       f"{p['exits_off_ms_per_image']:.2f} ms/image, exits-off overhead {_pct(p['exits_off_overhead'])}")
+        _print_accuracy(p, report.budget_check)
     print_notes(report.notes)
+
+
+def _print_accuracy(p: dict, check) -> None:
+    """``on these 200 images: drop 0.71 points, 1.9% of pixels differ from the original; budget max-drop 1.0 held``."""
+    if "disagreement" not in p:
+        return
+    drop = (f"drop {p['drop']:.2f} points" if "drop" in p
+            else f"agreement-mIoU drop {100 - p['agreement_miou']:.2f} points (no labels)")
+    line = f"on these {p['images']} images: {drop}, {100 * p['disagreement']:.1f}% of pixels differ from the original"
+    if check is not None:
+        line += f"; {check.status(reading=not check.accuracy)}" + (f" {check.note}" if check.note else "")
+    console.print(line, style=None if check is None or check.held else "bold red", markup=False, soft_wrap=True)
 
 
 def render_engines(report) -> None:

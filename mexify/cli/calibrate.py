@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import (Annotated, BudgetOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDropOpt, PolicyOpt, ProfileOpt, TrustCodeOpt,
+from mexify.cli._common import (Annotated, BudgetOpt, ConfidenceOpt, CostOpt, DataOpt, DeviceOpt, JsonOpt, MaxDisagreeOpt, MaxDropOpt, PolicyOpt,
+                                ProfileOpt, TrustCodeOpt,
                                 TrustOpt, checked, console, count, lib_parser, merged, print_json, print_notes, stage_progress, trust_of, warn)
 
 
@@ -68,6 +69,7 @@ def _render(report) -> None:
     if th:
         s.add_row("pixel-level, theoretical", "-", "-", _fmt_flops(th["mean_flops"]), f"{th['speedup']:.2f}x", *(["-", "-"] if ms else []))
     console.print(s)
+    _render_bound(report.budget, fig, report.point)
     g = report.best_global
     if g:
         console.print(f"one global threshold at the same budget: mIoU {g['miou']:.2f}, {g['speedup']:.2f}x by the search's cost")
@@ -77,6 +79,22 @@ def _render(report) -> None:
         console.print(f"[yellow]note:[/] {note}")
     for what, path in report.files.items():
         console.print(f"[dim]{what}: {path}[/]")
+
+
+def _render_bound(budget, fig: dict, point: Optional[dict]) -> None:
+    """What the fit promises on new images: the point figure, its bound and the confidence; the point fit beside it."""
+    if "confidence" not in fig:
+        console.print(f"[dim]point fit: within {budget.text} on the calibration images; new images may break it "
+                      f"(about half of new sets would at a budget met exactly): --confidence 0.9 certifies it[/]")
+        return
+    conf = f"{100 * fig['confidence']:g}%"
+    console.print(f"certified at {conf} confidence on a new set of {fig['bound_images']} images like these: "
+                  f"drop {fig['drop']:.2f} -> at most {fig['drop_bound']:.2f} points, pixels differing from the final exit "
+                  f"{100 * fig['disagreement']:.2f}% -> at most {100 * fig['disagreement_bound']:.2f}%, "
+                  f"speed-up {fig['speedup']:.2f}x -> at least {fig['speedup_bound']:.2f}x")
+    if point:
+        console.print(f"[dim]the point fit (--confidence 0) would reach {point['speedup']:.2f}x at drop {point['drop']:.2f} "
+                      f"on these images, without that guarantee[/]")
 
 
 def _render_search(report) -> None:
@@ -99,6 +117,7 @@ def _render_search(report) -> None:
             s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x",
                       *((f"{f['predicted_speedup']:.2f}x",) if timed else ()))
     console.print(s)
+    _render_bound(report.budget, report.figures, None)
     print_notes(report.notes, report.files)
 
 
@@ -110,6 +129,8 @@ def register(app: typer.Typer) -> None:
         policy: PolicyOpt = "mess",
         budget: BudgetOpt = None,
         max_drop: MaxDropOpt = None,
+        max_disagree: MaxDisagreeOpt = None,
+        confidence: ConfidenceOpt = api.DEFAULT_CONFIDENCE,
         split: Annotated[str, typer.Option("--split", help="Calibration split.")] = "calib",
         limit: Annotated[Optional[int], typer.Option("--limit", parser=count("--limit"), metavar="N", help="Use only the first N images.")] = None,
         temperature: Annotated[bool, typer.Option("--temperature", help="Fit a temperature per exit first (needs labels).")] = False,
@@ -132,7 +153,8 @@ def register(app: typer.Typer) -> None:
         opts = checked(api.policy_options, policy, merged(option), param="--option")
         if search and temperature:
             raise api.ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
-        goal = api.Budget.from_options(budget=budget, max_drop=max_drop, cost=cost, profile=profile)
+        goal = api.Budget.from_options(budget=budget, max_drop=max_drop, cost=cost, profile=profile, max_disagree=max_disagree,
+                                       confidence=confidence)
         common = dict(policy=policy, budget=goal, split=split, limit=limit, batch_size=batch_size, policy_options=opts, out=out,
                       device=device, trust=trust_of(trust_code, trust_pickle), warn=warn)
         with stage_progress(not json_out) as progress_cb:

@@ -47,30 +47,44 @@ def render_report(report, title: str = "") -> None:
         console.print(f"[dim]note: images were evaluated at {ih}x{iw}; FLOPs are quoted at the {h}x{w} profiling size "
                       "(convolution FLOPs scale with the pixel count)[/]")
     if report.policies:
-        p = Table(title="exit policies", title_justify="left")
-        p.add_column("policy")
-        p.add_column("mIoU", justify="right")
-        p.add_column("pixel acc", justify="right")
-        p.add_column("mean GFLOPs", justify="right")
-        p.add_column("% of original", justify="right")
-        timed = any(r.latency is not None for r in report.policies)
+        _render_policies(report)
+    check = report.budget_check
+    if check is not None:
+        console.print(check.line(), style=None if check.held else "bold red", markup=False, soft_wrap=True)
+
+
+def _render_policies(report) -> None:
+    """The policy rows of an :class:`~mexify.tools.EvalReport` (mIoU, cost, the share of pixels whose class
+    differs from the final exit's, exit rates) and where their latency comes from."""
+    p = Table(title="exit policies", title_justify="left")
+    p.add_column("policy")
+    p.add_column("mIoU", justify="right")
+    p.add_column("pixel acc", justify="right")
+    p.add_column("mean GFLOPs", justify="right")
+    p.add_column("% of original", justify="right")
+    timed = any(r.latency is not None for r in report.policies)
+    if timed:
+        p.add_column("ms / image (profile)", justify="right")
+        p.add_column("speed-up (profile)", justify="right")
+    compared = any(r.disagreement == r.disagreement for r in report.policies)  # NaN: not counted
+    if compared:
+        p.add_column("differs from final", justify="right")
+    p.add_column("exit rates", justify="left")
+    for r in report.policies:
+        frac = r.mean_flops / report.original_flops if report.original_flops else float("nan")
+        rates = " ".join(f"{100 * x:.0f}%" for x in r.exit_rates)
+        cells = [r.name, f"{r.miou:.2f}", f"{r.pixel_accuracy:.2f}", _gflops(r.mean_flops), f"{100 * frac:.1f}%"]
         if timed:
-            p.add_column("ms / image (profile)", justify="right")
-            p.add_column("speed-up (profile)", justify="right")
-        p.add_column("exit rates", justify="left")
-        for r in report.policies:
-            frac = r.mean_flops / report.original_flops if report.original_flops else float("nan")
-            rates = " ".join(f"{100 * x:.0f}%" for x in r.exit_rates)
-            cells = [r.name, f"{r.miou:.2f}", f"{r.pixel_accuracy:.2f}", _gflops(r.mean_flops), f"{100 * frac:.1f}%"]
-            if timed:
-                lat = r.latency
-                cells += [f"{lat.mean_ms:.2f}", f"{lat.speedup:.2f}x"] if lat is not None else ["-", "-"]
-            p.add_row(*cells, rates)
-        console.print(p)
-        for r in report.policies:
-            if r.latency is not None:
-                console.print(f"[dim]{r.name}: latency predicted from the bundle's profile {r.latency.profile} "
-                              "and this exit mix (`mexify bench` measures it)[/]")
+            lat = r.latency
+            cells += [f"{lat.mean_ms:.2f}", f"{lat.speedup:.2f}x"] if lat is not None else ["-", "-"]
+        if compared:
+            cells.append(f"{100 * r.disagreement:.2f}%" if r.disagreement == r.disagreement else "-")
+        p.add_row(*cells, rates)
+    console.print(p)
+    for r in report.policies:
+        if r.latency is not None:
+            console.print(f"[dim]{r.name}: latency predicted from the bundle's profile {r.latency.profile} "
+                          "and this exit mix (`mexify bench` measures it)[/]")
 
 
 def register(app: typer.Typer) -> None:
@@ -93,7 +107,8 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Run every exit of a bundle on a dataset: mIoU, pixel accuracy, FLOPs to reach each exit, and the
-        bundle's exit policy (when calibrated): its mIoU, mean FLOPs and exit rates."""
+        bundle's exit policy (when calibrated): its mIoU, mean FLOPs, exit rates, the share of pixels whose
+        class differs from the final exit's, and whether the budget it was calibrated for held here."""
         with stage_progress(not json_out) as progress:
             report = api.evaluate(bundle, data, split=split, batch_size=batch_size, limit=limit, workers=workers,
                                   device=device, progress=progress, trust=trust_of(trust_code, trust_pickle))

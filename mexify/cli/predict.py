@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import typer
 from rich.table import Table
 
 from mexify import api
-from mexify.cli._common import Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, choice, console, count, lib_parser, print_json, stage_progress, trust_of, warn
+from mexify.cli._common import (Annotated, DeviceOpt, JsonOpt, TrustCodeOpt, TrustOpt, choice, console, count, lib_parser, print_json,
+                                print_notes, stage_progress, trust_of, warn)
 
 
 def register(app: typer.Typer) -> None:
@@ -52,3 +53,14 @@ def register(app: typer.Typer) -> None:
         if report.flops_speedup:
             console.print(f"mean FLOPs speed-up {report.flops_speedup:.2f}x (1 multiply-add = 1 FLOP); "
                           f"masks and {Path(report.predictions).name} in {out}")
+        print_notes(_drift_notes(getattr(report, "drift", None)))
+
+
+def _drift_notes(drift: Optional[Dict[str, Any]]) -> List[str]:
+    """One note on the drift check when it found nothing (its findings are warnings on stderr already)."""
+    if not drift or drift.get("warnings"):
+        return []
+    if drift.get("note"):
+        return [f"drift not tested: {drift['note']}"]
+    return [f"drift: the exit mix and confidences of these {drift['images']} images agree with calibration "
+            f"({len(drift['tests'])} tests, alpha {drift['alpha']:g})"]

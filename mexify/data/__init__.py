@@ -9,7 +9,7 @@ with :data:`IGNORE_INDEX` (255) on pixels that carry no label.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from mexify.config import IGNORE_INDEX
 from mexify.data import readers
@@ -121,6 +121,7 @@ def build_dataset(
     train: bool = False,
     crop_size=None,
     base_size=None,
+    num_classes: Optional[int] = None,
 ) -> SegDataset:
     """Build a dataset from a spec string.
 
@@ -132,6 +133,8 @@ def build_dataset(
         train: apply the MESS training augmentations (random scale, crop, flip).
         crop_size: training crop, int or (H, W); defaults per dataset.
         base_size: resize target before augmentation, int (longer side) or (H, W); defaults per dataset.
+        num_classes: the class count of the model the data is for, used by ``folder:`` datasets whose spec
+            and ``classes.txt`` give none (a folder without masks needs one of the three).
 
     Returns:
         A :class:`SegDataset` with ``num_classes`` and ``class_names``.
@@ -143,6 +146,7 @@ def build_dataset(
     if parsed.scheme == "synthetic":
         ds = _build_synthetic(parsed, split, train, crop_size, base_size)
     else:
-        ds = _readers()[parsed.scheme](parsed, split=split, train=train, crop_size=crop_size, base_size=base_size)
+        extra = {"num_classes": num_classes} if parsed.scheme == "folder" else {}  # other layouts define their classes
+        ds = _readers()[parsed.scheme](parsed, split=split, train=train, crop_size=crop_size, base_size=base_size, **extra)
     log.info("dataset %s split=%s: %d samples, %d classes", parsed, getattr(ds, "split", split), len(ds), ds.num_classes)
     return ds

@@ -31,6 +31,8 @@ class SegDataset(Dataset):
     """
 
     ignore_index = IGNORE_INDEX
+    labelled = True
+    """False when the samples carry no labels (every mask pixel is :data:`IGNORE_INDEX`)."""
 
     def __init__(
         self,

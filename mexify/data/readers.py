@@ -8,7 +8,9 @@
 - ``ade20k:ROOT``: ``ADEChallengeData2016/{images,annotations}/{training,validation}``;
   150 classes, label 0 (other) is ignored, k maps to k-1.
 - ``folder:ROOT``: ``images/`` + ``masks/`` with matching stems (or ``ROOT/<split>/images``
-  and ``ROOT/<split>/masks``); palette or grayscale PNG masks; optional ``classes.txt``.
+  and ``ROOT/<split>/masks``); palette or grayscale PNG masks; optional ``classes.txt``. Without
+  a ``masks/`` folder (or with ``?labels=0``) the images are read without labels: every mask
+  pixel is :data:`~mexify.config.IGNORE_INDEX`.
 
 ``calib`` and ``test`` are disjoint halves of the validation split of every layout (a folder
 dataset without ``calib/`` or ``test/`` folders included), chosen by a fixed hash of the image
@@ -189,7 +191,8 @@ class FileSegDataset(SegDataset):
     """Image/mask pairs on disk with a label lookup table.
 
     Args:
-        pairs: ``(image_path, mask_path)`` per sample.
+        pairs: ``(image_path, mask_path)`` per sample; a mask path of None reads the image without
+            labels (a mask of :data:`~mexify.config.IGNORE_INDEX` everywhere).
         lut: raw mask value -> train id (``255`` ignore, ``-1`` invalid value).
         num_classes: number of classes.
         class_names: class names.
@@ -201,7 +204,7 @@ class FileSegDataset(SegDataset):
 
     def __init__(
         self,
-        pairs: Sequence[Tuple[Path, Path]],
+        pairs: Sequence[Tuple[Path, Optional[Path]]],
         lut: np.ndarray,
         num_classes: int,
         class_names: Sequence[str],
@@ -212,7 +215,8 @@ class FileSegDataset(SegDataset):
         root: Optional[Path] = None,
     ):
         super().__init__(num_classes, class_names, transform=transform, skip_bad=skip_bad)
-        self.pairs = [(Path(a), Path(b)) for a, b in pairs]
+        self.pairs = [(Path(a), None if b is None else Path(b)) for a, b in pairs]
+        self.labelled = any(b is not None for _, b in self.pairs)
         self.lut = lut
         self.valid_hint = valid_hint
         self.split = split
@@ -227,6 +231,8 @@ class FileSegDataset(SegDataset):
     def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         img_path, mask_path = self.pairs[index]
         image = read_image(img_path)
+        if mask_path is None:  # no labels: every pixel ignored
+            return image, torch.full(tuple(image.shape[-2:]), IGNORE_INDEX, dtype=torch.int64)
         raw = read_mask(mask_path)
         if tuple(raw.shape) != tuple(image.shape[-2:]):
             raise DataError(
@@ -243,7 +249,8 @@ class FileSegDataset(SegDataset):
         return image, torch.from_numpy(mapped)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={self.root}, split={self.split!r}, n={len(self)}, classes={self.num_classes})"
+        labels = "" if self.labelled else ", unlabelled"
+        return f"{type(self).__name__}(root={self.root}, split={self.split!r}, n={len(self)}, classes={self.num_classes}{labels})"
 
 
 # --------------------------------------------------------------------------- helpers shared by builders
@@ -254,7 +261,7 @@ OPTIONS: Dict[str, Tuple[str, ...]] = {
     "voc": _COMMON + ("list", "masks"),
     "cityscapes": _COMMON,
     "ade20k": _COMMON,
-    "folder": _COMMON + ("classes", "reduce_zero"),
+    "folder": _COMMON + ("classes", "reduce_zero", "labels"),
 }
 """The options each reader's spec takes (``voc:PATH?list=...``)."""
 
@@ -275,6 +282,7 @@ def check_options(spec: DatasetSpec) -> None:
     if spec.scheme == "folder":
         o.int("classes", None, lo=1)
         o.bool("reduce_zero", False)
+        o.bool("labels", True)
 
 
 def _held_out(pairs: List[Tuple[Path, Path]], split: str, o: OptionReader) -> List[Tuple[Path, Path]]:
@@ -310,7 +318,8 @@ def _transform(o: OptionReader, train: bool, crop_size, base_size, default_base,
     return build_transform(train, base_size=base_size, crop_size=crop_size if train else None)
 
 
-def _drop_missing(pairs: List[Tuple[Path, Path]], skip_bad: bool, what: str) -> List[Tuple[Path, Path]]:
+def _drop_missing(pairs: List[Tuple[Path, Path]], skip_bad: bool, what: str,
+                  hint: str = "fix the list or the files, or pass skip_bad=1 to skip such samples") -> List[Tuple[Path, Path]]:
     out = []
     for img, mask in pairs:
         missing = img if not img.is_file() else (mask if not mask.is_file() else None)
@@ -320,7 +329,7 @@ def _drop_missing(pairs: List[Tuple[Path, Path]], skip_bad: bool, what: str) -> 
         kind = "image" if missing is img else "mask"
         msg = f"{kind} file {missing} listed in {what} does not exist"
         if not skip_bad:
-            raise DataError(msg, "fix the list or the files, or pass skip_bad=1 to skip such samples")
+            raise DataError(msg, hint)
         log.warning("skipping: %s", msg)
     return out
 
@@ -462,29 +471,67 @@ def _folder_dirs(root: Path, split: str) -> Tuple[Path, Path]:
     raise DataError(f"no images/ folder under {root} (nor {root / split / 'images'})", "lay the data out as ROOT/images/ + ROOT/masks/ with matching file stems")
 
 
-def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None) -> FileSegDataset:
-    """Generic ``images/`` + ``masks/`` folder (``?classes=N``, ``?reduce_zero=1`` to ignore 0)."""
+def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, crop_size=None, base_size=None,
+                 num_classes: Optional[int] = None) -> FileSegDataset:
+    """Generic ``images/`` + ``masks/`` folder (``?classes=N``, ``?reduce_zero=1`` to ignore 0).
+
+    Without a ``masks/`` folder, or with ``?labels=0`` (existing masks are then not read), the images
+    come without labels: every mask pixel is :data:`~mexify.config.IGNORE_INDEX`. With a ``masks/``
+    folder, every image needs its mask (``skip_bad=1`` skips those without one).
+
+    Args:
+        num_classes: the class count to use when neither ``?classes=N`` nor ``classes.txt`` gives one
+            (the model's, when the caller has it); without it, the largest label in the masks.
+
+    Raises:
+        DataError: no images, a missing mask, or no way to know the class count of a folder without
+            labels (the message says to pass ``?classes=N``).
+    """
     o = OptionReader(spec, OPTIONS["folder"])
     root = _root(spec)
     split = o.get("split", split)
     skip_bad = o.bool("skip_bad", False)
-    reduce_zero = o.bool("reduce_zero", False)
-    img_dir, mask_dir = _folder_dirs(root, "val" if split in HELD_OUT and not (root / split / "images").is_dir() else split)
-    masks: Dict[str, Path] = {}
-    if mask_dir.is_dir():
-        for p in sorted(mask_dir.iterdir()):
-            if p.suffix.lower() in MASK_EXTS:
-                masks.setdefault(p.stem, p)
-    pairs = []
-    for p in sorted(img_dir.iterdir()):
-        if p.suffix.lower() not in IMAGE_EXTS:
-            continue
-        pairs.append((p, masks.get(p.stem, mask_dir / f"{p.stem}.png")))
-    pairs = _drop_missing(pairs, skip_bad, str(img_dir))
-    if not (root / split / "images").is_dir():
+    own = (root / split / "images").is_dir()  # a folder of its own for this split, else calib/test halve val
+    img_dir, mask_dir = _folder_dirs(root, "val" if split in HELD_OUT and not own else split)
+    labelled = o.bool("labels", True) and mask_dir.is_dir()
+    if not labelled:
+        log.info("folder dataset %s: %s; reading the images without labels", root,
+                 "labels=0" if mask_dir.is_dir() else f"no folder {mask_dir}")
+    pairs = _folder_pairs(img_dir, mask_dir if labelled else None, skip_bad)
+    if not own:
         pairs = _held_out(pairs, split, o)
     _empty(pairs, spec, split, img_dir)
+    k, names = _folder_classes(o, root, img_dir, pairs if labelled else None, num_classes)
+    if not labelled:
+        lut, hint = _lut(256, {}, ignore=[IGNORE_INDEX]), "no masks are read (an unlabelled folder)"
+    elif o.bool("reduce_zero", False):
+        lut = _lut(256, {v: v - 1 for v in range(1, k + 1)}, ignore=[0, 255])
+        hint = f"masks hold 0 (ignored) and 1..{k}, or 255 (ignored)"
+    else:
+        lut = _lut(256, {v: v for v in range(k)}, ignore=[255])
+        hint = f"masks hold 0..{k - 1} and 255 (ignored); set ?classes=N or fix classes.txt if there are more classes"
+    tf = _transform(o, train, crop_size, base_size, None, 512)
+    return FileSegDataset(pairs, lut, k, names, hint, tf, skip_bad, split, root)
 
+
+def _folder_pairs(img_dir: Path, mask_dir: Optional[Path], skip_bad: bool) -> List[Tuple[Path, Optional[Path]]]:
+    """Every image of ``img_dir`` with its mask in ``mask_dir`` by file stem (None: no labels, no masks read)."""
+    images = [p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS]
+    if mask_dir is None:
+        return [(p, None) for p in images]
+    masks: Dict[str, Path] = {}
+    for p in sorted(mask_dir.iterdir()):
+        if p.suffix.lower() in MASK_EXTS:
+            masks.setdefault(p.stem, p)
+    pairs = [(p, masks.get(p.stem, mask_dir / f"{p.stem}.png")) for p in images]
+    return _drop_missing(pairs, skip_bad, str(img_dir), "every image needs a mask with its file stem in "
+                         f"{mask_dir}; pass skip_bad=1 to skip images without one, or labels=0 to read every image without labels")
+
+
+def _folder_classes(o: OptionReader, root: Path, img_dir: Path, pairs: Optional[Sequence[Tuple[Path, Path]]],
+                    num_classes: Optional[int]) -> Tuple[int, List[str]]:
+    """The class count and names of a folder dataset: ``?classes=N``, else ``classes.txt``, else ``num_classes``
+    (the caller's model), else the largest label in the masks (``pairs``; None: an unlabelled folder, an error)."""
     names: Optional[List[str]] = None
     for cand in (img_dir.parent / "classes.txt", root / "classes.txt"):
         if cand.is_file():
@@ -493,21 +540,20 @@ def build_folder(spec: DatasetSpec, split: str = "train", train: bool = False, c
     k = o.int("classes", None, lo=1)
     if k is None and names:
         k = len(names)
+    if k is None and num_classes:
+        k = int(num_classes)
+    if k is None and pairs is None:
+        raise DataError(f"folder dataset {str(o.spec)!r} has no labels (no masks/ folder, or labels=0) and no classes.txt, "
+                        "so its number of classes is unknown",
+                        f"pass ?classes=N, the number of classes the model predicts (e.g. folder:{root}?classes=19)")
     if k is None:
-        k = _infer_classes(pairs, reduce_zero)
+        k = _infer_classes(pairs, o.bool("reduce_zero", False))
         log.warning("folder dataset %s: no classes.txt or ?classes=N; inferred %d classes from the masks", root, k)
     if names is None or len(names) != k:
         if names is not None:
             log.warning("classes.txt lists %d names but the dataset has %d classes; using generic names", len(names), k)
         names = [f"class_{i}" for i in range(k)]
-    if reduce_zero:
-        lut = _lut(256, {v: v - 1 for v in range(1, k + 1)}, ignore=[0, 255])
-        hint = f"masks hold 0 (ignored) and 1..{k}, or 255 (ignored)"
-    else:
-        lut = _lut(256, {v: v for v in range(k)}, ignore=[255])
-        hint = f"masks hold 0..{k - 1} and 255 (ignored); set ?classes=N or fix classes.txt if there are more classes"
-    tf = _transform(o, train, crop_size, base_size, None, 512)
-    return FileSegDataset(pairs, lut, k, names, hint, tf, skip_bad, split, root)
+    return k, names
 
 
 def _infer_classes(pairs: Sequence[Tuple[Path, Path]], reduce_zero: bool) -> int:

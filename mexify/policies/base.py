@@ -235,6 +235,11 @@ class Policy:
     name: str = "base"
     needs_labels: bool = False
     needs_features: bool = False
+    #: the scores come from parameters fitted on the calibration images (a trained model): a certified fit
+    #: then bounds the drop on out-of-fold scores (:meth:`fit_search`), which those images did not train
+    learns_scores: bool = False
+    #: folds of that cross-fitting
+    score_folds: int = 5
     #: constructor options written to / read from ``to_dict``
     _params: Tuple[str, ...] = ()
     #: the options a user sets (``--option k=v``); None: every ``_params`` entry
@@ -265,6 +270,8 @@ class Policy:
         self.exit_names: Optional[List[str]] = None if exit_names is None else list(exit_names)
         self.budget: Optional[Dict[str, Any]] = None
         self.figures: Optional[Dict[str, Any]] = None
+        #: what calibration saw, for drift checks at run time (:func:`mexify.runtime.expected_stream`'s record)
+        self.monitor: Optional[Dict[str, Any]] = None
 
     # ----------------------------------------------------------------- fitting
     @property
@@ -295,11 +302,24 @@ class Policy:
         fitted = self._fit_params(cache)
         fitted.exit_names = list(cache.exit_names)
         fitted.temperatures = None if cache.temperatures is None else list(cache.temperatures)
-        scores = fitted.cache_scores(cache)
+        certified = bool(search.get("confidence"))
+        scores = self._out_of_fold_scores(cache) if certified and self.learns_scores else fitted.cache_scores(cache)
         result = cache.search(scores, **search)
         fitted.thresholds = [float(t) for t in result.thresholds]
         fitted.figures = result.figures()
         return PolicyFit(fitted, result)
+
+    def _out_of_fold_scores(self, cache: Any) -> np.ndarray:
+        """Every image's scores from parameters fitted on the other folds (cross-fitting): scores the image did
+        not train, so the thresholds and their bound see what new images will get. Folds are a fixed random
+        split; the deployed parameters are fitted on every image."""
+        n = cache.num_images
+        folds = np.array_split(np.random.default_rng(0).permutation(n), min(self.score_folds, n))
+        scores = np.zeros((n, cache.num_exits - 1), dtype=np.float64)
+        for held in folds:
+            train = np.setdiff1d(np.arange(n), held)
+            scores[held] = self._fit_params(cache.subset(train)).cache_scores(cache.subset(held))
+        return scores
 
     def _fit_params(self, cache: Any) -> "Policy":
         """Copy of self with data-dependent parameters fitted (default: none)."""
@@ -372,7 +392,7 @@ class Policy:
         return {k: getattr(self, k) for k in self._params}
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain-YAML form: name, options, thresholds by exit name, temperatures, budget and figures."""
+        """Plain-YAML form: name, options, thresholds by exit name, temperatures, budget, figures and monitor."""
         names = self.exit_names
         d: Dict[str, Any] = {"name": self.name}
         d.update(self._params_to_dict())
@@ -392,6 +412,8 @@ class Policy:
             d["budget"] = dict(self.budget)
         if self.figures is not None:
             d["figures"] = dict(self.figures)
+        if self.monitor is not None:
+            d["monitor"] = copy.deepcopy(dict(self.monitor))
         return d
 
     @classmethod
@@ -417,6 +439,11 @@ class Policy:
         p.exit_names = list(names) if names is not None else None
         p.budget = d.get("budget")
         p.figures = d.get("figures")
+        monitor = d.get("monitor")
+        if monitor is not None and not isinstance(monitor, dict):
+            raise ConfigError(f"the policy's monitor entry is a {type(monitor).__name__}, not a mapping",
+                              "calibrate the bundle again, or remove the policy's monitor entry")
+        p.monitor = monitor
         return p
 
     def __repr__(self) -> str:

@@ -80,6 +80,7 @@ class LearnedPolicy(Policy):
     """Per-exit MLP over confidence, entropy, confidence-histogram and FFT features."""
 
     _params = ("tolerance",)
+    learns_scores = True
 
     def __init__(self, tolerance: Optional[float] = None, nets: Optional[List[Dict[str, Any]]] = None, **kw: Any):
         super().__init__(**kw)

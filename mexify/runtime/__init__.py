@@ -6,6 +6,7 @@ from mexify.runtime.costs import exit_ms_per_image, original_ms_per_image
 from mexify.runtime.engine import DTYPES, EarlyExitRuntime, labels_of, masks_of, parse_dtype, predict, resize_masks
 from mexify.runtime.graphs import GraphedCall, capture
 from mexify.runtime.latency import LatencyProfile, profile_key, select_profile
+from mexify.runtime.monitor import DriftReport, DriftTest, StreamMonitor, StreamStats, drift_report, expected_stream
 from mexify.runtime.policy import FixedExit, active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
@@ -29,4 +30,10 @@ __all__ = [
     "select_profile",
     "GraphedCall",
     "capture",
+    "StreamMonitor",
+    "StreamStats",
+    "expected_stream",
+    "drift_report",
+    "DriftReport",
+    "DriftTest",
 ]

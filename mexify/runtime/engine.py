@@ -16,6 +16,11 @@ Costs are counted in FLOPs at the bundle's profiling input size (1 multiply-add 
 the stages run plus the heads evaluated on the way. Heads of exits the policy can never
 take (a threshold of ``inf``) are not evaluated and not counted, so the figure can be
 below ``model.cost_to_exit``.
+
+Every batch is also recorded in a :class:`~mexify.runtime.monitor.StreamMonitor`
+(``runtime.stream``): the exit each image left at and the policy's confidence at every early exit
+it reached, summed where they were computed; :meth:`EarlyExitRuntime.drift` tests them against what
+calibration saw (``policy.monitor``).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from mexify.errors import ConfigError, DataError
 from mexify.nn import exit_flops, module_device, resize_logits
 from mexify.runtime.graphs import GraphCaptureError, GraphedExits, bucket_of
+from mexify.runtime.monitor import MIN_IMAGES, DriftReport, StreamMonitor, StreamStats, drift_report
 from mexify.runtime.policy import active_exits, resolve_policy
 from mexify.runtime.results import BatchPrediction, Prediction
 
@@ -105,6 +111,9 @@ class EarlyExitRuntime:
         rt = EarlyExitRuntime(mexify.load("model.mex", device="cuda"))
         for p in rt.predict(images):      # images (N, 3, H, W), normalised
             print(p.exit_name, p.confidence, p.mask.shape)
+        report = rt.drift()               # None without a calibration record in the policy
+        for line in report.warnings if report else []:
+            print(line)
     """
 
     def __init__(self, model: Any, policy: Any = None, exit: Union[int, str, None] = None, *,
@@ -117,6 +126,7 @@ class EarlyExitRuntime:
         self.active = active_exits(self.policy, e)
         self.needs_features = bool(getattr(self.policy, "needs_features", False))
         self.exit_flops = exit_flops(model.stage_flops, model.head_flops, self.active)
+        self._stream = StreamMonitor(model.exit_names)
         self._set_execution(cuda_graphs, dtype, channels_last)
 
     def _set_execution(self, cuda_graphs: Optional[bool], dtype: Optional[str], channels_last: Optional[bool]) -> None:
@@ -148,6 +158,35 @@ class EarlyExitRuntime:
     @property
     def exit_names(self) -> List[str]:
         return list(self.model.exit_names)
+
+    @property
+    def stream(self) -> StreamMonitor:
+        """The running statistics of every image run so far (since the last :meth:`reset_stats`)."""
+        return self._stream
+
+    def stats(self) -> StreamStats:
+        """A snapshot of :attr:`stream`: images, exit rates, confidence per early exit."""
+        return self._stream.snapshot()
+
+    def reset_stats(self) -> None:
+        """Start a new window of the stream statistics."""
+        self._stream.reset()
+
+    def drift(self, alpha: float = 0.01, min_images: int = MIN_IMAGES) -> Optional[DriftReport]:
+        """The images run so far against what calibration saw (:func:`~mexify.runtime.monitor.drift_report`).
+
+        Args:
+            alpha: family-wise significance level of the tests.
+            min_images: below this many images nothing is tested.
+
+        Returns:
+            a :class:`~mexify.runtime.monitor.DriftReport` (``warnings``: one line per finding), or None
+            when the policy carries no calibration record (``policy.monitor``).
+        """
+        record = getattr(self.policy, "monitor", None)
+        if not record:
+            return None
+        return drift_report(self.stats(), record, alpha=alpha, min_images=min_images)
 
     def _masks(self, i: int, logits: torch.Tensor, feats: Optional[torch.Tensor], size: Tuple[int, int]) -> torch.Tensor:
         """Masks of the images that leave at exit ``i``: the only place an exit's output is resized."""
@@ -192,17 +231,27 @@ class EarlyExitRuntime:
                 model.train(True)
 
     def _run(self, x: torch.Tensor, graphs: bool = True) -> BatchPrediction:
+        seen: List[Tuple[int, torch.Tensor]] = []  # (early exit, confidences of the images that reached it)
         if graphs and self._graphs is not None and x.shape[0] > 0:
             try:
-                return self._run_graphed(x)
+                return self._watched(self._run_graphed(x, seen), seen)
             except GraphCaptureError as e:  # a stage that cannot be captured: eager from now on (other errors propagate)
                 log.warning("CUDA graphs unavailable for this model (%s); running eagerly", str(e).splitlines()[0])
                 self._graphs = None
                 self.cuda_graphs = False
+                seen.clear()
         out = _Outputs(int(x.shape[0]), self.model.num_exits, (int(x.shape[-2]), int(x.shape[-1])), x.device)
         with self.autocast():
-            self._run_eager(x, out)
-        return self._result(out)
+            self._run_eager(x, out, seen)
+        return self._watched(self._result(out), seen)
+
+    def _watched(self, result: BatchPrediction, seen: List[Tuple[int, torch.Tensor]]) -> BatchPrediction:
+        """Record a finished batch in :attr:`stream` (only once finished: a batch rerun eagerly counts once)."""
+        for i, conf in seen:
+            if isinstance(conf, torch.Tensor):
+                self._stream.observe(i, conf)
+        self._stream.count(result.exit_index)
+        return result
 
     def _result(self, out: _Outputs) -> BatchPrediction:
         both = torch.stack([out.exit_index.to(torch.float32), out.confidence]).cpu()  # one copy, one sync
@@ -210,7 +259,7 @@ class EarlyExitRuntime:
         flops = torch.tensor(self.exit_flops, dtype=torch.long)[idx]
         return BatchPrediction(out.masks, idx, both[1].contiguous(), flops, self.exit_names)
 
-    def _run_eager(self, x: torch.Tensor, out: _Outputs) -> None:
+    def _run_eager(self, x: torch.Tensor, out: _Outputs, seen: List[Tuple[int, torch.Tensor]]) -> None:
         model, policy = self.model, self.policy
         e = model.num_exits
         alive = torch.arange(int(x.shape[0]), device=x.device)  # input rows still in the batch
@@ -229,6 +278,7 @@ class EarlyExitRuntime:
                 self._emit(out, i, torch.arange(int(alive.numel()), device=x.device), alive, logits, feats, conf)
                 break
             go, conf = policy.decide(i, logits, feats)
+            seen.append((i, conf))  # summed on its device when the batch is done: no sync
             go = go.to(device=x.device, dtype=torch.bool).reshape(-1)
             leave = go.nonzero().squeeze(1)
             n_leave = int(leave.numel())  # one device sync per exit
@@ -241,7 +291,7 @@ class EarlyExitRuntime:
                 state = state.select(stay)
                 alive = alive.index_select(0, stay)
 
-    def _run_graphed(self, x: torch.Tensor) -> BatchPrediction:
+    def _run_graphed(self, x: torch.Tensor, seen: List[Tuple[int, torch.Tensor]]) -> BatchPrediction:
         """As :meth:`_run_eager`, every stage replayed from its bucket's CUDA graph; who leaves is
         read on the host once per active early exit (one small copy), and nothing else syncs."""
         model, graphs, dev = self.model, self._graphs, x.device
@@ -263,6 +313,7 @@ class EarlyExitRuntime:
                 pieces.append((rows, b.masks[i][:m]))
                 break
             decision = b.decision[i][:, :m].cpu()  # the one sync of this exit
+            seen.append((i, decision[1]))
             go = decision[0] > 0.5
             leave = go.nonzero().squeeze(1)
             if leave.numel() == 0:

@@ -2,7 +2,8 @@
 from mexify.tools.benchmark import BenchReport, bench, original_model, original_runner
 from mexify.tools.engines import ENGINES, EngineReport, OnnxEngine, compare_engines, make_engine, time_policies
 from mexify.tools.export import ExportResult, export_bundle
-from mexify.tools.evaluation import EvalReport, ExitResult, PolicyResult, PredictedLatency, evaluate, evaluate_policy
+from mexify.tools.evaluation import (BudgetObservation, BudgetVerdict, EvalReport, ExitResult, PolicyResult, PredictedLatency, budget_verdict,
+                                     evaluate, evaluate_policy, policy_budget_check)
 from mexify.tools.images import PredictReport, collect_images, palette, predict_images, predictions_out, read_image, to_tensor
 from mexify.tools.plots import save_comparison, save_pareto
 from mexify.tools.latency import LatencyProfile, ProfileReport, profile_key, profile_latency, select_profile
@@ -15,6 +16,10 @@ __all__ = [
     "ExitResult",
     "PolicyResult",
     "PredictedLatency",
+    "BudgetObservation",
+    "BudgetVerdict",
+    "budget_verdict",
+    "policy_budget_check",
     "bench",
     "BenchReport",
     "original_model",

@@ -16,6 +16,11 @@ sees it: the runtime must wait anyway, to know which images leave). All timing i
   over the mean over images of the timed cost of the exit each image took (stages, active heads
   and decisions on the way, masks): what the cost model predicts for the exit mix observed;
 * ``flops_speedup`` = original FLOPs / mean FLOPs per image.
+
+Accuracy on the same images, counted after the timing from the masks the last timed pass kept (nothing is
+added to the timed calls): ``disagreement``, the share of pixels where the runtime's mask differs from the
+original model's, and ``agreement_miou``; with labels, both models' mIoU and the ``drop``. The policy's
+calibrated budget is judged on them (:func:`~mexify.tools.evaluation.budget_verdict`: ``budget_check``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from mexify.metrics import ConfusionMatrix
 from mexify.nn import device_name, module_device, resolve_device
 from mexify.runtime import BatchPrediction, EarlyExitRuntime, GraphedCall, exit_ms_per_image, masks_of, original_ms_per_image, resize_masks
 from mexify.spec import ModelSpec, build_model
+from mexify.tools.evaluation import BudgetObservation, BudgetVerdict, budget_verdict
 from mexify.tools.latency import time_stages
 from mexify.tools.timing import time_call, time_calls, timed_pass
 
@@ -54,7 +60,12 @@ class BenchReport:
             share of the original model's latency.
         original: latency and FLOPs of the original model (``note`` says what was timed).
         policy: the policy's figures on the dataset (None without a policy): measured and
-            FLOPs-predicted mean speed-up, exit rates, mIoU beside the final exit's.
+            FLOPs-predicted mean speed-up, exit rates, the share of pixels whose class differs from the
+            original model's (``disagreement``, 0-1) and the ``agreement_miou``; with labels, mIoU beside the
+            original's (``final_miou``) and the ``drop`` in points.
+        budget_check: whether the budget the policy was calibrated for held on these images (None without
+            a budget record): drop or disagreement against the original model; speed-up, cost share or ms
+            per image measured (or by FLOPs, for a policy calibrated on FLOPs).
     """
 
     device: str
@@ -71,9 +82,12 @@ class BenchReport:
     mode: str = "eager"
     dtype: str = "float32"
     channels_last: bool = False
+    budget_check: Optional[BudgetVerdict] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return json_safe(dataclasses.asdict(self))
+        out = json_safe(dataclasses.asdict(self))
+        out["budget_check"] = self.budget_check.to_dict() if self.budget_check is not None else None
+        return out
 
 
 def original_model(model: Any) -> Tuple[nn.Module, str]:
@@ -161,13 +175,14 @@ def bench(
     x0 = batches[0][0]
     orig_s = time_call(lambda: run_orig(x0), dev, warmup, repeats)
     rows, exit_s, base_s = _exit_rows(model, rt, x0, orig_s, dev, warmup, repeats, progress)
-    pol = None
+    pol, check = None, None
     if not getattr(rt, "policy_missing", False):
         pol = _policy_figures(model, rt, run_orig, batches, dev, warmup, repeats, progress)
         pol["predicted_speedup"] = _predicted_speedup(exit_s, base_s, pol)
         for row in rows:
             row["exit_rate"] = pol["exit_rates"][row["name"]]
-    if all(y is not None for _, y in batches):
+        check = _budget_check(rt.policy, pol, model.original_flops)
+    if _labelled(batches, model.num_classes):
         _exit_accuracy(model, batches, rows)
     return BenchReport(
         device=device_name(dev),
@@ -183,6 +198,7 @@ def bench(
         mode="graphs" if rt.cuda_graphs else "eager",
         dtype=rt.dtype,
         channels_last=rt.channels_last,
+        budget_check=check,
     )
 
 
@@ -281,7 +297,7 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.
     calls = {"policy": timed_pass(rt.predict_batch, batches, dev, outs),
              "original": timed_pass(lambda x: run_orig(x).clone(), batches, dev, finals),  # a graph's output is overwritten by its next replay
              "exits_off": timed_pass(off.predict_batch, batches, dev)}
-    # at least one untimed pass: its results are the ones scored below
+    # at least one untimed pass first; timed_pass keeps each call's last outputs, scored below after the timing
     s = time_calls(calls, dev, max(1, warmup), repeats, (lambda d, t: progress("policy", d, t)) if progress is not None else None)
     n_img = sum(int(x.shape[0]) for x, _ in batches)
     idx = torch.cat([o.exit_index for o in outs])
@@ -299,15 +315,55 @@ def _policy_figures(model: Any, rt: EarlyExitRuntime, run_orig: Callable[[torch.
         "flops_speedup": model.original_flops / mean_flops if mean_flops else float("nan"),
         "exit_rates": {n: float(c) / n_img for n, c in zip(model.exit_names, counts)},
     }
-    if all(y is not None for _, y in batches):
-        cm_p, cm_f = ConfusionMatrix(model.num_classes), ConfusionMatrix(model.num_classes)
-        for (_, y), o, f in zip(batches, outs, finals):
+    # counted here, outside the timed region, from the outputs of the last pass that timed_pass kept
+    pol.update(_against_original(model, batches, outs, finals))
+    return pol
+
+
+def _against_original(model: Any, batches: List[Batch], outs: List[BatchPrediction], finals: List[torch.Tensor]) -> Dict[str, Any]:
+    """The runtime's masks against the original model's on the same images: the share of pixels whose class
+    differs (labelled or not) and the agreement mIoU; with labels, both models' mIoU and the drop (points)."""
+    k = model.num_classes
+    agree, cm_p, cm_f = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
+    differ, pixels = 0, 0
+    for (_, y), o, f in zip(batches, outs, finals):
+        differ += int((o.masks != f).sum())
+        pixels += int(f.numel())
+        agree.update(o.masks.cpu(), f.cpu())
+        if y is not None:
             cm_p.update(resize_masks(o.masks, y.shape[-2:]).cpu(), y)
             cm_f.update(resize_masks(f, y.shape[-2:]).cpu(), y)
-        pol["miou"] = cm_p.miou()
-        pol["final_miou"] = cm_f.miou()
-        pol["drop"] = pol["final_miou"] - pol["miou"]
-    return pol
+    out: Dict[str, Any] = {"disagreement": differ / pixels if pixels else float("nan"), "agreement_miou": agree.miou()}
+    if cm_f.total:  # labelled pixels: the drop against the labels
+        out.update(miou=cm_p.miou(), final_miou=cm_f.miou())
+        out["drop"] = out["final_miou"] - out["miou"]
+    return out
+
+
+def _budget_check(policy: Any, pol: Dict[str, Any], original_flops: float) -> Optional[BudgetVerdict]:
+    """The policy's calibrated budget (its ``budget`` record) judged on the benchmarked images: accuracy against the
+    original model, cost as measured here (:func:`~mexify.tools.evaluation.budget_verdict`)."""
+    labelled = "drop" in pol
+    observed = BudgetObservation(
+        images=pol["images"],
+        drop=pol["drop"] if labelled else 100.0 - pol["agreement_miou"],
+        labelled=labelled,
+        disagreement=pol["disagreement"],
+        flops_speedup=pol["flops_speedup"],
+        flops_fraction=pol["mean_flops"] / original_flops if original_flops else float("nan"),
+        speedup=pol["measured_speedup"],
+        cost_fraction=pol["ms_per_image"] / pol["original_ms_per_image"] if pol["original_ms_per_image"] else float("nan"),
+        ms_per_image=pol["ms_per_image"],
+        timing="measured",
+        reference="original model",
+    )
+    figures = getattr(policy, "figures", None)
+    return budget_verdict(getattr(policy, "budget", None), observed, figures if isinstance(figures, dict) else None)
+
+
+def _labelled(batches: List[Batch], num_classes: int) -> bool:
+    """Whether every batch has labels and some pixel is labelled (each exit's mIoU is then defined)."""
+    return all(y is not None for _, y in batches) and any(bool(((y >= 0) & (y < num_classes)).any()) for _, y in batches)
 
 
 def _exit_accuracy(model: Any, batches: List[Batch], rows: List[Dict[str, Any]]) -> None:
