@@ -853,15 +853,8 @@ def predict(
               else make_engine(engine, bundle, exit=forced, device=device, trust=trust, final_confidence=True))
         hw = tuple(rt.model.input_size) if not size else size
         report = predict_images(rt, files, Path(out), hw, batch_size=batch_size, skip_bad=skip_bad, warn=warn, progress=progress)
-    drift = None if forced is not None else _predict_drift(rt, report, config, warn)
-    return _PredictWithDrift(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)}, drift=drift)
-
-
-@dataclasses.dataclass
-class _PredictWithDrift(PredictReport):
-    """A :class:`PredictReport` with ``drift`` (what :func:`predict` returns; ``to_dict`` holds it)."""
-
-    drift: Optional[Dict[str, Any]] = None
+    report.drift = None if forced is not None else _predict_drift(rt, report, config, warn)
+    return report
 
 
 def _predict_drift(rt: Any, report: PredictReport, config: Any, warn: Callable[[str], None]) -> Dict[str, Any]:

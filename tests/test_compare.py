@@ -62,3 +62,27 @@ def test_compare_refuses_the_oracle_and_unknown_policies(bundle):
     assert res.exit_code == 1 and "oracle" in res.output
     res = CliRunner().invoke(app, ["compare", str(bundle), "--data", SCENES, "--policies", "entropi", "--no-measure"])
     assert res.exit_code == 2 and "entropy" in res.output  # an unknown name: a usage error
+
+
+def test_compare_shows_the_fitting_figure_beside_the_held_out_one_and_marks_broken_budgets(bundle, tmp_path):
+    """Each row: the drop where the policy was fitted, its bound, the drop on the evaluation split, and whether the
+    budget held there (a budget tighter than what the evaluation split shows is marked BROKEN)."""
+    args = ["compare", str(bundle), "--data", SCENES, "--policies", "maxprob,entropy", "--no-measure", "-o", str(tmp_path / "c")]
+    res = CliRunner().invoke(app, args + ["--max-drop", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"][:-1]
+    for r in rows:
+        assert r["held"] == (r["eval"]["drop"] <= 5.0 + 1e-9)
+        assert r["fit"]["drop_bound"] <= 5.0 + 1e-9 and r["fit"]["confidence"] == 0.9 and r["point_fit"] is not None
+        assert r["eval"]["agree_drop"] >= 0 and 0 <= r["eval"]["disagreement"] <= 1
+    # the point fit on a budget of 0.01 point: somewhere it uses an early exit, and the evaluation split breaks it
+    res = CliRunner().invoke(app, args + ["--max-drop", "0.01", "--confidence", "0", "--budget", "1.2x"])
+    assert res.exit_code != 0 and "--budget and --max-drop" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, args + ["--budget", "1.3x", "--confidence", "0"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "fit drop" in text and "eval drop" in text and "vs final" in text and "point fit" in text
+    report = CliRunner().invoke(app, args + ["--budget", "1.3x", "--confidence", "0", "--json"])
+    rows = json.loads(report.stdout)["rows"][:-1]
+    assert all(r["held"] == (r["eval"]["speedup"] >= 1.3 - 1e-9) for r in rows)
+    assert ("BROKEN" in text) == any(r["held"] is False for r in rows)

@@ -177,6 +177,8 @@ class PredictReport:
         exit_counts: images per exit, by exit name.
         mean_flops, original_flops, flops_speedup: FLOPs per image (None without an image) and the original model's.
         flops_convention: how FLOPs are counted.
+        drift: these images against what calibration saw (``{"stats", "compared", "tests", "warnings", ...}``,
+            :func:`mexify.runtime.drift_report`); None with a forced exit or before it is checked.
     """
 
     images: int
@@ -188,6 +190,7 @@ class PredictReport:
     original_flops: int
     flops_speedup: Optional[float]
     flops_convention: str
+    drift: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
