@@ -204,14 +204,14 @@ def test_export_falls_back_to_a_dynamic_batch_and_records_it(tmp_path, monkeypat
 
     def slow_when_spatial_is_dynamic(model, args, **kw):
         if len(kw["dynamic_shapes"][0]) > 1:
-            time.sleep(5)
+            time.sleep(40)
         return real_export(model, args, **kw)
 
     monkeypatch.setattr(torch.export, "export", slow_when_spatial_is_dynamic)
-    monkeypatch.setenv("MEXIFY_TRACE_TIMEOUT", "1")
+    monkeypatch.setenv("MEXIFY_TRACE_TIMEOUT", "8")  # the batch-only export must finish within it on a loaded machine too
     t0 = time.perf_counter()
     result = mexify.convert(f"{FIXTURES}:TinyUNet", trace=mexify.TraceConfig((64, 64), method="export"), exits=2, out=str(tmp_path / "b"))
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 35  # the slow attempt was abandoned, not waited for
     assert result.config.trace.export_shapes == "batch"
     loaded = mexify.load(tmp_path / "b")
     assert loaded.static_size == (64, 64)

@@ -98,15 +98,15 @@ def test_a_cost_budget_is_certified_on_the_mean_cost():
 
 
 def test_small_calibration_set_says_how_many_images_would_certify():
-    scores, tp, pc, lc = draw(np.random.default_rng(5), 20)
+    scores, tp, pc, lc = draw(np.random.default_rng(5), 60)
     cache = cache_of(tp, pc, lc)
     pol = build_policy("maxprob")
-    pol.cache_scores = lambda c: scores[: c.num_images]  # the drawn scores stand for the policy's
+    pol.cache_scores = lambda c: scores  # the drawn scores stand for the policy's
     notes = []
     rep = _fit_on_cache(pol, cache, Budget.max_drop(1.0), None, {}, notes, None)
     assert rep.point is not None and rep.point["speedup"] > rep.figures["speedup"]
     note = " ".join(notes)
-    assert "20 calibration images certify" in note and "would certify" in note
+    assert "60 calibration images certify" in note and "would certify" in note
 
 
 def test_merge_and_subset_keep_every_images_counts():
@@ -150,3 +150,4 @@ def test_label_free_calibration_from_the_cli(tmp_path):
     assert cfg["policy"]["budget"]["kind"] == "max_disagree" and cfg["policy"]["monitor"]["images"] == 24
     bad = CliRunner().invoke(app, ["calibrate", str(bundle), "--data", spec, "--max-disagree", "5%", "--max-drop", "1"])
     assert bad.exit_code != 0 and "--max-drop and --max-disagree" in " ".join(bad.output.split())
+

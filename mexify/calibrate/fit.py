@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 from mexify.calibrate.budget import Budget, parse_cost
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.risk import RiskBound, images_to_certify
-from mexify.calibrate.search import SearchResult, oracle_at
+from mexify.calibrate.search import SearchResult, halves, oracle_at
 from mexify.calibrate.temperature import fit_temperatures
 from mexify.data import unpadded
 from mexify.errors import ConfigError
@@ -233,11 +233,13 @@ def _point_fit(pol: Policy, cache: ExitCache, budget: Budget, bounds: Dict[str, 
         return point
     half = {**bounds, "confidence": 0.0, **({"max_drop": budget.value / 2} if budget.drop is not None else {"max_disagree": budget.value / 2})}
     easier = pol.fit_search(cache, **half)
-    risk = RiskBound(cache, budget.confidence)
-    value, upper = risk.drop(easier.search.assignment) if budget.drop is not None else risk.disagreement(easier.search.assignment)
+    test = halves(cache.num_images)[1]  # measured as the certification measures: on its half, for a new set of every image
+    risk = RiskBound(cache.subset(test), budget.confidence, new_images=cache.num_images)
+    a = easier.search.assignment[test]
+    value, upper = risk.drop(a) if budget.drop is not None else risk.disagreement(a)
     needed = images_to_certify(cache.num_images, value, upper, budget.value)
     more = (f"; about {needed} calibration images would certify the {easier.policy.figures['speedup']:.2f}x that the point fit reaches "
-            f"within half the budget" if needed else "")
+            f"within half the budget" if needed and needed > cache.num_images else "")
     notes.append(f"{cache.num_images} calibration images certify {budget.claim} only up to {figures['speedup']:.2f}x: the point fit "
                  f"reaches {point['speedup']:.2f}x on these images, but so close to the budget that new images would break it too "
                  f"often{more}")

@@ -24,10 +24,11 @@ used for every configuration (common random numbers), so comparing configuration
 comparing their point figures. The speed side is treated the same way: a cost budget bounds the mean
 cost per image (exit rates vary between sets of images) at the same confidence.
 
-The bound holds for a configuration fixed in advance; the search still selects among many. Taking the
-selection as part of the fit would mean refitting per resample (minutes); `benchmarks/bench_risk.py`
-measures instead how often the certified fit breaks its budget on held-out images, over many random
-calibration / test partitions, against the stated rate.
+The bound holds for a configuration fixed in advance. The threshold search chooses among many, so it
+uses the bound by *learn then test* (:mod:`mexify.calibrate.search`): one half of the calibration images
+proposes an ordered path of configurations, the other half certifies them in order. `benchmarks/bench_risk.py`
+measures how often the certified fit breaks its budget on held-out images, over many random calibration /
+test partitions, against the stated rate.
 """
 from __future__ import annotations
 
@@ -110,33 +111,43 @@ class RiskBound:
         self.pixels = cache.agree_label_count.sum(-1, dtype=np.int64).astype(np.float64)  # (N,)
         self.idx = np.arange(n)
 
-    def _upper(self, point: float, fit: np.ndarray, new: np.ndarray) -> float:
-        """``point`` plus the ``confidence`` quantile of the new-set figure minus the resampled calibration figure."""
-        diff = new - fit
-        diff = diff[np.isfinite(diff)]
-        return float(point + np.quantile(diff, self.confidence)) if diff.size else math.inf
+    def _upper(self, point: float, dev: np.ndarray) -> float:
+        """``point`` plus the ``confidence`` quantile of ``dev`` (the new-set figure minus the resampled calibration figure)."""
+        dev = dev[np.isfinite(dev)]
+        return float(point + np.quantile(dev, self.confidence)) if dev.size else math.inf
 
-    def drop(self, assignment: np.ndarray) -> Tuple[float, float]:
-        """The drop in mIoU points of an assignment on the calibration images, and its upper bound."""
+    def _drop(self, assignment: np.ndarray) -> Tuple[float, np.ndarray]:
         tp, pc = self.tp[self.idx, assignment], self.pc[self.idx, assignment]
         point = self.final_point - miou_from_counts(tp.sum(0), pc.sum(0), self.lc_total)
         fit = self.final_fit - miou_from_counts(self.w_fit @ tp, self.w_fit @ pc, self.lc_fit)
         new = self.final_new - miou_from_counts(self.w_new @ tp, self.w_new @ pc, self.lc_new)
-        return point, self._upper(point, fit, new)
+        return float(point), new - fit
 
-    def disagreement(self, assignment: np.ndarray) -> Tuple[float, float]:
-        """The share (0-1) of pixels whose class differs from the final exit's, and its upper bound."""
+    def _disagreement(self, assignment: np.ndarray) -> Tuple[float, np.ndarray]:
         agreed = self.agreed[self.idx, assignment]
         point = 1.0 - float(agreed.sum() / max(self.pixels.sum(), 1.0))
         fit = 1.0 - (self.w_fit @ agreed) / np.maximum(self.w_fit @ self.pixels, 1.0)
         new = 1.0 - (self.w_new @ agreed) / np.maximum(self.w_new @ self.pixels, 1.0)
-        return point, self._upper(point, fit, new)
+        return point, new - fit
+
+    def _cost(self, per_image: np.ndarray) -> Tuple[float, np.ndarray]:
+        c = np.asarray(per_image, dtype=np.float64)
+        return float(c.mean()), (self.w_new @ c) / self.new_images - (self.w_fit @ c) / self.num_images
+
+    def drop(self, assignment: np.ndarray) -> Tuple[float, float]:
+        """The drop in mIoU points of an assignment on the calibration images, and its upper bound."""
+        point, dev = self._drop(assignment)
+        return point, self._upper(point, dev)
+
+    def disagreement(self, assignment: np.ndarray) -> Tuple[float, float]:
+        """The share (0-1) of pixels whose class differs from the final exit's, and its upper bound."""
+        point, dev = self._disagreement(assignment)
+        return point, self._upper(point, dev)
 
     def cost(self, per_image: np.ndarray) -> Tuple[float, float]:
         """The mean of a per-image cost (each image's exit cost), and its upper bound on a new set."""
-        c = np.asarray(per_image, dtype=np.float64)
-        point = float(c.mean())
-        return point, self._upper(point, (self.w_fit @ c) / self.num_images, (self.w_new @ c) / self.new_images)
+        point, dev = self._cost(per_image)
+        return point, self._upper(point, dev)
 
     def margin_scale(self, images: int) -> float:
         """How a margin measured at this cache's size scales to a calibration (and new) set of ``images``."""

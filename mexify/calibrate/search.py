@@ -4,9 +4,16 @@ Coordinate descent over quantiles of each exit's cached scores, warm-started alo
 Lagrangian sweep of mIoU against cost (which also gives the Pareto curve) and polished under
 the exact constraint. Pure numpy on the cache: no model runs here.
 
-With a confidence, the constraint is certified: a configuration counts as within the budget only when
-its bound on new images (:class:`~mexify.calibrate.risk.RiskBound`) is, not its figure on the cache.
-Without one (``confidence=0``), the point figures decide, exactly as before confidences existed.
+With a confidence the thresholds are chosen by *learn then test* (Angelopoulos et al., 2021): the
+calibration images are split in two fixed random halves; the sweep on the first half draws a path of
+configurations, from the safest (every image at the final exit for an accuracy budget, at the first exit
+for a cost budget) to the most aggressive; the second half tests them in that order, each certified when
+its bound on a new set of images (:class:`~mexify.calibrate.risk.RiskBound`, predictive, for a set as large
+as the whole calibration set) is within the budget, and the walk stops at the first that is not (fixed-
+sequence testing: no correction for the number of configurations, as none is tested unless every safer
+one passed). The half that tests did not choose the path, so the winner's curse of picking the luckiest
+estimate does not reach the bound. Without a confidence (``confidence=0``), the point figures on the whole
+cache decide, exactly as before confidences existed.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ ExitCache = Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchResult", "Objective", "search_thresholds", "oracle_at"]
+__all__ = ["SearchResult", "Objective", "search_thresholds", "oracle_at", "halves"]
 
 
 
@@ -80,12 +87,12 @@ class _Eval:
 
 
 class Objective:
-    """What the search ranks and what it must respect: a budget on the cache, certified on new images or not.
+    """What the search ranks and what it must respect: a budget on a cache, and its bounds on new images.
 
     :meth:`rank` orders ``(cost, mIoU)`` points (higher is better) and is None for a point over the budget
-    on the cache; :meth:`certified` then decides, for a configuration that ranks, whether its bound on new
-    images (``risk``) is within the budget too (always True for a point fit). Bounds are only computed for
-    configurations that would be kept, so a certified search costs little more than a point fit.
+    on the cache; with ``risk`` (a :class:`~mexify.calibrate.risk.RiskBound` of the same cache),
+    :meth:`certified` says whether a configuration's bound on new images is within the budget too, and
+    :meth:`bounds` gives the bounds a report shows.
     """
 
     def __init__(self, cache: "ExitCache", max_cost: Optional[float], max_drop: Optional[float], max_disagree: Optional[float],
@@ -102,6 +109,7 @@ class Objective:
             self.constraint = {"max_drop": self.drop, "min_miou": self.target}
         if risk is not None:
             self.constraint["confidence"] = risk.confidence
+        self.risk_kind = "cost" if max_cost is not None else ("disagreement" if max_disagree is not None else "drop")
         if max_disagree is not None:
             self._agreed = cache.agree_tp.sum(-1, dtype=np.int64)  # (N, E) pixels of the final exit's class
             self._pixels = float(cache.agree_label_count.sum())
@@ -119,7 +127,7 @@ class Objective:
         return 1.0 - float(agreed) / max(self._pixels, 1.0)
 
     def certified(self, a: np.ndarray, costs: np.ndarray) -> bool:
-        """Whether the assignment's bound on new images is within the budget (True without a confidence)."""
+        """Whether the assignment's bound on new images is within the budget (True without ``risk``)."""
         if self.risk is None:
             return True
         if self.max_cost is not None:
@@ -129,14 +137,9 @@ class Objective:
         return self.risk.drop(a)[1] <= self.drop + 1e-9
 
     def key(self, ev: "_Eval", t: np.ndarray, best: Optional[tuple] = None) -> Optional[tuple]:
-        """Evaluate thresholds ``t``: their key when within the budget (certified), else None. Configurations
-        that would not beat ``best`` are not certified (None is returned for them too)."""
+        """Evaluate thresholds ``t``: their key when within the budget on the cache, else None."""
         cost, miou = ev(t)
-        a, costs = ev.last
-        k = self.rank(cost, miou, a)
-        if k is None or (best is not None and k <= best):
-            return None if k is None or self.risk is not None else k
-        return k if self.certified(a, costs) else None
+        return self.rank(cost, miou, ev.last[0])
 
     def bounds(self, a: np.ndarray, costs: np.ndarray) -> Dict[str, Any]:
         """The chosen configuration's figures and their bounds on new images (empty for a point fit)."""
@@ -147,7 +150,8 @@ class Objective:
         dis, dis_up = r.disagreement(a)
         cost, cost_up = r.cost(costs[a])
         orig = float(self.cache.original_cost)
-        return {"confidence": r.confidence, "bound_images": r.new_images, "drop_bound": drop_up, "disagreement": dis,
+        return {"confidence": r.confidence, "bound_images": r.new_images, "tested_on": r.num_images, "drop_bound": drop_up,
+                "disagreement": dis,
                 "disagreement_bound": dis_up, "cost_bound": cost_up, "speedup_bound": orig / cost_up if cost_up > 0 else float("nan")}
 
 
@@ -202,19 +206,25 @@ def search_thresholds(
     if sum(v is not None for v in (max_cost, max_drop, max_disagree)) > 1:
         raise ConfigError("give one budget: a cost, a max drop or a max disagreement", "e.g. --budget 2x, --max-drop 1.0 or --max-disagree 2%")
     _check_reachable(cache, max_cost)
-    risk = RiskBound(cache, confidence) if confidence else None
-    obj = Objective(cache, max_cost, max_drop, max_disagree, risk)
+    obj = Objective(cache, max_cost, max_drop, max_disagree, None)
+    if confidence:
+        obj.constraint["confidence"] = float(confidence)
     if e1 == 0:
         a = np.zeros(cache.num_images, dtype=np.int64)
-        return SearchResult([], a, cache, obj.constraint, [], [], None, 0, time.perf_counter() - t0, obj.bounds(a, cache.exit_costs()))
+        risk = RiskBound(cache, confidence) if confidence else None
+        bounds = Objective(cache, max_cost, max_drop, max_disagree, risk).bounds(a, cache.exit_costs())
+        return SearchResult([], a, cache, obj.constraint, [], [], None, 0, time.perf_counter() - t0, bounds)
 
     ev = _Eval(cache, scores)
     ev.needs_assignment = max_disagree is not None
     cands = [_candidates(scores[:, i], q) for i in range(e1)]
     global_curve, best_g = _global_baseline(ev, scores, obj, q)
     _lagrangian_sweep(ev, cands, e1, float(cache.original_cost), n_lambda)
-    best_t = _polish(ev, cands, obj, best_g, e1, max_cost is not None)
-    return _result(cache, scores, ev, obj, best_t, best_g, global_curve, t0)
+    if confidence:
+        best_t, bounds = _learn_then_test(cache, scores, (max_cost, max_drop, max_disagree), confidence, q, n_lambda)
+    else:
+        best_t, bounds = _polish(ev, cands, obj, best_g, e1, max_cost is not None), {}
+    return _result(cache, scores, ev, obj, best_t, best_g, global_curve, t0, bounds)
 
 
 def _check_reachable(cache: "ExitCache", max_cost: Optional[float]) -> None:
@@ -260,10 +270,41 @@ def _lagrangian_sweep(ev: "_Eval", cands: List[np.ndarray], e1: int, orig: float
         t = _descend(cands, t, score, sweeps=3)
 
 
+def halves(n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The fixed random split of ``n`` calibration images into the half that proposes configurations and
+    the half that certifies them (sorted positions)."""
+    order = np.random.default_rng(0).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def _learn_then_test(cache: "ExitCache", scores: np.ndarray, limits: Tuple[Optional[float], ...], confidence: float, q: int,
+                     n_lambda: int) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Thresholds certified at ``confidence`` (see the module docstring): a path from one half of the images,
+    tested in order on the other; returns the last certified thresholds and their bounds."""
+    n, e1 = cache.num_images, cache.num_exits - 1
+    learn, test = halves(n)
+    part = cache.subset(learn)
+    ev = _Eval(part, scores[learn])
+    _lagrangian_sweep(ev, [_candidates(scores[learn, i], q) for i in range(e1)], e1, float(part.original_cost), n_lambda)
+    held = cache.subset(test)
+    judge = Objective(held, *limits, RiskBound(held, confidence, new_images=n))
+    whole = Objective(cache, *limits, None)  # and within the budget on every calibration image
+    cost_budget = limits[0] is not None
+    safest = np.concatenate([[-np.inf], np.full(e1 - 1, np.inf)]) if cost_budget else np.full(e1, np.inf)
+    path = [np.array(t) for _, _, t in _front(ev.points)]  # cheapest first
+    chosen = safest
+    for t in (path if cost_budget else path[::-1]):
+        a = cache.assign(scores, t)
+        costs = cache.exit_costs(t)
+        if whole.rank(float(costs[a].mean()), cache.miou(a), a) is None or not judge.certified(a[test], costs):
+            break
+        chosen = t
+    return chosen, judge.bounds(held.assign(scores[test], chosen), held.exit_costs(chosen))
+
+
 def _polish(ev: "_Eval", cands: List[np.ndarray], obj: Objective, best_g: Optional[np.ndarray], e1: int, cost_bound: bool) -> np.ndarray:
-    """Coordinate descent under the exact (certified) constraint from the best feasible starts: the two best
-    points of the sweep's front within the budget, the best global threshold, and for a certified accuracy
-    budget every image at the final exit (always within it)."""
+    """Coordinate descent under the exact constraint from the best feasible starts: the two best points of the
+    sweep's front within the budget and the best global threshold."""
     front = _front(ev.points)
     ranked = sorted(front, key=lambda p: obj.rank(p[0], p[1], _assigned(ev, p)) or (-np.inf,), reverse=True)
     starts = []
@@ -274,7 +315,7 @@ def _polish(ev: "_Eval", cands: List[np.ndarray], obj: Objective, best_g: Option
             starts.append(np.array(p[2]))
     if best_g is not None:
         starts.append(best_g.copy())
-    if not starts or (obj.risk is not None and not cost_bound):
+    if not starts:
         starts.append(np.concatenate([[-np.inf], np.full(e1 - 1, np.inf)]) if cost_bound else np.full(e1, np.inf))
     best_t, best_k = None, None
     for s in starts:
@@ -295,7 +336,7 @@ def _assigned(ev: "_Eval", point: Tuple[float, float, Tuple[float, ...]]) -> Opt
     return None
 
 
-def _result(cache, scores, ev, obj: Objective, best_t, best_g, global_curve, t0) -> SearchResult:
+def _result(cache, scores, ev, obj: Objective, best_t, best_g, global_curve, t0, bounds: Dict[str, Any]) -> SearchResult:
     orig = float(cache.original_cost)
     front = _front(ev.points)
     best_global = None
@@ -315,7 +356,7 @@ def _result(cache, scores, ev, obj: Objective, best_t, best_g, global_curve, t0)
         best_global=best_global,
         evaluations=ev.count,
         seconds=secs,
-        certified=obj.bounds(assignment, cache.exit_costs(best_t)),
+        certified=bounds,
     )
 
 
