@@ -92,20 +92,9 @@ def main() -> None:
 
 def _write_folder(root: Path) -> str:
     """Scenes of another seed and a harder mix as PNG files in the folder layout; returns the dataset spec."""
-    import numpy as np
-    from PIL import Image
+    from mexify.data.synthetic import SceneConfig, write_folder
 
-    from mexify.data.synthetic import SceneConfig, SyntheticScenes
-
-    cfg = SceneConfig(classes=8, size=128, n=400, n_eval=600, seed=11, mix="hard")
-    for split in ("train", "val"):
-        ds = SyntheticScenes(cfg, split=split)
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir(parents=True)
-        for i in range(len(ds)):
-            img, mask = ds.render(i)
-            Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(root / split / "images" / f"{i:04d}.png")
-            Image.fromarray(mask.astype(np.uint8)).save(root / split / "masks" / f"{i:04d}.png")
+    write_folder(SceneConfig(classes=8, size=128, n=400, n_eval=600, seed=11, mix="hard"), root)
     return f"folder:{root}"
 
 

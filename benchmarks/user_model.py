@@ -114,26 +114,14 @@ def scene_config(size: int):
 def write_scenes(root: Path, size: int) -> dict:
     """Render the train and val splits as PNG files in the folder layout (written aside, then moved into place)."""
     import numpy as np
-    from PIL import Image
 
-    from mexify.data.synthetic import SyntheticScenes
+    from mexify.data.synthetic import write_folder
 
     cfg = scene_config(size)
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    difficulty = {}
-    for split in ("train", "val"):
-        ds = SyntheticScenes(cfg, split=split)
-        (tmp / split / "images").mkdir(parents=True)
-        (tmp / split / "masks").mkdir(parents=True)
-        for i in range(len(ds)):
-            img, mask = ds.render(i)
-            rgb = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-            Image.fromarray(rgb).save(tmp / split / "images" / f"{i:04d}.png")
-            Image.fromarray(mask.astype(np.uint8)).save(tmp / split / "masks" / f"{i:04d}.png")
-        difficulty[split] = {f"{i:04d}": round(float(d), 4) for i, d in enumerate(ds.difficulties())}
-        names = ds.class_names
-    (tmp / "classes.txt").write_text("\n".join(names) + "\n")
+    difficulty = {split: {f"{i:04d}": round(float(d), 4) for i, d in enumerate(ds)} for split, ds in write_folder(cfg, tmp).items()}
+    names = (tmp / "classes.txt").read_text().splitlines()
     (tmp / "difficulty.json").write_text(json.dumps(difficulty) + "\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

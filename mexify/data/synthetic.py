@@ -25,7 +25,8 @@ from __future__ import annotations
 import colorsys
 import logging
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from mexify.errors import DataError, nearest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SceneConfig", "SyntheticScenes", "SPLITS", "TEXTURES", "render_scene", "context_classes"]
+__all__ = ["SceneConfig", "SyntheticScenes", "SPLITS", "TEXTURES", "render_scene", "context_classes", "write_folder"]
 
 SPLITS = {"train": 0, "val": 1, "calib": 2, "test": 3}
 TEXTURES = ("stripes", "checks", "dots", "waves")
@@ -405,3 +406,27 @@ class SyntheticScenes(SegDataset):
 
     def __repr__(self) -> str:
         return f"SyntheticScenes(split={self.split!r}, n={len(self)}, {self.cfg})"
+
+
+def write_folder(cfg: SceneConfig, root: Union[str, Path], splits: Sequence[str] = ("train", "val")) -> Dict[str, np.ndarray]:
+    """Render scenes as PNG files in the ``folder:`` layout (``ROOT/<split>/images`` and ``masks``, matching
+    stems, ``classes.txt``): the same scenes as another dataset would hand them over.
+
+    Returns:
+        each split's per-image difficulty, in file order.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    out = {}
+    for split in splits:
+        ds = SyntheticScenes(cfg, split=split)
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        for i in range(len(ds)):
+            img, mask = ds.render(i)
+            Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(root / split / "images" / f"{i:04d}.png")
+            Image.fromarray(mask.astype(np.uint8)).save(root / split / "masks" / f"{i:04d}.png")
+        out[split] = ds.difficulties()
+        (root / "classes.txt").write_text("\n".join(ds.class_names) + "\n")
+    return out

@@ -203,3 +203,16 @@ def test_context_pair_is_decided_by_the_background_tone():
             assert (img[mask == 0].mean() > 0.5) == (c == light), (i, c)
             seen.add(c)
     assert seen == {light, dark}
+
+
+def test_scenes_written_as_a_folder_read_back_as_rendered(tmp_path):
+    from mexify.data import build_dataset
+    from mexify.data.synthetic import SceneConfig, SyntheticScenes, write_folder
+
+    cfg = SceneConfig(classes=6, size=32, n=3, n_eval=2, seed=4)
+    difficulty = write_folder(cfg, tmp_path)
+    assert {k: len(v) for k, v in difficulty.items()} == {"train": 3, "val": 2}
+    ds = build_dataset(f"folder:{tmp_path}", split="val")
+    _, mask = ds[1]
+    assert (mask.numpy() == SyntheticScenes(cfg, split="val").render(1)[1]).all()
+    assert (tmp_path / "classes.txt").read_text().splitlines() == SyntheticScenes(cfg).class_names
