@@ -136,7 +136,7 @@ class Objective:
             return self.risk.disagreement(a)[1] <= self.max_disagree + 1e-12
         return self.risk.drop(a)[1] <= self.drop + 1e-9
 
-    def key(self, ev: "_Eval", t: np.ndarray, best: Optional[tuple] = None) -> Optional[tuple]:
+    def key(self, ev: "_Eval", t: np.ndarray) -> Optional[tuple]:
         """Evaluate thresholds ``t``: their key when within the budget on the cache, else None."""
         cost, miou = ev(t)
         return self.rank(cost, miou, ev.last[0])
@@ -160,13 +160,12 @@ def _candidates(col: np.ndarray, q: int) -> np.ndarray:
     return np.concatenate([c, [np.inf]])
 
 
-Score = Callable[[np.ndarray, Optional[tuple]], Optional[tuple]]
+Score = Callable[[np.ndarray], Optional[tuple]]
 
 
 def _descend(cands: List[np.ndarray], t: np.ndarray, score: Score, sweeps: int = 6) -> np.ndarray:
-    """Coordinate descent: each exit's threshold in turn, keeping the best key (None = infeasible).
-    ``score(t, best)`` is the key of thresholds ``t`` (it may answer None for any key not above ``best``)."""
-    best_key = score(t, None)
+    """Coordinate descent: each exit's threshold in turn, keeping the best key (``score(t)``; None = infeasible)."""
+    best_key = score(t)
     for _ in range(sweeps):
         improved = False
         for i, cand in enumerate(cands):
@@ -175,7 +174,7 @@ def _descend(cands: List[np.ndarray], t: np.ndarray, score: Score, sweeps: int =
                 if c == cur:
                     continue
                 t[i] = c
-                k = score(t, best_key)
+                k = score(t)
                 if k is not None and (best_key is None or k > best_key):
                     best_key, cur, improved = k, c, True
             t[i] = cur
@@ -251,7 +250,7 @@ def _global_baseline(ev: "_Eval", scores: np.ndarray, obj: Objective, q: int) ->
     curve, best, best_k = [], None, None
     for g in _candidates(scores.ravel(), max(4 * q, 64)):
         t = np.full(e1, g)
-        k = obj.key(ev, t, best_k)
+        k = obj.key(ev, t)
         cost, miou, _ = ev.points[-1]
         curve.append({"threshold": float(g), "mean_cost": cost, "miou": miou})
         if k is not None and (best_k is None or k > best_k):
@@ -263,7 +262,7 @@ def _lagrangian_sweep(ev: "_Eval", cands: List[np.ndarray], e1: int, orig: float
     """Maximise mIoU - lam * 100 * cost / original along lam, warm-started; fills ``ev.points``."""
     t = np.full(e1, np.inf)
     for lam in np.concatenate([[0.0], np.logspace(-3, 1.5, max(n_lambda - 1, 1))]):
-        def score(th: np.ndarray, best: Optional[tuple], lam: float = lam) -> tuple:
+        def score(th: np.ndarray, lam: float = lam) -> tuple:
             cost, miou = ev(th)
             return (miou - lam * 100.0 * cost / orig,)
 
@@ -319,7 +318,7 @@ def _polish(ev: "_Eval", cands: List[np.ndarray], obj: Objective, best_g: Option
         starts.append(np.concatenate([[-np.inf], np.full(e1 - 1, np.inf)]) if cost_bound else np.full(e1, np.inf))
     best_t, best_k = None, None
     for s in starts:
-        s = _descend(cands, s.copy(), lambda t, best: obj.key(ev, t, best))
+        s = _descend(cands, s.copy(), lambda t: obj.key(ev, t))
         k = obj.key(ev, s)
         if k is not None and (best_k is None or k > best_k):
             best_t, best_k = s.copy(), k
