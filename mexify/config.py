@@ -44,6 +44,9 @@ __all__ = [
     "parse_choice",
     "TRACE_METHODS",
     "MAX_IMAGE_SIDE",
+    "BUDGET_KINDS",
+    "ACCURACY_BUDGETS",
+    "within_budget",
 ]
 
 SCHEMA_VERSION = 1
@@ -58,6 +61,19 @@ MAX_IMAGE_SIDE = 16384
 one float32 image of 16384x16384 already takes 3 GiB."""
 
 TRACE_METHODS = ("auto", "fx", "export")
+
+BUDGET_KINDS = ("speedup", "cost_fraction", "latency_ms", "max_drop", "max_disagree")
+"""What a calibration fits for: a speed-up (x), a cost share (0-1), ms per image, mIoU points, a share of pixels."""
+ACCURACY_BUDGETS = ("max_drop", "max_disagree")
+"""Budget kinds about the masks; the others are about cost."""
+
+
+def within_budget(kind: str, value: float, observed: float) -> bool:
+    """The one rule of whether a figure observed on some images is within a budget of ``kind``: a speed-up at
+    least ``value``, every other kind at most; a relative slack of 1e-9 lets a calibration's own figures,
+    recomputed, keep their budget through rounding."""
+    slack = 1e-9 * max(1.0, abs(value))
+    return observed >= value - slack if kind == "speedup" else observed <= value + slack
 
 T = TypeVar("T")
 

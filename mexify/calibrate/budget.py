@@ -7,14 +7,14 @@ import math
 from typing import Any, Dict, Mapping, Optional, Union
 
 from mexify.calibrate.risk import DEFAULT_CONFIDENCE, parse_confidence
+from mexify.config import ACCURACY_BUDGETS, BUDGET_KINDS, within_budget
 from mexify.errors import ConfigError
 
 __all__ = ["Budget", "BUDGET_KINDS", "parse_budget", "parse_max_drop", "parse_max_disagree", "parse_cost", "COST_MODELS", "MIN_CALIBRATION_IMAGES",
            "small_set_note"]
 
 COST_MODELS = ("latency", "flops")
-BUDGET_KINDS = ("speedup", "cost_fraction", "latency_ms", "max_drop", "max_disagree")
-ACCURACY_KINDS = ("max_drop", "max_disagree")
+
 MIN_CALIBRATION_IMAGES = 50
 """Below this many calibration images, thresholds fitted for a budget are noise more than a fit."""
 
@@ -238,7 +238,7 @@ class Budget:
     @property
     def accuracy(self) -> bool:
         """True for an accuracy budget (``max_drop``, ``max_disagree``): the cheapest thresholds within it."""
-        return self.kind in ACCURACY_KINDS
+        return self.kind in ACCURACY_BUDGETS
 
     @property
     def claim(self) -> str:
@@ -256,9 +256,7 @@ class Budget:
         v = figures.get(key)
         if v is None or not math.isfinite(float(v)):
             return None
-        if self.kind == "speedup":
-            return float(v) >= self.value * (1 - 1e-9)
-        return float(v) <= self.value + 1e-9
+        return within_budget(self.kind, self.value, float(v))
 
     def max_cost(self, original_cost: float, unit: str = "flops") -> Optional[float]:
         """The budget as a bound on the mean cost, in the cost model's unit (``flops`` or ``ms``); None for

@@ -203,7 +203,7 @@ def _fit_on_cache(pol: Policy, cache: ExitCache, budget: Budget, temps: Optional
     point = _point_fit(pol, cache, budget, bounds, figures, notes)
     fitted.budget = budget.record()
     fitted.figures = {k: v for k, v in figures.items() if k != "search_seconds"}
-    fitted.monitor = expected_stream(cache.exit_names, fitted.cache_scores(cache), result.assignment, fitted.thresholds)
+    fitted.monitor = expected_stream(cache.exit_names, result.scores, result.assignment, fitted.thresholds)
     oracle, oracle_curve = None, []
     if cache.labelled:
         oracle, oracle_curve = oracle_at(cache, max_cost=bounds["max_cost"], min_miou=result.constraint.get("min_miou"))

@@ -149,10 +149,6 @@ class RiskBound:
         point, dev = self._cost(per_image)
         return point, self._upper(point, dev)
 
-    def margin_scale(self, images: int) -> float:
-        """How a margin measured at this cache's size scales to a calibration (and new) set of ``images``."""
-        return math.sqrt(self.num_images / max(int(images), 1))
-
 
 def images_to_certify(images: int, point: float, upper: float, bound: float) -> Optional[int]:
     """About how many calibration images would certify a configuration with ``point`` and ``upper`` at

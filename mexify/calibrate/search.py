@@ -50,6 +50,8 @@ class SearchResult:
     best_global: Optional[Dict[str, Any]]
     evaluations: int
     seconds: float
+    #: every image's score at every early exit, what the thresholds were searched on ``(N, E-1)``
+    scores: Optional[np.ndarray] = None
     #: the bounds of the chosen configuration on new images (:meth:`Objective.bounds`); empty for a point fit
     certified: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -71,7 +73,6 @@ class _Eval:
         self.idx = np.arange(scores.shape[0])
         self.ones = np.ones((scores.shape[0], 1), dtype=bool)
         self.count = 0
-        self.needs_assignment = False  # the objective reads each configuration's assignment (a disagreement budget)
         self.points: List[Tuple[float, float, Tuple[float, ...]]] = []
 
     def __call__(self, t: np.ndarray) -> Tuple[float, float]:
@@ -212,10 +213,9 @@ def search_thresholds(
         a = np.zeros(cache.num_images, dtype=np.int64)
         risk = RiskBound(cache, confidence) if confidence else None
         bounds = Objective(cache, max_cost, max_drop, max_disagree, risk).bounds(a, cache.exit_costs())
-        return SearchResult([], a, cache, obj.constraint, [], [], None, 0, time.perf_counter() - t0, bounds)
+        return SearchResult([], a, cache, obj.constraint, [], [], None, 0, time.perf_counter() - t0, bounds, scores)
 
     ev = _Eval(cache, scores)
-    ev.needs_assignment = max_disagree is not None
     cands = [_candidates(scores[:, i], q) for i in range(e1)]
     global_curve, best_g = _global_baseline(ev, scores, obj, q)
     _lagrangian_sweep(ev, cands, e1, float(cache.original_cost), n_lambda)
@@ -305,13 +305,9 @@ def _polish(ev: "_Eval", cands: List[np.ndarray], obj: Objective, best_g: Option
     """Coordinate descent under the exact constraint from the best feasible starts: the two best points of the
     sweep's front within the budget and the best global threshold."""
     front = _front(ev.points)
-    ranked = sorted(front, key=lambda p: obj.rank(p[0], p[1], _assigned(ev, p)) or (-np.inf,), reverse=True)
-    starts = []
-    for p in ranked:
-        if len(starts) == 2 or obj.rank(p[0], p[1], _assigned(ev, p)) is None:
-            break
-        if obj.key(ev, np.array(p[2])) is not None:
-            starts.append(np.array(p[2]))
+    keyed = [(obj.key(ev, np.array(t)), t) for _, _, t in front]
+    ranked = sorted(keyed, key=lambda kt: kt[0] or (-np.inf,), reverse=True)
+    starts = [np.array(t) for k, t in ranked[:2] if k is not None]
     if best_g is not None:
         starts.append(best_g.copy())
     if not starts:
@@ -325,14 +321,6 @@ def _polish(ev: "_Eval", cands: List[np.ndarray], obj: Objective, best_g: Option
     if best_t is None:  # only possible with a max_cost exactly at the cheapest point and ties
         best_t = np.concatenate([[-np.inf], np.full(e1 - 1, np.inf)])
     return best_t
-
-
-def _assigned(ev: "_Eval", point: Tuple[float, float, Tuple[float, ...]]) -> Optional[np.ndarray]:
-    """The assignment of a front point, when the objective needs it (a disagreement budget), else None."""
-    if ev.needs_assignment:
-        ev(np.array(point[2]))
-        return ev.last[0]
-    return None
 
 
 def _result(cache, scores, ev, obj: Objective, best_t, best_g, global_curve, t0, bounds: Dict[str, Any]) -> SearchResult:
@@ -356,6 +344,7 @@ def _result(cache, scores, ev, obj: Objective, best_t, best_g, global_curve, t0,
         evaluations=ev.count,
         seconds=secs,
         certified=bounds,
+        scores=scores,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mexify.config import json_safe
+from mexify.config import ACCURACY_BUDGETS, BUDGET_KINDS, json_safe, within_budget
 from mexify.data import as_loader, check_classes, unpadded
 from mexify.errors import DataError
 from mexify.graph.modes import training_mode
@@ -138,10 +138,6 @@ class PolicyResult:
                          original_ms_predicted=self.latency.original_ms, predicted_speedup=self.latency.speedup)
         return json_safe({"name": self.name, "miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
                           "mean_flops": self.mean_flops, "exit_rates": self.exit_rates, "extra": extra})
-
-
-ACCURACY_BUDGETS = ("max_drop", "max_disagree")
-"""Budget kinds about the masks; the others (``speedup``, ``cost_fraction``, ``latency_ms``) are about cost."""
 
 
 @dataclass(frozen=True)
@@ -320,14 +316,13 @@ def budget_verdict(budget: Optional[Mapping[str, Any]], observed: BudgetObservat
         the :class:`BudgetVerdict`; None without a budget, for a kind this version does not know, or when
         the figure the budget is about was not observed.
     """
-    if not isinstance(budget, Mapping) or budget.get("kind") not in (*ACCURACY_BUDGETS, "speedup", "cost_fraction", "latency_ms"):
+    if not isinstance(budget, Mapping) or budget.get("kind") not in BUDGET_KINDS:
         return None
     kind, value, figures = str(budget["kind"]), _finite(budget.get("value")), figures or {}
     seen, reading = _observed(kind, observed, figures.get("cost"))
     if value is None or seen is None:
         return None
-    slack = 1e-9 * max(1.0, abs(value))  # the calibration's own figures, recomputed, must not break it by rounding
-    held = seen >= value - slack if kind == "speedup" else seen <= value + slack
+    held = within_budget(kind, value, seen)
     confidence = _finite(budget.get("confidence")) or None
     bound, calibrated = _calibrated(kind, figures)
     return BudgetVerdict(held=held, kind=kind, value=value, observed=seen, split=observed.split, images=int(observed.images),
