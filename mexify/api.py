@@ -69,7 +69,7 @@ from mexify.config import (
 from mexify.data import as_loader, build_dataset, check_classes, parse_dataset_spec, take
 from mexify.errors import BudgetError, ConfigError, DataError, Interrupted, MexifyError
 from mexify.files import check_dir_writable, updating, writing
-from mexify.graph.placement import PlacementConfig
+from mexify.graph.placement import PlacementConfig, fuse_stride
 from mexify.nn import MultiExitModel, device_name, head_space, module_device, parse_device, resolve_device
 from mexify.nn.heads import HEAD_TEMPLATES, parse_head_template
 from mexify.policies import Policy, available_policies, policy_options
@@ -110,6 +110,7 @@ from mexify.trust import Trust, register_builder
 __all__ = [
     "convert",
     "inspect",
+    "fuse_stride",
     "load",
     "read_config",
     "train",
@@ -636,6 +637,7 @@ def search(
     batch_size: int = 4,
     policy_options: Optional[Dict[str, Any]] = None,
     keep_candidates: bool = False,
+    max_exits: Optional[int] = None,
     out: Optional[PathLike] = None,
     write: bool = True,
     device: Any = None,
@@ -652,6 +654,8 @@ def search(
 
     Args:
         policy: a policy whose parameters are not per exit (mess, entropy, maxprob, cbt, fft).
+        max_exits: at most this many early exits on: the search moves them among the bundle's exit positions
+            (convert with more positions than you keep, e.g. ``--exits 12`` for 6; one head per exit suffices).
         budget, split, limit, batch_size, policy_options, out, write, device, progress, warn:
             as for :func:`calibrate`.
 
@@ -665,7 +669,7 @@ def search(
         name = policy if isinstance(policy, str) else policy.name
         report = search_configuration(model, lambda: as_loader(ds, batch_size), policy=name, budget=budget,
                                       latency=_latency_profile(model, budget), policy_options=policy_options,
-                                      device=device, progress=progress)
+                                      device=device, progress=progress, max_exits=max_exits)
         fields = _searched_fields(model, report, keep_candidates, _calibrated_on(data, split, limit)) if write and bundle_path else {}
         report.files = _write_outputs(bundle_path, run.outside, run.inside, lambda d: _save_search(report, d, f"{name} on {split}"),
                                       fields, model=model if fields else None)

@@ -172,10 +172,11 @@ def _from_programs(path: Path, config: BundleConfig) -> MultiExitModel:
         module = ProgramModule(load_program(path, entry["program"], f"stage{i}"), f"stage{i}")
         stages.append(Stage(module, list(entry["inputs"]), list(entry["outputs"]), entry.get("exit_value") or "",
                             dict(entry.get("batch_dims") or {})))
-    heads = {e["exit"]: ProgramHead(load_program(path, e["program"], f"head{i}"), f"head{i}") for i, e in enumerate(manifest["heads"])}
+    heads = {e["exit"]: ProgramHead(load_program(path, e["program"], f"head{i}"), f"head{i}", len(e.get("inputs") or ()) > 1)
+             for i, e in enumerate(manifest["heads"])}
     model = MultiExitModel(
         stages, heads, config.num_classes, tuple(config.trace.input_size), [e.stage_flops for e in config.exits] + [config.final_flops],
-        [e.head_flops for e in config.exits], config.original_flops,
+        [e.head_flops for e in config.exits], config.original_flops, skips=[e.skip for e in config.exits],
     )
     model.static_size = tuple(manifest["static_size"]) if manifest.get("static_size") else None
     model.train_issue = EXPORTED_TRAIN_ISSUE

@@ -408,7 +408,11 @@ class HeadConfig(_Record):
     (the uniform baseline). ``mess``: 1x1 reduction to ``width`` (0 = the widest head within 3% of
     the model's FLOPs, resolved at conversion), ``blocks`` 3x3 conv-BN-ReLU blocks
     with ``dilation``, optional light ASPP with ``aspp_rates``, dropout, 1x1 classifier.
-    Every head upsamples its logits bilinearly to the input resolution.
+    ``fuse``: where the exit has a finer feature to fuse (:attr:`ExitConfig.skip`, chosen by convert),
+    that feature is reduced by a 1x1 conv-BN-ReLU to ``min(48, width)`` channels, the deep branch is
+    upsampled to its resolution and concatenated with it, and a light 3x3 (depthwise 3x3 then 1x1,
+    each with BN-ReLU) mixes them before the classifier, as DeepLabV3+'s decoder does. Without a
+    skip feature the head is the plain one. The head's logits are at the resolution of its finest input.
     """
 
     template: str = "mess"
@@ -417,6 +421,7 @@ class HeadConfig(_Record):
     dilation: int = 1
     aspp_rates: Tuple[int, ...] = ()
     dropout: float = 0.1
+    fuse: bool = False
 
     def __post_init__(self):
         hints = _field_types(HeadConfig)
@@ -424,7 +429,7 @@ class HeadConfig(_Record):
             for f in dataclasses.fields(self):
                 object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f"head {f.name}"))
         except ConfigError as e:
-            raise ConfigError(e.message, "e.g. width=128, blocks=2, dilation=2, aspp_rates=6:12, dropout=0.1") from None
+            raise ConfigError(e.message, "e.g. width=128, blocks=2, dilation=2, aspp_rates=6:12, dropout=0.1, fuse=true") from None
         if self.template not in ("fcn", "mess"):
             raise ConfigError(f"unknown head template {self.template!r}", "use 'mess' or 'fcn'")
         if not 0 <= self.blocks <= 4:
@@ -435,6 +440,9 @@ class HeadConfig(_Record):
             raise ConfigError("head dilation and ASPP rates must be >= 1", "e.g. dilation=2, aspp_rates=6:12")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"head dropout={self.dropout} is out of range", "use 0 <= dropout < 1")
+        if self.template == "fcn" and (self.blocks != 1 or self.dilation != 1 or self.aspp_rates):
+            raise ConfigError("the fcn head is one 3x3 block: blocks, dilation and aspp_rates are mess settings",
+                              "use --head mess for them, or set only width, dropout and fuse on fcn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,6 +497,11 @@ class ExitConfig(_Record):
     candidates: Optional[Tuple[HeadConfig, ...]] = None
     candidate_flops: Optional[Tuple[int, ...]] = None
     chosen: int = 0
+    # the finer feature a ``fuse`` head reads (a node computed before this exit, carried across the
+    # cuts up to it), its channels and stride; "" when the exit has none (its heads are plain)
+    skip: str = ""
+    skip_channels: int = 0
+    skip_stride: float = 0.0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "exit") -> "ExitConfig":

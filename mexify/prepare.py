@@ -23,15 +23,17 @@ from mexify.errors import BundleError, MexifyError, PlacementError, TraceError
 from mexify.graph.adapt import prepare_graph, upsample_to_input
 from mexify.graph.batching import analyze_batch
 from mexify.graph.modes import training_mode
-from mexify.graph.placement import PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, select_exit_points
+from mexify.graph.placement import (PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, fuse_sources, fuse_stride, output_stride,
+                                    select_exit_points)
 from mexify.graph.flops import count_flops, profile_graph
-from mexify.graph.split import pair_stages, split_stages
+from mexify.graph.split import corresponding_node, pair_stages, split_stages
 from mexify.graph.trace import EXPORT_SHAPES_KEY, TRACER_KEY, registered_autowrap_functions, registered_leaf_modules, trace_model
 from mexify.nn import MultiExitModel, build_head, parse_head_overrides
 from mexify.spec import ModelSpec, build_model, parse_spec
 from mexify.trust import Trust, check_import
 
-__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_for_exits", "build_exit_heads"]
+__all__ = ["ConvertResult", "convert", "inspect", "rebuild", "check_shrinking", "TracedModel", "trace_for_exits", "build_exit_heads",
+           "resolution_notes"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class TracedModel:
     logits_shape: Tuple[int, ...]
     train_graph_module: Optional[fx.GraphModule] = None  # the train-mode trace (None: see train_issue)
     train_issue: str = ""  # why training mode cannot be represented ("" when it can)
+    output_stride: float = 1.0  # stride of the finest class map before the upsampling to the input
 
 
 @dataclasses.dataclass
@@ -60,25 +63,31 @@ class ConvertResult:
     exits: list  # ExitPoint per early exit
     seconds: float
     notes: list = dataclasses.field(default_factory=list)  # warnings about the conversion (heads that cost too much)
+    output_stride: float = 1.0  # stride of the model's finest class map (see :func:`~mexify.graph.placement.output_stride`)
 
     def table(self) -> list:
-        """One row per exit (final last): node, stride, channels, FLOPs figures."""
+        """One row per exit (final last): node, stride, channels, the skip feature its head fuses, FLOPs figures."""
         m = self.model
         rows = []
         total = m.original_flops or 1
         for i, name in enumerate(m.exit_names):
             cum_stage = sum(m.stage_flops[: i + 1])
+            skip, skip_stride = "", None
             if i < len(self.exits):
                 e = self.exits[i]
                 stride, channels = e.stride, e.channels
+                if m.heads[name].fused:
+                    skip, skip_stride = self.config.exits[i].skip, self.config.exits[i].skip_stride
             else:
-                stride, channels = 1.0, m.num_classes
+                stride, channels = self.output_stride, m.num_classes
             rows.append(
                 {
                     "exit": i,
                     "node": name,
                     "stride": stride,
                     "channels": channels,
+                    "skip": skip,
+                    "skip_stride": skip_stride,
                     "backbone_flops": cum_stage,
                     "backbone_percent": 100.0 * cum_stage / total,
                     "head_flops": m.head_flops[i] if i < len(m.head_flops) else 0,
@@ -119,13 +128,14 @@ def trace_for_exits(
     total = int(report.total)
     _analyze_batch(gm, (h, w))
     candidates = find_candidates(gm, (h, w), num_classes, placement)
+    out_stride = output_stride(gm, (h, w), num_classes)
     upsampled = tuple(shape[-2:]) != (h, w)
     if upsampled:
         total += _upsample_flops(shape, (h, w))
         upsample_to_input(gm)
         if train_gm is not None:
             upsample_to_input(train_gm)
-    return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape, train_gm, train_issue)
+    return TracedModel(gm, num_classes, (h, w), total, upsampled, candidates, shape, train_gm, train_issue, out_stride)
 
 
 def _static_size(trace: TraceConfig) -> Optional[Tuple[int, int]]:
@@ -148,16 +158,25 @@ def _train_graph(model: nn.Module, trace: TraceConfig, example: torch.Tensor, ev
     return gm, ""
 
 
-def _stages(gm: fx.GraphModule, train_gm: Optional[fx.GraphModule], names: Sequence[str], issue: str):
-    """Stages of the eval-mode graph, each given its train-mode graph when the two agree; and why not."""
-    stages = split_stages(gm, names)
+def _stages(gm: fx.GraphModule, train_gm: Optional[fx.GraphModule], names: Sequence[str], issue: str, skips: Sequence[str] = ()):
+    """Stages of the eval-mode graph, each given its train-mode graph when the two agree; why not; and each exit's
+    skip feature in the train-mode graph.
+
+    ``skips``: per exit, the skip feature its fused heads read ("" for none), carried up to that exit.
+    """
+    keep = {skip: name for name, skip in zip(names, skips) if skip}  # in order: the last exit reading a skip wins
+    stages = split_stages(gm, names, keep)
     if train_gm is None:
-        return stages, issue
+        return stages, issue, None
+    twin = {skip: corresponding_node(gm, train_gm, skip) for skip in keep}
+    if None in twin.values():
+        return stages, f"in train mode, the skip feature {next(k for k, v in twin.items() if v is None)!r} is not computed", None
     try:
-        train_stages = split_stages(train_gm, names)
+        train_stages = split_stages(train_gm, names, {twin[skip]: name for skip, name in keep.items()})
     except MexifyError as e:
-        return stages, f"in train mode the exit points differ: {e.message}"
-    return stages, pair_stages(stages, train_stages, gm, train_gm)
+        return stages, f"in train mode the exit points differ: {e.message}", None
+    issue = pair_stages(stages, train_stages, gm, train_gm)
+    return stages, issue, None if issue else [twin[s] if s else "" for s in skips]
 
 
 def _analyze_batch(gm: fx.GraphModule, size: Tuple[int, int]) -> None:
@@ -336,6 +355,7 @@ def convert(
     chosen = select_exit_points(traced.candidates, exits, at, placement)
     space = tuple(heads) if heads else (head_cfg,)
     result = _assemble(traced, chosen, [space] * len(chosen), model_spec, trace_cfg)
+    result.output_stride = traced.output_stride
     if check:
         check_shrinking(result.model, trace_cfg.input_size)
     if not result.model.train_issue:
@@ -343,8 +363,30 @@ def convert(
     if result.model.train_issue:
         result.config = result.model.config = dataclasses.replace(result.config, train_issue=result.model.train_issue)
     result.notes.extend(_head_cost_notes(result.model))
+    result.notes.extend(resolution_notes(result.config, traced.output_stride))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def resolution_notes(config: BundleConfig, out_stride: float) -> list:
+    """Warnings for the exits whose heads cannot reach the model's output detail: coarser than the fuse stride
+    (:func:`~mexify.graph.placement.fuse_stride`) with no fused head, or no finer feature computed before them."""
+    target = fuse_stride(out_stride)
+    plain, alone = [], []
+    for i, e in enumerate(config.exits):
+        if e.stride > target * 1.01 and not e.skip:
+            (alone if any(c.fuse for c in (e.candidates or (e.head,))) else plain).append(f"{i} ({e.name}, stride {e.stride:g})")
+        elif e.stride > target * 1.01 and not any(c.fuse for c in (e.candidates or (e.head,))):
+            plain.append(f"{i} ({e.name}, stride {e.stride:g})")
+    lead = f"the model's output path is at stride {out_stride:g}, so the masks of exit"
+    notes = []
+    if plain:
+        notes.append(f"{lead}{'s' * (len(plain) > 1)} {', '.join(plain)} will lack its detail: their heads are plain "
+                     "(fused heads read a finer feature: --head-set fuse=true, the mess default)")
+    if alone:
+        notes.append(f"{lead}{'s' * (len(alone) > 1)} {', '.join(alone)} will lack its detail: no finer feature is computed "
+                     "before them for a fused head to read")
+    return notes
 
 
 HEADS_COST_LIMIT = 1.0
@@ -377,28 +419,36 @@ def _assemble(
     """The model and config from the trace, the exit points and each exit's head candidates (one: no candidates)."""
     names = [c.name for c in chosen]
     gm = traced.graph_module
-    stages, train_issue = _stages(gm, traced.train_graph_module, names, traced.train_issue)
+    fusing = [any(cfg.fuse for cfg in space) for space in spaces]
+    sources = [s if f else None for s, f in zip(fuse_sources(traced.candidates, chosen, traced.output_stride), fusing)]
+    skips = [s.name if s is not None else "" for s in sources]
+    stages, train_issue, train_skips = _stages(gm, traced.train_graph_module, names, traced.train_issue, skips)
     stage_flops = _stage_flops(gm, names, traced.total_flops)
     heads, head_flops, exit_cfgs, candidates = {}, [], [], {}
-    for point, space, sf, stage in zip(chosen, spaces, stage_flops, stages):
-        feats = torch.zeros(1, point.channels, point.height, point.width)
+    for point, source, space, sf, stage in zip(chosen, sources, spaces, stage_flops, stages):
+        inputs = [torch.zeros(1, point.channels, point.height, point.width)]
+        if source is not None:
+            inputs.append(torch.zeros(1, source.channels, source.height, source.width))
+        skip_channels = source.channels if source is not None else 0
         cfgs, modules, flops = [], [], []
         for cfg in space:
             if cfg.template == "mess" and cfg.width == 0:
-                cfg = _auto_width(cfg, point.channels, traced.num_classes, feats, traced.input_size, traced.total_flops)
-            head = build_head(cfg, point.channels, traced.num_classes)
+                cfg = _auto_width(cfg, point.channels, skip_channels, traced.num_classes, inputs, traced.input_size, traced.total_flops)
+            head = build_head(cfg, point.channels, traced.num_classes, skip_channels)
             cfgs.append(cfg)
             modules.append(head)
-            flops.append(int(count_flops(head, feats, traced.input_size)))
+            flops.append(_head_flops(head, inputs, traced.input_size))
         heads[point.name] = modules[0]
         head_flops.append(flops[0])
         many = len(space) > 1
         if many:
             candidates[point.name] = modules
         exit_cfgs.append(ExitConfig(point.name, point.channels, point.stride, cfgs[0], int(sf), flops[0], dict(stage.batch_dims) or None,
-                                    candidates=tuple(cfgs) if many else None, candidate_flops=tuple(flops) if many else None))
+                                    candidates=tuple(cfgs) if many else None, candidate_flops=tuple(flops) if many else None,
+                                    skip=source.name if source else "", skip_channels=skip_channels,
+                                    skip_stride=source.stride if source else 0.0))
     model = MultiExitModel(stages, heads, traced.num_classes, traced.input_size, stage_flops, head_flops, traced.total_flops,
-                           candidates=candidates or None)
+                           candidates=candidates or None, skips=skips, train_skips=train_skips)
     model.train_issue = train_issue
     model.static_size = _static_size(trace_cfg)
     model.eval()
@@ -420,11 +470,17 @@ AUTO_WIDTHS = (256, 192, 128, 96, 64, 48, 32, 24, 16)
 HEAD_BUDGET = 0.03  # an auto-sized head may cost at most this fraction of the original model
 
 
-def _auto_width(cfg: HeadConfig, in_channels: int, num_classes: int, feats: torch.Tensor, size, total: int) -> HeadConfig:
+def _head_flops(head: nn.Module, inputs: Sequence[torch.Tensor], size: Tuple[int, int]) -> int:
+    """A head's FLOPs on an exit's inputs (features, and the skip where the head is fused), logits resized to ``size``."""
+    return int(count_flops(head, inputs[0], size, inputs[1] if head.fused else None))
+
+
+def _auto_width(cfg: HeadConfig, in_channels: int, skip_channels: int, num_classes: int, inputs: Sequence[torch.Tensor],
+                size: Tuple[int, int], total: int) -> HeadConfig:
     """The widest ``mess`` head whose FLOPs stay within ``HEAD_BUDGET`` of the model's."""
     for width in AUTO_WIDTHS:
         candidate = dataclasses.replace(cfg, width=width)
-        if count_flops(build_head(candidate, in_channels, num_classes), feats, size) <= HEAD_BUDGET * total:
+        if _head_flops(build_head(candidate, in_channels, num_classes, skip_channels), inputs, size) <= HEAD_BUDGET * total:
             return candidate
     return dataclasses.replace(cfg, width=AUTO_WIDTHS[-1])
 
@@ -485,7 +541,7 @@ def rebuild(config: BundleConfig, trust: Trust = Trust(), where: str = "the bund
             upsample_to_input(g)
     names = [e.name for e in config.exits]
     try:
-        stages, train_issue = _stages(gm, train_gm, names, train_issue)
+        stages, train_issue, train_skips = _stages(gm, train_gm, names, train_issue, [e.skip for e in config.exits])
     except MexifyError as e:
         raise BundleError(
             f"the model no longer has the bundle's exit points: {e.message}",
@@ -496,7 +552,7 @@ def rebuild(config: BundleConfig, trust: Trust = Trust(), where: str = "the bund
     model = MultiExitModel(
         stages, heads, config.num_classes, tuple(h_w for h_w in trace_cfg.input_size), stage_flops,
         [e.head_flops for e in config.exits], config.original_flops, [e.batch_dims for e in config.exits],
-        candidates=candidates or None,
+        candidates=candidates or None, skips=[e.skip for e in config.exits], train_skips=train_skips,
     )
     model.train_issue = train_issue
     model.static_size = _static_size(trace_cfg)
@@ -509,9 +565,9 @@ def build_exit_heads(config: BundleConfig) -> Tuple[dict, dict]:
     heads, candidates = {}, {}
     for e in config.exits:
         if e.candidates:
-            modules = [build_head(c, e.in_channels, config.num_classes) for c in e.candidates]
+            modules = [build_head(c, e.in_channels, config.num_classes, e.skip_channels) for c in e.candidates]
             candidates[e.name] = modules
             heads[e.name] = modules[e.chosen]
         else:
-            heads[e.name] = build_head(e.head, e.in_channels, config.num_classes)
+            heads[e.name] = build_head(e.head, e.in_channels, config.num_classes, e.skip_channels)
     return heads, candidates

@@ -34,7 +34,7 @@ def test_mess_dilation_keeps_the_resolution():
 
 def test_mess_with_aspp_adds_a_branch_per_rate_and_projects_back():
     head = build_head(HeadConfig(template="mess", width=6, blocks=1, aspp_rates=(2, 4)), in_channels=8, num_classes=3)
-    aspp = head.body[-2]  # before the dropout
+    aspp = head.body[-1]  # the body ends with it (dropout follows, before the classifier)
     branches = [b[0] for b in aspp.branches]
     assert [(b.kernel_size, b.dilation, b.out_channels) for b in branches] == [((1, 1), (1, 1), 6), ((3, 3), (2, 2), 6), ((3, 3), (4, 4), 6)]
     assert (aspp.project[0].in_channels, aspp.project[0].out_channels) == (18, 6)
@@ -106,3 +106,13 @@ def test_overrides_name_the_nearest_setting_and_template():
 def test_a_mess_head_with_an_unresolved_width_is_refused():
     with pytest.raises(ConfigError):
         build_head(HeadConfig(template="mess", width=0), in_channels=8, num_classes=3)
+
+
+def test_fcn_refuses_mess_settings_instead_of_ignoring_them():
+    from mexify.errors import ConfigError
+    from mexify.nn import parse_head_overrides
+
+    for settings in ("blocks=2", "dilation=2", "aspp_rates=6:12"):
+        with pytest.raises(ConfigError, match="fcn head is one 3x3 block"):
+            parse_head_overrides("fcn", settings)
+    assert parse_head_overrides("fcn", "width=16,fuse=true").fuse

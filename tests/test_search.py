@@ -126,3 +126,28 @@ def test_search_on_measured_latency_keeps_the_profile_for_the_chosen_heads(bundl
     kept = next(iter(after.latency.values()))
     assert "candidate_head_ms" not in kept
     assert kept["head_ms"] == [entry["candidate_head_ms"][e.name][e.chosen] for e in after.exits]
+
+
+def test_search_moves_exits_among_positions_and_its_figures_are_the_runtimes(tmp_path):
+    """--max-exits: a bundle with one head per position, at most 2 of its 6 exits kept on; the figures of the chosen
+    positions (cache arithmetic) are what the runtime gives, and the oracle is reported for them."""
+    out = tmp_path / "positions.mex"
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=6, out=str(out))
+    model = mexify.load(out)
+    with torch.no_grad():
+        for j, head in enumerate(model.heads.values()):
+            [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.mul_(20.0 + 10 * j)
+    update_bundle(out, model=model)
+    with pytest.raises(ConfigError, match="--max-exits 6"):
+        search(out, SCENES, policy="maxprob", budget=Budget.parse("1.5x"))  # every exit on, one head each: nothing to choose
+    report = search(out, SCENES, policy="maxprob", budget=Budget.parse("1.5x"), max_exits=2)
+    on = [e for e, k in enumerate(report.choice) if k is not None]
+    assert 1 <= len(on) <= 2 and report.evaluations > 6
+    assert report.figures["mean_cost"] <= model.original_flops / 1.5 * (1 + 1e-12)
+    assert all(t == float("inf") for e, t in enumerate(report.policy.thresholds) if e not in on)  # off: never leaves
+    assert report.oracle is not None and report.oracle["mean_cost"] <= model.original_flops / 1.5 * (1 + 1e-12)
+    assert report.baseline is None and report.default is None  # every exit on breaks the cap
+    run = evaluate_policy(out, SCENES, split="calib")
+    assert run.miou == pytest.approx(report.figures["miou"], abs=1e-6)
+    assert run.mean_flops == pytest.approx(report.figures["mean_flops"], rel=1e-9)
+    assert sum(r > 0 for r in run.exit_rates[:-1]) <= 2

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from mexify.calibrate.budget import Budget
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.fit import _checked, _cost_model, _fit_on_cache
-from mexify.calibrate.search import oracle_at
+from mexify.calibrate.search import oracle_at_budget
 from mexify.data import unpadded
 from mexify.errors import ConfigError
 from mexify.nn import module_device
@@ -133,12 +133,7 @@ def compare_policies(
 
 def _oracle(cache: ExitCache, budget: Budget) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
     """The oracle on the evaluation split at the same budget, and its curve (None, [] without labels)."""
-    if not cache.labelled:
-        return None, []
-    if budget.drop is None:
-        fig, curve = oracle_at(cache, max_cost=budget.max_cost(cache.original_cost, cache.cost_unit))
-    else:
-        fig, curve = oracle_at(cache, min_miou=cache.final_miou - budget.drop)
+    fig, curve = oracle_at_budget(cache, budget)
     if fig is None:
         return None, curve
     return {"policy": "oracle", "fit": None, "eval": _figures(fig), "oracle_share": 1.0, "tolerance": fig["tolerance"]}, curve

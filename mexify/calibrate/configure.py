@@ -1,5 +1,10 @@
 """The MESS configuration search: per exit, off or one head candidate, and the thresholds (``calibrate --search``).
 
+It also moves exits: with ``max_exits`` at most that many exits stay on, so a bundle converted with
+more exit positions than it should keep (say ``--exits 12`` for 6) lets the search choose where the
+exits sit, on the same single cache pass (a bundle with one head per exit is searched over positions
+alone).
+
 One pass over the calibration split caches every candidate's statistics as a *virtual* exit
 (``exit#k``; the backbone runs once, every candidate reads the same features). A configuration
 (off or candidate ``k`` per exit) is a view of that cache: the chosen columns and the final exit,
@@ -27,8 +32,9 @@ from torch import nn
 from mexify.calibrate.budget import Budget
 from mexify.calibrate.cache import ExitCache, collect_cache
 from mexify.calibrate.fit import _checked
+from mexify.calibrate.search import oracle_at_budget
 from mexify.errors import BudgetError, ConfigError
-from mexify.nn import ExitOutput, exit_flops, module_device
+from mexify.nn import ExitOutput, exit_flops, module_device, run_head
 from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
 from mexify.runtime import LatencyProfile
@@ -58,9 +64,6 @@ class CandidateView(nn.Module):
     """
 
     def __init__(self, model: Any):
-        if getattr(model, "candidates", None) is None:
-            raise ConfigError("this bundle has one head per exit: there is nothing to search",
-                              "convert with --heads SPACE (e.g. --heads mess), train, then calibrate --search")
         super().__init__()
         self.model = model
         self.training = model.training  # the view is in the model's mode
@@ -89,16 +92,18 @@ class CandidateView(nn.Module):
         for i in range(m.num_exits):
             state = m.run_stage(i, state)
             if i < m.num_exits - 1:
-                features = m.exit_features(i, state)
-                for head in m.candidates[m.exit_names[i]]:
-                    yield ExitOutput(j, self.exit_names[j], head(features), None, state)
+                inputs = m.head_inputs(i, state)
+                name = m.exit_names[i]
+                for head in m.candidates[name] if m.candidates is not None else [m.heads[name]]:
+                    yield ExitOutput(j, self.exit_names[j], run_head(head, inputs), None, state)
                     j += 1
         yield ExitOutput(j, "final", m.exit_logits(m.num_exits - 1, state), None, state)
 
 
 def view_profile(profile: LatencyProfile, cand: "CandidateView", columns: Sequence[int]) -> LatencyProfile:
     """A latency profile of the configuration ``columns``: stages merged across switched-off exits, the chosen
-    candidates' times (from ``profile.candidate_head_ms``), their exits' decisions and masks."""
+    candidates' times (from ``profile.candidate_head_ms``; a bundle with one head per exit: ``head_ms``), their exits'
+    decisions and masks."""
     chosen = [cand.columns[c] for c in columns]
     stage = [float(v) for v in profile.stage_ms]
     bounds = [-1] + [c.exit_index for c in chosen] + [len(stage) - 1]
@@ -106,7 +111,8 @@ def view_profile(profile: LatencyProfile, cand: "CandidateView", columns: Sequen
     return dataclasses.replace(
         profile,
         stage_ms=[sum(stage[a + 1: b + 1]) for a, b in zip(bounds[:-1], bounds[1:])],
-        head_ms=[float(profile.candidate_head_ms[c.exit][c.index]) for c in chosen],
+        head_ms=[float(profile.candidate_head_ms[c.exit][c.index]) if profile.candidate_head_ms else float(profile.head_ms[c.exit_index])
+                 for c in chosen],
         policy_ms=[float(policy[c.exit_index]) for c in chosen] if policy else None,
         mask_ms=[float(mask[c.exit_index]) for c in chosen] + [float(mask[-1])] if mask else None,
         exit_names=[cand.exit_names[c] for c in columns] + ["final"], flops_to_exit=[], candidate_head_ms=None,
@@ -169,12 +175,16 @@ class ConfigurationReport:
     default: Optional[Dict[str, Any]] = None  # every exit with the default mess head (one 3x3 block), when in the space
     default_pareto: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     budget: Budget = Budget()
+    # the oracle at the budget (perfect per-image decisions) with the chosen exits, and with every position on: the
+    # yardstick of what the exits allow (None without labels)
+    oracle: Optional[Dict[str, Any]] = None
+    oracle_all: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         pol = self.policy.to_dict()
         return {"choice": self.choice, "policy": pol, "budget": self.budget.record(), "figures": self.figures, "exits": [r.to_dict() for r in self.rows], "uniform_fcn": self.baseline,
-                "uniform_default": self.default, "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes,
-                "files": self.files}
+                "uniform_default": self.default, "oracle": self.oracle, "oracle_all_exits": self.oracle_all,
+                "evaluations": self.evaluations, "seconds": self.seconds, "notes": self.notes, "files": self.files}
 
 
 def search_configuration(
@@ -188,25 +198,26 @@ def search_configuration(
     device: Any = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
     rounds: int = 3,
+    max_exits: Optional[int] = None,
 ) -> ConfigurationReport:
     """Choose, per exit, off or one head candidate, and the policy's thresholds, for a budget (see the module docstring).
 
     ``latency`` (a bundle's latency profile that timed every candidate) costs the configurations unless
-    ``budget.cost`` is ``"flops"``; without it they are costed by FLOPs.
+    ``budget.cost`` is ``"flops"``; without it they are costed by FLOPs. ``max_exits``: at most this many
+    early exits on (the search moves them among the bundle's positions).
 
     Raises:
-        ConfigError: a bundle without candidates, or a policy that cannot be searched.
+        ConfigError: a policy that cannot be searched, a bundle with nothing to search (one head per exit and
+            no ``max_exits`` below its exit count), or ``max_exits`` < 1.
         BudgetError: a budget below every configuration's cheapest cost.
     """
     t0 = time.perf_counter()
-    if policy not in SEARCHABLE:
-        raise ConfigError(f"--search fits {', '.join(SEARCHABLE)}; {policy!r} has per-exit parameters",
-                          "search with one of those, then calibrate the chosen bundle with any policy")
+    _check_searchable(model, policy, max_exits)
     cand = CandidateView(model)
     budget = _checked(budget)
     cache = collect_cache(cand, batches(), device=device if device is not None else module_device(model), progress=progress)
     cache = dataclasses.replace(cache, cost="flops")
-    timed = latency is not None and bool(latency.candidate_head_ms) and budget.cost != "flops"
+    timed = latency is not None and (bool(latency.candidate_head_ms) or model.candidates is None) and budget.cost != "flops"
     if budget.cost == "latency" and not timed:
         raise ConfigError("--cost latency for --search needs a latency profile that timed every head candidate",
                           "run `mexify profile BUNDLE` on the bundle with its candidates first, or use --cost flops")
@@ -222,6 +233,8 @@ def search_configuration(
     tried: Dict[Tuple, Any] = {}
 
     def evaluate(choice: Tuple[Optional[int], ...]) -> Optional[Tuple[Tuple[float, float], PolicyFit]]:
+        if max_exits is not None and sum(k is not None for k in choice) > max_exits:
+            return None
         if choice not in tried:
             cols = [per_exit[e][k] for e, k in enumerate(choice) if k is not None]
             tried[choice] = None
@@ -235,8 +248,8 @@ def search_configuration(
                 tried[choice] = (key, fit)
         return tried[choice]
 
-    start = tuple(int(np.argmax([cache.exit_miou(j) for j in cols])) for cols in per_exit)
-    best, best_val = _coordinate_search(start, [len(cols) for cols in per_exit], evaluate, rounds)
+    preferred = tuple(int(np.argmax([cache.exit_miou(j) for j in cols])) for cols in per_exit)  # the most accurate head
+    best, best_val = _coordinate_search(_spread(preferred, max_exits), preferred, [len(cols) for cols in per_exit], evaluate, rounds)
     if best_val is None:
         cheapest = min(float(costed([j]).exit_costs()[0]) for j in per_exit[0])
         raise BudgetError(f"no configuration reaches {'the budget' if budget.drop is not None else budget.text}: the cheapest, every image at the "
@@ -247,6 +260,9 @@ def search_configuration(
     report.evaluations, report.seconds = len(tried), time.perf_counter() - t0
     report.baseline, report.baseline_pareto = _uniform(model, per_exit, evaluate, "fcn")
     report.default, report.default_pareto = _uniform(model, per_exit, evaluate, "mess", blocks=1)
+    # the yardstick: perfect decisions with the chosen exits, and with every position on
+    report.oracle = oracle_at_budget(costed([cols[k] for cols, k in zip(per_exit, best) if k is not None]), budget)[0]
+    report.oracle_all = oracle_at_budget(costed([cols[k] for cols, k in zip(per_exit, preferred)]), budget)[0]
     if report.baseline is None:
         report.notes.append("the head space has no fcn candidate: no uniform-FCN configuration to compare with")
     report.notes.append(f"cost model: measured latency, profile {latency.key} (every candidate timed)" if timed else
@@ -254,17 +270,54 @@ def search_configuration(
     return report
 
 
-def _coordinate_search(start: Tuple[Optional[int], ...], sizes: Sequence[int], evaluate: Callable, rounds: int) -> Tuple[Tuple, Any]:
-    """From ``start``, exit by exit, every option (off or candidate k), kept when it scores better; until nothing changes."""
+def _check_searchable(model: Any, policy: str, max_exits: Optional[int]) -> None:
+    """Refuse a policy with per-exit parameters, ``max_exits`` < 1, and a bundle with nothing to choose."""
+    if policy not in SEARCHABLE:
+        raise ConfigError(f"--search fits {', '.join(SEARCHABLE)}; {policy!r} has per-exit parameters",
+                          "search with one of those, then calibrate the chosen bundle with any policy")
+    early = model.num_exits - 1
+    if max_exits is not None and max_exits < 1:
+        raise ConfigError(f"--max-exits must be at least 1, got {max_exits}", "e.g. --max-exits 6")
+    if getattr(model, "candidates", None) is None and (max_exits is None or max_exits >= early):
+        raise ConfigError("this bundle has one head per exit and --max-exits leaves every exit on: there is nothing to search",
+                          "convert with --heads SPACE (e.g. --heads fused) to choose heads, or with more exit positions "
+                          f"(e.g. --exits {2 * early}) and search with --max-exits {early} to choose where exits sit")
+
+
+def _spread(start: Tuple[Optional[int], ...], max_exits: Optional[int]) -> Tuple[Optional[int], ...]:
+    """``start`` with at most ``max_exits`` exits on, spread evenly over the positions (the last kept)."""
+    n = len(start)
+    if max_exits is None or max_exits >= n:
+        return start
+    keep = {n - 1 - round(j * n / max_exits) for j in range(max_exits)}
+    return tuple(k if e in keep else None for e, k in enumerate(start))
+
+
+def _coordinate_search(start: Tuple[Optional[int], ...], preferred: Sequence[int], sizes: Sequence[int], evaluate: Callable,
+                       rounds: int) -> Tuple[Tuple, Any]:
+    """From ``start``, exit by exit, every option (off or candidate k), then every move of one exit to a position
+    that is off (with its ``preferred`` candidate), kept when it scores better; until nothing changes."""
     best, best_val = start, evaluate(start)
+
+    def better(trial: Tuple) -> bool:
+        nonlocal best, best_val
+        val = evaluate(trial)
+        if val is not None and (best_val is None or val[0] > best_val[0]):
+            best, best_val = trial, val
+            return True
+        return False
+
     for _ in range(rounds):
         changed = False
         for e, k in enumerate(sizes):
             for option in [None] + list(range(k)):
-                trial = best[:e] + (option,) + best[e + 1:]
-                val = evaluate(trial)
-                if val is not None and (best_val is None or val[0] > best_val[0]):
-                    best, best_val, changed = trial, val, True
+                changed |= better(best[:e] + (option,) + best[e + 1:])
+        for a in range(len(sizes)):  # moves: exit a off, position b on (what a cap on the exits needs)
+            for b in range(len(sizes)):
+                if best[a] is not None and best[b] is None:
+                    trial = list(best)
+                    trial[a], trial[b] = None, preferred[b]
+                    changed |= better(tuple(trial))
         if not changed:
             break
     return best, best_val
@@ -285,9 +338,10 @@ def _report(model: Any, choice: Tuple[Optional[int], ...], fit: PolicyFit) -> Co
     for e, k in enumerate(choice):
         rate = next(r) if k is not None else 0.0
         f["exit_rates"][names[e]] = rate
-        head = model.config.exits[e].candidates[k] if k is not None else None
+        cfg = model.config.exits[e]
+        head = (cfg.candidates or (cfg.head,))[k] if k is not None else None
         rows.append(ExitChoice(names[e], k, _describe(head) if head else "off",
-                               int(model.config.exits[e].candidate_flops[k]) if k is not None else 0, thresholds[e], rate))
+                               int((cfg.candidate_flops or (cfg.head_flops,))[k]) if k is not None else 0, thresholds[e], rate))
     f["exit_rates"]["final"] = rates[-1]
     policy.figures = f
     return ConfigurationReport(list(choice), policy, f, rows, fit.search.pareto, None, [], 0, 0.0, [])
@@ -299,7 +353,7 @@ def _uniform(model: Any, per_exit: List[List[int]], evaluate: Callable, template
     MESS's uniform FCN baseline, or the default mess head everywhere."""
     choice = []
     for e in range(len(per_exit)):
-        ks = [k for k, c in enumerate(model.config.exits[e].candidates)
+        ks = [k for k, c in enumerate(model.config.exits[e].candidates or ())
               if c.template == template and (blocks is None or (c.blocks == blocks and not c.aspp_rates and c.dilation == 1))]
         if not ks:
             return None, []
@@ -313,13 +367,15 @@ def _describe(head: Any) -> str:
     if head.template == "mess":
         text += f" b{head.blocks}" + (f" d{head.dilation}" if head.dilation > 1 else "")
         text += f" aspp{':'.join(map(str, head.aspp_rates))}" if head.aspp_rates else ""
-    return text
+    return text + (" fused" if head.fuse else "")
 
 
 def apply_configuration(model: Any, choice: Sequence[Optional[int]], keep_candidates: bool = False) -> Any:
     """Make each exit's head the chosen candidate (an exit switched off keeps its current head, never run);
     without ``keep_candidates`` the other candidates leave the model and its config. Returns the new config."""
     config = model.config
+    if model.candidates is None:  # one head per exit: the policy's thresholds switch exits off, the heads stay
+        return config
     exits = []
     for e, (cfg, k) in enumerate(zip(config.exits, choice)):
         keep = cfg.chosen if k is None else int(k)

@@ -33,7 +33,7 @@ ExitCache = Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchResult", "Objective", "search_thresholds", "oracle_at", "halves"]
+__all__ = ["oracle_at_budget", "SearchResult", "Objective", "search_thresholds", "oracle_at", "halves"]
 
 
 
@@ -368,3 +368,14 @@ def oracle_at(cache: "ExitCache", max_cost: Optional[float] = None, min_miou: Op
         if k is not None and (best_k is None or k > best_k):
             best, best_k = f, k
     return best, curve
+
+
+def oracle_at_budget(cache: "ExitCache", budget: Any) -> Tuple[Optional[Dict[str, Any]], List[Dict[str, Any]]]:
+    """The oracle at a :class:`~mexify.calibrate.Budget`: the most accurate within a cost budget, the cheapest within
+    a drop; (None, []) without labels or for a label-free budget (the oracle reads labels)."""
+    if not cache.labelled:
+        return None, []
+    if budget.drop is not None:
+        return oracle_at(cache, min_miou=cache.final_miou - budget.drop)
+    max_cost = budget.max_cost(cache.original_cost, cache.cost_unit)
+    return oracle_at(cache, max_cost=max_cost) if max_cost is not None else (None, [])

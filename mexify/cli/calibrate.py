@@ -112,7 +112,8 @@ def _render_search(report) -> None:
     s = Table(title="on the calibration split (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
     for col in ("configuration", "mIoU", "drop", "speed-up (FLOPs)") + (("speed-up (measured latency)",) if timed else ()):
         s.add_column(col, justify="left" if col == "configuration" else "right")
-    for name, f in (("searched", report.figures), ("uniform fcn", report.baseline), ("uniform mess b1", report.default)):
+    for name, f in (("searched", report.figures), ("uniform fcn", report.baseline), ("uniform mess b1", report.default),
+                    ("oracle, searched exits", report.oracle), ("oracle, every exit on", report.oracle_all)):
         if f is not None:
             s.add_row(name, f"{f['miou']:.2f}", f"{f['drop']:.2f}", f"{f['flops_speedup']:.2f}x",
                       *((f"{f['predicted_speedup']:.2f}x",) if timed else ()))
@@ -142,7 +143,10 @@ def register(app: typer.Typer) -> None:
         cost: CostOpt = None,
         profile: ProfileOpt = None,
         search: Annotated[bool, typer.Option("--search", help="Choose per exit off or one head candidate, and the thresholds "
-                                             "(a bundle converted with --heads).")] = False,
+                                             "(a bundle converted with --heads, or with --max-exits).")] = False,
+        max_exits: Annotated[Optional[int], typer.Option("--max-exits", parser=count("--max-exits"), metavar="N",
+                                                         help="With --search: keep at most N exits on, placed among the bundle's "
+                                                         "exit positions (convert with more, e.g. --exits 12).")] = None,
         keep_candidates: Annotated[bool, typer.Option("--keep-candidates", help="With --search: keep the unchosen candidates in the bundle.")] = False,
         device: DeviceOpt = None,
         trust_code: TrustCodeOpt = False,
@@ -153,13 +157,15 @@ def register(app: typer.Typer) -> None:
         opts = checked(api.policy_options, policy, merged(option), param="--option")
         if search and temperature:
             raise api.ConfigError("--search does not fit temperatures", "search first, then calibrate the chosen bundle with --temperature")
+        if max_exits is not None and not search:
+            raise api.ConfigError("--max-exits chooses exit positions in the configuration search", "add --search")
         goal = api.Budget.from_options(budget=budget, max_drop=max_drop, cost=cost, profile=profile, max_disagree=max_disagree,
                                        confidence=confidence)
         common = dict(policy=policy, budget=goal, split=split, limit=limit, batch_size=batch_size, policy_options=opts, out=out,
                       device=device, trust=trust_of(trust_code, trust_pickle), warn=warn)
         with stage_progress(not json_out) as progress_cb:
             if search:
-                report = api.search(str(bundle), data, keep_candidates=keep_candidates, progress=progress_cb, **common)
+                report = api.search(str(bundle), data, keep_candidates=keep_candidates, max_exits=max_exits, progress=progress_cb, **common)
             else:
                 report = api.calibrate(str(bundle), data, temperature=temperature, progress=progress_cb, **common)
         if json_out:

@@ -35,11 +35,12 @@ def exit_table(result) -> Table:
     table = Table(title="Exits (FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
     table.add_column("#", justify="right", no_wrap=True, min_width=1)
     table.add_column("exit node", no_wrap=True)
-    for col in ("stride", "ch", "backbone %", "head", "to exit", "% orig"):
-        table.add_column(col, justify="right", no_wrap=True)
+    for col in ("stride", "ch", "fuses", "backbone %", "head", "to exit", "% orig"):
+        table.add_column(col, justify="left" if col == "fuses" else "right", no_wrap=True)
     for row in result.table():
         table.add_row(
             str(row["exit"]), row["node"], f"{row['stride']:g}", str(row["channels"]),
+            f"{row['skip']} (stride {row['skip_stride']:g})" if row["skip"] else "-",
             f"{row['backbone_percent']:.1f}", _fmt_flops(row["head_flops"]) if row["head_flops"] else "-",
             _fmt_flops(row["flops_to_exit"]), f"{row['percent_of_original']:.1f}",
         )
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
                         "tracer": "export" if result.config.trace.export_shapes else "fx",
                         "export_shapes": result.config.trace.export_shapes or None,
                         "train_mode": not result.model.train_issue, "notes": result.notes,
-                        "original_flops": result.model.original_flops, "exits": result.table()})
+                        "original_flops": result.model.original_flops, "output_stride": result.output_stride, "exits": result.table()})
             return
         console.print(exit_table(result))
         where = f" -> bundle [bold]{out}[/]" if out else " (no -o given: nothing written)"
@@ -93,6 +94,6 @@ def register(app: typer.Typer) -> None:
         tracer = {"batch": "torch.export, batch dynamic, spatial size fixed", "batch+spatial": "torch.export, batch and "
                   "spatial sizes dynamic"}.get(shapes, "torch.fx")
         console.print(f"converted {spec} in {result.seconds:.1f}s ({tracer}): {len(result.exits)} early exits + final, "
-                      f"{result.model.num_classes} classes{where}")
+                      f"{result.model.num_classes} classes, output path at stride {result.output_stride:g}{where}")
         if result.model.train_issue:
             console.print(f"[yellow]note:[/] stage-1 training is not possible: {result.model.train_issue}")

@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         )
         rows = [c.to_dict() for c in traced.candidates]
         if json_out:
-            print_json({"num_classes": traced.num_classes, "total_flops": traced.total_flops,
-                        "input_size": list(traced.input_size), "candidates": rows})
+            print_json({"num_classes": traced.num_classes, "total_flops": traced.total_flops, "output_stride": traced.output_stride,
+                        "fuse_stride": api.fuse_stride(traced.output_stride), "input_size": list(traced.input_size), "candidates": rows})
             return
         table = Table(title=f"Candidate exit points ({len(rows)}; FLOPs: 1 multiply-add = 1 FLOP)", title_justify="left")
         for col in ("node", "block", "shape", "stride", "cum. FLOPs %", "live tensors", "shrink"):
@@ -46,3 +46,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[yellow]{c.name}[/]: not an exit point, {c.shrink_issue}")
         console.print(f"total {traced.total_flops / 1e9:.2f} GFLOPs at {traced.input_size[0]}x{traced.input_size[1]}, "
                       f"{traced.num_classes} classes")
+        target = api.fuse_stride(traced.output_stride)
+        coarse = sum(c.stride > target * 1.01 for c in traced.candidates)
+        console.print(f"output path at stride {traced.output_stride:g}: an exit coarser than stride {target:g} ({coarse} of the candidates) "
+                      "reaches the model's detail only with a fused head (the default), which reads a finer feature computed before it")

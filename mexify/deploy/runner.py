@@ -148,9 +148,11 @@ class Runner:
         feeds = {inp.name: state[n] for inp, n in zip(sess.get_inputs(), entry["inputs"])}
         return dict(zip(entry["outputs"], sess.run(None, feeds)))
 
-    def _run_head(self, i: int, features: np.ndarray) -> List[np.ndarray]:
-        sess = self._heads[i]
-        return sess.run(None, {sess.get_inputs()[0].name: features})
+    def _run_head(self, i: int, state: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        """Exit ``i``'s head on the values it reads from ``state`` (the exit's features, and a fused head's skip)."""
+        sess, entry = self._heads[i], self.manifest["heads"][i]
+        names = entry.get("inputs") or [self.manifest["stages"][i]["exit_value"]]
+        return sess.run(None, {inp.name: state[n] for inp, n in zip(sess.get_inputs(), names)})
 
     def _masks(self, scores: np.ndarray, size: Sequence[int]) -> np.ndarray:
         if tuple(scores.shape[-2:]) == tuple(size):  # the final exit's logits are at the input size already
@@ -192,8 +194,7 @@ class Runner:
                 masks[alive] = self._masks(state[self.manifest["stages"][i]["outputs"][0]], size)
                 exit_index[alive] = i
                 break
-            feats = state[self.manifest["stages"][i]["exit_value"]]
-            outs = self._run_head(i, feats)
+            outs = self._run_head(i, state)
             scores = outs[0]
             if self.exit == i:
                 go = np.ones(alive.size, dtype=bool)
@@ -227,7 +228,7 @@ class Runner:
             if i == len(self.exit_names) - 1:
                 outs.append(state[entry["outputs"][0]])
             else:
-                outs.append(self._run_head(i, state[entry["exit_value"]])[0])
+                outs.append(self._run_head(i, state)[0])
         return outs
 
 

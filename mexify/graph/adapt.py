@@ -8,7 +8,10 @@ original model timed by ``mexify bench``), so they can never disagree:
 3. an object with a ``logits`` attribute gives that attribute (HuggingFace outputs);
 4. a non-empty tuple or list gives its first element (auxiliary outputs come later).
 
-Branches that feed only the discarded outputs (torchvision's ``aux``) are removed from the graph.
+Branches that feed only the discarded outputs (torchvision's ``aux``) are removed from the graph,
+and reads of an input's shape move to the start of the graph (:func:`hoist_input_shapes`): a model
+that resizes its logits to ``input.shape[-2:]`` at the end would otherwise carry the full-resolution
+image across every cut only for its size.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.utils._pytree as pytree
 
 from mexify.errors import TraceError
 
-__all__ = ["pick_logits", "adapt_output", "prepare_graph", "upsample_to_input"]
+__all__ = ["pick_logits", "adapt_output", "prepare_graph", "upsample_to_input", "hoist_input_shapes"]
 
 _LOGITS_KEYS = ("out", "logits")
 
@@ -81,9 +84,44 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     if getattr(gm.graph, "_codegen", None) is not None and type(gm.graph._codegen) is not fx.graph.CodeGen:
         gm.graph._codegen = fx.graph.CodeGen()
     gm.graph.eliminate_dead_code()
+    hoist_input_shapes(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _reads_shape(node: fx.Node, of: fx.Node) -> bool:
+    """``of.shape``, ``of.size(...)`` or ``aten.sym_size(of, d)`` (torch.export's) with constant arguments."""
+    if not node.args or node.args[0] is not of or any(isinstance(a, fx.Node) for a in node.args[1:]) or node.kwargs:
+        return False
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return node.args[1] == "shape"
+    if node.op == "call_method":
+        return node.target == "size"
+    return node.op == "call_function" and node.target in _SYM_SIZE
+
+
+_SYM_SIZE = tuple(getattr(torch.ops.aten.sym_size, name) for name in ("int", "default") if hasattr(torch.ops.aten.sym_size, name))
+
+
+def hoist_input_shapes(graph: fx.Graph) -> None:
+    """Move reads of an input's shape (and constant indexing of them) to just after the inputs (in place).
+
+    Pure reads of metadata, so the graph computes the same; but the value alive until the end is then the
+    size, not the image, and the split carries a few ints instead of the full-resolution input.
+    """
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if not inputs:
+        return
+    anchor = inputs[-1]
+    for image in inputs:
+        for read in [u for u in image.users if _reads_shape(u, image)]:
+            anchor.append(read)
+            anchor = read
+            for index in [u for u in read.users if u.op == "call_function" and u.target is operator.getitem
+                          and len(u.args) == 2 and not isinstance(u.args[1], fx.Node) and not u.kwargs]:
+                anchor.append(index)
+                anchor = index
 
 
 def upsample_to_input(gm: fx.GraphModule) -> fx.GraphModule:
@@ -92,9 +130,11 @@ def upsample_to_input(gm: fx.GraphModule) -> fx.GraphModule:
     image = next(n for n in graph.nodes if n.op == "placeholder")
     out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
     logits = out_node.args[0]
-    with graph.inserting_before(out_node):
+    with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):  # the size is read first (see above)
         shape = graph.call_function(builtins.getattr, (image, "shape"))
+    with graph.inserting_after(shape):
         size = graph.call_function(operator.getitem, (shape, slice(-2, None)))
+    with graph.inserting_before(out_node):
         up = graph.call_function(F.interpolate, (logits,), {"size": size, "mode": "bilinear", "align_corners": False})
     out_node.args = (up,)
     graph.lint()

@@ -19,7 +19,8 @@ from mexify.graph.liveness import compute_nodes, last_uses
 from mexify.graph.flops import META_KEY as PROFILE_KEY
 from mexify.graph.trace import module_path
 
-__all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points"]
+__all__ = ["ExitPoint", "PlacementConfig", "find_candidates", "select_exit_points", "output_stride", "fuse_stride", "fuse_sources",
+           "MIN_FUSE_STRIDE"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ExitPoint:
     block: str
     live_tensors: int
     shrink_issue: str = ""  # why the batch cannot shrink at this cut ("" when it can)
+    last_use: int = -1  # position of the node's last user (past ``position``: the graph keeps it alive there)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,7 +161,7 @@ def find_candidates(
             ExitPoint(
                 name=n.name, position=i, channels=int(c), height=int(h), width=int(w), stride=round(sh, 3),
                 cum_flops=int(cum), fraction=cum / total if total else 0.0, block=blocks.get(n, ""),
-                live_tensors=max(live, 1), shrink_issue=issues.get(i, ""),
+                live_tensors=max(live, 1), shrink_issue=issues.get(i, ""), last_use=int(last_use[n]),
             )
         )
     return out
@@ -233,3 +235,63 @@ def select_exit_points(
         chosen.append(best)
         start = candidates.index(best) + 1
     return chosen
+
+
+MIN_FUSE_STRIDE = 4
+"""Fused heads read features no finer than this stride (DeepLabV3+'s skip): finer ones cost more than they add."""
+
+
+def output_stride(gm: fx.GraphModule, input_size: Tuple[int, int], num_classes: int) -> float:
+    """Stride of the finest class map the model computes before any upsampling to the input (1.0: at the input).
+
+    Walks back from the logits through the maps with ``num_classes`` channels (the classifier's tail:
+    LR-ASPP's sum of two classifiers, DeepLabV3's classifier, an upsampling to the input).
+    """
+    def height(n: fx.Node) -> int:  # of a class map (0: not one)
+        prof = n.meta.get(PROFILE_KEY)
+        if prof is None or not prof.is_tensor or prof.shape is None or len(prof.shape) != 4 or prof.shape[1] != num_classes:
+            return 0
+        return int(prof.shape[2])
+
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    best, seen, todo = None, set(), [out_node.args[0]]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen or not height(n):
+            continue
+        seen.add(n)
+        # a class map resized from a coarser one (the upsampling to the input) adds no detail
+        if not any(0 < height(a) < height(n) for a in n.all_input_nodes):
+            stride = input_size[0] / height(n)
+            best = stride if best is None else min(best, stride)
+        todo.extend(n.all_input_nodes)
+    return round(best, 3) if best is not None else 1.0
+
+
+def fuse_stride(out_stride: float) -> float:
+    """The stride fused heads read: the output stride, but no finer than :data:`MIN_FUSE_STRIDE`."""
+    return max(float(out_stride), float(MIN_FUSE_STRIDE))
+
+
+def fuse_sources(candidates: Sequence[ExitPoint], chosen: Sequence[ExitPoint], out_stride: float) -> List[Optional[ExitPoint]]:
+    """For each chosen exit, the finer feature a fused head reads, or None where the exit is fine enough.
+
+    The skip of an exit coarser than :func:`fuse_stride` is a candidate computed before it at the finest
+    stride between the two; among those, one the graph keeps alive across the exit's cut (nothing more
+    to carry), then a block output, then the last one.
+    """
+    target = fuse_stride(out_stride)
+    usable = [c for c in candidates if not c.shrink_issue]
+    out: List[Optional[ExitPoint]] = []
+    for exit_point in chosen:
+        if exit_point.stride <= target * 1.01:
+            out.append(None)
+            continue
+        before = [c for c in usable if c.position < exit_point.position and target * 0.99 <= c.stride < exit_point.stride * 0.99]
+        if not before:
+            out.append(None)
+            continue
+        finest = min(c.stride for c in before)
+        pool = [c for c in before if abs(c.stride - finest) < 1e-6]
+        out.append(max(pool, key=lambda c: (c.last_use > exit_point.position, bool(c.block), c.position)))
+    return out

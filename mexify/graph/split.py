@@ -4,11 +4,15 @@ Stage ``i`` runs the nodes after exit ``i - 1`` up to and including exit ``i``. 
 are the values alive at the previous cut (skip tensors, saved shapes, ...), its outputs the
 values alive at its own cut plus the exit's feature map, so inference can stop after any
 stage and continue from it. The last stage returns the logits alone.
+
+``keep`` carries more values than the graph needs: a fused exit head's skip feature is an output
+of every stage from the one computing it to its exit's (and an input of those in between), like
+any value alive at a cut, so batch shrinking, CUDA graphs and exports carry and shrink it too.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch.fx as fx
 from torch.fx.graph_module import _copy_attr  # what torchvision's feature extraction uses too
@@ -18,7 +22,7 @@ from mexify.graph.batching import BATCH_KEY
 from mexify.graph.trace import module_path
 from mexify.graph.liveness import compute_nodes, last_uses, live_values
 
-__all__ = ["Stage", "split_stages", "DualGraphModule", "pair_stages"]
+__all__ = ["Stage", "split_stages", "DualGraphModule", "pair_stages", "corresponding_node"]
 
 
 @dataclasses.dataclass
@@ -35,15 +39,19 @@ class Stage:
     train_io: Optional[Tuple[List[str], List[str]]] = None
 
 
-def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
+def split_stages(gm: fx.GraphModule, exit_names: Sequence[str], keep: Optional[Mapping[str, str]] = None) -> List[Stage]:
     """Cut ``gm`` after each named node; returns ``len(exit_names) + 1`` stages.
+
+    Args:
+        keep: value name -> the exit up to whose cut it stays alive (a fused head's skip feature).
 
     Raises:
         PlacementError: a name is not a node of the graph, or the names are out of order.
     """
     nodes = compute_nodes(gm.graph)
     pos = {n.name: i for i, n in enumerate(nodes)}
-    for name in exit_names:
+    keep = dict(keep or {})
+    for name in [*exit_names, *keep, *keep.values()]:
         if name not in pos:
             raise PlacementError(
                 f"{name!r} is not a node of the traced graph",
@@ -54,14 +62,14 @@ def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
         raise PlacementError("exit points must be distinct and in execution order")
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     logits = out_node.args[0]
-    last_use = last_uses(nodes)
+    last_in, last_out = _kept_alive(nodes, pos, keep)
 
     stages: List[Stage] = []
     bounds = [-1] + cuts + [len(nodes) - 1]
     for s in range(len(bounds) - 1):
         lo, hi = bounds[s], bounds[s + 1]
         is_last = s == len(bounds) - 2
-        live_in = live_values(nodes, lo, last_use) if lo >= 0 else []
+        live_in = live_values(nodes, lo, last_in) if lo >= 0 else []
         graph = fx.Graph()
         env: Dict[fx.Node, fx.Node] = {}
         attrs: Dict[str, fx.Node] = {}
@@ -86,7 +94,7 @@ def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
             outputs, exit_value, batch_dims = [logits.name], "", {}
         else:
             exit_node = nodes[hi]
-            live_out = live_values(nodes, hi, last_use)
+            live_out = live_values(nodes, hi, last_out)
             out_list = [exit_node] + [v for v in live_out if v is not exit_node]
             graph.output(tuple(lookup(v) for v in out_list))
             outputs, exit_value = [v.name for v in out_list], exit_node.name
@@ -96,6 +104,43 @@ def split_stages(gm: fx.GraphModule, exit_names: Sequence[str]) -> List[Stage]:
         inputs = [v.name for v in live_in] if lo >= 0 else [n.name for n in nodes if n.op == "placeholder"]
         stages.append(Stage(module, inputs, outputs, exit_value, batch_dims))
     return stages
+
+
+def _kept_alive(nodes: List[fx.Node], pos: Dict[str, int], keep: Mapping[str, str]) -> Tuple[Dict[fx.Node, int], Dict[fx.Node, int]]:
+    """Last uses for a stage's inputs and for its outputs: a kept value leaves every stage up to its exit's (alive
+    *at* that cut) but enters only the stages before that exit's."""
+    last_use = last_uses(nodes)
+    last_in, last_out = dict(last_use), dict(last_use)
+    for name, until in keep.items():
+        if pos[name] > pos[until]:
+            raise PlacementError(f"value {name!r} is computed after exit {until!r} and cannot be carried to it")
+        v = nodes[pos[name]]
+        last_out[v] = max(last_use[v], pos[until] + 1)
+        last_in[v] = max(last_use[v], pos[until])
+    return last_in, last_out
+
+
+def _signature(n: fx.Node) -> Optional[Tuple[int, Any]]:
+    """Rank and channels of a node's value where the trace recorded them (torch.export's ``val``), else None."""
+    val = n.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    return len(shape), (shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None)
+
+
+def corresponding_node(eval_gm: fx.GraphModule, train_gm: fx.GraphModule, name: str) -> Optional[str]:
+    """The train-mode graph's node for the eval-mode node ``name``: the same operation of the same module with a value
+    of the same rank and channels, counted in order (train-only nodes, e.g. stochastic depth's ``rand + keep``, shift
+    fx's name counters and add operations of the same kind); None when there is none."""
+    def same_kind(gm: fx.GraphModule, like: fx.Node) -> List[fx.Node]:
+        return [n for n in gm.graph.nodes if _same_node(n, like) and _signature(n) in (None, _signature(like))]
+
+    node = next((n for n in eval_gm.graph.nodes if n.name == name), None)
+    if node is None:
+        return None
+    k, twins = same_kind(eval_gm, node).index(node), same_kind(train_gm, node)
+    return twins[k].name if k < len(twins) else None
 
 
 class DualGraphModule(fx.GraphModule):

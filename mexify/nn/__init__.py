@@ -4,13 +4,14 @@ No I/O, no runtime, no data: what a deployment needs to hold the network.
 """
 from mexify.nn.device import device_name, module_device, parse_device, resolve_device
 from mexify.nn.heads import HEAD_SPACES, ExitHead, build_head, head_space, parse_head_overrides, resize_logits
-from mexify.nn.model import ExitOutput, MultiExitModel, StageState, exit_flops
+from mexify.nn.model import ExitOutput, MultiExitModel, StageState, exit_flops, run_head
 
 __all__ = [
     "MultiExitModel",
     "StageState",
     "ExitOutput",
     "exit_flops",
+    "run_head",
     "ExitHead",
     "build_head",
     "parse_head_overrides",

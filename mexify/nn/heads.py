@@ -3,6 +3,10 @@
 Every head maps an exit feature map (N, C, h, w) to logits (N, K, h, w) at the feature map's own
 resolution: policies score there, and only the images that leave are upsampled to the input size
 (:func:`resize_logits`, bilinear, as the model's own classifiers do) when a mask is asked for.
+
+A *fused* head (``fuse=True`` with a skip feature) also reads a finer feature the network computed
+before the exit, ``forward(features, skip=skip)``, and answers at the skip's resolution: the deep
+branch is upsampled onto the reduced skip, as LR-ASPP's and DeepLabV3+'s decoders recover detail.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ __all__ = ["HeadConfig", "ExitHead", "build_head", "parse_head_overrides", "pars
            "head_space"]
 
 HEAD_TEMPLATES: Dict[str, HeadConfig] = {
-    # width 0: the widest head within 3% of the model's FLOPs (resolved at conversion)
-    "mess": HeadConfig(template="mess", width=0, blocks=1, dilation=1),
+    # width 0: the widest head within 3% of the model's FLOPs (resolved at conversion); fuse: read
+    # the finer feature convert chose for the exit, where there is one (plain heads elsewhere)
+    "mess": HeadConfig(template="mess", width=0, blocks=1, dilation=1, fuse=True),
     "fcn": HeadConfig(template="fcn", width=0, blocks=1, dropout=0.1),
 }
 
@@ -34,6 +39,13 @@ HEAD_SPACES: Dict[str, Tuple[HeadConfig, ...]] = {
         HeadConfig(template="mess", width=0, blocks=1),
         HeadConfig(template="mess", width=0, blocks=2, dilation=2),
         HeadConfig(template="mess", width=0, blocks=1, aspp_rates=(6, 12)),
+    ),
+    # plain and fused heads side by side: the search keeps, per exit, whichever pays
+    "fused": (
+        HeadConfig(template="mess", width=0, blocks=1),
+        HeadConfig(template="mess", width=0, blocks=0, fuse=True),
+        HeadConfig(template="mess", width=0, blocks=1, fuse=True),
+        HeadConfig(template="mess", width=0, blocks=2, dilation=2, fuse=True),
     ),
     # the uniform FCN baseline beside the mess candidates (what the search is compared with)
     "mess-fcn": (
@@ -101,16 +113,22 @@ def resize_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
+SKIP_WIDTH = 48
+"""Channels a fused head reduces its skip feature to (at most its width), DeepLabV3+'s choice."""
+
+
 class ExitHead(nn.Module):
     """A segmentation head: ``forward(features) -> logits`` at the features' resolution.
 
-    ``forward(features, size)`` resizes the logits to ``size`` (training, where the loss is
-    taken at the labels' resolution).
+    A fused head (``config.fuse`` and ``skip_channels > 0``) takes ``forward(features, skip=skip)`` and
+    answers at the skip's resolution. ``size`` resizes the logits to it (training, where the loss
+    is taken at the labels' resolution).
     """
 
-    def __init__(self, config: HeadConfig, in_channels: int, num_classes: int):
+    def __init__(self, config: HeadConfig, in_channels: int, num_classes: int, skip_channels: int = 0):
         super().__init__()
         self.config = config
+        self.fused = bool(config.fuse and skip_channels > 0)
         layers: List[nn.Module] = []
         if config.template == "fcn":
             width = config.width or max(in_channels // 4, 1)
@@ -125,21 +143,35 @@ class ExitHead(nn.Module):
                 layers.append(_conv_bn_relu(width, width, 3, config.dilation))
             if config.aspp_rates:
                 layers.append(_LightASPP(width, config.aspp_rates))
-        if config.dropout > 0:
-            layers.append(nn.Dropout(config.dropout))
         self.body = nn.Sequential(*layers)
+        if self.fused:
+            reduced = min(SKIP_WIDTH, width)
+            self.skip = _conv_bn_relu(skip_channels, reduced, 1)
+            mixed = width + reduced
+            self.fuse = nn.Sequential(
+                nn.Conv2d(mixed, mixed, 3, padding=1, groups=mixed, bias=False), nn.BatchNorm2d(mixed), nn.ReLU(inplace=True),
+                _conv_bn_relu(mixed, width, 1),
+            )
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        logits = self.classifier(self.body(x))
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.body(x)
+        if self.fused:
+            if skip is None:
+                raise TypeError("a fused exit head needs the skip feature: head(features, skip=skip)")
+            s = self.skip(skip)
+            y = F.interpolate(y, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            y = self.fuse(torch.cat([y, s], dim=1))
+        logits = self.classifier(self.dropout(y))
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
 
-def build_head(config: HeadConfig, in_channels: int, num_classes: int) -> ExitHead:
-    """Build one exit head."""
-    return ExitHead(config, in_channels, num_classes)
+def build_head(config: HeadConfig, in_channels: int, num_classes: int, skip_channels: int = 0) -> ExitHead:
+    """Build one exit head (fused when ``config.fuse`` and the exit has a skip feature of ``skip_channels``)."""
+    return ExitHead(config, in_channels, num_classes, skip_channels)
 
 
 def parse_head_overrides(template: str, overrides: Union[str, Mapping[str, object], None] = None) -> HeadConfig:

@@ -12,7 +12,13 @@ from mexify.graph.batching import BatchDim, shrink_value
 from mexify.graph.split import Stage
 from mexify.nn.heads import ExitHead, resize_logits
 
-__all__ = ["MultiExitModel", "StageState", "ExitOutput", "exit_flops"]
+__all__ = ["MultiExitModel", "StageState", "ExitOutput", "exit_flops", "run_head"]
+
+
+def run_head(head: nn.Module, inputs: Sequence[torch.Tensor], size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """``head`` on an exit's :meth:`MultiExitModel.head_inputs`: a fused head reads the skip feature, a plain one
+    the features alone (:class:`~mexify.nn.ExitHead` and the exported :class:`~mexify.nn.programs.ProgramHead`)."""
+    return head(inputs[0], size, skip=inputs[1]) if head.fused else head(inputs[0], size)
 
 
 def exit_flops(stage_flops: Sequence[Any], head_flops: Sequence[Any], active: Optional[Iterable[int]] = None) -> List[Any]:
@@ -92,6 +98,8 @@ class MultiExitModel(nn.Module):
         original_flops: int,
         batch_dims: Optional[Sequence[Optional[Dict[str, str]]]] = None,
         candidates: Optional[Dict[str, Sequence[nn.Module]]] = None,
+        skips: Optional[Sequence[str]] = None,
+        train_skips: Optional[Sequence[str]] = None,
     ):
         super().__init__()
         if len(heads) != len(stages) - 1:
@@ -107,6 +115,12 @@ class MultiExitModel(nn.Module):
         # train-mode (inputs, outputs) of stages that carry a train-mode graph (see DualGraphModule)
         self._train_io = [s.train_io for s in stages]
         self.exit_names: List[str] = [s.exit_value for s in stages[:-1]] + ["final"]
+        # per early exit, the value its fused heads read beside the exit's features ("" for none)
+        self.skips: List[str] = list(skips) if skips else [""] * (len(stages) - 1)
+        if len(self.skips) != len(stages) - 1:
+            raise ValueError(f"{len(stages) - 1} early exits need {len(stages) - 1} skip names, got {len(self.skips)}")
+        # their names in the train-mode graphs (train-only nodes shift fx's name counters)
+        self._train_skips: List[str] = list(train_skips) if train_skips else list(self.skips)
         self.num_classes = int(num_classes)
         self.input_size = tuple(input_size)
         self.stage_flops = [int(f) for f in stage_flops]
@@ -173,20 +187,25 @@ class MultiExitModel(nn.Module):
         """The feature map at exit point ``i`` (after :meth:`run_stage` ``i``)."""
         return state.values[self._io[i][2]] if i < len(self.stages) - 1 else state.values[self._stage_io(i)[1][0]]
 
+    def head_inputs(self, i: int, state: StageState) -> Tuple[torch.Tensor, ...]:
+        """What early exit ``i``'s heads read from ``state``: ``(features,)``, or ``(features, skip)`` where the
+        exit has a skip feature (a plain head among the candidates ignores it)."""
+        train = self._train_io[i] is not None and self.stages[i].training
+        skip = (self._train_skips if train else self.skips)[i]
+        values = [self.exit_features(i, state)] + ([state.values[skip]] if skip else [])
+        # the next stage may change these values in place (an in-place activation); the head keeps its
+        # own copy so that its backward still finds the values it saw
+        return tuple(v.clone() if v.requires_grad else v for v in values)
+
     def exit_logits(self, i: int, state: StageState, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Logits of exit ``i``: the head's at its feature resolution, or the model output for the final exit.
+        """Logits of exit ``i``: the head's at its resolution (its finest input's), or the model output for the final exit.
 
         With ``size``, resized to it (bilinear; training takes its losses at the input size).
         """
         if i == len(self.stages) - 1:
             out = state.values[self._stage_io(i)[1][0]]
             return out if size is None else resize_logits(out, size)
-        features = self.exit_features(i, state)
-        if features.requires_grad:
-            # the next stage may change these features in place (an in-place activation); the head
-            # keeps its own copy so that its backward still finds the values it saw
-            features = features.clone()
-        return self.heads[self.exit_names[i]](features, size)
+        return run_head(self.heads[self.exit_names[i]], self.head_inputs(i, state), size)
 
     def iter_exits(self, x: torch.Tensor, with_logits: bool = True) -> Iterator[ExitOutput]:
         """Yield each exit lazily (logits at each exit's own resolution): the next stage runs only when asked."""

@@ -138,10 +138,15 @@ class ProgramModule(nn.Module):
 
 
 class ProgramHead(ProgramModule):
-    """A loaded head program: ``forward(features, size=None)`` like :class:`~mexify.nn.ExitHead`."""
+    """A loaded head program: ``forward(features, size=None, skip=None)`` like :class:`~mexify.nn.ExitHead`
+    (``fused``: the program reads the skip feature too)."""
 
-    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        logits = self.program(x)
+    def __init__(self, program: Any, name: str, fused: bool = False):
+        super().__init__(program, name)
+        self.fused = bool(fused)
+
+    def forward(self, x: torch.Tensor, size: Optional[Tuple[int, int]] = None, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits = self.program(x, skip) if self.fused else self.program(x)
         return logits if size is None else resize_logits(logits, size)
 
 

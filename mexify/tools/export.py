@@ -39,7 +39,7 @@ from mexify.config import EXPORT_SCHEMA
 from mexify.data import IMAGENET_MEAN, IMAGENET_STD
 from mexify.errors import BundleError, ConfigError
 from mexify.files import check_writable, replace_dir, write_text_atomic
-from mexify.nn import MultiExitModel
+from mexify.nn import MultiExitModel, run_head
 from mexify.nn.programs import TENSOR, CarrierModule, carrier_batch_dim, dynamic_dims, save_program, to_carrier, value_kind
 from mexify.runtime.policy import resolve_policy
 
@@ -69,15 +69,26 @@ class ExportResult:
         return d
 
 
+class _Head(nn.Module):
+    """Exit ``i``'s head as a program: ``features[, skip] -> logits`` (the skip positional, as programs take inputs)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return run_head(self.head, (features,) if skip is None else (features, skip))
+
+
 class _ExitScore(nn.Module):
-    """Exit ``i``'s head and the policy's image score: ``features -> (mask_scores, score)``."""
+    """Exit ``i``'s head and the policy's image score: ``features[, skip] -> (mask_scores, score)``."""
 
     def __init__(self, head: nn.Module, policy: Any, index: int):
         super().__init__()
         self.head, self.policy, self.index = head, policy, index
 
-    def forward(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits = self.head(features)
+    def forward(self, features: torch.Tensor, skip: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = run_head(self.head, (features,) if skip is None else (features, skip))
         score = self.policy.scores(self.index, logits, features).float()
         mask_scores = getattr(self.policy, "mask_scores", None)
         return (mask_scores(self.index, logits, features) if mask_scores else logits).float(), score
@@ -215,15 +226,17 @@ def _pieces(model: MultiExitModel, policy: Any, onnx: bool) -> List[_Piece]:
                                  tuple(to_carrier(v, k) for v, k in zip(outs, out_kinds)), io))
             if i == last:
                 break
-            feats = model.exit_features(i, state)
             head, name = model.heads[model.exit_names[i]], model.exit_names[i]
+            # a fused head reads the skip feature too (carried to this exit by the stages)
+            names = [exit_value] + ([model.skips[i]] if head.fused else [])
+            args = model.head_inputs(i, state)[: len(names)]
             if policy is None:
-                pieces.append(_Piece(f"head{i}", f"the head of exit {i} ({name})", head, (feats,), [TENSOR], (head(feats),),
-                                     {"exit": name, "outputs": ["logits"]}))
+                pieces.append(_Piece(f"head{i}", f"the head of exit {i} ({name})", _Head(head), args, [TENSOR] * len(args), (run_head(head, args),),
+                                     {"exit": name, "inputs": names, "outputs": ["logits"]}))
             else:
                 module = _ExitScore(head, policy, i)
-                pieces.append(_Piece(f"exit{i}", f"exit {i} ({name}: head and {policy.name} score)", module, (feats,), [TENSOR],
-                                     module(feats), {"exit": name, "outputs": ["mask_scores", "score"]}))
+                pieces.append(_Piece(f"exit{i}", f"exit {i} ({name}: head and {policy.name} score)", module, args, [TENSOR] * len(args),
+                                     module(*args), {"exit": name, "inputs": names, "outputs": ["mask_scores", "score"]}))
         if onnx:
             scores = model.exit_logits(last, state)[:, :, ::4, ::4].contiguous()  # a smaller map, as early exits give
             size, mask = torch.empty((0, h, w)), _Mask()

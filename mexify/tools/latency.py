@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from mexify.errors import ConfigError
-from mexify.nn import device_name
+from mexify.nn import device_name, run_head
 from mexify.runtime import capture, masks_of, resolve_policy
 from mexify.runtime.latency import LatencyProfile, profile_key, select_profile
 from mexify.tools.timing import time_call
@@ -94,7 +94,7 @@ def time_stages(model: Any, x: torch.Tensor, device: torch.device, warmup: int, 
     candidates = getattr(model, "candidates", None)
     if candidates is not None:  # each candidate on its exit's features, timed like the head
         out["candidate_head"] = {
-            name: [timed(lambda h=h, i=i: h(model.exit_features(i, states[i + 1]))) for h in candidates[name]]
+            name: [timed(lambda h=h, i=i: run_head(h, model.head_inputs(i, states[i + 1]))) for h in candidates[name]]
             for i, name in enumerate(model.exit_names[:-1]) if name in candidates
         }
     return out

@@ -36,7 +36,7 @@ from mexify.config import IGNORE_INDEX
 from mexify.data import check_classes
 from mexify.errors import ConfigError, TrainingError
 from mexify.files import atomic_file
-from mexify.nn import MultiExitModel, resolve_device
+from mexify.nn import MultiExitModel, resolve_device, run_head
 from mexify.spec import load_state_dict_file
 from mexify.train import checkpoint as ckpt_mod
 from mexify.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, init_distributed
@@ -207,9 +207,8 @@ class _StageForward(nn.Module):
             elif candidates is None:
                 outs.append(m.exit_logits(i, state, state.input_size))
             else:  # every candidate on the same features: the backbone ran once
-                features = m.exit_features(i, state)
-                features = features.clone() if features.requires_grad else features
-                outs.extend(head(features, state.input_size) for head in candidates[m.exit_names[i]])
+                inputs = m.head_inputs(i, state)
+                outs.extend(run_head(head, inputs, state.input_size) for head in candidates[m.exit_names[i]])
         return outs
 
 

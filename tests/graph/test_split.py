@@ -179,3 +179,61 @@ def test_unknown_duplicate_or_unordered_exit_points_are_refused():
         split_stages(gm, ["relu", "mul"])
     with pytest.raises(PlacementError, match="distinct and in execution order"):
         split_stages(gm, ["relu", "relu"])
+
+
+class ResizesToInput(nn.Module):
+    """Reads the input's size only at the end (``F.interpolate(..., size=x.shape[-2:])``), as torchvision's models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.cls = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.cls(self.b(self.a(x)).relu())
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_the_input_crosses_no_cut_only_for_its_size():
+    model = ResizesToInput().eval()
+    gm = prepare_graph(fx.symbolic_trace(model))
+    x = torch.randn(2, 3, 32, 32)
+    stages = split_stages(gm, ["a", "b"])
+    assert all("x" not in s.inputs for s in stages[1:])  # the size travels, not the image
+    state = {"x": x}
+    for s in stages[:-1]:
+        state.update(zip(s.outputs, s.module(*[state[n] for n in s.inputs])))
+        assert not any(isinstance(v, torch.Tensor) and v.shape[-2:] == x.shape[-2:] for v in map(state.get, s.outputs))
+    out = stages[-1].module(*[state[n] for n in stages[-1].inputs])
+    assert torch.equal(out, model(x))
+
+
+class _Residual(nn.Module):
+    def __init__(self, noise: bool):
+        super().__init__()
+        self.noise = noise
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.noise:  # stochastic depth's ``keep + rand(B, 1, 1, 1)``: an add of another shape before the residual add
+            y = y * (y.mean((1, 2, 3), keepdim=True) + 0.5)
+        return y + x.repeat(1, 2, 1, 1)[:, :4]
+
+
+def test_a_train_only_operation_of_the_same_kind_does_not_shift_the_skip():
+    from mexify.graph.split import corresponding_node
+
+    graphs = []
+    for noise in (False, True):
+        gm = fx.symbolic_trace(_Residual(noise))
+        for n in gm.graph.nodes:  # what torch.export records on every node
+            shape = (2, 1, 1, 1) if n.name == "add" and noise else (2, 4, 8, 8)
+            n.meta["val"] = torch.empty(shape)
+        graphs.append(gm)
+    eval_gm, train_gm = graphs
+    residual = next(n.name for n in eval_gm.graph.nodes if n.target is __import__("operator").add)
+    twin = corresponding_node(eval_gm, train_gm, residual)
+    assert residual == "add" and twin == "add_1"  # the same name is the noise's add in train mode
+    assert corresponding_node(eval_gm, train_gm, "nope") is None
