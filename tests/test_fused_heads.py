@@ -161,18 +161,32 @@ def test_fused_heads_train_and_only_the_heads_move_in_stage_2():
     assert all(torch.equal(before[k], v) for k, v in m.stages.state_dict().items())
 
 
-def test_a_fused_bundle_reloads_and_its_pt2_export_matches(tmp_path):
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_fused_bundle_reloads_and_its_exports_match(tmp_path, fmt):
+    """The skip crosses three cuts (exits 1-3 read it): the pt2 programs and the ONNX graphs (run by onnxruntime,
+    without torch) give every exit's output as the bundle does."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
     out = tmp_path / "up.mex"
-    mexify.api.convert(f"{Path(__file__)}:UpsamplingDecoder", trace=mexify.api.TraceConfig(SIZE), exits=3, out=str(out))
+    mexify.api.convert(f"{Path(__file__)}:UpsamplingDecoder", trace=mexify.api.TraceConfig(SIZE), at=["s8_2", "s16_2", "deep_0_2", "deep_1_2"],
+                       out=str(out))
     model = mexify.load(out)
-    assert any(h.fused for h in model.heads.values())
-    export_bundle(out, tmp_path / "up.pt2.mex", "pt2")
-    exported = mexify.load(tmp_path / "up.pt2.mex")
-    assert [h.fused for h in exported.heads.values()] == [h.fused for h in model.heads.values()]
+    assert [h.fused for h in model.heads.values()] == [False, True, True, True]
+    export_bundle(out, tmp_path / f"up.{fmt}.mex", fmt)
     x = torch.randn(3, 3, *SIZE, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        for a, b in zip(model.forward_all(x, upsample=False), exported.forward_all(x, upsample=False)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        expected = model.forward_all(x, upsample=False)
+    if fmt == "pt2":
+        exported = mexify.load(tmp_path / "up.pt2.mex")
+        assert [h.fused for h in exported.heads.values()] == [False, True, True, True]
+        with torch.no_grad():
+            got = exported.forward_all(x, upsample=False)
+    else:
+        from mexify.deploy import Runner
+
+        got = [torch.from_numpy(a) for a in Runner(tmp_path / "up.onnx.mex", exit=0).exit_outputs(x.numpy())]  # no policy: a fixed exit
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_a_fused_head_without_its_skip_says_so_and_the_plain_config_ignores_fuse():
@@ -183,3 +197,35 @@ def test_a_fused_head_without_its_skip_says_so_and_the_plain_config_ignores_fuse
     out = head(torch.zeros(1, 16, 4, 4), skip=torch.zeros(1, 12, 8, 8))
     assert out.shape == (1, 3, 8, 8)
     assert not build_head(HeadConfig(width=8, fuse=True), 16, 3).fused  # no skip at this exit: a plain head
+
+
+def test_onnxruntime_shrinks_the_skip_with_the_batch_like_the_torch_runtime(tmp_path):
+    """A maxprob policy sends images out at exits 1 and 2: the rows that go on carry a shrunk skip to exit 3."""
+    pytest.importorskip("onnxruntime")
+    from mexify.bundle import update_bundle
+    from mexify.deploy import Runner
+    from mexify.policies import build_policy
+    from mexify.runtime import EarlyExitRuntime
+
+    out = tmp_path / "up.mex"
+    mexify.api.convert(f"{Path(__file__)}:UpsamplingDecoder", trace=mexify.api.TraceConfig(SIZE), at=["s8_2", "s16_2", "deep_0_2", "deep_1_2"],
+                       out=str(out))
+    model = mexify.load(out)
+    with torch.no_grad():  # sharpened random heads: confidences spread as trained ones do
+        for head in model.heads.values():
+            head.classifier.weight.mul_(40.0)
+    update_bundle(out, model=model)
+    x = torch.randn(24, 3, *SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outs = model.forward_all(x, upsample=False)
+    policy = build_policy("maxprob").with_thresholds([float("inf"), 0.0, 0.0, float("inf")])
+    s1, s2 = policy.scores(1, outs[1]), policy.scores(2, outs[2])
+    policy = policy.with_thresholds([float("inf"), float(s1.quantile(0.66)), float(s2.quantile(0.5)), float("inf")])
+    policy.exit_names = list(model.exit_names)
+    update_bundle(out, policy=policy.to_dict())
+    export_bundle(out, tmp_path / "up.onnx.mex", "onnx")
+    ref = EarlyExitRuntime(mexify.load(out)).predict_batch(x)
+    got = Runner(tmp_path / "up.onnx.mex").predict(x.numpy())
+    assert {1, 2, 4} <= set(ref.exit_index.tolist())  # rows leave at two fused exits, the rest go on
+    assert (got.exit_index == ref.exit_index.numpy()).mean() >= 0.99
+    assert (got.masks == ref.masks.numpy()).mean() >= 0.999
