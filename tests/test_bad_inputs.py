@@ -63,6 +63,7 @@ USAGE = {
     "head setting unknown": (["convert", UNET, "--head-set", "widht=3"], "did you mean 'width'"),
     "head ASPP rate 0": (["convert", UNET, "--head-set", "aspp_rates=0:6"], "ASPP rates must be >= 1"),
     "head template unknown": (["convert", UNET, "--head", "unet"], "unknown head template 'unet'"),
+    "head fuse not a boolean": (["convert", UNET, "--head-set", "fuse=maybe"], "fuse is 'maybe'"),
     "head space unknown": (["convert", UNET, "--heads", "nosuchspace"], "unknown head space"),
     "tracer unknown": (["convert", UNET, "--trace", "foo"], "unknown tracer 'foo'"),
     "inspect tracer unknown": (["inspect", UNET, "--trace", "foo"], "unknown tracer 'foo'"),
@@ -132,6 +133,7 @@ USAGE = {
     "export opset too old": (["export", "{B}", "-o", "{R}/exp", "--format", "onnx", "--opset", "0"], "from 18 to"),
     "export opset too new": (["export", "{B}", "-o", "{R}/exp", "--format", "onnx", "--opset", "999"], "from 18 to"),
     "compare policy unknown": (["compare", "{B}", "--data", DATA, "--policies", "mess,nope"], "unknown policy 'nope'"),
+    "max exits 0": (["calibrate", "{B}", "--data", DATA, "--search", "--max-exits", "0"], "at least 1"),
     "compare batch size 0": (["compare", "{B}", "--data", DATA, "--batch-size", "0"], "at least 1"),
     "train override without =": (["train", "{B}", "--set", "lr"], "is not key=value"),
     "train override not a number": (["train", "{B}", "--set", "lr=abc"], "cannot take 'abc'"),
@@ -161,7 +163,12 @@ FILES = {
     "image path missing": (["predict", "{B}", "{R}/images/none.png", "-o", "{R}/masks"], "does not exist"),
 }
 DAMAGED_HINT = "the bundle is damaged; convert again"
-CASES = {**{k: (*v, 2) for k, v in USAGE.items()}, **{k: (*v, 1) for k, v in FILES.items()}}
+# options that parse alone but not together: refused in one line before any work (exit 1, as a bad value)
+COMBINED = {
+    "fcn head with mess settings": (["convert", UNET, "--head", "fcn", "--head-set", "blocks=2"], "fcn head is one 3x3 block"),
+    "max exits without search": (["calibrate", "{B}", "--data", DATA, "--max-exits", "2"], "add --search"),
+}
+CASES = {**{k: (*v, 2) for k, v in USAGE.items()}, **{k: (*v, 1) for k, v in {**FILES, **COMBINED}.items()}}
 
 
 def _state(root: Path) -> dict:
