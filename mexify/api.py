@@ -693,8 +693,9 @@ def _searched_fields(model: MultiExitModel, report: ConfigurationReport, keep: b
     """The chosen heads made the model's (:func:`~mexify.calibrate.apply_configuration`), and the config fields
     the bundle gets: exits, the latency profiles kept for them, the policy."""
     tables = dict(model.config.latency or {})
+    heads_change = model.candidates is not None  # a search over positions alone keeps every head (and its profiles)
     apply_configuration(model, report.choice, keep_candidates=keep)
-    kept, dropped = _chosen_profiles(tables, model.config.exits, keep)
+    kept, dropped = _chosen_profiles(tables, model.config.exits, keep) if heads_change else (tables, [])
     if dropped:
         report.notes.append(f"the heads changed: latency profiles without every candidate's time were dropped "
                             f"({', '.join(dropped)}); run `mexify profile` again")

@@ -374,10 +374,8 @@ def resolution_notes(config: BundleConfig, out_stride: float) -> list:
     target = fuse_stride(out_stride)
     plain, alone = [], []
     for i, e in enumerate(config.exits):
-        if e.stride > target * 1.01 and not e.skip:
+        if e.stride > target * 1.01 and not e.skip:  # (convert gives a skip only to an exit with a fused head)
             (alone if any(c.fuse for c in (e.candidates or (e.head,))) else plain).append(f"{i} ({e.name}, stride {e.stride:g})")
-        elif e.stride > target * 1.01 and not any(c.fuse for c in (e.candidates or (e.head,))):
-            plain.append(f"{i} ({e.name}, stride {e.stride:g})")
     lead = f"the model's output path is at stride {out_stride:g}, so the masks of exit"
     notes = []
     if plain:

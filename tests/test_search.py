@@ -151,3 +151,16 @@ def test_search_moves_exits_among_positions_and_its_figures_are_the_runtimes(tmp
     assert run.miou == pytest.approx(report.figures["miou"], abs=1e-6)
     assert run.mean_flops == pytest.approx(report.figures["mean_flops"], rel=1e-9)
     assert sum(r > 0 for r in run.exit_rates[:-1]) <= 2
+
+
+def test_a_search_over_positions_keeps_the_heads_and_their_latency_profile(tmp_path):
+    """Moving exits changes no head: the bundle's measured profile stays valid, and the search is costed by it."""
+    out = tmp_path / "positions.mex"
+    mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=4, out=str(out))
+    mexify.api.profile(str(out), device="cpu", warmup=1, repeats=2)
+    before = mexify.load(out)
+    report = search(out, SCENES, policy="maxprob", budget=Budget.max_drop(50.0), max_exits=2)
+    assert any("measured latency" in n for n in report.notes)
+    after = mexify.load(out)
+    assert after.config.latency == before.config.latency and after.config.latency
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
