@@ -169,9 +169,13 @@ class MultiExitModel(nn.Module):
         """How each value alive after stage ``i`` follows the batch (empty: not recorded, tensors sliced along dim 0)."""
         return dict(self._batch_dims[i] or {})
 
+    def _in_train_graph(self, i: int) -> bool:
+        """Whether stage ``i`` runs its train-mode graph (whose values may carry other names)."""
+        return self._train_io[i] is not None and self.stages[i].training
+
     def _stage_io(self, i: int) -> Tuple[List[str], List[str]]:
         """Stage ``i``'s (inputs, outputs) in the mode its graph is in."""
-        if self._train_io[i] is not None and self.stages[i].training:
+        if self._in_train_graph(i):
             return self._train_io[i]
         return self._io[i][0], self._io[i][1]
 
@@ -190,8 +194,7 @@ class MultiExitModel(nn.Module):
     def head_inputs(self, i: int, state: StageState) -> Tuple[torch.Tensor, ...]:
         """What early exit ``i``'s heads read from ``state``: ``(features,)``, or ``(features, skip)`` where the
         exit has a skip feature (a plain head among the candidates ignores it)."""
-        train = self._train_io[i] is not None and self.stages[i].training
-        skip = (self._train_skips if train else self.skips)[i]
+        skip = (self._train_skips if self._in_train_graph(i) else self.skips)[i]
         values = [self.exit_features(i, state)] + ([state.values[skip]] if skip else [])
         # the next stage may change these values in place (an in-place activation); the head keeps its
         # own copy so that its backward still finds the values it saw
