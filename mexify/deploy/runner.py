@@ -13,7 +13,7 @@ from mexify.config import EXPORT_SCHEMA
 from mexify.errors import BundleError, ConfigError, DataError
 from mexify.files import inside
 
-__all__ = ["Runner", "Result"]
+__all__ = ["Runner", "Result", "Step"]
 
 
 @dataclasses.dataclass
@@ -29,6 +29,20 @@ class Result:
     def exit_counts(self) -> Dict[str, int]:
         counts = np.bincount(self.exit_index, minlength=len(self.exit_names))
         return {n: int(c) for n, c in zip(self.exit_names, counts)}
+
+
+@dataclasses.dataclass
+class Step:
+    """What one stage did to a batch (:meth:`Runner.step`): the rows that left at this exit (ascending), their
+    masks and confidence (NaN at the final exit), and the state of the rows that go on (None when all left;
+    ``stay``: which rows those are, None when none left)."""
+
+    index: int
+    leave: np.ndarray
+    masks: Optional[np.ndarray]
+    confidence: Optional[np.ndarray]
+    state: Optional[Dict[str, np.ndarray]]
+    stay: Optional[np.ndarray]
 
 
 def _session(root: Path, name: object, what: str, providers: Optional[Sequence[str]], threads: Optional[int]) -> Any:
@@ -161,59 +175,84 @@ class Runner:
         carrier = np.empty((0, int(size[0]), int(size[1])), dtype=np.float32)
         return self._mask.run(None, {inputs[0].name: np.ascontiguousarray(scores, dtype=np.float32), inputs[1].name: carrier})[0]
 
-    def _shrink(self, i: int, state: Dict[str, np.ndarray], stay: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
-        dims = self.manifest["stages"][i].get("batch_dims") or {}
+    def _batch_axis(self, i: int, name: str, v: np.ndarray, batch: int) -> Optional[int]:
+        """The axis value ``name`` carries the batch along after stage ``i`` (-1: the input), None when shared."""
+        dims = (self.manifest["stages"][i].get("batch_dims") or {}) if i >= 0 else {}
+        dim = dims.get(name)
+        if dim is not None:
+            return int(dim[4:]) if dim.startswith("dim:") else None
+        return 0 if v.ndim > 0 and v.shape[0] == batch else None
+
+    def select(self, i: int, state: Dict[str, np.ndarray], stay: np.ndarray, batch: int) -> Dict[str, np.ndarray]:
+        """Rows ``stay`` of a state of ``batch`` rows after stage ``i`` (-1: before stage 0)."""
         out = {}
         for name, v in state.items():
-            dim = dims.get(name)
-            if dim is not None and dim.startswith("dim:"):
-                out[name] = np.take(v, stay, axis=int(dim[4:]))
-            elif dim is None and v.ndim > 0 and v.shape[0] == batch:
-                out[name] = np.take(v, stay, axis=0)
-            else:
-                out[name] = v
+            axis = self._batch_axis(i, name, v, batch)
+            out[name] = v if axis is None else np.take(v, stay, axis=axis)
         return out
+
+    def start(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        """The state before stage 0 of a normalised batch ``(N, 3, H, W)``."""
+        return {self.manifest["stages"][0]["inputs"][0]: self._check_input(x)}
+
+    def join(self, i: int, states: Sequence[Dict[str, np.ndarray]], sizes: Sequence[int]) -> Dict[str, np.ndarray]:
+        """The rows of several states after stage ``i`` (-1: before stage 0), in order, as one batch."""
+        if len(states) == 1:
+            return states[0]
+        out = {}
+        for name, v in states[0].items():
+            axis = self._batch_axis(i, name, v, int(sizes[0]))
+            out[name] = v if axis is None else np.concatenate([s[name] for s in states], axis=axis)
+        return out
+
+    def step(self, i: int, state: Dict[str, np.ndarray], batch: int, size: Sequence[int]) -> Step:
+        """Run stage ``i`` on a batch of ``batch`` rows and decide its exit (the one rule of :meth:`predict`
+        and of the stage scheduler); ``size`` is the input size masks are made at."""
+        state = self._run_stage(i, state)
+        none = np.zeros(0, dtype=np.int64)
+        if i not in self.active:
+            return Step(i, none, None, None, state, None)
+        if i == len(self.exit_names) - 1:
+            masks = self._masks(state[self.manifest["stages"][i]["outputs"][0]], size)
+            return Step(i, np.arange(batch), masks, np.full(batch, np.nan, np.float32), None, None)
+        outs = self._run_head(i, state)
+        scores = outs[0]
+        if self.exit == i:
+            go = np.ones(batch, dtype=bool)
+            conf = outs[1].astype(np.float32).reshape(-1) if len(outs) > 1 else np.full(batch, np.nan, np.float32)
+        else:
+            conf = outs[1].astype(np.float32).reshape(-1)
+            go = conf >= np.float32(self.thresholds[i])  # compared in float32, as the torch runtime does
+        leave = np.flatnonzero(go)
+        if leave.size == 0:
+            return Step(i, none, None, None, state, None)
+        masks = self._masks(scores if leave.size == batch else scores[leave], size)
+        if leave.size == batch:
+            return Step(i, leave, masks, conf, None, None)
+        stay = np.flatnonzero(~go)
+        return Step(i, leave, masks, conf[leave], self.select(i, state, stay, batch), stay)
 
     def predict(self, x: np.ndarray) -> Result:
         """Run a normalised batch ``(N, 3, H, W)`` with early exits; results in input order."""
-        x = self._check_input(x)
+        state: Optional[Dict[str, np.ndarray]] = self.start(x)
         n, size = x.shape[0], x.shape[-2:]
         e = len(self.exit_names)
         masks = np.zeros((n, *size), dtype=np.int64)
         exit_index = np.full(n, e - 1, dtype=np.int64)
         confidence = np.full(n, np.nan, dtype=np.float32)
         alive = np.arange(n)
-        state = {self.manifest["stages"][0]["inputs"][0]: x}
         for i in range(e):
-            if alive.size == 0:
-                break
-            state = self._run_stage(i, state)
-            if i not in self.active:
-                continue
-            if i == e - 1:
-                masks[alive] = self._masks(state[self.manifest["stages"][i]["outputs"][0]], size)
-                exit_index[alive] = i
-                break
-            outs = self._run_head(i, state)
-            scores = outs[0]
-            if self.exit == i:
-                go = np.ones(alive.size, dtype=bool)
-                conf = outs[1].astype(np.float32) if len(outs) > 1 else np.full(alive.size, np.nan, np.float32)
-            else:
-                conf = outs[1].astype(np.float32).reshape(-1)
-                go = conf >= np.float32(self.thresholds[i])  # compared in float32, as the torch runtime does
-            leave = np.flatnonzero(go)
-            if leave.size:
-                rows = alive[leave]
-                masks[rows] = self._masks(scores[leave], size)
+            step = self.step(i, state, alive.size, size)
+            if step.leave.size:
+                rows = alive[step.leave]
+                masks[rows] = step.masks
                 exit_index[rows] = i
-                confidence[rows] = conf.reshape(-1)[leave]
-            if leave.size == alive.size:
+                confidence[rows] = step.confidence
+            state = step.state
+            if state is None:
                 break
-            if leave.size:
-                stay = np.flatnonzero(~go)
-                state = self._shrink(i, state, stay, alive.size)
-                alive = alive[stay]
+            if step.stay is not None:
+                alive = alive[step.stay]
         return Result(masks, exit_index, confidence, list(self.exit_names))
 
     def exit_outputs(self, x: np.ndarray) -> List[np.ndarray]:

@@ -17,7 +17,8 @@ and classifies every node's value by comparing the two runs:
 * ``unsafe``: anything else that changes with the batch (``B * heads``, a flattened batch):
   it cannot be shrunk, so placement avoids cuts where such a value is alive.
 
-:func:`shrink_value` applies a classification to keep some rows of a value.
+:func:`shrink_value` applies a classification to keep some rows of a value, and :func:`join_values`
+to join the rows of several batches into one (the stage scheduler batches requests this way).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from mexify.graph.flops import run_fake_or_real
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEY", "BatchDim", "analyze_batch", "classify", "shrink_value"]
+__all__ = ["BATCH_KEY", "BatchDim", "analyze_batch", "classify", "join_values", "shrink_value"]
 
 BATCH_KEY = "mexify.batch"
 _SIZES = (2, 5)  # two batch sizes unlikely to coincide with any other dimension
@@ -166,3 +167,26 @@ def shrink_value(value: Any, dim: BatchDim, index: torch.Tensor) -> Any:
             return type(value)(v.index_select(dim.index, index.to(v.device)) for v in value)
         return value.index_select(dim.index, index.to(value.device))
     raise ValueError(f"a value that depends on the batch as {dim.why or 'unsafe'} cannot be shrunk")
+
+
+def join_values(values: Sequence[Any], dim: BatchDim, sizes: Sequence[int]) -> Any:
+    """One value of several batches (of ``sizes`` rows) joined in order, as its classification says:
+    the inverse of :func:`shrink_value` (joining the rows one batch selected gives them back).
+
+    Raises:
+        ValueError: the value is ``unsafe``.
+    """
+    total = int(sum(sizes))
+    if dim.kind == "none":
+        return values[0]  # shared by every row (the same in every batch of one input size)
+    if dim.kind == "int":
+        return total
+    if dim.kind == "size":
+        kept = list(values[0])
+        kept[dim.index] = total
+        return type(values[0])(kept) if not isinstance(values[0], list) else kept
+    if dim.kind == "dim":
+        if isinstance(values[0], (tuple, list)):
+            return type(values[0])(torch.cat(parts, dim.index) for parts in zip(*values))
+        return torch.cat(list(values), dim.index)
+    raise ValueError(f"a value that depends on the batch as {dim.why or 'unsafe'} cannot be joined")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mexify.errors import DataError
-from mexify.graph.batching import BatchDim, shrink_value
+from mexify.graph.batching import BatchDim, join_values, shrink_value
 from mexify.graph.split import Stage
 from mexify.nn.heads import ExitHead, resize_logits
 
@@ -67,6 +67,30 @@ class StageState:
             else:
                 out[k] = v
         return StageState(out, self.input_size, int(index.numel()), self.dims)
+
+    @staticmethod
+    def join(states: Sequence["StageState"]) -> "StageState":
+        """The rows of several states at the same cut, in order, as one batch (the inverse of :meth:`select`).
+
+        Raises:
+            ValueError: no state, or states of different input sizes (values shared by the rows differ).
+        """
+        if not states:
+            raise ValueError("nothing to join")
+        first = states[0]
+        if len(states) == 1:
+            return first
+        if any(s.input_size != first.input_size for s in states):
+            raise ValueError(f"cannot join states of input sizes {sorted({s.input_size for s in states})}")
+        sizes = [int(s.batch_size) for s in states]
+        out = {}
+        for k, v in first.values.items():
+            parts = [s.values[k] for s in states]
+            dim = first.dims.get(k) if first.dims is not None else None
+            if dim is None:  # not recorded: batch-first tensors as in select
+                dim = BatchDim("dim") if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == first.batch_size else BatchDim("none")
+            out[k] = join_values(parts, dim, sizes)
+        return StageState(out, first.input_size, sum(sizes), first.dims)
 
 
 @dataclasses.dataclass

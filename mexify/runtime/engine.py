@@ -25,6 +25,7 @@ calibration saw (``policy.monitor``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any, List, Optional, Tuple, Union
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from mexify.errors import ConfigError, DataError
 from mexify.nn import exit_flops, module_device, resize_logits
+from mexify.nn.model import StageState
 from mexify.runtime.graphs import GraphCaptureError, GraphedExits, bucket_of
 from mexify.runtime.monitor import MIN_IMAGES, DriftReport, StreamMonitor, StreamStats, drift_report
 from mexify.runtime.policy import active_exits, resolve_policy
@@ -40,7 +42,7 @@ from mexify.runtime.results import BatchPrediction, Prediction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EarlyExitRuntime", "predict", "labels_of", "masks_of", "resize_masks", "parse_dtype", "DTYPES"]
+__all__ = ["EarlyExitRuntime", "Step", "predict", "labels_of", "masks_of", "resize_masks", "parse_dtype", "DTYPES"]
 
 
 def labels_of(scores: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,33 @@ def parse_dtype(dtype: Any) -> str:
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
     return name
+
+
+@dataclasses.dataclass
+class Step:
+    """What one stage did to a batch (:meth:`EarlyExitRuntime.step`).
+
+    Attributes:
+        index: the stage (and exit) index.
+        leave: the batch's rows that left at this exit (device, int64, ascending).
+        masks: their masks at the input size (``(n_leave, H, W)``), None when none left.
+        confidence: their confidence (``(n_leave,)``), None when none left or not scored (the final exit
+            unless ``final_confidence``).
+        scores: the policy's confidence on every row of the batch (what the stream monitor records), None
+            where the policy decided nothing (an inactive exit, the final exit).
+        state: the state of the rows that go on (in batch order), None when every row left.
+        stay: the batch's rows that go on, when some left and some did not (None otherwise: all or none).
+        n_leave: how many rows left (a host int).
+    """
+
+    index: int
+    leave: torch.Tensor
+    masks: Optional[torch.Tensor]
+    confidence: Optional[torch.Tensor]
+    scores: Optional[torch.Tensor]
+    state: Optional[StageState]
+    stay: Optional[torch.Tensor]
+    n_leave: int
 
 
 class _Outputs:
@@ -194,21 +223,58 @@ class EarlyExitRuntime:
         scores = mask_scores(i, logits, feats) if mask_scores is not None else logits
         return masks_of(scores, size)
 
-    def _emit(self, out: _Outputs, i: int, leave: torch.Tensor, alive: torch.Tensor, logits: torch.Tensor,
-              feats: Optional[torch.Tensor], conf: Optional[torch.Tensor]) -> None:
-        """Write the results of the rows ``leave`` (of the current batch) at their input rows."""
-        if int(leave.numel()) == out.exit_index.numel():  # the whole batch at once, in input order (nothing left before)
-            out.masks = self._masks(i, logits, feats, tuple(out.masks.shape[-2:]))
-            out.exit_index.fill_(i)
-            if conf is not None:
-                out.confidence = conf.reshape(-1).to(out.confidence.device, torch.float32)
-            return
-        rows = alive.index_select(0, leave)
+    def step(self, i: int, state: StageState, size: Tuple[int, int]) -> Step:
+        """Run stage ``i`` on a batch and decide its exit: the one rule of what happens at a stage, used by the
+        batch loop and by the stage scheduler (:mod:`mexify.runtime.scheduler`), which runs stages of many
+        requests' rows joined together. Call it under ``torch.inference_mode()`` and :meth:`autocast`.
+
+        Args:
+            i: the stage (and exit) index.
+            state: the rows' state before stage ``i`` (``model.start(x)`` for stage 0).
+            size: the input size masks are made at.
+
+        Returns:
+            a :class:`Step`: the rows that left here with their masks and confidence, and the state of the rest.
+        """
+        model, policy = self.model, self.policy
+        state = model.run_stage(i, state)
+        n, dev = int(state.batch_size), self.device
+        if i not in self.active:
+            return Step(i, torch.empty(0, dtype=torch.long, device=dev), None, None, None, state, None, 0)
+        last = i == model.num_exits - 1
+        feats = model.exit_features(i, state) if self.needs_features and not last else None
+        logits = model.exit_logits(i, state)
+        if last:  # everything leaves; the score decides nothing here
+            conf = policy.decide(i, logits, feats)[1].reshape(-1) if self.final_confidence else None
+            return Step(i, torch.arange(n, device=dev), self._masks(i, logits, feats, size), conf, None, None, None, n)
+        go, conf = policy.decide(i, logits, feats)
+        go = go.to(device=dev, dtype=torch.bool).reshape(-1)
+        conf = conf.reshape(-1)
+        leave = go.nonzero().squeeze(1)
+        n_leave = int(leave.numel())  # one device sync per exit
+        if n_leave == n:
+            return Step(i, leave, self._masks(i, logits, feats, size), conf, conf, None, None, n)
+        if n_leave == 0:
+            return Step(i, leave, None, None, conf, state, None, 0)
         sub_feats = feats.index_select(0, leave) if feats is not None else None
-        out.masks.index_copy_(0, rows, self._masks(i, logits.index_select(0, leave), sub_feats, tuple(out.masks.shape[-2:])))
-        out.exit_index.index_fill_(0, rows, i)
-        if conf is not None:
-            out.confidence.index_copy_(0, rows, conf.reshape(-1).to(rows.device, out.confidence.dtype).index_select(0, leave))
+        masks = self._masks(i, logits.index_select(0, leave), sub_feats, size)
+        stay = (~go).nonzero().squeeze(1)
+        return Step(i, leave, masks, conf.index_select(0, leave), conf, state.select(stay), stay, n_leave)
+
+    @staticmethod
+    def _emit(out: _Outputs, step: Step, alive: torch.Tensor) -> None:
+        """Write the results of the rows that left at ``step`` at their input rows (``alive``: the batch's)."""
+        if step.n_leave == out.exit_index.numel():  # the whole batch at once, in input order (nothing left before)
+            out.masks = step.masks
+            out.exit_index.fill_(step.index)
+            if step.confidence is not None:
+                out.confidence = step.confidence.to(out.confidence.device, torch.float32)
+            return
+        rows = alive.index_select(0, step.leave)
+        out.masks.index_copy_(0, rows, step.masks)
+        out.exit_index.index_fill_(0, rows, step.index)
+        if step.confidence is not None:
+            out.confidence.index_copy_(0, rows, step.confidence.to(rows.device, out.confidence.dtype))
 
     def predict_batch(self, x: torch.Tensor) -> BatchPrediction:
         """Run a batch ``(N, 3, H, W)`` with early exits; results in input order.
@@ -260,36 +326,20 @@ class EarlyExitRuntime:
         return BatchPrediction(out.masks, idx, both[1].contiguous(), flops, self.exit_names)
 
     def _run_eager(self, x: torch.Tensor, out: _Outputs, seen: List[Tuple[int, torch.Tensor]]) -> None:
-        model, policy = self.model, self.policy
-        e = model.num_exits
         alive = torch.arange(int(x.shape[0]), device=x.device)  # input rows still in the batch
-        state = model.start(x)
-        for i in range(e):
-            if alive.numel() == 0:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        state: Optional[StageState] = self.model.start(x)
+        for i in range(self.model.num_exits):
+            step = self.step(i, state, size)
+            if step.scores is not None:
+                seen.append((i, step.scores))  # summed on its device when the batch is done: no sync
+            if step.n_leave:
+                self._emit(out, step, alive)
+            state = step.state
+            if state is None:
                 break
-            state = model.run_stage(i, state)
-            if i not in self.active:
-                continue
-            last = i == e - 1
-            feats = model.exit_features(i, state) if self.needs_features and not last else None
-            logits = model.exit_logits(i, state)
-            if last:  # everything leaves; the score decides nothing here
-                conf = policy.decide(i, logits, feats)[1] if self.final_confidence else None
-                self._emit(out, i, torch.arange(int(alive.numel()), device=x.device), alive, logits, feats, conf)
-                break
-            go, conf = policy.decide(i, logits, feats)
-            seen.append((i, conf))  # summed on its device when the batch is done: no sync
-            go = go.to(device=x.device, dtype=torch.bool).reshape(-1)
-            leave = go.nonzero().squeeze(1)
-            n_leave = int(leave.numel())  # one device sync per exit
-            if n_leave:
-                self._emit(out, i, leave, alive, logits, feats, conf)
-            if n_leave == alive.numel():
-                break
-            if n_leave:
-                stay = (~go).nonzero().squeeze(1)
-                state = state.select(stay)
-                alive = alive.index_select(0, stay)
+            if step.stay is not None:
+                alive = alive.index_select(0, step.stay)
 
     def _run_graphed(self, x: torch.Tensor, seen: List[Tuple[int, torch.Tensor]]) -> BatchPrediction:
         """As :meth:`_run_eager`, every stage replayed from its bucket's CUDA graph; who leaves is
