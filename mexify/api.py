@@ -59,6 +59,8 @@ from mexify.config import (
     parse_choice,
     parse_count,
     parse_counts,
+    parse_number,
+    parse_range,
     parse_head_settings,
     parse_image_size,
     parse_input_size,
@@ -66,7 +68,7 @@ from mexify.config import (
     parse_trace_method,
     parse_yaml_assignment,
 )
-from mexify.data import as_loader, build_dataset, check_classes, parse_dataset_spec, take
+from mexify.data import IMAGENET_MEAN, IMAGENET_STD, as_loader, build_dataset, check_classes, parse_dataset_spec, take
 from mexify.errors import BudgetError, ConfigError, DataError, Interrupted, MexifyError
 from mexify.files import check_dir_writable, updating, writing
 from mexify.graph.placement import PlacementConfig, fuse_stride
@@ -103,6 +105,10 @@ from mexify.tools import compare_engines as _compare_engines
 from mexify.tools import evaluate as _evaluate
 from mexify.tools import evaluate_policy as _evaluate_policy
 from mexify.tools.export import FORMATS
+from mexify.tools.loadtest import LoadReport, LoadtestReport, check_target
+from mexify.tools.loadtest import loadtest as _loadtest
+from mexify.tools.ray_serving import RayConfig, run_ray
+from mexify.tools.serving import ServeConfig, bodies_of, build_service, run_server
 from mexify.train import Recipe, TrainReport, default_run_dir, load_recipe, train_model
 from mexify.train.checkpoint import CHECKPOINT_NAME
 from mexify.trust import Trust, register_builder
@@ -124,10 +130,14 @@ __all__ = [
     "profile",
     "export",
     "compare",
+    "serve",
+    "loadtest",
     # the option objects: one value each
     "Budget",
     "TraceConfig",
     "Trust",
+    "ServeConfig",
+    "RayConfig",
     # records and errors the CLI renders
     "ConvertResult",
     "TracedModel",
@@ -140,6 +150,8 @@ __all__ = [
     "PolicyComparison",
     "ConfigurationReport",
     "ExportResult",
+    "LoadReport",
+    "LoadtestReport",
     "ENGINES",
     "LatencyProfile",
     "PredictReport",
@@ -158,6 +170,8 @@ __all__ = [
     "parse_image_size",
     "parse_count",
     "parse_counts",
+    "parse_number",
+    "parse_range",
     "parse_assignment",
     "parse_yaml_assignment",
     "parse_head_settings",
@@ -1142,3 +1156,99 @@ def compare(
         report.files = _write_outputs(bundle_path, outside, inside,
                                       lambda d: save_comparison(report.curves, points, report.oracle_curve, d, unit), {})
         return report
+
+
+# =============================================================================== serving
+def serve(bundle: PathLike, *, host: str = "127.0.0.1", port: int = 8000, settings: ServeConfig = ServeConfig(),
+          ray: Optional[RayConfig] = None, trust: Trust = Trust(), warn: Optional[Callable[[str], None]] = None,
+          on_ready: Optional[Callable[[str], None]] = None) -> None:
+    """Serve a bundle over HTTP with continuous batching across stages until SIGINT/SIGTERM, then drain (``mexify serve``).
+
+    Args:
+        bundle: a calibrated bundle or pt2 export (``settings.engine="torch"``), or an ONNX export (``"onnxruntime"``).
+        host, port: where to listen (loopback by default; ``0.0.0.0`` for every interface).
+        settings: batching, engine, ``original`` (serve the baseline the same way), forced exit, input size.
+        ray: serve as Ray Serve replicas instead of the embedded server (:class:`RayConfig`).
+        on_ready: called with the service's URL once the model is loaded.
+
+    Raises:
+        ConfigError: a bad setting, an engine that cannot run the directory, or a port already in use.
+        BundleError: a bundle that cannot be loaded.
+    """
+    settings.check()
+    parse_count(port, "--port", 0, 65535)
+    _check_port_free(host, int(port))
+    if ray is not None:
+        run_ray(str(bundle), settings, ray, trust, host=host, port=int(port), on_ready=on_ready)
+        return
+    service = build_service(bundle, settings, trust, warn=warn or (lambda m: None))
+    run_server(service, host=host, port=int(port), on_ready=on_ready)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}", "pick another --port, or stop what holds it") from None
+
+
+def loadtest(url: str, *, data: Optional[Data] = None, rate: Optional[float] = None, slo_ms: Optional[float] = None,
+             baseline: Optional[str] = None, requests: Optional[int] = 200, duration_s: Optional[float] = None, limit: int = 32,
+             seed: int = 0, timeout_s: float = 30.0, allow_remote: bool = False) -> LoadtestReport:
+    """Open-loop load test of a ``mexify serve`` service, and of a baseline served the same way (``mexify loadtest``).
+
+    Args:
+        url: the service's base URL (loopback or this machine unless ``allow_remote``).
+        data: images to send: image files or a folder of them, or a dataset spec (its ``val`` images, encoded as
+            PNG); default the synthetic scenes at the service's input size.
+        rate: Poisson arrivals per second of one run; with ``slo_ms``, where the search starts.
+        slo_ms: search the highest rate whose p99 latency stays within it.
+        baseline: the original model served the same way (``mexify serve --original``): the same runs give the ratio.
+        requests, duration_s: bound each run by count and/or time.
+        limit: most distinct images sent (cycled).
+
+    Raises:
+        ConfigError: a target that is neither loopback nor this machine, no service answering, bad values.
+    """
+    targets = [check_target(u, allow_remote) for u in [url] + ([baseline] if baseline else [])]
+    infos = [_service_info(u) for u in targets]
+    _counts(limit=limit)
+    bodies = _bodies(data, tuple(infos[0].get("input_size") or (256, 256)), limit)
+    return _loadtest(targets[0], bodies, rate=rate, slo_ms=slo_ms, baseline=targets[1] if baseline else None, requests=requests,
+                     duration_s=duration_s, seed=seed, timeout_s=timeout_s)
+
+
+def _service_info(url: str) -> Dict[str, Any]:
+    """The service's ``/healthz`` document (a load test starts only against a service that answers)."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/healthz", timeout=10.0, trust_env=False)
+    except httpx.HTTPError as e:
+        raise ConfigError(f"no service answers at {url} ({type(e).__name__})", "start one with `mexify serve BUNDLE`") from None
+    if r.status_code != 200:
+        raise ConfigError(f"the service at {url} is not ready: /healthz answered {r.status_code}", "wait until it is up")
+    try:
+        return dict(r.json())
+    except ValueError:
+        return {}
+
+
+def _bodies(data: Optional[Data], size: Tuple[int, int], limit: int) -> List[bytes]:
+    """Encoded images to send: the files themselves, or a dataset's images as PNG."""
+    if isinstance(data, (str, os.PathLike)) and Path(data).exists():
+        files = collect_images([Path(data)], warn=lambda m: None)[:limit]
+        return [f.read_bytes() for f in files]
+    spec = data if data is not None else f"synthetic:scenes?size={max(size)}&n_eval={limit}"
+    ds = _dataset(spec, "val", limit)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    arrays = [((ds[i][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy() for i in range(len(ds))]
+    if not arrays:
+        raise DataError(f"{spec} has no images to send")
+    return bodies_of(arrays)

@@ -281,6 +281,37 @@ def parse_count(value: Any, what: str, lo: int = 1, hi: Optional[int] = None) ->
     return n
 
 
+def parse_number(value: Any, what: str, zero: bool = False) -> float:
+    """A positive finite number (``--rate``, ``--slo-ms``, ``--duration``); ``zero``: 0 allowed too (``--max-wait-ms``).
+
+    Raises:
+        ConfigError: not a number, not finite, or out of range.
+    """
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {value!r} is not a number", f"e.g. {what} 10") from None
+    if not math.isfinite(x) or x < 0 or (x == 0 and not zero):
+        raise ConfigError(f"{what} must be a finite number {'>= 0' if zero else '> 0'}, got {value!r}", f"e.g. {what} 10")
+    return x
+
+
+def parse_range(text: Any, what: str) -> Tuple[int, int]:
+    """``"MIN:MAX"`` integers with ``1 <= MIN <= MAX`` (``serve --autoscale 1:4``).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    lo, sep, hi = str(text).partition(":")
+    try:
+        a, b = int(lo), int(hi)
+    except ValueError:
+        a = b = 0
+    if not sep or not 1 <= a <= b:
+        raise ConfigError(f"{what} {text!r} is not MIN:MAX with 1 <= MIN <= MAX", f"e.g. {what} 1:4")
+    return a, b
+
+
 def parse_counts(values: Any, what: str, lo: int = 1) -> list:
     """A list of integers, ``"1,8"`` or ``[1, 8]``, each at least ``lo`` (``profile --batch-size``).
 

@@ -18,7 +18,8 @@ from typer.core import TyperGroup
 from mexify.api import MexifyError, __version__
 from mexify.cli._common import debug_enabled, err_console, error_text
 
-_COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench", "profile", "export", "compare")
+_COMMANDS = ("convert", "inspect", "train", "calibrate", "evaluate", "predict", "bench", "profile", "export", "compare", "serve",
+             "loadtest")
 
 
 class _Group(TyperGroup):

@@ -28,7 +28,7 @@ import logging
 import warnings
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -95,8 +95,8 @@ def read_image(path: Path) -> torch.Tensor:
 _BAD_FILE = "the file is corrupt or not an image; re-export it or pass skip_bad=1"
 
 
-def read_rgb(path: Path, hint: str = _BAD_FILE) -> "Image.Image":
-    """Open an image file as 8-bit RGB.
+def read_rgb(path: Union[Path, BinaryIO], hint: str = _BAD_FILE, name: Optional[str] = None) -> "Image.Image":
+    """Open an image file (or an open binary file: a request's body) as 8-bit RGB; ``name`` names it in errors.
 
     16-bit and 32-bit grayscale (``I;16``, ``I``) and float (``F``) images are scaled from their
     type's range (0..65535, or 0..1 for float) to 0..255, not clipped to white; values outside
@@ -108,18 +108,20 @@ def read_rgb(path: Path, hint: str = _BAD_FILE) -> "Image.Image":
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    path = path if hasattr(path, "read") else Path(path)
+    what = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return _eight_bit(im) if im.mode in _WIDE_MODES else im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"image {path} is too large to decode safely ({e})",
+        raise DataError(f"image {what} is too large to decode safely ({e})",
                         f"resize it below {Image.MAX_IMAGE_PIXELS} pixels; or, if you trust the file, raise "
                         "PIL.Image.MAX_IMAGE_PIXELS in Python") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}", hint) from e
+        text = str(e).replace(repr(path), "").strip() if hasattr(path, "read") else str(e)  # no "<_io.BytesIO object at ...>"
+        raise DataError(f"cannot read image {what}: {text}", hint) from e
 
 
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
