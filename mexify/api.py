@@ -627,9 +627,10 @@ def _calibrated_on(data: Data, split: str, limit: Optional[int]) -> Dict[str, An
 
 
 def _latency_profile(model: MultiExitModel, budget: Budget) -> Optional[Dict[str, Any]]:
-    """The bundle's latency profile that ``budget.profile`` names (default: the model's device at batch 1), or None."""
+    """The bundle's latency profile that ``budget.profile`` names (default: the model's device at batch 1, or at its
+    largest profiled batch for a ``batched`` budget: a throughput), or None."""
     table = getattr(getattr(model, "config", None), "latency", None)
-    return select_profile(table, budget.profile, device_name(module_device(model)))
+    return select_profile(table, budget.profile, device_name(module_device(model)), largest_batch=budget.batched)
 
 
 def _noted(report: Any, note: Optional[str]) -> Any:
@@ -1199,7 +1200,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def loadtest(url: str, *, data: Optional[Data] = None, rate: Optional[float] = None, slo_ms: Optional[float] = None,
              baseline: Optional[str] = None, requests: Optional[int] = 200, duration_s: Optional[float] = None, limit: int = 32,
-             seed: int = 0, timeout_s: float = 30.0, allow_remote: bool = False) -> LoadtestReport:
+             seed: int = 0, timeout_s: float = 30.0, allow_remote: bool = False, warmup: int = 32) -> LoadtestReport:
     """Open-loop load test of a ``mexify serve`` service, and of a baseline served the same way (``mexify loadtest``).
 
     Args:
@@ -1211,6 +1212,7 @@ def loadtest(url: str, *, data: Optional[Data] = None, rate: Optional[float] = N
         baseline: the original model served the same way (``mexify serve --original``): the same runs give the ratio.
         requests, duration_s: bound each run by count and/or time.
         limit: most distinct images sent (cycled).
+        warmup: untimed requests sent to each service first (one by one, then at once).
 
     Raises:
         ConfigError: a target that is neither loopback nor this machine, no service answering, bad values.
@@ -1220,7 +1222,7 @@ def loadtest(url: str, *, data: Optional[Data] = None, rate: Optional[float] = N
     _counts(limit=limit)
     bodies = _bodies(data, tuple(infos[0].get("input_size") or (256, 256)), limit)
     return _loadtest(targets[0], bodies, rate=rate, slo_ms=slo_ms, baseline=targets[1] if baseline else None, requests=requests,
-                     duration_s=duration_s, seed=seed, timeout_s=timeout_s)
+                     duration_s=duration_s, seed=seed, timeout_s=timeout_s, warmup=warmup)
 
 
 def _service_info(url: str) -> Dict[str, Any]:

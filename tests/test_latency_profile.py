@@ -136,3 +136,32 @@ def test_exit_costs_count_what_the_runtime_runs():
     # the baseline comes from the same pieces: every stage and the final masks (not the separately timed original)
     assert original_ms_per_image(prof) == pytest.approx((14 + 0.4) / 2)
     assert original_ms_per_image(graphs) == pytest.approx((14 + 0.4) / 2)
+
+
+def test_a_throughput_budget_is_costed_at_full_batches_and_eval_predicts_the_throughput(bundle):
+    from mexify.bundle import update_bundle
+    from mexify.errors import ConfigError
+
+    def entry(batch, stage_ms, head_ms):
+        return {"device": "cpu", "batch_size": batch, "dtype": "float32", "input_size": [64, 64], "stage_ms": stage_ms,
+                "head_ms": head_ms, "policy_ms": [0.1] * 3, "original_ms": sum(stage_ms), "warmup": 0, "repeats": 1}
+
+    # per image, batch 8 is 2.5x cheaper than batch 1 (as a CPU or GPU batches): the throughput budget must read b8
+    b1, b8 = "cpu|b1|float32|64x64|eager", "cpu|b8|float32|64x64|eager"
+    update_bundle(bundle, latency={b1: entry(1, [2.0, 2.0, 2.0, 14.0], [1.0, 1.0, 1.0]),
+                                   b8: entry(8, [6.4, 6.4, 6.4, 44.8], [3.2, 3.2, 3.2])})
+    budget = api.Budget.parse("160/s")
+    assert budget.kind == "latency_ms" and budget.value == pytest.approx(6.25) and budget.batched and budget.text == "160/s"
+    rep = api.calibrate(bundle, SCENES, policy="maxprob", budget=budget, batch_size=4)
+    assert rep.figures["latency_profile"] == b8
+    assert rep.figures["mean_ms"] <= 6.25 + 1e-9  # at b1 the same exit mix would cost 2.5x more: out of budget
+    run = api.evaluate_policy(bundle, SCENES, split="calib", batch_size=4, device="cpu")
+    t = run.throughput
+    assert t.batch_size == 8 and t.profile == b8
+    assert t.images_per_s == pytest.approx(1000.0 / rep.figures["mean_ms"]) and t.images_per_s >= 160 * (1 - 1e-9)
+    assert t.original_images_per_s == pytest.approx(1000.0 / (64.0 / 8))
+    res = CliRunner().invoke(app, ["eval", str(bundle), "--data", SCENES, "--split", "calib"])
+    assert res.exit_code == 0 and "predicted throughput with full batches of 8" in " ".join(res.output.split())
+    for bad in ("0/s", "abc/s", "-3/s"):
+        with pytest.raises(ConfigError):
+            api.Budget.parse(bad)

@@ -290,3 +290,28 @@ def test_ray_serve_replicas_answer_as_the_runtime(bundle):
         ref = rt.predict_batch(to_tensor(Image.fromarray(a), (64, 64))[None])
         assert doc["exit_index"] == int(ref.exit_index[0])
     assert health.status_code == 200 and health.json()["engine"] == "torch"
+
+
+def test_onnxruntime_service_answers_as_the_runner(bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mexify.deploy import Runner
+    from mexify.tools.export import export_bundle
+
+    export_bundle(bundle, tmp_path / "onnx", "onnx")
+    runner = Runner(tmp_path / "onnx")
+    photos = _photos(12)
+    with running(build_service(tmp_path / "onnx", ServeConfig(engine="onnxruntime", max_batch=4))) as url, \
+            running(build_service(tmp_path / "onnx", ServeConfig(engine="onnxruntime", original=True))) as off:
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda a: httpx.post(f"{url}/predict", content=_png(a), timeout=60, trust_env=False), photos))
+        exits_off = httpx.post(f"{off}/predict?format=json", content=_png(photos[0]), timeout=60, trust_env=False).json()
+        health = httpx.get(f"{off}/healthz", trust_env=False).json()
+    for a, r in zip(photos, answers):
+        ref = runner.predict(to_tensor(Image.fromarray(a), (64, 64))[None].numpy())
+        assert int(r.headers["X-Mexify-Exit-Index"]) == int(ref.exit_index[0])
+        mask = np.asarray(Image.fromarray(ref.masks[0].astype(np.uint8)).resize((a.shape[1], a.shape[0]), Image.NEAREST))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), mask)
+    assert len({int(r.headers["X-Mexify-Exit-Index"]) for r in answers}) >= 2
+    assert exits_off["exit"] == "final" and health["model"] == "every exit off"
+    with pytest.raises(ConfigError, match="is an ONNX export"):
+        build_service(tmp_path / "onnx", ServeConfig(engine="torch"))

@@ -21,10 +21,14 @@ MIN_CALIBRATION_IMAGES = 50
 
 def parse_budget(text: Union[str, float, None]) -> Optional[Dict[str, Any]]:
     """``"2x"`` -> mean speed-up >= 2; ``"40%"`` -> mean cost <= 40% of the original;
-    ``"8ms"`` -> mean measured latency per image <= 8 ms (needs a latency profile).
+    ``"8ms"`` -> mean measured latency per image <= 8 ms (needs a latency profile);
+    ``"250/s"`` -> a throughput of at least 250 images per second served with full batches: mean measured
+    latency per image <= 4 ms at the largest profiled batch size (``batched``; the stage scheduler keeps
+    every stage's batches full under load, so a batch-B profile's per-image cost is what it spends).
 
     Returns:
-        ``{"kind": "speedup" | "cost_fraction" | "latency_ms", "value": float, "text": str}`` or None.
+        ``{"kind": "speedup" | "cost_fraction" | "latency_ms", "value": float, "text": str}`` (plus
+        ``"batched": True`` for a throughput) or None.
 
     Raises:
         ConfigError: anything else.
@@ -32,6 +36,15 @@ def parse_budget(text: Union[str, float, None]) -> Optional[Dict[str, Any]]:
     if text is None:
         return None
     s = str(text).strip().lower().replace(" ", "")
+    for suffix in ("img/s", "/s"):
+        if s.endswith(suffix):
+            try:
+                v = float(s[: -len(suffix)])
+            except ValueError:
+                break
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"budget {text!r} is out of range", "a throughput above 0 images per second, e.g. 250/s")
+            return {"kind": "latency_ms", "value": 1000.0 / v, "text": f"{v:g}/s", "batched": True}
     for suffix, kind, scale, top in (("ms", "latency_ms", 1.0, math.inf), ("x", "speedup", 1.0, math.inf),
                                      ("%", "cost_fraction", 0.01, 100.0)):
         if s.endswith(suffix):
@@ -43,7 +56,8 @@ def parse_budget(text: Union[str, float, None]) -> Optional[Dict[str, Any]]:
                 return {"kind": kind, "value": v * scale, "text": s}
             raise ConfigError(f"budget {text!r} is out of range", "a speed-up or latency above 0 (2x, 8ms), "
                               "or a cost share in (0, 100]% (40%)")
-    raise ConfigError(f"cannot read budget {text!r}", "write a speed-up like 2x, a cost share like 40% or a latency like 8ms")
+    raise ConfigError(f"cannot read budget {text!r}",
+                      "write a speed-up like 2x, a cost share like 40%, a latency like 8ms or a throughput like 250/s")
 
 
 def parse_max_drop(value: Union[str, float, None]) -> Optional[float]:
@@ -128,6 +142,8 @@ class Budget:
         confidence: the probability, in [0, 1), that the budget holds on a new set of images as large as the
             calibration set (default 0.9); 0 (or None) fits on the calibration images alone.
         text: how the budget reads in reports (``"2x"``, ``"max-drop 1.0"``); filled in when left empty.
+        batched: cost exits at full batches: without ``profile``, the profile of the largest batch size on the
+            calibration device (a throughput budget, ``"250/s"``, is a ``latency_ms`` budget costed this way).
 
     Build one with :meth:`parse` (``"2x"``, ``"40%"``, ``"8ms"``), :meth:`max_drop`, :meth:`from_options`
     (the command line's ``--budget``/``--max-drop``/``--cost``/``--profile``) or :meth:`from_dict`;
@@ -143,6 +159,7 @@ class Budget:
     profile: Optional[str] = None
     confidence: Optional[float] = DEFAULT_CONFIDENCE
     text: str = ""
+    batched: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -208,7 +225,7 @@ class Budget:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown budget field(s) {', '.join(sorted(unknown))}",
-                              "fields: kind, value, cost, profile, confidence, text")
+                              "fields: kind, value, cost, profile, confidence, text, batched")
         return cls(**data)
 
     # ------------------------------------------------------------------ reading
@@ -223,6 +240,8 @@ class Budget:
         out: Dict[str, Any] = {"kind": self.kind, "value": float(self.value), "text": self.text}
         if self.confidence:
             out["confidence"] = float(self.confidence)
+        if self.batched:
+            out["batched"] = True
         return out
 
     @property

@@ -85,6 +85,11 @@ def _render_policies(report) -> None:
         if r.latency is not None:
             console.print(f"[dim]{r.name}: latency predicted from the bundle's profile {r.latency.profile} "
                           "and this exit mix (`mexify bench` measures it)[/]")
+        t = r.throughput
+        if t is not None:
+            console.print(f"{r.name}: predicted throughput with full batches of {t.batch_size} (`mexify serve --max-batch "
+                          f"{t.batch_size}` under load, profile {t.profile}): {t.images_per_s:.0f} images/s vs the original's "
+                          f"{t.original_images_per_s:.0f}/s ({t.speedup:.2f}x; `mexify loadtest` measures it)")
 
 
 def register(app: typer.Typer) -> None:

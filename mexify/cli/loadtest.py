@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
         duration: Annotated[Optional[float], typer.Option("--duration", parser=_num("--duration"), metavar="S",
                                                           help="Also stop sending after S seconds.")] = None,
         limit: Annotated[int, typer.Option("--limit", parser=count("--limit"), metavar="N", help="Distinct images sent (cycled).")] = 32,
+        warmup: Annotated[int, typer.Option("--warmup", parser=count("--warmup", lo=0), metavar="N",
+                                            help="Untimed requests to each service first (one by one, then N at once).")] = 32,
         seed: Annotated[int, typer.Option("--seed", parser=count("--seed", lo=0), metavar="N", help="Seed of the arrival times.")] = 0,
         timeout: Annotated[float, typer.Option("--timeout", parser=_num("--timeout"), metavar="S", help="Most one request may take.")] = 30.0,
         allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Send load to a host that is not this machine (your own).")] = False,
@@ -37,7 +39,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Open-loop load test: goodput, p50/p95/p99 latency, exit mix and errors; with --slo-ms, the highest rate within it."""
         report = api.loadtest(url, data=data, rate=rate, slo_ms=slo_ms, baseline=baseline, requests=requests, duration_s=duration,
-                              limit=limit, seed=seed, timeout_s=timeout, allow_remote=allow_remote)
+                              limit=limit, seed=seed, timeout_s=timeout, allow_remote=allow_remote, warmup=warmup)
         if json_out:
             print_json(report.to_dict())
             return

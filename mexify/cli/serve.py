@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
                                                     help="Resize images to HxW (default: the bundle's input size).")] = None,
         device: DeviceOpt = None,
         threads: Annotated[Optional[int], typer.Option("--threads", parser=count("--threads"), metavar="N",
-                                                       help="onnxruntime intra-op threads.")] = None,
+                                                       help="Intra-op threads of the engine (torch or onnxruntime; default theirs).")] = None,
         ray: Annotated[bool, typer.Option("--ray", help="Serve as Ray Serve replicas (a local cluster on loopback unless --ray-address).")] = False,
         replicas: Annotated[int, typer.Option("--replicas", parser=count("--replicas"), metavar="N", help="Ray replicas.")] = 1,
         autoscale: Annotated[Optional[Any], typer.Option("--autoscale", parser=lib_parser(lambda t: api.parse_range(t, "--autoscale")),

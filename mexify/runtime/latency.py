@@ -107,13 +107,14 @@ class LatencyProfile:
 
 
 def select_profile(table: Optional[Mapping[str, Any]], want: Optional[str] = None,
-                   device: Optional[str] = None) -> Optional[LatencyProfile]:
+                   device: Optional[str] = None, largest_batch: bool = False) -> Optional[LatencyProfile]:
     """The latency profile a calibration costs exits by, from a bundle's ``latency:`` table.
 
     Args:
         table: ``config.latency`` (key -> profile mapping).
         want: part of a key (``"H100|b8|bfloat16"``); the single match is taken.
         device: without ``want``, prefer this device name (``"cpu"``, a GPU's name), batch 1, float32.
+        largest_batch: prefer the largest batch size instead of batch 1 (the stage scheduler's full batches).
 
     Returns:
         the :class:`LatencyProfile` (its ``key`` the table's), or None when the table is empty and
@@ -137,7 +138,8 @@ def select_profile(table: Optional[Mapping[str, Any]], want: Optional[str] = Non
 
     def rank(key: str) -> tuple:
         p = table[key]
-        return (p.get("device") != device, int(p.get("batch_size", 1)) != 1, p.get("dtype") != "float32", key)
+        b = int(p.get("batch_size", 1))
+        return (p.get("device") != device, -b if largest_batch else b != 1, p.get("dtype") != "float32", key)
 
     key = min(table, key=rank)
     return LatencyProfile.from_dict(table[key], key)

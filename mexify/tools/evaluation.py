@@ -82,9 +82,20 @@ class PredictedLatency:
     mean_ms: float
     original_ms: float
 
+    batch_size: int = 1
+
     @property
     def speedup(self) -> float:
         return self.original_ms / self.mean_ms if self.mean_ms else float("nan")
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second at this cost: a throughput, when the profile's batches are full (``batch_size``)."""
+        return 1000.0 / self.mean_ms if self.mean_ms else float("nan")
+
+    @property
+    def original_images_per_s(self) -> float:
+        return 1000.0 / self.original_ms if self.original_ms else float("nan")
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,9 @@ class PolicyResult:
         seconds: wall time of the evaluation.
         thresholds: the policy's threshold per early exit by name (None: never leaves there), when it has thresholds.
         latency: the bundle's latency profile's prediction for this exit mix, when the bundle has one.
+        throughput: the same from the profile of the largest batch size on this device (when above 1): what the
+            stage scheduler (``mexify serve``) spends per image with every stage's batches full, so its
+            ``images_per_s`` is the service's predicted capacity beside the original's at that batch size.
         disagreement: share (0-1) of the pixels whose class differs from the final exit's mask on the same
             image, labelled or not (NaN: not counted; ``evaluate_policy(..., against_final=True)`` counts it).
         agreement_miou: mIoU in points of the policy's masks scored against the final exit's masks (100:
@@ -122,6 +136,7 @@ class PolicyResult:
     seconds: float = 0.0
     thresholds: Optional[Dict[str, Optional[float]]] = None
     latency: Optional[PredictedLatency] = None
+    throughput: Optional[PredictedLatency] = None
     disagreement: float = float("nan")
     agreement_miou: float = float("nan")
 
@@ -136,6 +151,10 @@ class PolicyResult:
         if self.latency is not None:
             extra.update(latency_profile=self.latency.profile, mean_ms_predicted=self.latency.mean_ms,
                          original_ms_predicted=self.latency.original_ms, predicted_speedup=self.latency.speedup)
+        if self.throughput is not None:
+            extra["throughput_predicted"] = {"profile": self.throughput.profile, "batch_size": self.throughput.batch_size,
+                                             "images_per_s": self.throughput.images_per_s,
+                                             "original_images_per_s": self.throughput.original_images_per_s}
         return json_safe({"name": self.name, "miou": self.miou, "pixel_accuracy": self.pixel_accuracy,
                           "mean_flops": self.mean_flops, "exit_rates": self.exit_rates, "extra": extra})
 
@@ -635,19 +654,25 @@ def _placed(model: Any, device: Any) -> Iterator[None]:
             model.to(home)
 
 
-def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int) -> Optional[PredictedLatency]:
+def _predicted_latency(model: Any, policy: Any, counts: torch.Tensor, done: int,
+                       full_batches: bool = False) -> Optional[PredictedLatency]:
     """Mean ms per image the bundle's latency profile predicts for this exit mix (the profile the
-    policy was calibrated on, else the one for this device); None without a profile."""
+    policy was calibrated on, else the one for this device); None without a profile. ``full_batches``:
+    from the device's largest-batch profile instead (None unless its batch is above 1)."""
     cfg = getattr(model, "config", None)
     table = getattr(cfg, "latency", None)
     if not table:
         return None
     want = (getattr(policy, "figures", None) or {}).get("latency_profile")
-    prof = select_profile(table, want if want in table else None, device_name(module_device(model)))
+    if full_batches:
+        prof = select_profile(table, None, device_name(module_device(model)), largest_batch=True)
+        if prof.batch_size <= 1:
+            return None
+    else:
+        prof = select_profile(table, want if want in table else None, device_name(module_device(model)))
     ms = prof.exit_ms(active_exits(policy, model.num_exits))
     mean = sum(c * m for c, m in zip(counts.tolist(), ms)) / max(done, 1)
-    orig = prof.original_ms_per_image()
-    return PredictedLatency(prof.key, mean, orig)
+    return PredictedLatency(prof.key, mean, prof.original_ms_per_image(), int(prof.batch_size))
 
 
 def _policy_row(model: Any, policy: Any, cm: ConfusionMatrix, counts: torch.Tensor, mean_flops: float,
@@ -668,6 +693,7 @@ def _policy_row(model: Any, policy: Any, cm: ConfusionMatrix, counts: torch.Tens
         thresholds={n: (None if math.isinf(t) else float(t)) for n, t in zip(model.exit_names, th)}
         if isinstance(th, (list, tuple)) else None,
         latency=_predicted_latency(model, policy, counts, done),
+        throughput=_predicted_latency(model, policy, counts, done, full_batches=True),
     )
 
 

@@ -31,6 +31,7 @@ applies first: traffic goes to this machine only unless the user says otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import math
@@ -380,6 +381,26 @@ def run_load(url: str, bodies: Sequence[bytes], rate: float, *, requests: Option
     return _summarise(base, rate, start, outcomes, slo_ms)
 
 
+def warm_up(url: str, bodies: Sequence[bytes], requests: int = 32, timeout_s: float = 60.0) -> None:
+    """Untimed requests before a measurement: ``requests`` one after another, then as many at once (so that
+    the service has run its first batches of every size it will see: lazy initialisation, allocator growth,
+    kernel selection). Their answers are not looked at; a service that is down fails later, in the runs."""
+    if requests < 1:
+        return
+    _, base = _split_url(url)
+    bodies = list(bodies)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=timeout_s, trust_env=False, limits=httpx.Limits(max_connections=MAX_CONNECTIONS)) as client:
+            post = lambda k: client.post(base + "/predict", content=bodies[k % len(bodies)])  # noqa: E731
+            for k in range(requests):
+                with contextlib.suppress(httpx.HTTPError):
+                    await post(k)
+            await asyncio.gather(*(post(k) for k in range(requests)), return_exceptions=True)
+
+    asyncio.run(go())
+
+
 def max_rate(url: str, bodies: Sequence[bytes], slo_ms: float, *, start: float = 1.0, requests: int = 200, max_error_rate: float = 0.01,
              steps: int = 6, seed: int = 0, timeout_s: float = 30.0,
              probe: Callable[..., LoadReport] = run_load) -> Tuple[float, List[LoadReport]]:
@@ -486,9 +507,10 @@ def _best_run(runs: List[LoadReport], best: Optional[float]) -> LoadReport:
 
 def loadtest(url: str, bodies: Sequence[bytes], *, rate: Optional[float] = None, slo_ms: Optional[float] = None,
              baseline: Optional[str] = None, requests: Optional[int] = 200, duration_s: Optional[float] = None,
-             seed: int = 0, timeout_s: float = 30.0, steps: int = 5, max_error_rate: float = 0.01) -> LoadtestReport:
+             seed: int = 0, timeout_s: float = 30.0, steps: int = 5, max_error_rate: float = 0.01, warmup: int = 32) -> LoadtestReport:
     """One run at ``rate`` (or, with ``slo_ms``, the highest rate whose p99 meets it, searched from ``rate``),
-    against ``url`` and, the same way, against ``baseline``. Targets are not checked here (:func:`check_target`).
+    against ``url`` and, the same way, against ``baseline``, each after ``warmup`` untimed requests (:func:`warm_up`).
+    Targets are not checked here (:func:`check_target`).
 
     Raises:
         ConfigError: neither ``rate`` nor ``slo_ms``, and the errors of :func:`run_load` / :func:`max_rate`.
@@ -498,6 +520,7 @@ def loadtest(url: str, bodies: Sequence[bytes], *, rate: Optional[float] = None,
     targets = [url] + ([baseline] if baseline else [])
     results: List[Tuple[Optional[float], List[LoadReport]]] = []
     for target in targets:
+        warm_up(target, bodies, warmup, timeout_s)
         if slo_ms is None:
             results.append((None, [run_load(target, bodies, float(rate), requests=requests, duration_s=duration_s, seed=seed,
                                             timeout_s=timeout_s)]))
