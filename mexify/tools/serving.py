@@ -301,12 +301,21 @@ def build_service(bundle: Any, config: ServeConfig = ServeConfig(), trust: Trust
         warn("the bundle has no exit policy: every image uses the final exit (run `mexify calibrate` first, or pass --exit N)")
         forced = -1
     rt = EarlyExitRuntime(model, exit=forced)
-    size = tuple(config.size or model.input_size)
+    size = _check_size(config.size, tuple(model.input_size), model.static_size)
     info = {"bundle": str(path), "engine": "torch", "device": str(rt.device)}
     if config.original:
         masks, note = original_runner(model, rt)
         return Service(OriginalStages(masks, rt.device, size), size, config, {**info, "model": "original", "note": note})
     return Service(TorchStages(rt), size, config, {**info, "model": "multi-exit", "policy": getattr(rt.policy, "name", None)})
+
+
+def _check_size(size: Optional[Tuple[int, int]], default: Tuple[int, int], static: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The size images are resized to: ``--size`` or the bundle's; refused when the graph accepts one size only."""
+    size = tuple(int(v) for v in (size or default))
+    if static is not None and size != tuple(static):
+        h, w = static
+        raise ConfigError(f"this bundle's graph accepts {h}x{w} inputs only, not --size {size[0]}x{size[1]}", f"serve it with --size {h}x{w}")
+    return size
 
 
 def _forced(exit: Optional[str]) -> Any:
@@ -325,7 +334,7 @@ def _onnx_service(path: Path, config: ServeConfig, warn: Callable[[str], None]) 
         warn("the export has no exit policy: every image uses the final exit (pass --exit N, or calibrate and export again)")
         forced = -1
     runner = Runner(path, exit=forced, threads=config.threads)
-    size = tuple(config.size or runner.input_size)
+    size = _check_size(config.size, tuple(runner.input_size), runner.static_size)
     info = {"bundle": str(path), "engine": "onnxruntime", "model": "every exit off" if config.original else "multi-exit",
             "policy": runner.policy}
     return Service(OnnxStages(runner, size), size, config, info)
