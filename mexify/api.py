@@ -1200,7 +1200,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 def loadtest(url: str, *, data: Optional[Data] = None, rate: Optional[float] = None, slo_ms: Optional[float] = None,
              baseline: Optional[str] = None, requests: Optional[int] = 200, duration_s: Optional[float] = None, limit: int = 32,
-             seed: int = 0, timeout_s: float = 30.0, allow_remote: bool = False, warmup: int = 32) -> LoadtestReport:
+             seed: int = 0, timeout_s: float = 30.0, allow_remote: bool = False, warmup: int = 32,
+             wait_s: float = 0.0) -> LoadtestReport:
     """Open-loop load test of a ``mexify serve`` service, and of a baseline served the same way (``mexify loadtest``).
 
     Args:
@@ -1213,26 +1214,33 @@ def loadtest(url: str, *, data: Optional[Data] = None, rate: Optional[float] = N
         requests, duration_s: bound each run by count and/or time.
         limit: most distinct images sent (cycled).
         warmup: untimed requests sent to each service first (one by one, then at once).
+        wait_s: wait up to this long for each service to answer ``/healthz`` (one that is still starting).
 
     Raises:
         ConfigError: a target that is neither loopback nor this machine, no service answering, bad values.
     """
     targets = [check_target(u, allow_remote) for u in [url] + ([baseline] if baseline else [])]
-    infos = [_service_info(u) for u in targets]
+    infos = [_service_info(u, wait_s) for u in targets]
     _counts(limit=limit)
     bodies = _bodies(data, tuple(infos[0].get("input_size") or (256, 256)), limit)
     return _loadtest(targets[0], bodies, rate=rate, slo_ms=slo_ms, baseline=targets[1] if baseline else None, requests=requests,
                      duration_s=duration_s, seed=seed, timeout_s=timeout_s, warmup=warmup)
 
 
-def _service_info(url: str) -> Dict[str, Any]:
-    """The service's ``/healthz`` document (a load test starts only against a service that answers)."""
+def _service_info(url: str, wait_s: float = 0.0) -> Dict[str, Any]:
+    """The service's ``/healthz`` document (a load test starts only against a service that answers), polled for
+    up to ``wait_s`` seconds."""
     import httpx
 
-    try:
-        r = httpx.get(f"{url}/healthz", timeout=10.0, trust_env=False)
-    except httpx.HTTPError as e:
-        raise ConfigError(f"no service answers at {url} ({type(e).__name__})", "start one with `mexify serve BUNDLE`") from None
+    deadline = time.monotonic() + float(wait_s)
+    while True:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10.0, trust_env=False)
+            break
+        except httpx.HTTPError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"no service answers at {url} ({type(e).__name__})", "start one with `mexify serve BUNDLE`") from None
+            time.sleep(0.25)
     if r.status_code != 200:
         raise ConfigError(f"the service at {url} is not ready: /healthz answered {r.status_code}", "wait until it is up")
     try:

@@ -34,12 +34,15 @@ def register(app: typer.Typer) -> None:
                                             help="Untimed requests to each service first (one by one, then N at once).")] = 32,
         seed: Annotated[int, typer.Option("--seed", parser=count("--seed", lo=0), metavar="N", help="Seed of the arrival times.")] = 0,
         timeout: Annotated[float, typer.Option("--timeout", parser=_num("--timeout"), metavar="S", help="Most one request may take.")] = 30.0,
+        wait: Annotated[float, typer.Option("--wait", parser=lib_parser(lambda t: api.parse_number(t, "--wait", zero=True)),
+                                            metavar="S", help="Wait up to S seconds for the services to come up.")] = 0.0,
         allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Send load to a host that is not this machine (your own).")] = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Open-loop load test: goodput, p50/p95/p99 latency, exit mix and errors; with --slo-ms, the highest rate within it."""
         report = api.loadtest(url, data=data, rate=rate, slo_ms=slo_ms, baseline=baseline, requests=requests, duration_s=duration,
-                              limit=limit, seed=seed, timeout_s=timeout, allow_remote=allow_remote, warmup=warmup)
+                              limit=limit, seed=seed, timeout_s=timeout, allow_remote=allow_remote, warmup=warmup,
+                              wait_s=wait)
         if json_out:
             print_json(report.to_dict())
             return
