@@ -20,7 +20,7 @@ from torch import nn
 from mexify._version import __version__
 from mexify.config import BundleConfig, ExitConfig, HeadConfig, TraceConfig
 from mexify.errors import BundleError, MexifyError, PlacementError, TraceError
-from mexify.graph.adapt import prepare_graph, upsample_to_input
+from mexify.graph.adapt import adapt_module, prepare_graph, upsample_to_input
 from mexify.graph.batching import analyze_batch
 from mexify.graph.modes import training_mode
 from mexify.graph.placement import (PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, fuse_sources, fuse_stride, output_stride,
@@ -346,7 +346,7 @@ def convert(
     head_cfg = parse_head_overrides(head, head_set)
     if isinstance(spec, nn.Module):
         model_spec = ModelSpec("module", f"{type(spec).__module__}:{type(spec).__qualname__}")
-        model = spec
+        model = adapt_module(spec)
     else:
         model_spec = _as_spec(spec, args, weights)
         model = build_model(model_spec, trust)

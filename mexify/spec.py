@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mexify.errors import SpecError, nearest
+from mexify.graph.adapt import adapt_module
 from mexify.graph.serde import load_pt2
 from mexify.trust import Trust, check_factory
 
@@ -134,7 +135,7 @@ def build_model(spec: ModelSpec, trust: Trust = Trust(), *, named_by: Optional[s
         raise SpecError(f"spec {spec.target!r} gave a {type(model).__name__}, not a torch.nn.Module")
     if spec.weights:
         load_weights(model, spec.weights)
-    return model
+    return adapt_module(model)  # weights load into the model itself; a mask classifier is wrapped after
 
 
 def _import_module(module_name: str, target: str) -> Any:

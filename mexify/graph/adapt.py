@@ -8,6 +8,10 @@ original model timed by ``mexify bench``), so they can never disagree:
 3. an object with a ``logits`` attribute gives that attribute (HuggingFace outputs);
 4. a non-empty tuple or list gives its first element (auxiliary outputs come later).
 
+Mask-classification segmenters (Mask2Former, MaskFormer: class logits and a mask per query) are
+wrapped before tracing (:func:`adapt_module`, :class:`MaskClassification`) so that they answer
+per-pixel class scores, as their library's semantic post-processing computes them.
+
 Branches that feed only the discarded outputs (torchvision's ``aux``) are removed from the graph,
 and reads of an input's shape move to the start of the graph (:func:`hoist_input_shapes`): a model
 that resizes its logits to ``input.shape[-2:]`` at the end would otherwise carry the full-resolution
@@ -18,16 +22,18 @@ from __future__ import annotations
 import builtins
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from torch import nn
 
 from mexify.errors import TraceError
 
-__all__ = ["pick_logits", "adapt_output", "prepare_graph", "upsample_to_input", "hoist_input_shapes"]
+__all__ = ["pick_logits", "adapt_output", "prepare_graph", "upsample_to_input", "hoist_input_shapes", "semantic_scores",
+           "MaskClassification", "register_mask_classifier", "adapt_module"]
 
 _LOGITS_KEYS = ("out", "logits")
 
@@ -140,3 +146,87 @@ def upsample_to_input(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+# ---------------------------------------------------------------------- mask classification
+def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                    mask_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Per-pixel class scores ``(B, K, h, w)`` of a mask-classification model (Mask2Former, MaskFormer,
+    OneFormer): each query's class probabilities without the last "no object" class, weighted by its
+    sigmoid mask and summed over queries, as transformers' ``post_process_semantic_segmentation``
+    computes them before its resize and argmax. ``mask_size``: the masks are first resized to it
+    (bilinear), as Mask2Former's processor does (to 384x384).
+
+    These are probabilities, not logits: policies that read the final exit read probabilities for this family.
+
+    Args:
+        class_logits: ``(B, Q, K + 1)``.
+        mask_logits: ``(B, Q, h, w)``.
+    """
+    if mask_size is not None:
+        mask_logits = F.interpolate(mask_logits, size=tuple(mask_size), mode="bilinear", align_corners=False)
+    return torch.einsum("bqc,bqhw->bchw", class_logits.softmax(dim=-1)[..., :-1], mask_logits.sigmoid())
+
+
+class MaskClassification(nn.Module):
+    """A query-based (mask-classification) segmenter answering per-pixel class scores: the model it wraps,
+    called as ``model(pixel_values=x, **inputs)``, then :func:`semantic_scores` of its
+    ``class_queries_logits`` and ``masks_queries_logits`` (or the registered ``outputs`` function's pair).
+
+    Args:
+        model: the segmenter (its parameters keep their names under ``model.``).
+        mask_size: masks resized to this size before the sum (Mask2Former: 384x384), None: their own.
+        outputs: ``outputs(result) -> (class_logits, mask_logits)`` for a model whose output names differ.
+        call: ``call(model, x) -> result`` for a model with other inputs (default ``model(pixel_values=x)``).
+    """
+
+    def __init__(self, model: nn.Module, mask_size: Optional[Tuple[int, int]] = None,
+                 outputs: Optional[Callable[[Any], Tuple[torch.Tensor, torch.Tensor]]] = None,
+                 call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None):
+        super().__init__()
+        self.model = model
+        self.mask_size = tuple(mask_size) if mask_size else None
+        self._outputs = outputs or _query_outputs
+        self._call = call or _pixel_values_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        class_logits, mask_logits = self._outputs(self._call(self.model, x))
+        return semantic_scores(class_logits, mask_logits, self.mask_size)
+
+
+def _pixel_values_call(model: nn.Module, x: torch.Tensor) -> Any:
+    return model(pixel_values=x)
+
+
+def _query_outputs(result: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(result, Mapping):
+        return result["class_queries_logits"], result["masks_queries_logits"]
+    return result.class_queries_logits, result.masks_queries_logits
+
+
+_MASK_CLASSIFIERS: Dict[str, Dict[str, Any]] = {
+    # transformers' classes, by name (transformers is not imported for this); Mask2Former's processor scores at 384x384
+    "Mask2FormerForUniversalSegmentation": {"mask_size": (384, 384)},
+    "MaskFormerForInstanceSegmentation": {},
+}
+
+
+def register_mask_classifier(cls: Union[type, str], *, mask_size: Optional[Tuple[int, int]] = None,
+                             outputs: Optional[Callable[[Any], Tuple[torch.Tensor, torch.Tensor]]] = None,
+                             call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None) -> None:
+    """Convert models of class ``cls`` (or its name) as mask classifiers: :class:`MaskClassification` wraps them
+    before tracing, so the final exit is their per-pixel class scores (see its arguments)."""
+    name = cls if isinstance(cls, str) else cls.__name__
+    _MASK_CLASSIFIERS[name] = {"mask_size": mask_size, "outputs": outputs, "call": call}
+
+
+def adapt_module(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in :class:`MaskClassification` when its class is a registered mask classifier (the
+    transformers Mask2Former and MaskFormer classes, and what :func:`register_mask_classifier` adds), else itself."""
+    if isinstance(model, MaskClassification):
+        return model
+    for klass in type(model).__mro__:
+        options = _MASK_CLASSIFIERS.get(klass.__name__)
+        if options is not None:
+            return MaskClassification(model, **options)
+    return model
