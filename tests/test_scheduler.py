@@ -147,6 +147,19 @@ def test_shutdown_without_draining_fails_what_is_queued():
     assert sum(isinstance(o, Closed) for o in outcomes) >= 3  # only the row in flight may finish
 
 
+def test_a_request_its_client_gave_up_on_does_not_stop_the_service():
+    gate = threading.Event()
+    eng = Planned(gate=gate)
+    with StageScheduler(eng, max_batch=2, max_wait_ms=0) as s:
+        futures = [s.submit(np.array([k, 1])) for k in range(4)]
+        assert futures[1].cancel()  # what asyncio.wrap_future does when the awaiting request is cancelled
+        gate.set()
+        wait([f for k, f in enumerate(futures) if k != 1], timeout=30)
+        later = s.submit(np.array([9, 0])).result(timeout=30)
+        assert s.stats().in_flight == 0
+    assert [f.result().exit_index for k, f in enumerate(futures) if k != 1] == [1, 1, 1] and later.exit_index == 0
+
+
 def test_a_failing_batch_answers_its_requests_with_the_error_and_the_service_goes_on():
     eng = Planned(fail_on=3)
     with StageScheduler(eng, max_batch=1, max_wait_ms=0) as s:

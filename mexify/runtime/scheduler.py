@@ -239,7 +239,8 @@ class StageScheduler:
                 self._in_flight -= len(dropped)
                 self._failed += len(dropped)
                 for r in dropped:
-                    r.future.set_exception(Closed("the service shut down before answering"))
+                    if not r.future.cancelled():
+                        r.future.set_exception(Closed("the service shut down before answering"))
             self._cv.notify_all()
         self._thread.join(timeout)
 
@@ -342,6 +343,8 @@ class StageScheduler:
                     self._failed += 1
             self._cv.notify_all()
         for r, a in done:
+            if r.future.cancelled():  # its client gave up (a cancelled await): nobody to answer
+                continue
             if isinstance(a, Answer):
                 r.future.set_result(a)
             else:
