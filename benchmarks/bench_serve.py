@@ -48,7 +48,7 @@ from PIL import Image
 from _machine import cpu_name  # noqa: E402 - sibling module of this script
 
 from mexify import api
-from mexify.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from mexify.data import build_dataset, to_rgb
 from mexify.deploy import Runner
 from mexify.runtime import EarlyExitRuntime
 from mexify.runtime.scheduler import OnnxStages, StageScheduler, TorchStages
@@ -82,8 +82,7 @@ def images_of(data: str, n: int) -> List[np.ndarray]:
     """The first ``n`` test images as uint8 RGB arrays (what a camera would send)."""
     ds = build_dataset(data, split="val")
     ds = [ds[i] for i in range(min(n, len(ds)))]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return [((ds[i][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy() for i in range(len(ds))]
+    return [to_rgb(image) for image, _ in ds]
 
 
 def _png(a: np.ndarray) -> bytes:

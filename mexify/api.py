@@ -68,7 +68,7 @@ from mexify.config import (
     parse_trace_method,
     parse_yaml_assignment,
 )
-from mexify.data import IMAGENET_MEAN, IMAGENET_STD, as_loader, build_dataset, check_classes, parse_dataset_spec, take
+from mexify.data import as_loader, build_dataset, check_classes, parse_dataset_spec, take, to_rgb
 from mexify.errors import BudgetError, ConfigError, DataError, Interrupted, MexifyError
 from mexify.files import check_dir_writable, updating, writing
 from mexify.graph.placement import PlacementConfig, fuse_stride
@@ -1256,9 +1256,7 @@ def _bodies(data: Optional[Data], size: Tuple[int, int], limit: int) -> List[byt
         return [f.read_bytes() for f in files]
     spec = data if data is not None else f"synthetic:scenes?size={max(size)}&n_eval={limit}"
     ds = _dataset(spec, "val", limit)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    arrays = [((ds[i][0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy() for i in range(len(ds))]
+    arrays = [to_rgb(ds[i][0]) for i in range(len(ds))]
     if not arrays:
         raise DataError(f"{spec} has no images to send")
     return bodies_of(arrays)

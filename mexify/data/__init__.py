@@ -17,7 +17,7 @@ from mexify.data.base import SegDataset, check_classes
 from mexify.data.loader import as_loader, build_loader, default_num_workers, pad_collate, split_batch, take, unpadded
 from mexify.data.spec import DatasetSpec, OptionReader, parse_spec
 from mexify.data.synthetic import SceneConfig, SyntheticScenes
-from mexify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform, build_transform
+from mexify.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SegTransform, build_transform, to_rgb
 from mexify.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "to_rgb",
     "SegDataset",
     "check_classes",
     "SyntheticScenes",

@@ -35,6 +35,7 @@ __all__ = [
     "random_crop",
     "random_hflip",
     "normalize",
+    "to_rgb",
 ]
 
 
@@ -88,6 +89,13 @@ def random_hflip(image, mask, p: float = 0.5):
     if float(torch.rand(())) < p:
         return image.flip(-1), mask.flip(-1)
     return image, mask
+
+
+def to_rgb(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """The inverse of :func:`normalize`: a normalised ``(3, H, W)`` image as uint8 RGB ``(H, W, 3)`` (what a camera sends)."""
+    m = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
+    return ((image.cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

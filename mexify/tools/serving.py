@@ -45,13 +45,12 @@ from PIL import Image
 
 from mexify.bundle import load, read_config
 from mexify.data.readers import read_rgb
-from mexify.deploy import Runner
 from mexify.errors import ConfigError, DataError
 from mexify.nn import resolve_device
 from mexify.runtime import EarlyExitRuntime
 from mexify.runtime.scheduler import Busy, Closed, OnnxStages, StageScheduler, TorchStages
 from mexify.tools.benchmark import original_runner
-from mexify.tools.engines import ENGINES, is_onnx_export
+from mexify.tools.engines import ENGINES, OnnxEngine, is_onnx_export
 from mexify.tools.images import palette, to_tensor
 from mexify.trust import Trust
 
@@ -325,15 +324,11 @@ def _forced(exit: Optional[str]) -> Any:
 def _onnx_service(path: Path, config: ServeConfig, warn: Callable[[str], None]) -> Service:
     if not is_onnx_export(path):
         raise ConfigError(f"{path} is not an ONNX export", f"run `mexify export {path} -o OUT --format onnx` and serve OUT")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise ConfigError("the onnxruntime engine needs onnxruntime", "pip install 'mexify[deploy]'") from e
     forced = -1 if config.original else _forced(config.exit)
     if forced is None and not (read_config(path).policy or {}):
         warn("the export has no exit policy: every image uses the final exit (pass --exit N, or calibrate and export again)")
         forced = -1
-    runner = Runner(path, exit=forced, threads=config.threads)
+    runner = OnnxEngine(path, exit=forced, threads=config.threads).runner  # (its one-line error without onnxruntime)
     size = _check_size(config.size, tuple(runner.input_size), runner.static_size)
     info = {"bundle": str(path), "engine": "onnxruntime", "model": "every exit off" if config.original else "multi-exit",
             "policy": runner.policy}
