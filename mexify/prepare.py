@@ -20,7 +20,7 @@ from torch import nn
 from mexify._version import __version__
 from mexify.config import BundleConfig, ExitConfig, HeadConfig, TraceConfig
 from mexify.errors import BundleError, MexifyError, PlacementError, TraceError
-from mexify.graph.adapt import adapt_module, prepare_graph, upsample_to_input
+from mexify.graph.adapt import MaskClassification, adapt_module, prepare_graph, upsample_to_input
 from mexify.graph.batching import analyze_batch
 from mexify.graph.modes import training_mode
 from mexify.graph.placement import (PROFILE_KEY, ExitPoint, PlacementConfig, find_candidates, fuse_sources, fuse_stride, output_stride,
@@ -127,7 +127,8 @@ def trace_for_exits(
     num_classes = int(shape[1])
     total = int(report.total)
     _analyze_batch(gm, (h, w))
-    candidates = find_candidates(gm, (h, w), num_classes, placement)
+    queries = model.query_modules if isinstance(model, MaskClassification) else ()
+    candidates = find_candidates(gm, (h, w), num_classes, placement, stop_modules=queries)
     out_stride = output_stride(gm, (h, w), num_classes)
     upsampled = tuple(shape[-2:]) != (h, w)
     if upsampled:

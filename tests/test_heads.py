@@ -116,3 +116,31 @@ def test_fcn_refuses_mess_settings_instead_of_ignoring_them():
         with pytest.raises(ConfigError, match="fcn head is one 3x3 block"):
             parse_head_overrides("fcn", settings)
     assert parse_head_overrides("fcn", "width=16,fuse=true").fuse
+
+
+class InPlaceAfterTheExit(nn.Module):
+    """The layer after the exit point rewrites the exit's feature in place (``ReLU(inplace=True)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.cls = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.cls(self.b(self.act(self.a(x))))
+
+
+def test_a_head_trains_on_a_feature_the_next_stage_changes_in_place_even_with_a_frozen_backbone():
+    from mexify import api
+
+    model = api.convert(InPlaceAfterTheExit().eval(), trace=api.TraceConfig((32, 32)), at=["a"]).model
+    model.train()
+    for p in model.stages.parameters():
+        p.requires_grad_(False)  # stage 2: the backbone is frozen, the head still needs its input for its weights' gradients
+    x = torch.randn(2, 3, 32, 32)
+    early, _ = model.forward_all(x)
+    early.square().mean().backward()
+    head = model.heads[model.exit_names[0]]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters() if p.requires_grad)

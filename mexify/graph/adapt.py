@@ -10,19 +10,20 @@ original model timed by ``mexify bench``), so they can never disagree:
 
 Mask-classification segmenters (Mask2Former, MaskFormer: class logits and a mask per query) are
 wrapped before tracing (:func:`adapt_module`, :class:`MaskClassification`) so that they answer
-per-pixel class scores, as their library's semantic post-processing computes them.
+per-pixel log class scores: the log of what their library's semantic post-processing computes.
 
 Branches that feed only the discarded outputs (torchvision's ``aux``) are removed from the graph,
 and reads of an input's shape move to the start of the graph (:func:`hoist_input_shapes`): a model
 that resizes its logits to ``input.shape[-2:]`` at the end would otherwise carry the full-resolution
-image across every cut only for its size.
+image across every cut only for its size. Int arithmetic on sizes is recomputed where it is used
+(:func:`sink_int_arithmetic`), so that no ``batch * heads`` is carried across a cut.
 """
 from __future__ import annotations
 
 import builtins
 import operator
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -32,8 +33,8 @@ from torch import nn
 
 from mexify.errors import TraceError
 
-__all__ = ["pick_logits", "adapt_output", "prepare_graph", "upsample_to_input", "hoist_input_shapes", "semantic_scores",
-           "MaskClassification", "register_mask_classifier", "adapt_module"]
+__all__ = ["pick_logits", "adapt_output", "prepare_graph", "upsample_to_input", "hoist_input_shapes", "sink_int_arithmetic",
+           "semantic_scores", "MaskClassification", "register_mask_classifier", "adapt_module"]
 
 _LOGITS_KEYS = ("out", "logits")
 
@@ -91,6 +92,7 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph._codegen = fx.graph.CodeGen()
     gm.graph.eliminate_dead_code()
     hoist_input_shapes(gm.graph)
+    sink_int_arithmetic(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -130,6 +132,36 @@ def hoist_input_shapes(graph: fx.Graph) -> None:
                 anchor = index
 
 
+_INT_OPS = frozenset(op for op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+                                    operator.truediv, getattr(torch, "sym_max", None), getattr(torch, "sym_min", None),
+                                    getattr(torch, "sym_int", None), getattr(torch, "sym_float", None)) if op is not None)
+
+
+def _is_symbolic_int(node: fx.Node) -> bool:
+    """Arithmetic on ints only, as torch.export records it (its value is a SymInt or an int)."""
+    value = node.meta.get("val")
+    return (node.op == "call_function" and node.target in _INT_OPS and not node.kwargs
+            and isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool))
+
+
+def sink_int_arithmetic(graph: fx.Graph) -> None:
+    """Recompute int arithmetic (``batch * heads``) just before each of its users (in place).
+
+    torch.export computes a size expression once and reuses it wherever it recurs, so ``B * heads``
+    worked out in an early attention block stays alive until the last one. Alive across a cut, such an
+    int cannot follow a shrinking batch; recomputed at each use, only the batch size itself (read from
+    the input and hoisted to the start, see :func:`hoist_input_shapes`) is carried.
+    """
+    for node in reversed(list(graph.nodes)):
+        if not _is_symbolic_int(node) or any(u.op == "output" for u in node.users):
+            continue
+        for user in list(node.users):
+            with graph.inserting_before(user):
+                copy = graph.node_copy(node)
+            user.replace_input_with(node, copy)
+        graph.erase_node(node)
+
+
 def upsample_to_input(gm: fx.GraphModule) -> fx.GraphModule:
     """Append a bilinear upsampling of the logits to the input's spatial size (in place)."""
     graph = gm.graph
@@ -157,8 +189,6 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     computes them before its resize and argmax. ``mask_size``: the masks are first resized to it
     (bilinear), as Mask2Former's processor does (to 384x384).
 
-    These are probabilities, not logits: policies that read the final exit read probabilities for this family.
-
     Args:
         class_logits: ``(B, Q, K + 1)``.
         mask_logits: ``(B, Q, h, w)``.
@@ -168,34 +198,59 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     return torch.einsum("bqc,bqhw->bchw", class_logits.softmax(dim=-1)[..., :-1], mask_logits.sigmoid())
 
 
+SCORE_FLOOR = 1e-12
+"""Scores below this are taken as this before their log (a class no query covers; exact zeros from a saturated sigmoid)."""
+
+
 class MaskClassification(nn.Module):
-    """A query-based (mask-classification) segmenter answering per-pixel class scores: the model it wraps,
-    called as ``model(pixel_values=x, **inputs)``, then :func:`semantic_scores` of its
-    ``class_queries_logits`` and ``masks_queries_logits`` (or the registered ``outputs`` function's pair).
+    """A query-based (mask-classification) segmenter answering per-pixel log class scores.
+
+    The model it wraps is called as ``model(pixel_values=x)`` (or ``call(model, x)``); its class and mask
+    logits give :func:`semantic_scores`, resized bilinearly to the input as the library's post-processing
+    does with the image size as target, and the wrapper returns their log (floored at :data:`SCORE_FLOOR`).
+    ``exp`` of the output is the library's semantic scores and its argmax the library's mask; a softmax over
+    classes (what policies and distillation read, as for any other model's logits) is the scores normalised
+    over classes, and the output is a valid target and input for a cross entropy.
 
     Args:
         model: the segmenter (its parameters keep their names under ``model.``).
         mask_size: masks resized to this size before the sum (Mask2Former: 384x384), None: their own.
         outputs: ``outputs(result) -> (class_logits, mask_logits)`` for a model whose output names differ.
         call: ``call(model, x) -> result`` for a model with other inputs (default ``model(pixel_values=x)``).
+        queries: qualified names (inside ``model``) of the modules that run on the queries (the transformer
+            decoder): exits are placed before the first of them, on the per-pixel features.
+        task: token ids of a fixed task input (OneFormer's "the task is semantic"), passed as ``task_inputs``.
     """
 
     def __init__(self, model: nn.Module, mask_size: Optional[Tuple[int, int]] = None,
                  outputs: Optional[Callable[[Any], Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None):
+                 call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+                 queries: Sequence[str] = (), task: Optional[Sequence[int]] = None):
         super().__init__()
         self.model = model
         self.mask_size = tuple(mask_size) if mask_size else None
         self._outputs = outputs or _query_outputs
-        self._call = call or _pixel_values_call
+        self._call = call or (_task_call if task is not None else _pixel_values_call)
+        self.query_modules = tuple(f"model.{q}" for q in queries)
+        if task is not None:
+            self.register_buffer("task_inputs", torch.tensor([list(task)], dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        class_logits, mask_logits = self._outputs(self._call(self.model, x))
-        return semantic_scores(class_logits, mask_logits, self.mask_size)
+        class_logits, mask_logits = self._outputs(self._call(self, x))
+        scores = semantic_scores(class_logits, mask_logits, self.mask_size)
+        if tuple(scores.shape[-2:]) != tuple(x.shape[-2:]):
+            scores = F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return scores.float().clamp_min(SCORE_FLOOR).log()
 
 
-def _pixel_values_call(model: nn.Module, x: torch.Tensor) -> Any:
-    return model(pixel_values=x)
+def _pixel_values_call(wrapper: MaskClassification, x: torch.Tensor) -> Any:
+    return wrapper.model(pixel_values=x)
+
+
+def _task_call(wrapper: MaskClassification, x: torch.Tensor) -> Any:
+    # (B, L) from the (1, L) buffer; a product with the batch rather than .expand(proxy), which fx cannot trace
+    task = x.new_ones(x.shape[0], 1) * wrapper.task_inputs.to(x.dtype)
+    return wrapper.model(pixel_values=x, task_inputs=task)
 
 
 def _query_outputs(result: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -204,29 +259,46 @@ def _query_outputs(result: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     return result.class_queries_logits, result.masks_queries_logits
 
 
+ONEFORMER_SEMANTIC_TASK = (49406, 518, 10549, 533, 29119, 1550, 49407)
+"""OneFormer's task input for semantic segmentation: the CLIP token ids of "the task is semantic" (start and end
+tokens included) that ``OneFormerProcessor`` builds, zero-padded to the model's ``task_seq_len``."""
+
+
+def _oneformer_options(model: nn.Module) -> Dict[str, Any]:
+    length = int(getattr(model.config, "task_seq_len", 77))
+    return {"task": (ONEFORMER_SEMANTIC_TASK + (0,) * length)[:length]}
+
+
+_QUERIES = ("model.transformer_module",)  # transformers' Mask2Former, MaskFormer and OneFormer
 _MASK_CLASSIFIERS: Dict[str, Dict[str, Any]] = {
     # transformers' classes, by name (transformers is not imported for this); Mask2Former's processor scores at 384x384
-    "Mask2FormerForUniversalSegmentation": {"mask_size": (384, 384)},
-    "MaskFormerForInstanceSegmentation": {},
+    "Mask2FormerForUniversalSegmentation": {"mask_size": (384, 384), "queries": _QUERIES},
+    "MaskFormerForInstanceSegmentation": {"queries": _QUERIES},
+    "OneFormerForUniversalSegmentation": {"queries": _QUERIES, "options": _oneformer_options},
 }
 
 
 def register_mask_classifier(cls: Union[type, str], *, mask_size: Optional[Tuple[int, int]] = None,
                              outputs: Optional[Callable[[Any], Tuple[torch.Tensor, torch.Tensor]]] = None,
-                             call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None) -> None:
+                             call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+                             queries: Sequence[str] = ()) -> None:
     """Convert models of class ``cls`` (or its name) as mask classifiers: :class:`MaskClassification` wraps them
-    before tracing, so the final exit is their per-pixel class scores (see its arguments)."""
+    before tracing, so the final exit is their per-pixel log class scores (see its arguments; ``call`` is
+    given the model, as ``call(model, x)``)."""
     name = cls if isinstance(cls, str) else cls.__name__
-    _MASK_CLASSIFIERS[name] = {"mask_size": mask_size, "outputs": outputs, "call": call}
+    user_call = None if call is None else (lambda wrapper, x: call(wrapper.model, x))
+    _MASK_CLASSIFIERS[name] = {"mask_size": mask_size, "outputs": outputs, "call": user_call, "queries": tuple(queries)}
 
 
 def adapt_module(model: nn.Module) -> nn.Module:
-    """``model`` wrapped in :class:`MaskClassification` when its class is a registered mask classifier (the
-    transformers Mask2Former and MaskFormer classes, and what :func:`register_mask_classifier` adds), else itself."""
+    """``model`` wrapped in :class:`MaskClassification` when its class is a registered mask classifier (transformers'
+    Mask2Former, MaskFormer and OneFormer classes, and what :func:`register_mask_classifier` adds), else itself."""
     if isinstance(model, MaskClassification):
         return model
     for klass in type(model).__mro__:
         options = _MASK_CLASSIFIERS.get(klass.__name__)
         if options is not None:
-            return MaskClassification(model, **options)
+            options = dict(options)
+            more = options.pop("options", None)
+            return MaskClassification(model, **options, **(more(model) if more else {}))
     return model

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -76,6 +77,8 @@ def _signature(value: Any) -> Any:
         return ("ints", tuple(int(v) for v in value))
     if isinstance(value, (tuple, list)):
         return ("seq", tuple(_signature(v) for v in value))
+    if isinstance(value, Mapping):  # a model output (transformers' are dicts) from a module kept whole: never "none" by its type
+        return ("map", tuple((k, _signature(v)) for k, v in value.items()))
     return ("other", type(value).__name__)
 
 

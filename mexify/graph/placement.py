@@ -117,8 +117,13 @@ def find_candidates(
     input_size: Tuple[int, int],
     num_classes: int,
     config: PlacementConfig = PlacementConfig(),
+    stop_modules: Sequence[str] = (),
 ) -> List[ExitPoint]:
-    """All nodes where an exit may attach, in execution order (needs a profiled graph)."""
+    """All nodes where an exit may attach, in execution order (needs a profiled graph).
+
+    ``stop_modules``: qualified module names; candidates end where the first node traced inside one of them
+    runs (a mask classifier's transformer decoder: past it the maps are per query, not per pixel).
+    """
     nodes = compute_nodes(gm.graph)
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     logits = out_node.args[0]
@@ -129,7 +134,7 @@ def find_candidates(
         prof = n.meta.get(PROFILE_KEY)
         running += prof.flops if prof is not None else 0
     flops_before.append(running)
-    stop = _classifier_position(nodes, logits, num_classes, flops_before)
+    stop = min(_classifier_position(nodes, logits, num_classes, flops_before), _first_inside(nodes, stop_modules))
     last_use = last_uses(nodes)
     blocks = _block_outputs(nodes)
     h_in, w_in = input_size
@@ -165,6 +170,17 @@ def find_candidates(
             )
         )
     return out
+
+
+def _first_inside(nodes: List[fx.Node], modules: Sequence[str]) -> int:
+    """Position of the first node traced inside one of ``modules`` (or a call of one of them), else past the end."""
+    def inside(path: str) -> bool:
+        return any(path == m or path.startswith(m + ".") for m in modules)
+
+    for i, n in enumerate(nodes):
+        if modules and any(inside(p) for p in module_path(n) + ([str(n.target)] if n.op == "call_module" else [])):
+            return i
+    return len(nodes)
 
 
 def _shrink_issues(nodes: List[fx.Node], last_use: Dict[fx.Node, int]) -> Dict[int, str]:
@@ -242,30 +258,43 @@ MIN_FUSE_STRIDE = 4
 
 
 def output_stride(gm: fx.GraphModule, input_size: Tuple[int, int], num_classes: int) -> float:
-    """Stride of the finest class map the model computes before any upsampling to the input (1.0: at the input).
+    """Stride of the finest detail in the model's class map (1.0: at the input).
 
-    Walks back from the logits through the maps with ``num_classes`` channels (the classifier's tail:
-    LR-ASPP's sum of two classifiers, DeepLabV3's classifier, an upsampling to the input).
+    Each 4-D map's detail is the finest of its 4-D inputs', no finer than itself: a convolution keeps its
+    input's, a strided one coarsens it, an interpolation adds none, a learned upsampling makes its own (LR-ASPP's sum of a stride-8 and an upsampled
+    stride-16 classifier: stride 8; a mask classifier's class map at 384x384 built from masks at stride 4:
+    stride 4). ``num_classes`` is the class map's channel count (kept for the callers; the walk needs no check).
     """
-    def height(n: fx.Node) -> int:  # of a class map (0: not one)
+    def height(n: fx.Node) -> int:  # of a 4-D map (0: not one)
         prof = n.meta.get(PROFILE_KEY)
-        if prof is None or not prof.is_tensor or prof.shape is None or len(prof.shape) != 4 or prof.shape[1] != num_classes:
+        if prof is None or not prof.is_tensor or prof.shape is None or len(prof.shape) != 4:
             return 0
         return int(prof.shape[2])
 
-    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    best, seen, todo = None, set(), [out_node.args[0]]
-    while todo:
-        n = todo.pop()
-        if not isinstance(n, fx.Node) or n in seen or not height(n):
+    detail: Dict[fx.Node, int] = {}  # the finest height of information in each 4-D map
+    for n in gm.graph.nodes:
+        h = height(n)
+        if not h:
             continue
-        seen.add(n)
-        # a class map resized from a coarser one (the upsampling to the input) adds no detail
-        if not any(0 < height(a) < height(n) for a in n.all_input_nodes):
-            stride = input_size[0] / height(n)
-            best = stride if best is None else min(best, stride)
-        todo.extend(n.all_input_nodes)
-    return round(best, 3) if best is not None else 1.0
+        finer = [detail[a] for a in n.all_input_nodes if a in detail]
+        if not finer or (not _is_resize(gm, n) and h > max(height(a) for a in n.all_input_nodes if a in detail)):
+            detail[n] = h  # a first map, or a learned upsampling (a transposed convolution) making its own detail
+        else:
+            detail[n] = max(finer) if _is_resize(gm, n) else min(h, max(finer))
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    logits = out_node.args[0]
+    if not isinstance(logits, fx.Node) or not detail.get(logits):
+        return 1.0
+    return round(input_size[0] / detail[logits], 3)
+
+
+def _is_resize(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """An interpolation (``F.interpolate``, ``nn.Upsample``, aten's ``upsample_*``): it adds no detail."""
+    if n.op == "call_module":
+        target = type(gm.get_submodule(str(n.target))).__name__
+    else:
+        target = getattr(n.target, "__name__", str(n.target))
+    return any(word in target.lower() for word in ("interpolate", "upsample", "upsampling"))
 
 
 def fuse_stride(out_stride: float) -> float:

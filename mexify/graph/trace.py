@@ -263,17 +263,26 @@ def _dynamic_shapes(kind: str) -> dict:
 
 
 def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Run the exported graph at batch 1 and 3 on fake tensors: its guards may tie the batch to
-    the spatial size (seen on MobileViT-style patch unfolding), which a shrinking batch breaks."""
+    """Run the exported graph at batch 1 and 3 on fake tensors (on real ones where an output's size depends on
+    values, e.g. ``nonzero``): its guards may tie the batch to the spatial size (seen on MobileViT-style patch
+    unfolding), which a shrinking batch breaks."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # private, present on every supported torch
+
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
     for b in (1, 3):
         x = example[:1].expand(b, *example.shape[1:])
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            try:
-                gm(mode.from_tensor(x))
-            except Exception as e:  # noqa: BLE001 - a failed guard or shape check
-                raise RuntimeError(f"the exported graph does not accept batch {b}: {_first_line(e)}") from e
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+                try:
+                    gm(mode.from_tensor(x))
+                except DynamicOutputShapeException:  # an output size that depends on values (nonzero): run it for real
+                    mode = None
+            if mode is None:
+                with torch.no_grad():
+                    gm(x.contiguous())
+        except Exception as e:  # noqa: BLE001 - a failed guard or shape check
+            raise RuntimeError(f"the exported graph does not accept batch {b}: {_first_line(e)}") from e
 
 
 def _export(model: nn.Module, example: torch.Tensor, shapes: str = "", training: bool = False) -> fx.GraphModule:

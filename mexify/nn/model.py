@@ -220,9 +220,11 @@ class MultiExitModel(nn.Module):
         exit has a skip feature (a plain head among the candidates ignores it)."""
         skip = (self._train_skips if self._in_train_graph(i) else self.skips)[i]
         values = [self.exit_features(i, state)] + ([state.values[skip]] if skip else [])
-        # the next stage may change these values in place (an in-place activation); the head keeps its
-        # own copy so that its backward still finds the values it saw
-        return tuple(v.clone() if v.requires_grad else v for v in values)
+        # the next stage may change these values in place (an in-place activation); when gradients are on the
+        # head keeps its own copy so that its backward (even with a frozen backbone: its weights' gradients
+        # read its input) still finds the values it saw
+        grad = torch.is_grad_enabled()
+        return tuple(v.clone() if grad else v for v in values)
 
     def exit_logits(self, i: int, state: StageState, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Logits of exit ``i``: the head's at its resolution (its finest input's), or the model output for the final exit.

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from mexify.graph.adapt import prepare_graph
-from mexify.graph.batching import BATCH_KEY, BatchDim, analyze_batch, classify, shrink_value
+from mexify.graph.batching import BATCH_KEY, BatchDim, analyze_batch, classify, shrink_value, _signature
 
 
 def _analyzed(module, size=(8, 8)):
@@ -167,3 +167,11 @@ def test_shrink_value_keeps_rows_as_the_classification_says():
     assert isinstance(pair, tuple) and torch.equal(pair[1], x[[0, 2]] + 1)
     with pytest.raises(ValueError, match="cannot be shrunk"):
         shrink_value(x, BatchDim("unsafe", why="folded"), keep)
+
+
+def test_a_model_output_kept_whole_is_compared_by_its_entries_not_by_its_type():
+    # a leaf module answering a transformers-style output (a dict subclass) with the batch in it: never "none"
+    small, large = (_signature({"last_hidden_state": torch.zeros(n, 4)}) for n in (2, 5))
+    assert str(classify(small, large, (2, 5))) == "unsafe"
+    shared = _signature({"weights": torch.zeros(3)})
+    assert str(classify(shared, shared, (2, 5))) == "none"

@@ -10,7 +10,7 @@ from torch import nn
 from mexify.errors import PlacementError
 from mexify.graph.adapt import prepare_graph
 from mexify.graph.batching import analyze_batch
-from mexify.graph.placement import ExitPoint, PlacementConfig, find_candidates, select_exit_points
+from mexify.graph.placement import ExitPoint, PlacementConfig, find_candidates, output_stride, select_exit_points
 from mexify.graph.flops import profile_graph
 
 
@@ -246,3 +246,54 @@ def test_placement_on_a_traced_graph():
     with pytest.raises(PlacementError) as raised:
         select_exit_points(found, at=["layer2"])
     assert raised.value.hint.startswith("nearest valid: layer2_")
+
+
+class QueryDecoder(nn.Module):
+    """A toy mask classifier: per-pixel features at stride 4, then a "decoder" on queries whose per-query
+    masks, upsampled past the input as Mask2Former's post-processing does, make the class map."""
+
+    def __init__(self, queries=5, classes=3):
+        super().__init__()
+        self.pixel = nn.Sequential(_block(3, 8, 2), _block(8, 8, 2), _block(8, 8))
+        self.decoder = nn.Conv2d(8, queries, 1)  # stands in for the transformer decoder: one map per query
+        self.cls = nn.Parameter(torch.randn(queries, classes))
+
+    def forward(self, x):
+        masks = F.interpolate(self.decoder(self.pixel(x)), scale_factor=12.0, mode="bilinear").sigmoid()
+        return torch.einsum("qc,bqhw->bchw", self.cls.softmax(-1), masks)
+
+
+def test_candidates_stop_where_the_query_modules_start_and_the_detail_is_the_masks_stride():
+    gm, _ = _prepared(QueryDecoder(), (16, 16))
+    everything = [c.name for c in find_candidates(gm, (16, 16), num_classes=3)]
+    per_pixel = [c.name for c in find_candidates(gm, (16, 16), num_classes=3, stop_modules=("decoder",))]
+    assert "decoder" in everything and per_pixel == everything[: everything.index("decoder")]
+    assert per_pixel[-1] == "pixel_2_1"
+    # the 48x48 class map holds no detail finer than the stride-4 masks it is made of
+    assert output_stride(gm, (16, 16), 3) == 4.0
+
+
+class HeadsTwice(nn.Module):
+    """``B * 2`` groups in an early block and again in a late one: torch.export computes the int once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(cin, 4, 3, padding=1) for cin in (3, 4, 4))
+        self.cls = nn.Conv2d(4, 2, 1)
+
+    @staticmethod
+    def grouped(s):
+        B, C, H, W = s.shape
+        return s.reshape(B * 2, C // 2, H, W).sigmoid().reshape(B, C, H, W)
+
+    def forward(self, x):
+        y = self.c(self.b(self.grouped(self.a(x))))
+        return self.cls(self.grouped(y))
+
+
+def test_int_arithmetic_is_recomputed_where_used_so_no_batch_times_heads_crosses_a_cut():
+    from mexify import api
+
+    traced = api.inspect(HeadsTwice().eval(), trace=api.TraceConfig((32, 32), method="export"))
+    blocks = [c for c in traced.candidates if c.name.startswith("conv2d")]
+    assert len(blocks) >= 2 and not any(c.shrink_issue for c in blocks)
