@@ -220,20 +220,31 @@ class MaskClassification(nn.Module):
         queries: qualified names (inside ``model``) of the modules that run on the queries (the transformer
             decoder): exits are placed before the first of them, on the per-pixel features.
         task: token ids of a fixed task input (OneFormer's "the task is semantic"), passed as ``task_inputs``.
+        eval_in_training: class names of layers traced in eval mode for the training graph, because their
+            train-only branch tests values (Mask2Former's pixel-decoder encoder layer clamps non-finite values
+            after an ``if``, which torch.export cannot trace); their dropout is then off in training too.
     """
 
     def __init__(self, model: nn.Module, mask_size: Optional[Tuple[int, int]] = None,
                  outputs: Optional[Callable[[Any], Tuple[torch.Tensor, torch.Tensor]]] = None,
                  call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
-                 queries: Sequence[str] = (), task: Optional[Sequence[int]] = None):
+                 queries: Sequence[str] = (), task: Optional[Sequence[int]] = None, eval_in_training: Sequence[str] = ()):
         super().__init__()
         self.model = model
         self.mask_size = tuple(mask_size) if mask_size else None
         self._outputs = outputs or _query_outputs
         self._call = call or (_task_call if task is not None else _pixel_values_call)
         self.query_modules = tuple(f"model.{q}" for q in queries)
+        self.eval_in_training = tuple(eval_in_training)
         if task is not None:
             self.register_buffer("task_inputs", torch.tensor([list(task)], dtype=torch.float32), persistent=False)
+
+    def train(self, mode: bool = True) -> "MaskClassification":
+        super().train(mode)
+        for m in self.modules() if mode else ():
+            if type(m).__name__ in self.eval_in_training:
+                m.training = False
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         class_logits, mask_logits = self._outputs(self._call(self, x))
@@ -272,7 +283,8 @@ def _oneformer_options(model: nn.Module) -> Dict[str, Any]:
 _QUERIES = ("model.transformer_module",)  # transformers' Mask2Former, MaskFormer and OneFormer
 _MASK_CLASSIFIERS: Dict[str, Dict[str, Any]] = {
     # transformers' classes, by name (transformers is not imported for this); Mask2Former's processor scores at 384x384
-    "Mask2FormerForUniversalSegmentation": {"mask_size": (384, 384), "queries": _QUERIES},
+    "Mask2FormerForUniversalSegmentation": {"mask_size": (384, 384), "queries": _QUERIES,
+                                            "eval_in_training": ("Mask2FormerPixelDecoderEncoderLayer",)},
     "MaskFormerForInstanceSegmentation": {"queries": _QUERIES},
     "OneFormerForUniversalSegmentation": {"queries": _QUERIES, "options": _oneformer_options},
 }

@@ -263,12 +263,12 @@ def _dynamic_shapes(kind: str) -> dict:
 
 
 def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Run the exported graph at batch 1 and 3 on fake tensors (on real ones where an output's size depends on
-    values, e.g. ``nonzero``): its guards may tie the batch to the spatial size (seen on MobileViT-style patch
+    """Run the exported graph at batch 1 and 3 on fake tensors (on real ones where a result depends on
+    values: ``.item()``, ``nonzero``): its guards may tie the batch to the spatial size (seen on MobileViT-style patch
     unfolding), which a shrinking batch breaks."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # private, present on every supported torch
 
-    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
     for b in (1, 3):
         x = example[:1].expand(b, *example.shape[1:])
@@ -276,7 +276,7 @@ def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
                 try:
                     gm(mode.from_tensor(x))
-                except DynamicOutputShapeException:  # an output size that depends on values (nonzero): run it for real
+                except (DataDependentOutputException, DynamicOutputShapeException):  # .item(), nonzero: run it for real
                     mode = None
             if mode is None:
                 with torch.no_grad():

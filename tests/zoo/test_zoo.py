@@ -30,6 +30,10 @@ MODELS = [
     ("hf_dpt", "transformers", 64),
     ("hf_beit", "transformers", 64),
     ("hf_mobilevit", "transformers", 64),
+    ("hf_mask2former_resnet", "transformers", 64),
+    ("hf_mask2former_swin", "transformers", 64),
+    ("hf_maskformer_resnet", "transformers", 64),
+    ("hf_oneformer_resnet", "transformers", 64),
 ]
 
 

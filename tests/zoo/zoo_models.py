@@ -101,3 +101,54 @@ def smp_dpt_vit_tiny():
 
     return smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, classes=NUM_CLASSES, img_size=64,
                    decoder_intermediate_channels=(32, 64, 96, 96), decoder_fusion_channels=32)
+
+
+# ----------------------------------------------------------------- mask classification (a class and a mask per query)
+def _resnet_backbone():
+    from transformers import ResNetConfig
+
+    return ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
+                        out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+def _swin_backbone():
+    from transformers import SwinConfig
+
+    return SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, drop_path_rate=0.0,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+def _mask2former(backbone):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+        backbone_config=backbone, num_labels=NUM_CLASSES, num_queries=10, feature_size=32, mask_feature_size=32, hidden_dim=32,
+        encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2))
+
+
+def hf_mask2former_resnet():
+    return _mask2former(_resnet_backbone())
+
+
+def hf_mask2former_swin():
+    return _mask2former(_swin_backbone())
+
+
+def hf_maskformer_resnet():
+    from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation
+
+    decoder = {"model_type": "detr", "encoder_layers": 1, "decoder_layers": 1, "d_model": 32, "encoder_attention_heads": 2,
+               "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "num_queries": 10}
+    return MaskFormerForInstanceSegmentation(MaskFormerConfig(
+        backbone_config=_resnet_backbone(), decoder_config=decoder, num_labels=NUM_CLASSES, fpn_feature_size=32,
+        mask_feature_size=32))
+
+
+def hf_oneformer_resnet():
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+    return OneFormerForUniversalSegmentation(OneFormerConfig(
+        backbone_config=_resnet_backbone(), num_labels=NUM_CLASSES, num_queries=10, conv_dim=32, mask_dim=32, hidden_dim=32,
+        encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+        query_dec_layers=1, text_encoder_width=32, text_encoder_context_length=8, text_encoder_num_layers=1,
+        text_encoder_n_ctx=2))
