@@ -495,7 +495,7 @@ def inspect(
     """Trace and profile a model and list its candidate exit points (no conversion)."""
     trace_cfg = _with_registered(trace)
     if isinstance(spec, nn.Module):
-        model = spec
+        model = adapt_module(spec)
     else:
         model = build_model(_as_spec(spec, args, weights), trust)
     return trace_for_exits(model, trace_cfg)

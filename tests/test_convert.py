@@ -225,3 +225,25 @@ def test_trace_failure_hint_names_the_module():
     with pytest.raises(TraceError) as exc:
         mexify.convert(f"{FIXTURES}:BranchyNet", trace=mexify.TraceConfig((64, 64), method="fx"), exits=3)
     assert "--leaf-module DataDependentGate (its class) or --leaf-module gate (this instance)" in exc.value.hint
+
+
+class SmallImagesOnly(torch.nn.Module):
+    """Branches on the image size as a Python int: torch.export keeps the sizes dynamic but guards them to a range."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if x.shape[-1] <= 48:
+            y = y * 2
+        return self.b(y)
+
+
+def test_an_export_whose_guards_bound_the_spatial_size_keeps_it_fixed_and_says_so_in_one_line():
+    result = mexify.convert(SmallImagesOnly().eval(), trace=mexify.TraceConfig((32, 32), method="export"), exits=1)
+    assert result.config.trace.export_shapes == "batch"  # not called dynamic in sizes it would refuse
+    with pytest.raises(mexify.MexifyError, match="accepts 32x32 inputs only"):
+        result.model(torch.randn(1, 3, 64, 64))

@@ -262,16 +262,21 @@ def _dynamic_shapes(kind: str) -> dict:
     return {0: Dim("batch")} if kind == "batch" else {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
 
 
-def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Run the exported graph at batch 1 and 3 on fake tensors (on real ones where a result depends on
-    values: ``.item()``, ``nonzero``): its guards may tie the batch to the spatial size (seen on MobileViT-style patch
-    unfolding), which a shrinking batch breaks."""
-    from torch._subclasses.fake_tensor import FakeTensorMode  # private, present on every supported torch
+def _check_sizes(gm: fx.GraphModule, example: torch.Tensor, spatial: bool) -> None:
+    """Run the exported graph at batch 1 and 3, and with ``spatial`` at twice the example's size, on fake tensors
+    (on real ones where a result depends on values: ``.item()``, ``nonzero``). Its guards may tie the batch to
+    the spatial size (seen on MobileViT-style patch unfolding), which a shrinking batch breaks, or bound the
+    spatial sizes it was called dynamic in (a size read as a Python int in a range check)."""
+    from torch._subclasses.fake_tensor import (  # private, present on every supported torch
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        FakeTensorMode,
+    )
 
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
-    for b in (1, 3):
-        x = example[:1].expand(b, *example.shape[1:])
+    h, w = example.shape[-2:]
+    sizes = [(1, h, w), (3, h, w)] + ([(1, 2 * h, 2 * w)] if spatial else [])
+    for b, hh, ww in sizes:
+        x = example[:1].expand(b, *example.shape[1:]) if (hh, ww) == (h, w) else example.new_zeros(b, example.shape[1], hh, ww)
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
                 try:
@@ -282,7 +287,8 @@ def _check_batch_sizes(gm: fx.GraphModule, example: torch.Tensor) -> None:
                 with torch.no_grad():
                     gm(x.contiguous())
         except Exception as e:  # noqa: BLE001 - a failed guard or shape check
-            raise RuntimeError(f"the exported graph does not accept batch {b}: {_first_line(e)}") from e
+            what = f"batch {b}" if (hh, ww) == (h, w) else f"{hh}x{ww} images"
+            raise RuntimeError(f"the exported graph does not accept {what}: {_first_line(e)}") from e
 
 
 def _export(model: nn.Module, example: torch.Tensor, shapes: str = "", training: bool = False) -> fx.GraphModule:
@@ -302,7 +308,7 @@ def _export(model: nn.Module, example: torch.Tensor, shapes: str = "", training:
                 program = torch.export.export(model, (example,), strict=False, dynamic_shapes=(_dynamic_shapes(kind),))
             gm = program.module()
             if not training:  # the train-mode graph runs at the training batch size, never shrunk
-                _check_batch_sizes(gm, example)
+                _check_sizes(gm, example, spatial=kind == "batch+spatial")
         except (Exception, _TimeLimit) as e:  # noqa: BLE001 - export raises many kinds; try the next, report all
             errors.append(f"{kind}: {type(e).__name__}: {_first_line(e)}")
             log.info("torch.export with %s dynamic failed: %s", kind, errors[-1])

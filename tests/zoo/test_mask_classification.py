@@ -131,7 +131,7 @@ def test_a_mask2former_trains_calibrates_evaluates_and_exports_from_the_cli(tmp_
     assert model.train_issue == ""  # both stages train: the pixel decoder's value check is traced in eval mode
     assert all(e["stride"] <= 32 for e in model.config.to_dict()["exits"])
     report = json.loads(cli("train", bundle, "--data", data, "--set", "stage1_iters=3", "--set", "stage2_iters=3",
-                            "--set", "batch_size=4", "--set", "precise_bn_iters=0", "--device", "cpu", "--json"))
+                            "--set", "batch_size=4", "--set", "crop_size=64", "--set", "precise_bn_iters=0", "--device", "cpu", "--json"))
     assert [s["stage"] for s in report["stages"]] == [1, 2] and all(s["iterations"] == 3 for s in report["stages"])
     cli("calibrate", bundle, "--data", data, "--split", "calib", "--policy", "maxprob", "--budget", "2x", "--cost", "flops",
         "--confidence", "0", "--device", "cpu")
