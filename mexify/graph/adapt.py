@@ -233,7 +233,12 @@ class MaskClassification(nn.Module):
         self.model = model
         self.mask_size = tuple(mask_size) if mask_size else None
         self._outputs = outputs or _query_outputs
-        self._call = call or (_task_call if task is not None else _pixel_values_call)
+        self._call = call
+        for q in queries:
+            try:
+                model.get_submodule(q)
+            except AttributeError:
+                raise ValueError(f"{type(model).__name__} has no module {q!r} (the queries= of its mask-classifier registration)") from None
         self.query_modules = tuple(f"model.{q}" for q in queries)
         self.eval_in_training = tuple(eval_in_training)
         if task is not None:
@@ -246,22 +251,19 @@ class MaskClassification(nn.Module):
                 m.training = False
         return self
 
+    def _default_call(self, x: torch.Tensor) -> Any:
+        if not hasattr(self, "task_inputs"):
+            return self.model(pixel_values=x)
+        # (B, L) from the (1, L) buffer; a product with the batch rather than .expand(proxy), which fx cannot trace
+        task = x.new_ones(x.shape[0], 1) * self.task_inputs.to(x.dtype)
+        return self.model(pixel_values=x, task_inputs=task)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        class_logits, mask_logits = self._outputs(self._call(self, x))
+        class_logits, mask_logits = self._outputs(self._call(self.model, x) if self._call else self._default_call(x))
         scores = semantic_scores(class_logits, mask_logits, self.mask_size)
         if tuple(scores.shape[-2:]) != tuple(x.shape[-2:]):
             scores = F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return scores.float().clamp_min(SCORE_FLOOR).log()
-
-
-def _pixel_values_call(wrapper: MaskClassification, x: torch.Tensor) -> Any:
-    return wrapper.model(pixel_values=x)
-
-
-def _task_call(wrapper: MaskClassification, x: torch.Tensor) -> Any:
-    # (B, L) from the (1, L) buffer; a product with the batch rather than .expand(proxy), which fx cannot trace
-    task = x.new_ones(x.shape[0], 1) * wrapper.task_inputs.to(x.dtype)
-    return wrapper.model(pixel_values=x, task_inputs=task)
 
 
 def _query_outputs(result: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -295,11 +297,9 @@ def register_mask_classifier(cls: Union[type, str], *, mask_size: Optional[Tuple
                              call: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
                              queries: Sequence[str] = ()) -> None:
     """Convert models of class ``cls`` (or its name) as mask classifiers: :class:`MaskClassification` wraps them
-    before tracing, so the final exit is their per-pixel log class scores (see its arguments; ``call`` is
-    given the model, as ``call(model, x)``)."""
+    before tracing, so the final exit is their per-pixel log class scores (see its arguments)."""
     name = cls if isinstance(cls, str) else cls.__name__
-    user_call = None if call is None else (lambda wrapper, x: call(wrapper.model, x))
-    _MASK_CLASSIFIERS[name] = {"mask_size": mask_size, "outputs": outputs, "call": user_call, "queries": tuple(queries)}
+    _MASK_CLASSIFIERS[name] = {"mask_size": mask_size, "outputs": outputs, "call": call, "queries": tuple(queries)}
 
 
 def adapt_module(model: nn.Module) -> nn.Module:

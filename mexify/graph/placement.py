@@ -261,9 +261,10 @@ def output_stride(gm: fx.GraphModule, input_size: Tuple[int, int], num_classes: 
     """Stride of the finest detail in the model's class map (1.0: at the input).
 
     Each 4-D map's detail is the finest of its 4-D inputs', no finer than itself: a convolution keeps its
-    input's, a strided one coarsens it, an interpolation adds none, a learned upsampling makes its own (LR-ASPP's sum of a stride-8 and an upsampled
-    stride-16 classifier: stride 8; a mask classifier's class map at 384x384 built from masks at stride 4:
-    stride 4). ``num_classes`` is the class map's channel count (kept for the callers; the walk needs no check).
+    input's, a strided one coarsens it, an interpolation adds none, a learned upsampling makes its own.
+    LR-ASPP's sum of a stride-8 and an upsampled stride-16 classifier: stride 8; a mask classifier's class
+    map at 384x384 built from masks at stride 4: stride 4. ``num_classes`` is the class map's channel count
+    (kept for the callers; the walk needs no check).
     """
     def height(n: fx.Node) -> int:  # of a 4-D map (0: not one)
         prof = n.meta.get(PROFILE_KEY)

@@ -87,11 +87,15 @@ class QueryNet(nn.Module):
 
 
 def test_a_users_query_model_converts_once_registered(tmp_path):
-    mexify.register_mask_classifier(QueryNet, outputs=lambda out: (out["cls"], out["seg"]))
+    mexify.register_mask_classifier(QueryNet, outputs=lambda out: (out["cls"], out["seg"]), queries=("decoder",))
+    with pytest.raises(ValueError, match="QueryNet has no module 'decoder'"):
+        adapt_module(QueryNet())
+    mexify.register_mask_classifier(QueryNet, outputs=lambda out: (out["cls"], out["seg"]), queries=("masks",))
     net = QueryNet().eval()
     wrapped = adapt_module(net)
     assert isinstance(wrapped, MaskClassification) and adapt_module(wrapped) is wrapped
     res = api.convert(net, trace=api.TraceConfig((64, 64)), exits=2)
+    assert "masks" not in res.model.exit_names  # exits stop before the query modules
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         out = net(x)
@@ -138,8 +142,11 @@ def test_a_mask2former_trains_calibrates_evaluates_and_exports_from_the_cli(tmp_
     evaluation = json.loads(cli("eval", bundle, "--data", data, "--split", "test", "--device", "cpu", "--json"))
     assert len(evaluation["exits"]) == 4 and evaluation["policies"]
     cli("export", bundle, "-o", onnx, "--format", "onnx")
+    cli("export", bundle, "-o", str(tmp_path / "m2f.pt2.mex"), "--format", "pt2")
     x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     ref = EarlyExitRuntime(mexify.load(bundle)).predict_batch(x)
     got = Runner(onnx).predict(x.numpy())
     assert (got.exit_index == ref.exit_index.numpy()).all()
     assert (got.masks == ref.masks.numpy()).mean() >= 0.999
+    programs = EarlyExitRuntime(mexify.load(tmp_path / "m2f.pt2.mex")).predict_batch(x)  # loads without transformers' code
+    assert torch.equal(programs.exit_index, ref.exit_index) and torch.equal(programs.masks, ref.masks)
