@@ -158,6 +158,10 @@ def sink_int_arithmetic(graph: fx.Graph) -> None:
         for user in list(node.users):
             with graph.inserting_before(user):
                 copy = graph.node_copy(node)
+            copy.meta = dict(node.meta)  # computed where it is used: inside its user's modules (block outputs read them)
+            copy.meta.pop("nn_module_stack", None)
+            if "nn_module_stack" in user.meta:
+                copy.meta["nn_module_stack"] = dict(user.meta["nn_module_stack"])
             user.replace_input_with(node, copy)
         graph.erase_node(node)
 
