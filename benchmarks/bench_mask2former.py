@@ -28,14 +28,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name  # noqa: E402
+from user_model import mexify as run_mexify  # noqa: E402  (the CLI runner: printed as typed, --json kept)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = "synthetic:scenes?classes=8&size=128&n=400&n_eval=300"  # the demo's scenes: 300 images each in calib and test
@@ -45,19 +44,10 @@ BACKBONE = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 6
 CONFIG = {"backbone_config": BACKBONE, "num_labels": 8, "num_queries": 20, "feature_size": 64, "mask_feature_size": 64,
           "hidden_dim": 64, "encoder_feedforward_dim": 128, "dim_feedforward": 128, "encoder_layers": 2, "decoder_layers": 3,
           "num_attention_heads": 4}
-MEXIFY = [sys.executable, "-m", "mexify"]
 
 
 def mexify(*argv: str, json_out: bool = True) -> tuple:
-    """Run ``mexify ARGV [--json]`` (printed as typed); its JSON output (or None) and the seconds it took."""
-    typed = "mexify " + " ".join(shlex.quote(a) for a in argv)
-    print(f"$ {typed}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([*MEXIFY, *argv, *(["--json"] if json_out else [])], stdout=subprocess.PIPE, text=True)
-    seconds = round(time.perf_counter() - t0, 1)
-    if proc.returncode not in (0, 3):  # 3: a budget that was not certified (reported, not an error here)
-        sys.exit(f"`{typed}` failed with exit code {proc.returncode}")
-    return (json.loads(proc.stdout) if json_out else None), {"command": typed, "seconds": seconds}
+    return run_mexify(*argv, json_out=json_out, ok=(0, 3))
 
 
 def convert_args(weights: Path = None) -> list:
@@ -111,7 +101,7 @@ def flow(name: str, out: Path, weights: Path = None, stage2_iters: int = 150) ->
                                                      *sets, "--device", "cpu")
     record["exits"] = per_exit(bundle)
     _, record["profile"] = mexify("profile", str(bundle), "--device", "cpu", json_out=False)
-    record["calibrate_report"], record["calibrate"] = mexify(
+    record["calibrate_report"], record["calibrate"] = mexify(  # exit code 3: a budget not certified (reported)
         "calibrate", str(bundle), "--data", DATA, "--split", "calib", "--policy", "entropy", "--max-drop", "1.0", "--device", "cpu")
     record["policy"] = per_exit(bundle)
     record["bench_report"], record["bench"] = mexify("bench", str(bundle), "--data", DATA, "--split", "test", "--limit", "100",

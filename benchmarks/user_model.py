@@ -291,17 +291,18 @@ def evaluate_plain(model, root: Path) -> dict:
 # --------------------------------------------------------------------------- 3. mexify, as typed by the user
 
 
-def mexify(*argv: str) -> tuple:
-    """Run ``mexify ARGV --json`` (printed as typed); returns its JSON output and the seconds it took."""
+def mexify(*argv: str, json_out: bool = True, ok: tuple = (0,)) -> tuple:
+    """Run ``mexify ARGV --json`` (printed as typed; without ``--json`` when not ``json_out``); returns its JSON
+    output (None without) and the seconds it took. An exit code outside ``ok`` ends the script."""
     typed = "mexify " + " ".join(shlex.quote(a) for a in argv)
-    print(f"$ {typed}", file=sys.stderr)
+    print(f"$ {typed}", file=sys.stderr, flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     t0 = time.perf_counter()
-    proc = subprocess.run([*MEXIFY, *argv, "--json"], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.run([*MEXIFY, *argv, *(["--json"] if json_out else [])], stdout=subprocess.PIPE, text=True, env=env)
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         sys.exit(f"`{typed}` failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout), {"command": typed, "seconds": round(seconds, 1)}
+    return (json.loads(proc.stdout) if json_out else None), {"command": typed, "seconds": round(seconds, 1)}
 
 
 def convert(model: dict, pth: Path, bundle: Path, size: int) -> dict:

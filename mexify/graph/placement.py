@@ -277,11 +277,15 @@ def output_stride(gm: fx.GraphModule, input_size: Tuple[int, int], num_classes: 
         h = height(n)
         if not h:
             continue
-        finer = [detail[a] for a in n.all_input_nodes if a in detail]
-        if not finer or (not _is_resize(gm, n) and h > max(height(a) for a in n.all_input_nodes if a in detail)):
-            detail[n] = h  # a first map, or a learned upsampling (a transposed convolution) making its own detail
+        maps = [a for a in n.all_input_nodes if a in detail]
+        if not maps:
+            detail[n] = h  # a first map
+        elif _is_resize(gm, n):
+            detail[n] = max(detail[a] for a in maps)
+        elif h > max(height(a) for a in maps):
+            detail[n] = h  # a learned upsampling (a transposed convolution) makes its own detail
         else:
-            detail[n] = max(finer) if _is_resize(gm, n) else min(h, max(finer))
+            detail[n] = min(h, max(detail[a] for a in maps))
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     logits = out_node.args[0]
     if not isinstance(logits, fx.Node) or not detail.get(logits):
