@@ -172,6 +172,19 @@ def test_a_full_queue_answers_429_and_the_rest_are_served():
         assert 'mexify_refused_total{reason="queue_full"} 4.0' in httpx.get(f"{url}/metrics", trust_env=False).text
 
 
+def _wait_accepted(url, n, timeout=60.0):
+    """Wait until the service has accepted ``n`` requests (answered or in flight), read from its metrics."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics", trust_env=False).text)
+        samples = [s for f in families for s in f.samples]
+        accepted = sum(s.value for s in samples if s.name in ("mexify_answers_total", "mexify_in_flight"))
+        if accepted >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the service accepted fewer than {n} requests in {timeout:g} s")
+
+
 def test_sigterm_drains_every_accepted_request(bundle, tmp_path):
     port = _free_port()
     env = {**os.environ, "MEXIFY_TRUSTED_CODE": str(FIXTURES), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -195,7 +208,7 @@ def test_sigterm_drains_every_accepted_request(bundle, tmp_path):
 
         with ThreadPoolExecutor(24) as pool:
             futures = [pool.submit(post, k) for k in range(24)]
-            time.sleep(0.3)  # every request is in
+            _wait_accepted(url, 24)  # every request is in before the signal
             signalled = time.time()
             proc.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]
