@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -464,6 +465,9 @@ def train(
                               "train the bundle it was exported from, then export it again")
         dataset = _dataset(data, "train", train=True, crop_size=rec.crop_hw, base_size=rec.base_size)
         data_name = os.fspath(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+        note = _trained_backbone_note(model, rec, overrides, weights, resume)
+        if note and main:
+            logging.getLogger("mexify").warning(note)
 
         def save(trained: MultiExitModel, record: Dict[str, Any]) -> None:
             if in_place:
@@ -479,6 +483,23 @@ def train(
         except KeyboardInterrupt as e:
             raise Interrupted(_checkpoint_after(run_dir, None if resume else started)) from e
     return dataclasses.replace(report, bundle=str(bundle), out=str(out))
+
+
+def _trained_backbone_note(model: MultiExitModel, rec: Any, overrides: Optional[Mapping[str, Any]],
+                           weights: Optional[PathLike], resume: bool) -> Optional[str]:
+    """A warning when a recipe's stage 1 is about to retrain a backbone the user already trained.
+
+    Stage 1 trains every weight end to end, so the final exit stops being the user's model; for a trained
+    model, stage 2 alone measures better (docs/train.md, "Which order for a trained model"). Said only
+    when the user did not choose ``stage1_iters`` themselves."""
+    spec = model.config.spec if model.config is not None else {}
+    trained = weights is not None or bool((spec or {}).get("weights"))
+    if resume or not trained or rec.stage1_iters <= 0 or "stage1_iters" in (overrides or {}):
+        return None
+    return (f"the backbone was given trained weights, and recipe {rec.name!r} runs stage 1 "
+            f"({rec.stage1_iters} iterations end to end), which retrains it: the final exit will no longer "
+            "be your model. To train only the exits, pass --set stage1_iters=0 (see docs/train.md, "
+            "'Which order for a trained model')")
 
 
 def _checkpoint_after(run_dir: Path, since: Optional[float]) -> Optional[str]:

@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 import mexify
+from mexify import api
 from mexify.cli import app
 
 
@@ -52,3 +53,25 @@ def test_trained_model_converted_heads_trained_and_calibrated(tmp_path, tiny_spe
     res = run.invoke(app, ["eval", str(bundle), "--data", tiny_data, "--split", "test", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["policies"][0]["name"] == "maxprob"
+
+
+def test_stage_one_on_a_trained_backbone_is_announced_unless_chosen(tmp_path, tiny_spec, tiny_data, caplog):
+    weights = tmp_path / "trained.pth"
+    torch.save(_user_model(tiny_spec).state_dict(), weights)
+    bundle = tmp_path / "b.mex"
+    mexify.convert(tiny_spec, args={"num_classes": 4, "width": 8}, weights=str(weights), exits=3,
+                   trace=mexify.TraceConfig((48, 48)), out=str(bundle))
+    recipe = {"stage1_iters": 2, "stage2_iters": 0, "batch_size": 4, "crop_size": 48, "num_workers": 0, "precise_bn_iters": 0}
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        before = mexify.load(bundle)(x)
+    with caplog.at_level("WARNING", logger="mexify"):
+        api.train(bundle, tiny_data, recipe=recipe)
+    assert "retrains it: the final exit will no longer be your model" in caplog.text
+    assert "--set stage1_iters=0" in caplog.text
+    with torch.no_grad():
+        assert not torch.allclose(mexify.load(bundle)(x), before, atol=1e-5)  # what the warning says happened
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mexify"):
+        api.train(bundle, tiny_data, recipe=recipe, overrides={"stage1_iters": 2})  # chosen: no warning
+    assert "retrains it" not in caplog.text
