@@ -7,7 +7,7 @@ import torch
 
 import mexify
 from mexify.api import Budget, evaluate_policy, search
-from mexify.bundle import update_bundle
+from mexify.bundle import read_config, update_bundle
 from mexify.calibrate import search_configuration
 from mexify.data import as_loader, build_dataset
 from mexify.errors import ConfigError
@@ -114,7 +114,7 @@ def test_view_profile_merges_switched_off_stages_and_takes_the_chosen_candidates
 
 
 def test_search_on_measured_latency_keeps_the_profile_for_the_chosen_heads(bundle):
-    from mexify.api import profile, read_config
+    from mexify.api import profile
 
     profile(bundle, device="cpu", warmup=1, repeats=2)
     entry = next(iter(read_config(bundle).latency.values()))
@@ -151,6 +151,11 @@ def test_search_moves_exits_among_positions_and_its_figures_are_the_runtimes(tmp
     assert run.miou == pytest.approx(report.figures["miou"], abs=1e-6)
     assert run.mean_flops == pytest.approx(report.figures["mean_flops"], rel=1e-9)
     assert sum(r > 0 for r in run.exit_rates[:-1]) <= 2
+    monitor = read_config(out).policy["monitor"]  # the drift record: what the chosen configuration did on these images
+    assert monitor["exit_rates"] == pytest.approx(report.figures["exit_rates"])
+    rates, thresholds = list(report.figures["exit_rates"].values()), report.policy.thresholds
+    scored = {model.exit_names[e] for e in on if thresholds[e] < float("inf") and sum(rates[e:]) > 0}
+    assert set(monitor["confidence"]) == scored and scored  # scored where images arrive and may leave
 
 
 def test_a_search_over_positions_keeps_the_heads_and_their_latency_profile(tmp_path):

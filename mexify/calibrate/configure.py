@@ -37,7 +37,7 @@ from mexify.errors import BudgetError, ConfigError
 from mexify.nn import ExitOutput, exit_flops, module_device, run_head
 from mexify.policies import Policy, PolicyFit, build_policy
 from mexify.policies import policy_options as policy_options_of
-from mexify.runtime import LatencyProfile
+from mexify.runtime import LatencyProfile, expected_stream
 
 __all__ = ["Candidate", "CandidateView", "ConfigurationReport", "ExitChoice", "search_configuration", "apply_configuration", "view", "view_profile", "SEARCHABLE"]
 
@@ -344,7 +344,18 @@ def _report(model: Any, choice: Tuple[Optional[int], ...], fit: PolicyFit) -> Co
                                int((cfg.candidate_flops or (cfg.head_flops,))[k]) if k is not None else 0, thresholds[e], rate))
     f["exit_rates"]["final"] = rates[-1]
     policy.figures = f
+    policy.monitor = _monitor(names, choice, fit.search, thresholds)
     return ConfigurationReport(list(choice), policy, f, rows, fit.search.pareto, None, [], 0, 0.0, [])
+
+
+def _monitor(names: Sequence[str], choice: Sequence[Optional[int]], search: Any, thresholds: Sequence[float]) -> Dict[str, Any]:
+    """The drift record (``policy.monitor``) of a chosen configuration: the view's scores and exits put at the real
+    exits' places (an exit switched off has no score and takes no image)."""
+    on = [e for e, k in enumerate(choice) if k is not None]
+    scores = np.full((len(search.assignment), len(names) - 1), np.nan)
+    scores[:, on] = np.asarray(search.scores, dtype=np.float64).reshape(len(search.assignment), len(on))
+    assignment = np.asarray(on + [len(names) - 1])[np.asarray(search.assignment)]
+    return expected_stream(names, scores, assignment, thresholds)
 
 
 def _uniform(model: Any, per_exit: List[List[int]], evaluate: Callable, template: str, blocks: Optional[int] = None
