@@ -3,6 +3,7 @@ graceful drain on SIGTERM, the load tester against it, and the Ray Serve deploym
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 
 import mexify
 from mexify import api
-from mexify.bundle import update_bundle
+from mexify.bundle import read_config, update_bundle
 from mexify.cli import app
 from mexify.errors import ConfigError
 from mexify.policies import build_policy
@@ -303,6 +304,41 @@ def test_ray_serve_replicas_answer_as_the_runtime(bundle):
         ref = rt.predict_batch(to_tensor(Image.fromarray(a), (64, 64))[None])
         assert doc["exit_index"] == int(ref.exit_index[0])
     assert health.status_code == 200 and health.json()["engine"] == "torch"
+
+
+def test_the_service_watches_for_drift_against_calibrations_record(bundle, tmp_path, caplog):
+    """Images like the calibration ones find nothing; a stream of flat, low-contrast images (every one leaving
+    late) is reported in /metrics and /healthz and logged once."""
+    watched = tmp_path / "watched.mex"
+    shutil.copytree(bundle, watched)
+    calib = _photos(24, seed=5)
+    rt = EarlyExitRuntime(mexify.load(watched, trust=TRUSTED))
+    res = rt.predict_batch(torch.stack([to_tensor(Image.fromarray(a), (64, 64)) for a in calib]))
+    policy = read_config(watched).policy
+    policy["monitor"] = rt.stats().to_dict()  # what calibration saw: these very images
+    update_bundle(watched, policy=policy)
+    assert len(set(res.exit_index.tolist())) >= 2
+
+    def served(images):
+        service = build_service(watched, ServeConfig(max_batch=4), TRUSTED)
+        with running(service) as url, ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda a: httpx.post(f"{url}/predict", content=_png(a), timeout=60, trust_env=False).status_code,
+                                  images))
+            metrics = httpx.get(f"{url}/metrics", trust_env=False).text
+            health = httpx.get(f"{url}/healthz", trust_env=False).json()
+        assert codes == [200] * len(images)
+        families = {f.name: f for f in text_string_to_metric_families(metrics)}
+        return families, health
+
+    families, health = served(calib * 3)  # like calibration (the same images): nothing found
+    assert families["mexify_drift_findings"].samples[0].value == 0 and health["drift"]["warnings"] == []
+    sources = {s.labels["source"] for s in families["mexify_exit_confidence_mean"].samples}
+    assert sources == {"served", "calibration"}
+    flat = [np.full((64, 64, 3), 128, np.uint8) + np.uint8(k % 3) for k in range(Service.DRIFT_EVERY)]
+    with caplog.at_level("WARNING", logger="mexify"):
+        families, health = served(flat)
+    assert families["mexify_drift_findings"].samples[0].value >= 1 and health["drift"]["warnings"]
+    assert sum("drift: the images served are not like the calibration images" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_onnxruntime_service_answers_as_the_runner(bundle, tmp_path):

@@ -365,6 +365,8 @@ class TorchStages:
         self.runtime = runtime
         self.num_exits = int(runtime.model.num_exits)
         self.exit_names = list(runtime.model.exit_names)
+        #: every row run is recorded in the runtime's stream statistics, as its batch loop records them
+        self.stream = runtime.stream
 
     def start(self, images: Sequence[Any]) -> Any:
         torch = self._torch
@@ -385,7 +387,10 @@ class TorchStages:
         torch, rt = self._torch, self.runtime
         with torch.inference_mode(), rt.autocast():
             s = rt.step(i, state, tuple(state.input_size))
+            if s.scores is not None:
+                self.stream.observe(i, s.scores)
         leave = s.leave.cpu().numpy()
+        self.stream.count(np.full(len(leave), i))
         masks = s.masks.cpu().numpy() if s.masks is not None else None
         conf = s.confidence.float().cpu().numpy() if s.confidence is not None else np.full(len(leave), np.nan, np.float32)
         stay = s.stay.cpu().numpy() if s.stay is not None else None

@@ -14,7 +14,11 @@ replica. The endpoints:
   ``max_body_mb``: 413; a full queue: 429 with ``Retry-After``; shutting down: 503.
 * ``GET /healthz``: 200 with the service's settings while it serves, 503 while it drains.
 * ``GET /metrics``: answers by exit, rejections, failures, rows queued per stage, batches and rows run
-  per stage (the mean batch fill), and latency quantiles of recent answers.
+  per stage (the mean batch fill), latency quantiles of recent answers and, when the policy carries
+  calibration's record (``policy.monitor``), drift: the mean confidence per exit beside calibration's, the
+  exit mix calibration expects, and how many drift tests fail on the images served so far
+  (:func:`mexify.runtime.drift_report`; the torch engine tests exit mix and confidence, onnxruntime the
+  exit mix). ``/healthz`` lists the findings, and the service logs a warning when drift is first found.
 
 Images are resized to the model's input size as ``mexify predict`` does (:func:`mexify.tools.images.to_tensor`);
 masks come back at the image's own size by nearest neighbour.
@@ -37,7 +41,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,7 +51,7 @@ from mexify.bundle import load, read_config
 from mexify.data.readers import read_rgb
 from mexify.errors import ConfigError, DataError
 from mexify.nn import resolve_device
-from mexify.runtime import EarlyExitRuntime
+from mexify.runtime import DriftReport, EarlyExitRuntime, StreamMonitor, StreamStats, drift_report
 from mexify.runtime.scheduler import Busy, Closed, OnnxStages, StageScheduler, TorchStages
 from mexify.tools.benchmark import original_runner
 from mexify.tools.engines import ENGINES, OnnxEngine, is_onnx_export
@@ -146,10 +150,19 @@ class Service:
         size: the model's input size ``(H, W)`` every image is resized to.
         config: the batching settings.
         info: what ``/healthz`` reports besides (bundle, engine, policy...).
+        expected: calibration's record of the stream (``policy.monitor``) the served images are tested
+            against for drift; None: not watched.
     """
 
-    def __init__(self, stages: Any, size: Tuple[int, int], config: ServeConfig, info: Optional[Dict[str, Any]] = None):
+    #: requests answered between two drift checks of the log (``/metrics`` and ``/healthz`` check at each call)
+    DRIFT_EVERY = 64
+
+    def __init__(self, stages: Any, size: Tuple[int, int], config: ServeConfig, info: Optional[Dict[str, Any]] = None,
+                 expected: Optional[Mapping[str, Any]] = None):
         self.config = config
+        self.stages = stages
+        self.expected = dict(expected) if expected else None
+        self._answered, self._drifted = 0, False
         self.size = (int(size[0]), int(size[1]))
         self.scheduler = StageScheduler(stages, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                                         max_queue=config.max_queue)
@@ -203,6 +216,9 @@ class Service:
         except Exception as e:  # noqa: BLE001 - the model failed on this batch: a server error, one line
             log.error("a batch failed: %s", e)
             return Reply.error(500, f"the model failed on this request's batch: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        self._answered += 1
+        if self.expected is not None and self._answered % self.DRIFT_EVERY == 0:
+            self._log_drift()
         png = await asyncio.to_thread(self.encode, answer.mask, own) if (with_mask or not as_json) else b""
         headers = self._headers(answer, 1000.0 * (time.perf_counter() - t0))
         if not as_json:
@@ -222,12 +238,41 @@ class Service:
                 "X-Mexify-Latency-Ms": f"{total_ms:.3f}", "X-Mexify-Queue-Ms": f"{answer.queued_ms:.3f}",
                 "X-Mexify-Run-Ms": f"{answer.run_ms:.3f}"}
 
+    # ------------------------------------------------------------------ drift
+    def stream(self) -> StreamStats:
+        """The images served so far: exit mix (and, on the torch engine, confidence per exit)."""
+        stream = getattr(self.stages, "stream", None)
+        if stream is not None:
+            return stream.snapshot()
+        answered = self.scheduler.stats().answered
+        mon = StreamMonitor(self.exit_names)
+        mon.count(np.repeat(np.arange(len(self.exit_names)), [int(answered.get(n, 0)) for n in self.exit_names]))
+        return mon.snapshot()
+
+    def drift(self) -> Optional[DriftReport]:
+        """The images served so far against calibration's record (None when the policy carries none)."""
+        return drift_report(self.stream(), self.expected) if self.expected is not None else None
+
+    def _log_drift(self) -> None:
+        report = self.drift()
+        if report is None or report.drifted == self._drifted:
+            return
+        self._drifted = report.drifted
+        if report.drifted:
+            log.warning("drift: the images served are not like the calibration images (%d served): %s",
+                        report.images, "; ".join(report.warnings))
+        else:
+            log.warning("drift: the images served are like the calibration images again (%d served)", report.images)
+
     # ------------------------------------------------------------------ health, metrics, shutdown
     def health(self) -> Reply:
         draining = self.scheduler.closed
         doc = {"status": "draining" if draining else "ok", "exits": self.exit_names, "input_size": list(self.size),
                "max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms, "max_queue": self.config.max_queue,
                **self.info}
+        report = self.drift()
+        if report is not None:
+            doc["drift"] = {"images": report.images, "warnings": list(report.warnings), "note": report.note}
         return Reply(503 if draining else 200, json.dumps(doc).encode(), "application/json")
 
     def metrics(self) -> Reply:
@@ -275,6 +320,30 @@ class _Collector:
         latency.add_sample("mexify_latency_seconds_count", {}, float(sum(st.answered.values())))
         latency.add_sample("mexify_latency_seconds_sum", {}, sum(st.latency_ms) / 1000.0)
         yield latency
+        yield from _drift_metrics(self.service)
+
+
+def _drift_metrics(service: Service) -> Iterator[Any]:
+    """Served images against calibration's record: confidence and exit mix on both sides, failed tests."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    report = service.drift()
+    if report is None:
+        return
+    stats, expected = service.stream(), service.expected or {}
+    confidence = GaugeMetricFamily("mexify_exit_confidence_mean", "Mean policy confidence of the images that reached an "
+                                   "early exit: served, and what calibration saw", labels=["exit", "source"])
+    for name, c in stats.confidence.items():
+        confidence.add_metric([name, "served"], c["mean"])
+    for name, c in (expected.get("confidence") or {}).items():
+        confidence.add_metric([name, "calibration"], float(c["mean"]))
+    rates = GaugeMetricFamily("mexify_exit_rate_expected", "Share of images calibration sent to each exit", labels=["exit"])
+    for name, r in (expected.get("exit_rates") or {}).items():
+        rates.add_metric([name], float(r))
+    yield confidence
+    yield rates
+    yield GaugeMetricFamily("mexify_drift_findings", "Drift tests failed on the images served so far (1% family-wise; "
+                            "0 also while too few were served, see /healthz)", value=len(report.warnings))
 
 
 # ---------------------------------------------------------------------- building
@@ -305,7 +374,21 @@ def build_service(bundle: Any, config: ServeConfig = ServeConfig(), trust: Trust
     if config.original:
         masks, note = original_runner(model, rt)
         return Service(OriginalStages(masks, rt.device, size), size, config, {**info, "model": "original", "note": note})
-    return Service(TorchStages(rt), size, config, {**info, "model": "multi-exit", "policy": getattr(rt.policy, "name", None)})
+    return Service(TorchStages(rt), size, config, {**info, "model": "multi-exit", "policy": getattr(rt.policy, "name", None)},
+                   expected=_drift_record(getattr(rt.policy, "monitor", None), forced, rt.exit_names, warn))
+
+
+def _drift_record(record: Optional[Mapping[str, Any]], forced: Any, exit_names: Sequence[str],
+                  warn: Callable[[str], None]) -> Optional[Mapping[str, Any]]:
+    """Calibration's record to watch the served images against: none with a forced exit, and a malformed one is said once."""
+    if not record or forced is not None:
+        return None
+    try:
+        drift_report(StreamMonitor(exit_names).snapshot(), record)
+    except ConfigError as e:
+        warn(f"drift not watched: {e.message}")
+        return None
+    return record
 
 
 def _check_size(size: Optional[Tuple[int, int]], default: Tuple[int, int], static: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -332,7 +415,8 @@ def _onnx_service(path: Path, config: ServeConfig, warn: Callable[[str], None]) 
     size = _check_size(config.size, tuple(runner.input_size), runner.static_size)
     info = {"bundle": str(path), "engine": "onnxruntime", "model": "every exit off" if config.original else "multi-exit",
             "policy": runner.policy}
-    return Service(OnnxStages(runner, size), size, config, info)
+    record = (read_config(path).policy or {}).get("monitor")
+    return Service(OnnxStages(runner, size), size, config, info, expected=_drift_record(record, forced, runner.exit_names, warn))
 
 
 # ---------------------------------------------------------------------- web
