@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mexify.calibrate.search import SearchResult, search_thresholds
+from mexify.calibrate.search import SearchResult, halves, search_thresholds
 from mexify.config import IGNORE_INDEX
 from mexify.data import unpadded
 from mexify.errors import DataError
@@ -288,6 +288,11 @@ class ExitCache:
             BudgetError: ``max_cost`` below the cheapest reachable mean cost.
         """
         return search_thresholds(self, np.asarray(scores, dtype=np.float64), max_cost, max_drop, candidates, lambdas, max_disagree, confidence)
+
+    def proposal_half(self) -> "ExitCache":
+        """The half of the images a certified search proposes configurations on (the other half certifies them):
+        where a policy may choose anything else (a band, a parameter) without weakening the certificate."""
+        return self.subset(halves(self.num_images)[0])
 
     def subset(self, index: Any) -> "ExitCache":
         """The cache of some of its images (``index``: positions or a boolean mask). The class probability sums

@@ -10,7 +10,8 @@ smooth, confident map has little energy there; a speckled one has much::
     E_b = mean_{r in band b} |F(c - mean c)|          conf = -log(E_b + 1e-12)
 
 The band is fitted on the calibration cache: the one whose thresholds reach the budget best
-(highest mIoU within a cost budget, lowest cost within a drop). The cache keeps ``E_b`` for every
+(highest mIoU within a cost budget, lowest cost within a drop); with a confidence, by point fits on
+the half of the images that proposes thresholds, so the half that certifies them chose nothing. The cache keeps ``E_b`` for every
 band, computed by the same function (:func:`band_energy`) as the run time, so fitted scores equal
 run-time scores.
 """
@@ -89,16 +90,25 @@ class FFTPolicy(Policy):
             raise ConfigError("this exit cache has no FFT energies (made by an older mexify)", "collect it again (mexify calibrate)")
         if self.band is not None:
             return super().fit_search(cache, **search)
+        # With a confidence, the band is chosen by point fits on the half of the images that proposes thresholds:
+        # choosing the best of the bands' certified fits would be a selection the certificate does not cover,
+        # and the other half must not have helped choose anything it certifies.
+        certified = bool(search.get("confidence"))
+        chooser, choose = (cache.proposal_half(), {**search, "confidence": 0.0}) if certified else (cache, search)
         best, best_key = None, None
         for b in range(len(BANDS)):
             trial = copy.deepcopy(self)
             trial.band = b
-            fit = Policy.fit_search(trial, cache, **search)
+            fit = Policy.fit_search(trial, chooser, **choose)
             f = fit.policy.figures
             key = (f["miou"], -f["mean_cost"]) if search.get("max_cost") is not None else (-f["mean_cost"], f["miou"])
             if best_key is None or key > best_key:
                 best, best_key = fit, key
-        return best
+        if not certified:
+            return best
+        chosen = copy.deepcopy(self)
+        chosen.band = best.policy.band
+        return Policy.fit_search(chosen, cache, **search)
 
     def _scores_from_probs(self, exit_index: int, probs: torch.Tensor) -> torch.Tensor:
         if self.band is None:

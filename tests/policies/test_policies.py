@@ -269,6 +269,20 @@ def test_fft_fit_keeps_the_band_that_reaches_the_budget_best(toy_cache):
     assert fitted.figures["drop"] <= 2.0 + 1e-9
 
 
+
+def test_a_certified_fft_fit_chooses_its_band_on_the_proposing_half_only(toy_cache):
+    """With a confidence the band is chosen by point fits on the images that propose thresholds, never by the
+    certified figures (the half that certifies must not have chosen anything), then certified like any fit."""
+    _, _, cache = toy_cache
+    half = cache.proposal_half()
+    assert half.num_images == cache.num_images // 2
+    costs = [build_policy("fft", band=b).fit(half, max_drop=20.0).figures["mean_cost"] for b in range(6)]
+    certified = build_policy("fft").fit(cache, max_drop=20.0, confidence=0.9)
+    assert costs[certified.band] == min(costs)
+    again = build_policy("fft", band=certified.band).fit(cache, max_drop=20.0, confidence=0.9)
+    assert again.thresholds == certified.thresholds and again.figures["drop_bound"] == certified.figures["drop_bound"]
+
+
 # ------------------------------------------------------------------------------- learned
 def test_learned_features_match_a_reference_on_hand_made_logits():
     from mexify.policies.learned import exit_features
