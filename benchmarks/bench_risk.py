@@ -250,9 +250,9 @@ def main() -> None:
             continue
         runs = run_partitions(caches, args)
         old = RESULTS / "risk.json"
-        if old.is_file() and name in json.loads(old.read_text())["results"]:  # policies not rerun keep their runs
-            runs = {**json.loads(old.read_text())["results"][name]["runs"], **runs}
-        measured = measure(model, ds, caches, args) if args.measure else None
+        previous = json.loads(old.read_text())["results"].get(name, {}) if old.is_file() else {}
+        runs = {**previous.get("runs", {}), **runs}  # policies not rerun keep their runs
+        measured = measure(model, ds, caches, args) if args.measure else previous.get("measured")
         results[name] = {"measured": measured, "bundle": bundle, "data": data, "split": split, "images": sum(c.num_images for c in caches),
                          "what": "a user-trained lraspp on harder folder scenes" if name == "user" else "the demo bundle on synthetic scenes",
                          "collect_seconds": collect_s, "table": summarise(runs, args.max_drop), "runs": runs}
