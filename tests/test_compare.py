@@ -20,6 +20,7 @@ SCENES = "synthetic:scenes?size=64&classes=4&n=16&n_eval=40"
 def bundle(tmp_path_factory):
     """A TinyUNet bundle whose heads are sharpened so that exits differ in confidence, as trained ones do."""
     out = tmp_path_factory.mktemp("cmp") / "unet.mex"
+    torch.manual_seed(0)  # the same bundle whatever ran before (its heads' initial weights decide the exits)
     mexify.api.convert(f"{FIXTURES}:TinyUNet", args={"num_classes": 4}, trace=mexify.api.TraceConfig((64, 64)), exits=3, out=str(out))
     model = mexify.load(out)
     with torch.no_grad():
@@ -40,7 +41,7 @@ def test_compare_json_lists_every_policy_and_the_oracle(bundle, tmp_path):
     for r in report["rows"][:-1]:
         e = r["eval"]
         assert e["drop"] == pytest.approx(e["final_miou"] - e["miou"])
-        assert e["measured_speedup"] > 0 and e["flops_speedup"] >= 1.0
+        assert e["measured_speedup"] > 0 and e["flops_speedup"] > 0  # below 1 where heads run and few images leave
         assert r["fit"]["drop"] <= 5.0 + 1e-9  # the budget holds where it was fitted
     oracle = report["rows"][-1]
     assert oracle["oracle_share"] == 1.0 and oracle["eval"]["drop"] <= 5.0 + 1e-9
